@@ -1,0 +1,8 @@
+"""``python -m geventtcp``: the same as the ``geventtcp`` console script."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Built-in commands, on negative cmdids so they never collide with an application's (which are >= 0)."""
+
+from __future__ import annotations
+
+import enum
+import os
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+from .protocol import PROTOCOL_VERSION, Request
+
+if TYPE_CHECKING:
+    from .server import Server
+
+__all__ = ["Builtin", "make_builtins"]
+
+
+class Builtin(enum.IntEnum):
+    """Reserved cmdids."""
+
+    PING = -1
+    LIST = -2
+    STATS = -3
+
+
+def make_builtins(server: Server) -> dict[int, Callable[[Request], Any]]:
+    """The built-in commands bound to ``server``."""
+
+    def ping(request: Request) -> Any:
+        """Health check: answers while the server runs; ``draining`` is true during shutdown."""
+        return {"pong": True, "draining": server.draining, "pid": os.getpid(), "protocol": PROTOCOL_VERSION}
+
+    def list_commands(request: Request) -> Any:
+        """The registered cmdids with their handlers' names and docstrings."""
+        return [
+            {"cmdid": info.cmdid, "name": info.name, "doc": info.doc, "idempotent": info.idempotent}
+            for info in server.registry
+        ]
+
+    def stats(request: Request) -> Any:
+        """Counters per cmdid and for this worker."""
+        data = server.stats.as_dict()
+        data.update({
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - server.started_at, 3),
+            "connections": len(server.connections),
+            "inflight": server.inflight,
+        })
+        return data
+
+    return {Builtin.PING: ping, Builtin.LIST: list_commands, Builtin.STATS: stats}

@@ -1,0 +1,401 @@
+"""One client connection: read lines, run handlers, write one reply per request in order.
+
+The greenlet that holds the *reader* role reads, parses and runs each handler inline, so a fast
+handler costs no greenlet switch and the replies of a pipelined batch go out in one ``send``. When a
+handler blocks (the hub gets control while it runs), a hub callback hands the reader role to a new
+greenlet: the blocked greenlet keeps only its request and a reserved place in the output queue,
+while the connection goes on reading. Replies therefore stay in request order, slow requests run
+concurrently, and nothing is spawned for requests that never block.
+
+Who closes what: the :class:`Connection` owns its socket and closes it once the reader has stopped
+and the last request in flight has been answered (or the peer is gone).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import TYPE_CHECKING, Any, Callable
+
+from gevent import Timeout, getcurrent, spawn
+
+from .errors import Code, HandlerError, ProtocolError
+from .protocol import LineBuffer, Request, encode_error, encode_goaway, encode_reply, parse_request
+
+if TYPE_CHECKING:
+    from .server import Server
+
+__all__ = ["Connection", "DeadlineReached", "Stop"]
+
+log = logging.getLogger("geventtcp.server")
+
+#: Bytes asked of the kernel per ``recv``.
+RECV_SIZE = 65536
+#: Replies queued behind a blocked request before the reader stops reading (slow-reader bound).
+MAX_QUEUED_REPLIES = 1024
+#: Longest wait for the peer's EOF after our half-close, before closing anyway.
+LINGER_SECONDS = 1.0
+
+
+class DeadlineReached(BaseException):
+    """Thrown into a handler at its deadline; a BaseException so ``except Exception`` cannot eat it."""
+
+
+class Stop(BaseException):
+    """Thrown into a reader parked in ``recv`` to end reading; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _Slot:
+    """A reserved place in the output queue for the reply of a request that is still running."""
+
+    __slots__ = ("data",)
+
+    def __init__(self) -> None:
+        self.data: bytes | None = None
+
+
+class Connection:
+    """Serves one accepted socket; created and run by :class:`geventtcp.server.Server`."""
+
+    def __init__(self, server: Server, sock: Any, address: Any) -> None:
+        self.server = server
+        self.sock = sock
+        self.address = address
+        self.buffer = LineBuffer(server.settings.max_line_bytes)
+        self.lines: list[bytes | None] = []
+        self.pos = 0
+        self.out: list[Any] = []  # reply bytes and _Slots, in request order
+        self.open_slots = 0  # _Slots in ``out``, filled or not
+        self.flushing = False
+        self.inflight = 0  # requests handed off to their own greenlet, not yet answered
+        self.reader: Any = None
+        self.handlers: set[Any] = set()  # greenlets running handed-off requests
+        self.running: Request | None = None
+        self.watch_armed = False
+        self.receiving = False
+        self.reading_done = False
+        self.closed = False
+        self.goaway: str | None = None  # reason to send a goaway line before closing
+        self.error_line: bytes | None = None  # a final error line instead of a goaway
+        self.active_tick = server.tick
+        self.partial_tick = -1
+        self.writer: Any = None
+        self.write_tick = 0
+        self.requests = 0
+        self.created_tick = server.tick
+        self.drained: Any = None  # an Event a waiter may set up (reader stalled on a slow peer)
+        raw = getattr(sock, "_sock", None)
+        self._raw_send: Callable[[Any], int] | None = raw.send if raw is not None and server.plain_sockets else None
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Run the connection in the calling greenlet until it is closed."""
+        self.reader = getcurrent()
+        self._read_loop()
+
+    def _read_loop(self) -> None:
+        me = getcurrent()
+        server = self.server
+        sock = self.sock
+        try:
+            while True:
+                lines = self.lines
+                while self.pos < len(lines):
+                    line = lines[self.pos]
+                    self.pos += 1
+                    if not self._dispatch(line, me):
+                        return  # handed off: this greenlet now only answers its own request
+                    if self.closed:
+                        return
+                self._flush()
+                if self.closed:
+                    return
+                if server.draining or self.goaway is not None:
+                    self.goaway = self.goaway or server.drain_reason
+                    break
+                if len(self.out) > MAX_QUEUED_REPLIES:
+                    self._wait_drained()
+                    continue
+                self.receiving = True
+                try:
+                    data = sock.recv(RECV_SIZE)
+                finally:
+                    self.receiving = False
+                if not data:
+                    break  # EOF: answer what is in flight, then close
+                self.active_tick = server.tick
+                self.lines = self.buffer.feed(data)
+                self.pos = 0
+                if self.buffer.pending or self.buffer.discarding:
+                    if self.partial_tick < 0:
+                        self.partial_tick = server.tick
+                else:
+                    self.partial_tick = -1
+        except Stop as stop:
+            self._on_stop(stop.reason)
+        except OSError as exc:
+            log.debug("connection %s: %s", self.address, exc)
+            self.abort()
+            return
+        self.reading_done = True
+        self._maybe_close()
+
+    def _on_stop(self, reason: str) -> None:
+        codec = self.server.codec
+        if reason == "slow":
+            timeout = self.server.settings.request_timeout
+            self.error_line = encode_error(
+                codec, Code.REQUEST_TIMEOUT, f"request line not completed within {timeout:g}s"
+            )
+        elif reason == "write":
+            log.info("connection %s: no write progress for %ss, closing", self.address,
+                     self.server.settings.write_timeout)
+            self.abort()
+        else:
+            self.goaway = reason
+
+    def _wait_drained(self) -> None:
+        from gevent.event import Event
+
+        self.drained = Event()
+        try:
+            self.drained.wait()
+        finally:
+            self.drained = None
+
+    # -- dispatching -----------------------------------------------------------------------------
+
+    def _dispatch(self, line: bytes | None, me: Any) -> bool:
+        """Answer one line; return False when this greenlet lost the reader role to a handoff."""
+        server = self.server
+        codec = server.codec
+        if line is None:
+            limit = server.settings.max_line_bytes
+            self.out.append(encode_error(codec, Code.TOO_LARGE, f"request line longer than {limit} bytes"))
+            server.stats.protocol_errors += 1
+            return True
+        try:
+            req = parse_request(line, codec, self.address)
+        except ProtocolError as exc:
+            if not line.strip():
+                return True  # blank lines are ignored
+            server.stats.protocol_errors += 1
+            self.out.append(encode_error(codec, exc.code, exc.msg, exc.cmdid, exc.id, exc.id is not None))
+            return True
+        self.requests += 1
+        call = server.calls.get(req.cmdid)
+        if call is None:
+            self.out.append(encode_error(codec, Code.UNKNOWN_COMMAND, f"unknown cmdid {req.cmdid}", req.cmdid,
+                                         req.id, req.has_id))
+            server.stats.record(req.cmdid, Code.UNKNOWN_COMMAND, 0.0)
+            return True
+        refusal = server.admit(self, req)
+        if refusal is not None:
+            self.out.append(encode_error(codec, refusal[0], refusal[1], req.cmdid, req.id, req.has_id))
+            server.stats.record(req.cmdid, refusal[0], 0.0)
+            return True
+        req.connection = self
+        if not self.watch_armed:
+            self.watch_armed = True
+            server.loop.run_callback(self._watch)
+        self.running = req
+        started = server.clock()
+        try:
+            data = call(req)
+        except DeadlineReached:
+            reply = encode_error(codec, Code.DEADLINE_EXCEEDED, "deadline exceeded", req.cmdid, req.id, req.has_id)
+            code = Code.DEADLINE_EXCEEDED
+        except HandlerError as exc:
+            reply = encode_error(codec, exc.code, exc.msg, req.cmdid, req.id, req.has_id)
+            code = exc.code
+        except Exception:
+            log.exception("handler for cmdid %d raised (peer %s, id %r)", req.cmdid, self.address, req.id)
+            reply = encode_error(codec, Code.INTERNAL, "internal error", req.cmdid, req.id, req.has_id)
+            code = Code.INTERNAL
+        else:
+            try:
+                reply = encode_reply(codec, req.cmdid, data, req.id, req.has_id)
+                code = Code.OK
+            except (ValueError, TypeError, OverflowError) as exc:
+                log.error("result of cmdid %d is not serializable: %s", req.cmdid, exc)
+                reply = encode_error(codec, Code.INTERNAL, "result not serializable", req.cmdid, req.id, req.has_id)
+                code = Code.INTERNAL
+        finally:
+            timer = req._timer
+            if timer is not None:
+                timer.stop()
+                timer.close()
+        if len(reply) > server.settings.max_reply_bytes:
+            reply = encode_error(codec, Code.TOO_LARGE, "reply too large", req.cmdid, req.id, req.has_id)
+            code = Code.TOO_LARGE
+        server.stats.record(req.cmdid, code, server.clock() - started)
+        if server.access_log is not None:
+            server.access_log(self, req, code, server.clock() - started)
+        slot = req._slot
+        if slot is None:
+            self.running = None
+            self.out.append(reply)
+            return True
+        # Handed off while the handler blocked: fill the reserved place and leave.
+        self.handlers.discard(me)
+        slot.data = reply
+        self.inflight -= 1
+        server.inflight -= 1
+        if not self.closed:
+            self._flush()
+            self._maybe_close()
+        return False
+
+    def _watch(self) -> None:
+        """Hub callback: runs when the reader yielded; if it is inside a handler, hand off."""
+        self.watch_armed = False
+        req = self.running
+        if req is None or self.closed:
+            return
+        self.running = None
+        server = self.server
+        slot = _Slot()
+        req._slot = slot
+        self.out.append(slot)
+        self.open_slots += 1
+        self.inflight += 1
+        server.inflight += 1
+        deadline = server.deadline_for(req)
+        if deadline is not None:
+            timer = server.loop.timer(max(0.0, deadline - server.clock()))
+            timer.start(self.reader.throw, DeadlineReached)
+            req._timer = timer
+        self.handlers.add(self.reader)
+        self.reader = spawn(self._read_loop)
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def _take_ready(self) -> bytes:
+        out = self.out
+        if not self.open_slots:
+            self.out = []
+            return out[0] if len(out) == 1 else b"".join(out)
+        ready: list[bytes] = []
+        taken = 0
+        for item in out:
+            if type(item) is bytes:
+                ready.append(item)
+            elif item.data is not None:
+                ready.append(item.data)
+                self.open_slots -= 1
+            else:
+                break
+            taken += 1
+        del out[:taken]
+        return b"".join(ready)
+
+    def _flush(self) -> None:
+        """Send every reply that is ready, in order; one greenlet at a time does the sending."""
+        if self.flushing or not self.out:
+            return
+        self.flushing = True
+        try:
+            while self.out and not self.closed:
+                data = self._take_ready()
+                if not data:
+                    break
+                self._send(data)
+        except OSError as exc:
+            log.debug("connection %s: send failed: %s", self.address, exc)
+            self.abort()
+        except Stop:
+            self.abort()
+        finally:
+            self.flushing = False
+            drained = self.drained
+            if drained is not None and len(self.out) <= MAX_QUEUED_REPLIES // 2:
+                drained.set()
+
+    def _send(self, data: bytes) -> None:
+        sent = 0
+        raw_send = self._raw_send
+        if raw_send is not None:
+            try:
+                sent = raw_send(data)
+            except BlockingIOError:
+                sent = 0
+            if sent == len(data):
+                return
+        self.writer = getcurrent()
+        self.write_tick = self.server.tick
+        try:
+            self.sock.sendall(memoryview(data)[sent:] if sent else data)
+        finally:
+            self.writer = None
+
+    # -- closing ---------------------------------------------------------------------------------
+
+    def _maybe_close(self) -> None:
+        """Close once reading has stopped and every request in flight has been answered."""
+        if self.closed or not self.reading_done or self.inflight:
+            return
+        final = self.error_line
+        if final is None and self.goaway is not None:
+            final = encode_goaway(self.server.codec, self.goaway)
+        if final is not None:
+            self.out.append(final)
+        self._flush()
+        if self.closed:
+            return
+        self.closed = True
+        self._linger_close()
+
+    def _linger_close(self) -> None:
+        """Half-close, read and drop what the peer still sends (bounded), then close.
+
+        Closing with unread input makes the kernel send RST, which can destroy replies the peer
+        has not read yet; nginx's lingering_close does the same dance.
+        """
+        sock = self.sock
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            with Timeout(LINGER_SECONDS, False):
+                while sock.recv(RECV_SIZE):
+                    pass
+        except (OSError, Stop):
+            pass
+        finally:
+            self._release()
+
+    def abort(self) -> None:
+        """Close at once: replies not yet sent are dropped (the peer is gone or too slow)."""
+        if not self.closed:
+            self.closed = True
+        self.reading_done = True
+        self._release()
+
+    def _release(self) -> None:
+        try:
+            self.sock.close()
+        finally:
+            self.server.forget(self)
+
+    def interrupt(self, reason: str) -> None:
+        """Hub-side: end a wait of this connection's greenlets for ``reason``.
+
+        ``slow`` and the goaway reasons stop a reader parked in ``recv`` (a goaway only when no
+        request line is half received); ``write`` stops a writer stuck on a peer that reads nothing.
+        Call it from a hub callback (``loop.run_callback``) so that the state checked here is the
+        state the greenlet is in when the exception lands.
+        """
+        if self.closed:
+            return
+        if reason == "write":
+            if self.writer is not None:
+                self.writer.throw(Stop(reason))
+            return
+        if reason != "slow" and self.goaway is None:
+            self.goaway = reason
+        reader = self.reader
+        if self.receiving and reader is not None and (reason == "slow" or not self.buffer.pending):
+            reader.throw(Stop(reason))

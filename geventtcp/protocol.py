@@ -1,0 +1,275 @@
+"""The geventtcp wire protocol, version 1: sans-IO framing, request parsing and reply encoding.
+
+Nothing here touches a socket, gevent or logging: bytes go in, requests and reply lines come out,
+so every framing edge case is a plain unit test. Server and client share this module.
+
+Framing
+    A message is one UTF-8 JSON object on one line ending in ``\\n``; ``\\r\\n`` is accepted.
+    Lines that are empty or only whitespace are ignored (no reply). A line longer than
+    ``max_line_bytes`` (default 1 MiB, the newline included) is never buffered whole: the receiver
+    discards it up to the next newline and answers it with one ``413`` reply, so the connection
+    stays usable.
+
+Request (client to server)::
+
+    {"cmdid": 10000, "timestamp": 1700000000, "params": {"name": "x"}, "id": 7, "timeout_ms": 500}
+
+    cmdid       integer (a string of digits is accepted, as the seed did ``int()``); required
+    params      object; default ``{}``
+    timestamp   integer seconds; default: the time the server received the line
+    id          optional integer or string; echoed in the reply, which is how a client matches
+                replies to requests when it has several in flight
+    timeout_ms  optional positive integer: the caller's deadline. The server does not start a
+                request whose deadline has passed and stops waiting on the handler when it does,
+                replying 504.
+    Unknown fields are ignored.
+
+Reply (server to client), exactly one per request line, in the order the requests were read::
+
+    {"code": 0, "cmdid": 10000, "id": 7, "data": <the handler's result>}
+    {"code": 404, "cmdid": 99, "id": 7, "msg": "unknown cmdid 99"}
+
+    ``id`` is present exactly when the request carried one. ``cmdid`` is null when the request's
+    could not be read. ``code`` is 0 for success, otherwise one of :class:`geventtcp.errors.Code`
+    and the reply has ``msg`` (text for a human, never a traceback) instead of ``data``.
+
+Going away (server to client, not a reply)::
+
+    {"code": 503, "cmdid": null, "goaway": "shutdown", "msg": "server is going away"}
+
+    Sent on an idle connection (nothing in flight) just before the server closes it: on drain
+    (``shutdown``, ``reload``), ``idle`` timeout, ``max_age`` or ``max_requests``. Every request
+    the server read before it has been answered; nothing after it was processed, so a client may
+    send those requests again elsewhere.
+
+Errors before a request is readable (too many connections, slow request line) are sent the same
+way as a reply with ``"cmdid": null`` and then the connection is closed.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from .codec import Codec
+from .errors import Code, ProtocolError
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "DEFAULT_MAX_LINE_BYTES",
+    "LineBuffer",
+    "Request",
+    "parse_request",
+    "encode_request",
+    "encode_reply",
+    "encode_error",
+    "encode_goaway",
+    "decode_reply",
+]
+
+PROTOCOL_VERSION = 1
+#: Longest request line accepted, newline included (gRPC's default receive limit is 4 MiB,
+#: Redis's inline limit 64 KiB; parsing 1 MiB of JSON already holds a worker for ~40 ms).
+DEFAULT_MAX_LINE_BYTES = 1 << 20
+
+
+class LineBuffer:
+    """Splits a byte stream into lines and never holds more than ``max_line_bytes`` of one line.
+
+    ``feed(data)`` returns the complete lines ``data`` finished, without their ``\\n``. A line that
+    outgrows the limit comes out as ``None`` (once, as soon as it is known to be too long) and the
+    rest of it, up to its newline, is dropped. ``pending`` is the size of the unfinished line.
+    """
+
+    __slots__ = ("max_line_bytes", "_partial", "_discarding")
+
+    def __init__(self, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
+        self.max_line_bytes = max_line_bytes
+        self._partial = b""
+        self._discarding = False
+
+    @property
+    def pending(self) -> int:
+        """Bytes of the unfinished line held (0 while a too-long line is being dropped)."""
+        return len(self._partial)
+
+    @property
+    def discarding(self) -> bool:
+        """True while the rest of a too-long line is being dropped."""
+        return self._discarding
+
+    def feed(self, data: bytes) -> list[bytes | None]:
+        """Add received bytes; return the lines they complete (``None`` for a too-long line)."""
+        if self._discarding:
+            cut = data.find(b"\n")
+            if cut < 0:
+                return []
+            self._discarding = False
+            data = data[cut + 1 :]
+        if self._partial:
+            data = self._partial + data
+        lines: list[bytes | None] = data.split(b"\n")  # type: ignore[assignment]
+        rest = lines.pop()
+        assert rest is not None
+        limit = self.max_line_bytes
+        if len(rest) >= limit:  # the line cannot fit even with its newline
+            lines.append(None)
+            self._discarding = True
+            rest = b""
+        self._partial = rest
+        if len(data) > limit:  # some complete line may be over the limit as well
+            lines = [None if line is not None and len(line) >= limit else line for line in lines]
+        return lines
+
+
+class Request:
+    """One request as handlers see it (the seed's fields, plus ``id`` and a deadline).
+
+    ``rawBody`` is the line as received (without its line ending), decoded as text; ``raw`` is
+    the same as bytes. ``deadline`` is a ``time.monotonic()`` value or ``None``.
+    """
+
+    __slots__ = ("address", "raw", "cmdid", "timestamp", "params", "id", "has_id", "deadline", "timeout_ms",
+                 "connection", "_slot", "_timer")
+
+    def __init__(
+        self,
+        address: Any,
+        raw: bytes,
+        cmdid: int,
+        params: dict[str, Any],
+        timestamp: int,
+        id: Any = None,
+        has_id: bool = False,
+        timeout_ms: int | None = None,
+    ) -> None:
+        self.address = address
+        self.raw = raw
+        self.cmdid = cmdid
+        self.params = params
+        self.timestamp = timestamp
+        self.id = id
+        self.has_id = has_id
+        self.timeout_ms = timeout_ms
+        self.deadline: float | None = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000.0
+        self.connection: Any = None
+        self._slot: Any = None
+        self._timer: Any = None
+
+    @property
+    def rawBody(self) -> str:  # noqa: N802 - the seed's name
+        return self.raw.rstrip(b"\r").decode("utf-8")
+
+    def __repr__(self) -> str:
+        return f"<Request cmdid={self.cmdid} id={self.id!r} from {self.address!r}>"
+
+
+def _int_field(value: Any) -> int | None:
+    if type(value) is int:
+        return value
+    if isinstance(value, str) and value.isdigit() and value.isascii() and len(value) <= 20:
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return int(value)
+    return None
+
+
+def parse_request(line: bytes, codec: Codec, address: Any = None) -> Request:
+    """Turn one line (without ``\\n``) into a :class:`Request`.
+
+    Raises :class:`ProtocolError` with code 400 for anything that is not a valid request; its
+    ``id`` and ``cmdid`` carry whatever could still be recovered, for the error reply.
+    """
+    try:
+        body = codec.loads(line)
+    except ValueError as exc:
+        raise ProtocolError(f"invalid JSON: {exc}") from None
+    if type(body) is not dict:
+        raise ProtocolError("a request must be a JSON object")
+    rid = body.get("id")
+    has_id = "id" in body
+    if has_id and not (rid is None or type(rid) is str or (type(rid) is int)):
+        raise ProtocolError("id must be an integer or a string")
+    raw_cmdid = body.get("cmdid")
+    cmdid = _int_field(raw_cmdid)
+    if cmdid is None:
+        what = "missing cmdid" if raw_cmdid is None else "cmdid must be an integer"
+        raise ProtocolError(what, id=rid, cmdid=raw_cmdid if type(raw_cmdid) in (int, str) else None)
+    params = body.get("params")
+    if params is None:
+        params = {}
+    elif type(params) is not dict:
+        raise ProtocolError("params must be a JSON object", id=rid, cmdid=cmdid)
+    ts = body.get("timestamp")
+    if ts is None:
+        timestamp = int(time.time())
+    else:
+        timestamp_or_none = _int_field(ts)
+        if timestamp_or_none is None:
+            if type(ts) is float and ts == ts:
+                timestamp_or_none = int(ts)
+            else:
+                raise ProtocolError("timestamp must be an integer", id=rid, cmdid=cmdid)
+        timestamp = timestamp_or_none
+    timeout_ms = body.get("timeout_ms")
+    if timeout_ms is not None and (type(timeout_ms) is not int or timeout_ms <= 0):
+        raise ProtocolError("timeout_ms must be a positive integer", id=rid, cmdid=cmdid)
+    return Request(address, line, cmdid, params, timestamp, rid, has_id, timeout_ms)
+
+
+def encode_reply(codec: Codec, cmdid: int, data: Any, id: Any = None, has_id: bool = False) -> bytes:
+    """Encode a success reply line; ``ValueError``/``TypeError`` if ``data`` has no JSON form."""
+    if has_id:
+        return codec.dumps({"code": 0, "cmdid": cmdid, "id": id, "data": data}) + b"\n"
+    return codec.dumps({"code": 0, "cmdid": cmdid, "data": data}) + b"\n"
+
+
+def encode_error(codec: Codec, code: int, msg: str, cmdid: Any = None, id: Any = None, has_id: bool = False) -> bytes:
+    """Encode an error reply line; never raises (an unencodable id or cmdid is replaced by null)."""
+    reply: dict[str, Any] = {"code": int(code), "cmdid": cmdid}
+    if has_id:
+        reply["id"] = id
+    reply["msg"] = msg
+    try:
+        return codec.dumps(reply) + b"\n"
+    except (ValueError, TypeError):
+        reply["cmdid"] = None
+        if has_id:
+            reply["id"] = None
+        return codec.dumps(reply) + b"\n"
+
+
+def encode_goaway(codec: Codec, reason: str) -> bytes:
+    """Encode the going-away line sent before the server closes an idle connection."""
+    return codec.dumps(
+        {"code": int(Code.UNAVAILABLE), "cmdid": None, "goaway": reason, "msg": f"server is going away ({reason})"}
+    ) + b"\n"
+
+
+def encode_request(
+    codec: Codec,
+    cmdid: int,
+    params: Any = None,
+    id: Any = None,
+    timeout_ms: int | None = None,
+    timestamp: int | None = None,
+) -> bytes:
+    """Encode a request line (the client side of the same contract)."""
+    body: dict[str, Any] = {"cmdid": cmdid, "timestamp": int(time.time()) if timestamp is None else timestamp,
+                            "params": {} if params is None else params}
+    if id is not None:
+        body["id"] = id
+    if timeout_ms is not None:
+        body["timeout_ms"] = max(1, int(timeout_ms))
+    return codec.dumps(body) + b"\n"
+
+
+def decode_reply(codec: Codec, line: bytes) -> dict[str, Any]:
+    """Parse a reply line; :class:`ProtocolError` if it is not a JSON object with an integer code."""
+    try:
+        reply = codec.loads(line)
+    except ValueError as exc:
+        raise ProtocolError(f"invalid reply from server: {exc}", fatal=True) from None
+    if type(reply) is not dict or type(reply.get("code")) is not int:
+        raise ProtocolError("invalid reply from server: not an object with an integer code", fatal=True)
+    return reply

@@ -1,0 +1,285 @@
+"""The server: listeners, connection limits, the timeout watchdog and graceful drain."""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import time
+from typing import Any, Callable, Iterable
+
+import gevent
+from gevent.event import Event
+from gevent.hub import get_hub
+from gevent.server import StreamServer
+
+from .builtins import make_builtins
+from .codec import get_codec
+from .config import Config
+from .connection import Connection
+from .errors import Code
+from .protocol import Request, encode_error, encode_goaway
+from .sockets import create_listener, format_address
+from .stats import Stats
+from .urls import Registry, default_registry
+
+__all__ = ["Server"]
+
+log = logging.getLogger("geventtcp.server")
+
+
+class _Acceptor(StreamServer):  # type: ignore[misc]
+    """A StreamServer that leaves closing the accepted socket to our Connection."""
+
+    def do_close(self, *args: Any) -> None:
+        pass
+
+
+class Server:
+    """Serve a :class:`Registry` on one or more listeners in this process, one greenlet per connection.
+
+    ``Server(registry, bind="127.0.0.1:0")`` binds when started; ``listeners=[sock, ...]`` serves
+    sockets that are already listening (the launcher binds once in the master and hands them to
+    workers). Any setting of :mod:`geventtcp.config` may be given as a keyword or in ``config``.
+
+    Use ``start()``/``stop()``, ``serve_forever()``, or ``with Server(...) as server:``; after start,
+    ``address`` is the first bound address as ``(host, port)`` (useful with port 0).
+
+    Failure behaviour: a handler's exception is answered with code 500 and logged; protocol errors
+    get their error reply; a connection's I/O error closes only that connection. ``stop`` is
+    graceful: listeners close at once, every request already read is answered, idle connections
+    get a goaway line, and whatever is still running after ``graceful_timeout`` is killed.
+    """
+
+    def __init__(
+        self,
+        registry: Registry | None = None,
+        bind: str | Iterable[str] | None = None,
+        *,
+        config: Config | None = None,
+        listeners: Iterable[Any] | None = None,
+        ssl_context: Any = None,
+        **settings: Any,
+    ) -> None:
+        self.settings = Config(dict(config.values), dict(config.sources)) if config is not None else Config()
+        if bind is not None:
+            settings["bind"] = [bind] if isinstance(bind, str) else list(bind)
+        self.settings.update(settings, "argument")
+        self.registry = registry if registry is not None else default_registry
+        self.codec = get_codec(self.settings.codec)
+        self.ssl_context = ssl_context
+        self.plain_sockets = ssl_context is None
+        self.stats = Stats()
+        self.calls: dict[int, Callable[[Request], Any]] = {}
+        self.connections: set[Connection] = set()
+        self.inflight = 0
+        self.tick = 0
+        self.draining = False
+        self.drain_reason = "shutdown"
+        self.access_log: Callable[[Connection, Request, int, float], None] | None = None
+        self.clock = time.monotonic
+        self.started_at = 0.0
+        self.loop = get_hub().loop
+        self._given_listeners = list(listeners) if listeners is not None else None
+        self._own_listeners: list[Any] = []
+        self._acceptors: list[_Acceptor] = []
+        self._watchdog: gevent.Greenlet | None = None
+        self._all_closed = Event()
+        self._all_closed.set()
+        self._stopped = Event()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    @property
+    def started(self) -> bool:
+        return bool(self._acceptors)
+
+    def start(self) -> None:
+        """Bind (unless given listeners) and start accepting; returns at once."""
+        if self.started:
+            return
+        self._stopped.clear()
+        self.draining = False
+        self.calls = dict(self.registry.calls)
+        self.calls.update(make_builtins(self))
+        self._raise_fd_limit()
+        listeners = self._given_listeners
+        if listeners is None:
+            listeners = self._own_listeners = [create_listener(b, self.settings.backlog) for b in self.settings.bind]
+        try:
+            for sock in listeners:
+                acceptor = _Acceptor(sock, self._handle, ssl_context=self.ssl_context) if self.ssl_context \
+                    else _Acceptor(sock, self._handle)
+                acceptor.start()
+                self._acceptors.append(acceptor)
+        except BaseException:
+            self.close()
+            raise
+        self.started_at = time.time()
+        self._watchdog = gevent.spawn(self._watch_timeouts)
+        log.info("listening on %s (pid %d)", ", ".join(self.addresses), __import__("os").getpid())
+
+    def serve_forever(self) -> None:
+        """Start, then block until :meth:`stop` or :meth:`close` is called."""
+        self.start()
+        self._stopped.wait()
+
+    def stop(self, timeout: float | None = None, reason: str = "shutdown") -> None:
+        """Drain gracefully, waiting at most ``timeout`` (default ``graceful_timeout``) seconds.
+
+        Listeners stop accepting first (a shared listening socket stays open in other processes).
+        Connections finish every request they have read, send a goaway line and close; after the
+        timeout the rest are closed and their handlers killed.
+        """
+        if timeout is None:
+            timeout = self.settings.graceful_timeout
+        self.draining = True
+        self.drain_reason = reason
+        for acceptor in self._acceptors:
+            acceptor.close()
+        for conn in list(self.connections):
+            self.loop.run_callback(conn.interrupt, reason)
+        if not self._all_closed.wait(timeout):
+            log.warning("graceful timeout: closing %d connection(s) with requests still running",
+                        len(self.connections))
+        self.close()
+
+    def close(self) -> None:
+        """Stop at once: close listeners and connections, kill running handlers."""
+        self.draining = True
+        for acceptor in self._acceptors:
+            acceptor.close()
+        self._acceptors = []
+        for sock in self._own_listeners:
+            sock.close()
+        self._own_listeners = []
+        doomed = []
+        for conn in list(self.connections):
+            doomed.extend(conn.handlers)
+            conn.abort()
+        if doomed:
+            gevent.killall(doomed, block=False)
+        if self._watchdog is not None:
+            self._watchdog.kill(block=False)
+            self._watchdog = None
+        self._stopped.set()
+
+    def __enter__(self) -> Server:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+    @property
+    def addresses(self) -> list[str]:
+        """Every bound address as a bind string."""
+        return [format_address(a.socket) for a in self._acceptors if a.socket is not None]
+
+    @property
+    def address(self) -> Any:
+        """The first listener's bound address: ``(host, port)``, or the path of a unix socket."""
+        return self._acceptors[0].socket.getsockname()
+
+    # -- per connection and request --------------------------------------------------------------
+
+    def _handle(self, sock: Any, address: Any) -> None:
+        if self.draining:
+            self._refuse(sock, encode_goaway(self.codec, self.drain_reason))
+            return
+        if len(self.connections) >= self.settings.max_connections:
+            self.stats.connections_rejected += 1
+            self._refuse(sock, encode_error(self.codec, Code.UNAVAILABLE, "max number of connections reached"))
+            return
+        conn = Connection(self, sock, address or sock.getsockname())
+        self.connections.add(conn)
+        self._all_closed.clear()
+        self.stats.connections_total += 1
+        try:
+            conn.serve()
+        except BaseException:
+            conn.abort()
+            raise
+
+    @staticmethod
+    def _refuse(sock: Any, line: bytes) -> None:
+        """Best-effort final line, then close: a refused peer never waits in the backlog."""
+        try:
+            sock.sendall(line)
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+    def forget(self, conn: Connection) -> None:
+        """Called by a connection once its socket is closed."""
+        self.connections.discard(conn)
+        if not self.connections:
+            self._all_closed.set()
+
+    def admit(self, conn: Connection, req: Request) -> tuple[int, str] | None:
+        """Why ``req`` must not run now (code, message), or ``None``; a refused handler never runs."""
+        if req.deadline is not None and req.deadline <= self.clock():
+            return Code.DEADLINE_EXCEEDED, "deadline passed before the request started"
+        if conn.inflight >= self.settings.max_inflight_per_connection:
+            return Code.UNAVAILABLE, "too many requests in flight on this connection"
+        if self.inflight >= self.settings.max_inflight:
+            return Code.UNAVAILABLE, "too many requests in flight on this server"
+        return None
+
+    def deadline_for(self, req: Request) -> float | None:
+        """The monotonic time at which ``req``'s handler is stopped: its own deadline or the default."""
+        deadline = req.deadline
+        default = self.settings.handler_timeout
+        if default:
+            limit = self.clock() + default
+            if deadline is None or limit < deadline:
+                deadline = limit
+        return deadline
+
+    # -- timeouts --------------------------------------------------------------------------------
+
+    def _tick_seconds(self) -> float:
+        s = self.settings
+        spans = [t for t in (s.idle_timeout, s.request_timeout, s.write_timeout) if t]
+        return min(1.0, max(0.02, min(spans) / 4)) if spans else 1.0
+
+    def _watch_timeouts(self) -> None:
+        """Every tick, interrupt connections that sat idle, half-sent a line, or stopped reading.
+
+        One periodic sweep instead of a timer per ``recv`` keeps timeouts off the request path.
+        """
+        period = self._tick_seconds()
+        s = self.settings
+
+        def ticks(seconds: float) -> int:
+            return math.ceil(seconds / period) if seconds else 0
+
+        idle, slow, write = ticks(s.idle_timeout), ticks(s.request_timeout), ticks(s.write_timeout)
+        run = self.loop.run_callback
+        while True:
+            gevent.sleep(period)
+            self.tick += 1
+            now = self.tick
+            for conn in list(self.connections):
+                if conn.writer is not None and write and now - conn.write_tick >= write:
+                    run(conn.interrupt, "write")
+                elif not conn.receiving:
+                    continue
+                elif conn.partial_tick >= 0:
+                    if slow and now - conn.partial_tick >= slow:
+                        run(conn.interrupt, "slow")
+                elif idle and not conn.inflight and now - conn.active_tick >= idle:
+                    run(conn.interrupt, "idle")
+
+    def _raise_fd_limit(self) -> None:
+        """Raise the soft open-files limit toward ``max_connections`` plus headroom (as Redis does)."""
+        wanted = self.settings.max_connections + 64
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+            if target > soft:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            if target < wanted:
+                log.warning("open files limit %d is below max_connections %d + 64", target,
+                            self.settings.max_connections)

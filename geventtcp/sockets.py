@@ -1,0 +1,86 @@
+"""Listening sockets: parse ``HOST:PORT`` / ``[IPv6]:PORT`` / ``unix:PATH`` and bind them."""
+
+from __future__ import annotations
+
+import os
+import socket as _stdsocket
+from typing import Any
+
+from gevent import socket
+
+from .errors import ConfigError
+
+__all__ = ["parse_address", "create_listener", "format_address"]
+
+
+def parse_address(text: str, default_port: int = 8889) -> tuple[int, Any]:
+    """Return ``(family, address)`` for a bind or connect string; :class:`ConfigError` if malformed."""
+    text = text.strip()
+    if text.startswith("unix:"):
+        path = text[5:]
+        if not path:
+            raise ConfigError(f"empty unix socket path in {text!r}")
+        return socket.AF_UNIX, path
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep:
+            raise ConfigError(f"unterminated IPv6 address in {text!r}")
+        port_text = rest.lstrip(":") or str(default_port)
+        family = socket.AF_INET6
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            host, port_text = text, str(default_port)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(f"invalid port in address {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"port out of range in address {text!r}")
+    return family, (host or "0.0.0.0", port)
+
+
+def create_listener(address: str, backlog: int = 2048) -> Any:
+    """Bind and listen on ``address``; the caller owns (and closes) the returned gevent socket.
+
+    TCP listeners get ``TCP_NODELAY`` (accepted sockets inherit it on Linux): replies are small
+    and must not wait for Nagle's algorithm.
+    """
+    family, addr = parse_address(address)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if family == socket.AF_UNIX:
+            if os.path.exists(addr) and _is_socket(addr):
+                os.unlink(addr)  # a stale socket file from a previous run
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind(addr)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _is_socket(path: str) -> bool:
+    import stat
+
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def format_address(sock: Any) -> str:
+    """The bound address of a listener as a bind string (``host:port`` or ``unix:path``)."""
+    name = sock.getsockname()
+    if sock.family == _stdsocket.AF_UNIX:
+        return f"unix:{name}"
+    if sock.family == _stdsocket.AF_INET6:
+        return f"[{name[0]}]:{name[1]}"
+    return f"{name[0]}:{name[1]}"

@@ -1,0 +1,76 @@
+"""Per-command counters and latency histograms, cheap enough to stay on for every request."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+__all__ = ["Stats", "CommandStats"]
+
+#: Histogram buckets are powers of two of a microsecond: bucket k holds durations < 2**k us.
+_BUCKETS = 32
+
+
+class CommandStats:
+    """Counts for one cmdid; ``hist[k]`` counts calls that took under ``2**k`` microseconds."""
+
+    __slots__ = ("count", "errors", "total", "hist")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.errors = 0
+        self.total = 0.0
+        self.hist = [0] * _BUCKETS
+
+    def percentile(self, q: float) -> float:
+        """Upper bound, in milliseconds, of the bucket holding the ``q`` quantile (0 when empty)."""
+        if not self.count:
+            return 0.0
+        rank = max(1, math.ceil(q * self.count))
+        seen = 0
+        for k, n in enumerate(self.hist):
+            seen += n
+            if seen >= rank:
+                return (2**k) / 1000.0
+        return (2 ** (_BUCKETS - 1)) / 1000.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "count": self.count,
+            "errors": self.errors,
+            "mean_ms": round(self.total / self.count * 1000.0, 3) if self.count else 0.0,
+            "p50_ms": self.percentile(0.5),
+            "p90_ms": self.percentile(0.9),
+            "p99_ms": self.percentile(0.99),
+        }
+
+
+class Stats:
+    """A worker's counters: per-command stats plus connection-level events."""
+
+    def __init__(self) -> None:
+        self.commands: dict[int, CommandStats] = {}
+        self.protocol_errors = 0
+        self.connections_total = 0
+        self.connections_rejected = 0
+
+    def record(self, cmdid: int, code: int, seconds: float) -> None:
+        """Count one answered request; ``seconds`` is how long its handler ran."""
+        entry = self.commands.get(cmdid)
+        if entry is None:
+            entry = self.commands[cmdid] = CommandStats()
+        entry.count += 1
+        if code:
+            entry.errors += 1
+        entry.total += seconds
+        us = seconds * 1e6
+        k = math.frexp(us)[1] if us >= 1.0 else 0
+        entry.hist[k if k < _BUCKETS else _BUCKETS - 1] += 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "commands": {str(cmdid): s.as_dict() for cmdid, s in sorted(self.commands.items())},
+            "protocol_errors": self.protocol_errors,
+            "connections_total": self.connections_total,
+            "connections_rejected": self.connections_rejected,
+        }
