@@ -5,7 +5,8 @@ from __future__ import annotations
 import enum
 import os
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from .protocol import PROTOCOL_VERSION, Request
 

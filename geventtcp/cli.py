@@ -6,7 +6,8 @@ import argparse
 import os
 import signal
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 

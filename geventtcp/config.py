@@ -10,8 +10,9 @@ import argparse
 import os
 import runpy
 import tomllib
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 from .errors import ConfigError
 
@@ -99,7 +100,7 @@ SETTINGS: tuple[Setting, ...] = (
             convert=_str_list, cli=("-b", "--bind"), metavar="ADDRESS", append=True),
     Setting("workers", 1, "Worker processes; 0 or 'auto' for one per CPU.", section="process", convert=_workers,
             cli=("-w", "--workers"), validate=_positive),
-    Setting("max_connections", 10000, "Connections per worker; one over the limit gets a 429 line and is closed.",
+    Setting("max_connections", 10000, "Connections per worker; one over the limit gets a 503 line and is closed.",
             convert=int, validate=_positive),
     Setting("max_line_bytes", 1 << 20, "Longest request line (newline included); longer lines get 413.",
             convert=parse_size, validate=_positive),
@@ -116,8 +117,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("graceful_timeout", 30.0, "Seconds a draining server waits for requests in flight before stopping "
             "them.", section="timeouts", convert=float, validate=_positive),
     Setting("max_inflight_per_connection", 128, "Blocked requests in flight on one connection; more get a "
-            "retryable 429.", convert=int, validate=_positive),
-    Setting("max_inflight", 10000, "Blocked requests in flight per worker; more get a retryable 429.",
+            "retryable 503.", convert=int, validate=_positive),
+    Setting("max_inflight", 10000, "Blocked requests in flight per worker; more get a retryable 503.",
             convert=int, validate=_positive),
     Setting("backlog", 2048, "Listen backlog.", convert=int, validate=_positive),
     Setting("codec", "simplejson", "JSON codec: simplejson, or orjson when installed (geventtcp[fast]).",
@@ -217,5 +218,6 @@ def render_markdown() -> str:
     """The README's settings table, generated from the declarations."""
     rows = ["| setting | flag | env | default | meaning |", "|---|---|---|---|---|"]
     for s in SETTINGS:
-        rows.append(f"| `{s.name}` | `{'`, `'.join(s.flags)}` | `{s.env}` | `{s.default}` | {s.help} |")
+        default = ", ".join(map(str, s.default)) if isinstance(s.default, list) else s.default
+        rows.append(f"| `{s.name}` | `{'`, `'.join(s.flags)}` | `{s.env}` | `{default}` | {s.help} |")
     return "\n".join(rows)

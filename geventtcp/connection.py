@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 import socket
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from gevent import Timeout, getcurrent, spawn
 
@@ -205,6 +206,7 @@ class Connection:
             server.loop.run_callback(self._watch)
         self.running = req
         started = server.clock()
+        code: int
         try:
             data = call(req)
         except DeadlineReached:

@@ -6,7 +6,8 @@ import logging
 import math
 import resource
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import gevent
 from gevent.event import Event
@@ -83,6 +84,7 @@ class Server:
         self._given_listeners = list(listeners) if listeners is not None else None
         self._own_listeners: list[Any] = []
         self._acceptors: list[_Acceptor] = []
+        self._bound: list[tuple[Any, str]] = []
         self._watchdog: gevent.Greenlet | None = None
         self._all_closed = Event()
         self._all_closed.set()
@@ -116,6 +118,7 @@ class Server:
             self.close()
             raise
         self.started_at = time.time()
+        self._bound = [(a.socket.getsockname(), format_address(a.socket)) for a in self._acceptors]
         self._watchdog = gevent.spawn(self._watch_timeouts)
         log.info("listening on %s (pid %d)", ", ".join(self.addresses), __import__("os").getpid())
 
@@ -153,7 +156,7 @@ class Server:
         for sock in self._own_listeners:
             sock.close()
         self._own_listeners = []
-        doomed = []
+        doomed: list[Any] = []
         for conn in list(self.connections):
             doomed.extend(conn.handlers)
             conn.abort()
@@ -173,13 +176,15 @@ class Server:
 
     @property
     def addresses(self) -> list[str]:
-        """Every bound address as a bind string."""
-        return [format_address(a.socket) for a in self._acceptors if a.socket is not None]
+        """Every bound address as a bind string (still known after stop)."""
+        return [text for _, text in self._bound]
 
     @property
     def address(self) -> Any:
         """The first listener's bound address: ``(host, port)``, or the path of a unix socket."""
-        return self._acceptors[0].socket.getsockname()
+        if not self._bound:
+            raise RuntimeError("the server is not started")
+        return self._bound[0][0]
 
     # -- per connection and request --------------------------------------------------------------
 

@@ -31,8 +31,8 @@ class CommandStats:
         for k, n in enumerate(self.hist):
             seen += n
             if seen >= rank:
-                return (2**k) / 1000.0
-        return (2 ** (_BUCKETS - 1)) / 1000.0
+                return float(2**k) / 1000.0
+        return float(2 ** (_BUCKETS - 1)) / 1000.0
 
     def as_dict(self) -> dict[str, Any]:
         return {

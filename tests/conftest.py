@@ -1,0 +1,64 @@
+"""Shared fixtures: in-process servers on 127.0.0.1 port 0 with a test registry."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import gevent
+import pytest
+
+from geventtcp import HandlerError, Registry, Server
+
+
+def make_registry() -> Registry:
+    """Handlers the server tests need; gevent.sleep stands in for monkey-patched blocking calls."""
+    reg = Registry()
+    reg.add(1, lambda req: req.params, name="echo")
+
+    def sleep(req: Any) -> Any:
+        gevent.sleep(req.params.get("seconds", 0))
+        return {"slept": req.params.get("seconds", 0)}
+
+    reg.add(2, sleep, name="sleep")
+
+    def fail(req: Any) -> Any:
+        raise RuntimeError("boom: secret traceback detail")
+
+    reg.add(3, fail, name="fail")
+    reg.add(4, lambda req: {1, 2}, name="unserializable")
+
+    def refuse(req: Any) -> Any:
+        raise HandlerError("no such user", 404)
+
+    reg.add(5, refuse, name="refuse")
+
+    def spin(req: Any) -> Any:
+        end = time.monotonic() + req.params.get("seconds", 0)
+        while time.monotonic() < end:
+            pass
+        return "spun"
+
+    reg.add(6, spin, name="spin")
+    reg.add(7, lambda req: "x" * req.params.get("size", 0), name="big")
+    reg.add(8, lambda req: {"id": req.id, "timestamp": req.timestamp, "raw": req.rawBody,
+                            "address": list(req.address)}, name="introspect")
+    return reg
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., Server]]:
+    """Factory: ``serve(**settings)`` starts a Server on 127.0.0.1:0; all are closed after the test."""
+    servers: list[Server] = []
+
+    def start(registry: Registry | None = None, **settings: Any) -> Server:
+        settings.setdefault("bind", "127.0.0.1:0")
+        server = Server(registry if registry is not None else make_registry(), **settings)
+        server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.close()
