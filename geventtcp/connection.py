@@ -371,9 +371,10 @@ class Connection:
 
     def abort(self) -> None:
         """Close at once: replies not yet sent are dropped (the peer is gone or too slow)."""
-        if not self.closed:
-            self.closed = True
+        self.closed = True
         self.reading_done = True
+        if self.drained is not None:
+            self.drained.set()  # a reader waiting for the output queue must see the close
         self._release()
 
     def _release(self) -> None:
