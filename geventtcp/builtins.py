@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .protocol import PROTOCOL_VERSION, Request
+from .security import make_auth
 
 if TYPE_CHECKING:
     from .server import Server
@@ -22,6 +23,7 @@ class Builtin(enum.IntEnum):
     PING = -1
     LIST = -2
     STATS = -3
+    AUTH = -4
 
 
 def make_builtins(server: Server) -> dict[int, Callable[[Request], Any]]:
@@ -49,4 +51,5 @@ def make_builtins(server: Server) -> dict[int, Callable[[Request], Any]]:
         })
         return data
 
-    return {Builtin.PING: ping, Builtin.LIST: list_commands, Builtin.STATS: stats}
+    return {Builtin.PING: ping, Builtin.LIST: list_commands, Builtin.STATS: stats,
+            Builtin.AUTH: make_auth(server, server.token)}

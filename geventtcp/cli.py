@@ -50,7 +50,11 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"geventtcp: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_level)
-    return _run_single(args.app, config)
+    try:
+        return _run_single(args.app, config)
+    except ConfigError as exc:  # e.g. protected mode refusing a public address, unreadable TLS files
+        print(f"geventtcp: {exc}", file=sys.stderr)
+        return 2
 
 
 def _run_single(app: str, config: Any) -> int:

@@ -102,6 +102,8 @@ SETTINGS: tuple[Setting, ...] = (
             cli=("-w", "--workers"), validate=_positive),
     Setting("max_connections", 10000, "Connections per worker; one over the limit gets a 503 line and is closed.",
             convert=int, validate=_positive),
+    Setting("max_connections_per_peer", 256, "Connections per worker from one peer IP address; one over gets a "
+            "503 line and is closed (0: no limit).", convert=int, validate=_positive),
     Setting("max_line_bytes", 1 << 20, "Longest request line (newline included); longer lines get 413.",
             convert=parse_size, validate=_positive),
     Setting("max_reply_bytes", 16 << 20, "Longest reply line; a larger result is replaced by a 413 reply.",
@@ -123,6 +125,21 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("backlog", 2048, "Listen backlog.", convert=int, validate=_positive),
     Setting("codec", "simplejson", "JSON codec: simplejson, or orjson when installed (geventtcp[fast]).",
             choices=("simplejson", "orjson")),
+    Setting("certfile", "", "TLS: PEM certificate chain of the server; enables TLS on every listener.",
+            section="security"),
+    Setting("keyfile", "", "TLS: PEM private key of the server (default: inside certfile).", section="security"),
+    Setting("ca_certs", "", "TLS: PEM CA bundle used to verify client certificates.", section="security"),
+    Setting("tls_require_client_cert", False, "TLS: refuse clients without a certificate signed by ca_certs.",
+            section="security", convert=parse_bool, flag=True),
+    Setting("tls_handshake_timeout", 10.0, "Seconds a TLS handshake may take before the connection is dropped.",
+            section="security", convert=float, validate=_positive),
+    Setting("auth_token", "", "Shared secret: when set, a connection must send AUTH (cmdid -4) with it first "
+            "(prefer the env var or auth_token_file: flags show in ps).", section="security"),
+    Setting("auth_token_file", "", "Read the shared secret from this file (surrounding whitespace stripped).",
+            section="security"),
+    Setting("protected_mode", True, "Without auth_token or TLS client certificates, refuse to listen on a "
+            "non-loopback address and deny non-loopback peers (--no-protected-mode to allow).",
+            section="security", convert=parse_bool, flag=True),
     Setting("log_level", "info", "Level of the geventtcp loggers.", section="logging",
             convert=lambda v: str(v).lower(), choices=("debug", "info", "warning", "error", "critical")),
 )

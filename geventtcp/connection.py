@@ -22,6 +22,7 @@ from gevent import Timeout, getcurrent, spawn
 
 from .errors import Code, HandlerError, ProtocolError
 from .protocol import LineBuffer, Request, encode_error, encode_goaway, encode_reply, parse_request
+from .security import PREAUTH_MAX_LINE_BYTES
 
 if TYPE_CHECKING:
     from .server import Server
@@ -66,7 +67,12 @@ class Connection:
         self.server = server
         self.sock = sock
         self.address = address
-        self.buffer = LineBuffer(server.settings.max_line_bytes)
+        # Until AUTH succeeds (when auth is on) only the pre-auth table and line limit apply; with
+        # auth off this is the server's table and the request path pays nothing for auth.
+        self.calls: dict[int, Callable[[Request], Any]] = server.calls if server.token is None else server.preauth_calls
+        self.auth_failures = 0
+        self.buffer = LineBuffer(server.settings.max_line_bytes if server.token is None
+                                 else min(server.settings.max_line_bytes, PREAUTH_MAX_LINE_BYTES))
         self.lines: list[bytes | None] = []
         self.pos = 0
         self.out: list[Any] = []  # reply bytes and _Slots, in request order
@@ -160,6 +166,17 @@ class Connection:
         else:
             self.goaway = reason
 
+    def authenticate(self) -> None:
+        """AUTH succeeded: switch to the full command table and line limit."""
+        self.calls = self.server.calls
+        self.buffer.max_line_bytes = self.server.settings.max_line_bytes
+
+    def close_after_replies(self) -> None:
+        """Stop reading after the lines already received; answer them, then close (no goaway line)."""
+        self.error_line = b""
+        if self.goaway is None:
+            self.goaway = "closing"
+
     def _wait_drained(self) -> None:
         from gevent.event import Event
 
@@ -189,8 +206,13 @@ class Connection:
             self.out.append(encode_error(codec, exc.code, exc.msg, exc.cmdid, exc.id, exc.id is not None))
             return True
         self.requests += 1
-        call = server.calls.get(req.cmdid)
+        call = self.calls.get(req.cmdid)
         if call is None:
+            if self.calls is not server.calls:
+                self.out.append(encode_error(codec, Code.UNAUTHENTICATED, "authentication required", req.cmdid,
+                                             req.id, req.has_id))
+                server.stats.record(req.cmdid, Code.UNAUTHENTICATED, 0.0)
+                return True
             self.out.append(encode_error(codec, Code.UNKNOWN_COMMAND, f"unknown cmdid {req.cmdid}", req.cmdid,
                                          req.id, req.has_id))
             server.stats.record(req.cmdid, Code.UNKNOWN_COMMAND, 0.0)
@@ -224,7 +246,7 @@ class Connection:
                 reply = encode_reply(codec, req.cmdid, data, req.id, req.has_id)
                 code = Code.OK
             except (ValueError, TypeError, OverflowError) as exc:
-                log.error("result of cmdid %d is not serializable: %s", req.cmdid, exc)
+                log.error("result of cmdid %d is not serializable: %r", req.cmdid, exc)
                 reply = encode_error(codec, Code.INTERNAL, "result not serializable", req.cmdid, req.id, req.has_id)
                 code = Code.INTERNAL
         finally:

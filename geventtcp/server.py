@@ -14,14 +14,16 @@ from gevent.event import Event
 from gevent.hub import get_hub
 from gevent.server import StreamServer
 
-from .builtins import make_builtins
+from .builtins import Builtin, make_builtins
 from .codec import get_codec
 from .config import Config
 from .connection import Connection
 from .errors import Code
 from .protocol import Request, encode_error, encode_goaway
+from .security import check_listen_addresses, is_loopback, is_protected, load_token
 from .sockets import create_listener, format_address
 from .stats import Stats
+from .tls import handshake, server_context_from_settings
 from .urls import Registry, default_registry
 
 __all__ = ["Server"]
@@ -68,10 +70,14 @@ class Server:
         self.settings.update(settings, "argument")
         self.registry = registry if registry is not None else default_registry
         self.codec = get_codec(self.settings.codec)
-        self.ssl_context = ssl_context
-        self.plain_sockets = ssl_context is None
+        self.token = load_token(self.settings)
+        self.protected = is_protected(self.settings, self.token)
+        self.ssl_context = ssl_context if ssl_context is not None else server_context_from_settings(self.settings)
+        self.plain_sockets = self.ssl_context is None
         self.stats = Stats()
         self.calls: dict[int, Callable[[Request], Any]] = {}
+        self.preauth_calls: dict[int, Callable[[Request], Any]] = {}
+        self.peers: dict[str, int] = {}  # open connections per peer IP
         self.connections: set[Connection] = set()
         self.inflight = 0
         self.tick = 0
@@ -104,14 +110,17 @@ class Server:
         self.draining = False
         self.calls = dict(self.registry.calls)
         self.calls.update(make_builtins(self))
+        self.preauth_calls = {cmdid: self.calls[cmdid] for cmdid in (Builtin.AUTH, Builtin.PING)}
         self._raise_fd_limit()
         listeners = self._given_listeners
         if listeners is None:
             listeners = self._own_listeners = [create_listener(b, self.settings.backlog) for b in self.settings.bind]
         try:
+            if self.protected:
+                check_listen_addresses(sock.getsockname() for sock in listeners)
             for sock in listeners:
-                acceptor = _Acceptor(sock, self._handle, ssl_context=self.ssl_context) if self.ssl_context \
-                    else _Acceptor(sock, self._handle)
+                # TLS is wrapped in _handle, under a handshake timeout, not by the StreamServer.
+                acceptor = _Acceptor(sock, self._handle)
                 acceptor.start()
                 self._acceptors.append(acceptor)
         except BaseException:
@@ -196,6 +205,29 @@ class Server:
             self.stats.connections_rejected += 1
             self._refuse(sock, encode_error(self.codec, Code.UNAVAILABLE, "max number of connections reached"))
             return
+        peer = address[0] if isinstance(address, tuple) else None
+        if peer is not None:
+            if self.protected and not is_loopback(address):
+                self.stats.connections_rejected += 1
+                log.warning("protected mode: denied non-loopback peer %r", peer)
+                self._refuse(sock, encode_error(
+                    self.codec, Code.PERMISSION_DENIED, "protected mode: no authentication is configured, so only "
+                    "loopback clients are accepted (see auth_token, --no-protected-mode)"))
+                return
+            per_peer = self.settings.max_connections_per_peer
+            if per_peer and self.peers.get(peer, 0) >= per_peer:
+                self.stats.connections_rejected += 1
+                self._refuse(sock, encode_error(self.codec, Code.UNAVAILABLE, "too many connections from peer"))
+                return
+        if self.ssl_context is not None:
+            try:
+                sock = handshake(self.ssl_context, sock, self.settings.tls_handshake_timeout)
+            except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+                self.stats.tls_failures += 1
+                log.info("TLS handshake with %r failed: %r", address, exc)
+                return
+        if peer is not None:
+            self.peers[peer] = self.peers.get(peer, 0) + 1
         conn = Connection(self, sock, address or sock.getsockname())
         self.connections.add(conn)
         self._all_closed.clear()
@@ -206,11 +238,14 @@ class Server:
             conn.abort()
             raise
 
-    @staticmethod
-    def _refuse(sock: Any, line: bytes) -> None:
-        """Best-effort final line, then close: a refused peer never waits in the backlog."""
+    def _refuse(self, sock: Any, line: bytes) -> None:
+        """Best-effort final line, then close: a refused peer never waits in the backlog.
+
+        On a TLS listener nothing is written (the peer expects a handshake, not a JSON line).
+        """
         try:
-            sock.sendall(line)
+            if self.ssl_context is None:
+                sock.sendall(line)
         except OSError:
             pass
         finally:
@@ -218,7 +253,15 @@ class Server:
 
     def forget(self, conn: Connection) -> None:
         """Called by a connection once its socket is closed."""
-        self.connections.discard(conn)
+        if conn in self.connections:
+            self.connections.discard(conn)
+            address = conn.address
+            if isinstance(address, tuple):
+                left = self.peers.get(address[0], 1) - 1
+                if left > 0:
+                    self.peers[address[0]] = left
+                else:
+                    self.peers.pop(address[0], None)
         if not self.connections:
             self._all_closed.set()
 

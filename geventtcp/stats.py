@@ -53,6 +53,8 @@ class Stats:
         self.protocol_errors = 0
         self.connections_total = 0
         self.connections_rejected = 0
+        self.auth_failures = 0
+        self.tls_failures = 0
 
     def record(self, cmdid: int, code: int, seconds: float) -> None:
         """Count one answered request; ``seconds`` is how long its handler ran."""
@@ -73,4 +75,6 @@ class Stats:
             "protocol_errors": self.protocol_errors,
             "connections_total": self.connections_total,
             "connections_rejected": self.connections_rejected,
+            "auth_failures": self.auth_failures,
+            "tls_failures": self.tls_failures,
         }

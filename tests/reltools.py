@@ -6,7 +6,8 @@ import contextlib
 import json
 import os
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import gevent
 from gevent import socket

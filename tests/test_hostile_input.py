@@ -7,7 +7,6 @@ import random
 import time
 
 import pytest
-
 from reltools import RawConn, rss_kib, serve
 
 PING = b'{"cmdid":1,"params":{"ok":1},"id":"next"}\n'

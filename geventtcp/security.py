@@ -1,0 +1,115 @@
+"""Shared-secret authentication (the AUTH builtin) and protected mode, in the spirit of Redis's."""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from .errors import Code, ConfigError, HandlerError
+from .protocol import Request
+
+if TYPE_CHECKING:
+    from .server import Server
+
+__all__ = [
+    "MAX_AUTH_FAILURES",
+    "PREAUTH_MAX_LINE_BYTES",
+    "is_loopback",
+    "load_token",
+    "is_protected",
+    "check_listen_addresses",
+    "make_auth",
+]
+
+log = logging.getLogger("geventtcp.server")
+
+#: Wrong tokens tolerated on one connection; the last failure's reply is followed by a close.
+MAX_AUTH_FAILURES = 3
+#: Longest line accepted before a connection has authenticated (Redis caps unauthenticated
+#: requests the same way), so an anonymous peer cannot make us parse megabytes.
+PREAUTH_MAX_LINE_BYTES = 64 * 1024
+
+
+def is_loopback(address: Any) -> bool:
+    """True for a loopback IP peer/bind address, a unix-socket address, or an IPv4-mapped loopback."""
+    if not isinstance(address, tuple):
+        return True  # unix sockets: only local processes can connect
+    host = address[0]
+    if host in ("", "0.0.0.0", "::"):
+        return False
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host == "localhost"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return bool(ip.is_loopback)
+
+
+def load_token(settings: Any) -> str | None:
+    """The shared secret from ``auth_token`` or ``auth_token_file``; ``None`` when auth is off.
+
+    Raises :class:`ConfigError` when both are set, the file cannot be read, or the token is empty.
+    """
+    token = settings.auth_token
+    path = settings.auth_token_file
+    if token and path:
+        raise ConfigError("set auth_token or auth_token_file, not both")
+    if path:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                token = fh.read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read auth_token_file {path}: {exc}") from None
+        if not token:
+            raise ConfigError(f"auth_token_file {path} is empty")
+    return token or None
+
+
+def is_protected(settings: Any, token: str | None) -> bool:
+    """Protected mode is in force: enabled, and no token nor required client certificates guard us."""
+    return bool(settings.protected_mode) and token is None and not settings.tls_require_client_cert
+
+
+def check_listen_addresses(addresses: Iterable[Any]) -> None:
+    """Raise :class:`ConfigError` for the first non-loopback listen address (call only when protected)."""
+    for address in addresses:
+        if not is_loopback(address):
+            host, port = address[0], address[1]
+            raise ConfigError(
+                f"protected mode: refusing to listen on {host}:{port} without authentication. Set auth_token "
+                "(or auth_token_file), or require TLS client certificates, or pass --no-protected-mode "
+                "(GEVENTTCP_PROTECTED_MODE=0) if every peer that can reach this address is trusted."
+            )
+
+
+def make_auth(server: Server, token: str | None) -> Callable[[Request], Any]:
+    """The AUTH builtin: ``params.token`` is compared in constant time with the configured secret.
+
+    Success switches the connection to the full command table and line limit. A wrong or missing
+    token is answered with 401; after :data:`MAX_AUTH_FAILURES` the connection is closed right after
+    that reply. With auth off, AUTH succeeds and says so (``required: false``).
+    """
+    expected = token.encode("utf-8") if token is not None else None
+
+    def auth(request: Request) -> Any:
+        conn = request.connection
+        if expected is None:
+            return {"authenticated": True, "required": False}
+        given = request.params.get("token")
+        if isinstance(given, str) and hmac.compare_digest(given.encode("utf-8"), expected):
+            conn.authenticate()
+            return {"authenticated": True, "required": True}
+        conn.auth_failures += 1
+        server.stats.auth_failures += 1
+        log.warning("connection %r: authentication failed (%d of %d)", conn.address, conn.auth_failures,
+                    MAX_AUTH_FAILURES)
+        if conn.auth_failures >= MAX_AUTH_FAILURES:
+            conn.close_after_replies()
+        raise HandlerError("invalid credentials", Code.UNAUTHENTICATED)
+
+    auth.idempotent = True  # type: ignore[attr-defined]
+    return auth
