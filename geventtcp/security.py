@@ -43,7 +43,7 @@ def is_loopback(address: Any) -> bool:
     try:
         ip = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
-        return host == "localhost"
+        return bool(host == "localhost")
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return bool(ip.is_loopback)

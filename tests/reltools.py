@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -86,6 +87,16 @@ class RawConn:
         self.buf = b""
         self.timeout = timeout
 
+    @classmethod
+    def tls(cls, address: Any, ctx: Any, hostname: str = "localhost", timeout: float = 5.0) -> RawConn:
+        """Connect and finish a TLS handshake (raises ssl.SSLError/OSError when it fails)."""
+        from geventtcp.tls import handshake
+
+        conn = cls(address, timeout=timeout)
+        conn.sock = handshake(ctx, conn.sock, timeout, server_side=False, server_hostname=hostname)
+        conn.sock.settimeout(timeout)
+        return conn
+
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
 
@@ -121,7 +132,7 @@ class RawConn:
             self.sock.settimeout(max(0.001, deadline - time.monotonic()))
             try:
                 chunk = self.sock.recv(65536)
-            except ConnectionResetError:
+            except (ConnectionResetError, ssl.SSLError):
                 return
             if not chunk:
                 return

@@ -7,7 +7,8 @@ import random
 import time
 
 import pytest
-from reltools import RawConn, rss_kib, serve
+
+from .reltools import RawConn, rss_kib, serve
 
 PING = b'{"cmdid":1,"params":{"ok":1},"id":"next"}\n'
 
