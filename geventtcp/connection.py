@@ -35,6 +35,10 @@ log = logging.getLogger("geventtcp.server")
 RECV_SIZE = 65536
 #: Replies queued behind a blocked request before the reader stops reading (slow-reader bound).
 MAX_QUEUED_REPLIES = 1024
+#: Reply bytes a pipelined batch may queue before the reader sends them (and so, with a peer that
+#: reads nothing, blocks instead of reading on): one 64 KiB read of tiny requests could otherwise
+#: queue thousands of large replies.
+FLUSH_BYTES = 1 << 20
 #: Longest wait for the peer's EOF after our half-close, before closing anyway.
 LINGER_SECONDS = 1.0
 
@@ -78,6 +82,7 @@ class Connection:
         self.out: list[Any] = []  # reply bytes and _Slots, in request order
         self.open_slots = 0  # _Slots in ``out``, filled or not
         self.flushing = False
+        self.queued_bytes = 0  # bytes of inline replies appended since the last flush
         self.inflight = 0  # requests handed off to their own greenlet, not yet answered
         self.reader: Any = None
         self.handlers: set[Any] = set()  # greenlets running handed-off requests
@@ -264,6 +269,9 @@ class Connection:
         if slot is None:
             self.running = None
             self.out.append(reply)
+            self.queued_bytes += len(reply)
+            if self.queued_bytes > FLUSH_BYTES:
+                self._flush()
             return True
         # Handed off while the handler blocked: fill the reserved place and leave.
         self.handlers.discard(me)
@@ -324,6 +332,7 @@ class Connection:
             return
         self.flushing = True
         try:
+            self.queued_bytes = 0
             while self.out and not self.closed:
                 data = self._take_ready()
                 if not data:
