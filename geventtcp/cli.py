@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -30,57 +29,77 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("app", help="module (or module:attr) whose handlers to serve, e.g. 'handlers'")
     parser.add_argument("-c", "--config", dest="config_file", metavar="FILE",
                         help="config file: TOML, or Python assignments (env GEVENTTCP_CONFIG)")
+    parser.add_argument("--check-config", action="store_true",
+                        help="validate the settings and import the application, then exit (0: fine, 1: not)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print every setting's resolved value and where it came from, then exit")
     add_arguments(parser)
 
 
 @command("serve", "run a server for an application's handlers", _serve_arguments)
 def _serve(args: argparse.Namespace) -> int:
-    # Patch before the application (or anything it imports) creates sockets, locks or threads, so
-    # that plain blocking handler code yields to other connections.
+    # The master neither monkey-patches nor imports the application: each worker does both right
+    # after fork (patching first, so plain blocking handler code yields), and HUP re-imports.
+    from .config import Config, load
+    from .errors import ConfigError
+
+    config_file = args.config_file or os.environ.get("GEVENTTCP_CONFIG")
+
+    def resolve() -> Config:
+        return load(vars(args), config_file=config_file)
+
+    try:
+        config = resolve()
+    except ConfigError as exc:
+        print(f"geventtcp: {exc}", file=sys.stderr)
+        return 1 if args.check_config else 2
+    if args.print_config:
+        width = max(len(name) for name in config.values)
+        for name, value in config.values.items():
+            print(f"{name:<{width}} = {value!r}  # {config.sources[name]}")
+        return 0
+    if args.check_config:
+        return _check_config(args.app, config)
+    from .log import apply_log_config, configure_logging
+
+    configure_logging(config.log_level, config.log_file or None)
+    try:
+        if config.log_config:
+            apply_log_config(config.log_config)
+        from .arbiter import Arbiter
+
+        return Arbiter(args.app, config, reload_config=resolve).run()
+    except (ConfigError, OSError) as exc:
+        print(f"geventtcp: {exc}", file=sys.stderr)
+        return 2
+
+
+def _check_config(app: str, config: Any) -> int:
+    """Import the application as a worker would (patched first); report what it registers."""
     from gevent import monkey
 
     monkey.patch_all()
-    from .config import load
-    from .errors import ConfigError
-    from .log import configure_logging
-
-    try:
-        config = load(vars(args), config_file=args.config_file or os.environ.get("GEVENTTCP_CONFIG"))
-    except ConfigError as exc:
-        print(f"geventtcp: {exc}", file=sys.stderr)
-        return 2
-    configure_logging(config.log_level)
-    try:
-        return _run_single(args.app, config)
-    except ConfigError as exc:  # e.g. protected mode refusing a public address, unreadable TLS files
-        print(f"geventtcp: {exc}", file=sys.stderr)
-        return 2
-
-
-def _run_single(app: str, config: Any) -> int:
-    import gevent
-
-    from .server import Server
+    from .log import apply_log_config
+    from .sockets import parse_address
     from .urls import load_registry
 
-    if app not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    registry = load_registry(app)
-    server = Server(registry, config=config)
-    server.start()
-
-    def graceful() -> None:
-        gevent.spawn(server.stop)
-
-    gevent.signal_handler(signal.SIGTERM, graceful)
-    gevent.signal_handler(signal.SIGINT, server.close)
-    gevent.signal_handler(signal.SIGQUIT, server.close)
-    server.serve_forever()
+    try:
+        for address in config.bind:
+            parse_address(address)
+        if config.log_config:
+            apply_log_config(config.log_config)
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        registry = load_registry(app)
+    except Exception as exc:  # noqa: BLE001 - any failure to load is the answer to "is it valid?"
+        print(f"geventtcp: configuration check failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(f"configuration OK: {app} registers {len(registry)} command(s)")
     return 0
 
 
 #: Modules that add their verbs to COMMANDS when imported (client calls, operations, benchmarks).
-VERB_MODULES: tuple[str, ...] = ()
+VERB_MODULES: tuple[str, ...] = ("geventtcp.cli_ops",)
 
 
 def build_parser() -> argparse.ArgumentParser:

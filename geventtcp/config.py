@@ -142,6 +142,30 @@ SETTINGS: tuple[Setting, ...] = (
             section="security", convert=parse_bool, flag=True),
     Setting("log_level", "info", "Level of the geventtcp loggers.", section="logging",
             convert=lambda v: str(v).lower(), choices=("debug", "info", "warning", "error", "critical")),
+    # -- operations (launcher, logging, introspection) ---------------------------------------
+    Setting("timeout", 30.0, "Heartbeat timeout: a worker whose event loop is stuck this many seconds is killed "
+            "(SIGABRT, then SIGKILL) and replaced (0: never).", section="process", convert=float,
+            validate=_positive),
+    Setting("max_requests", 0, "Requests a worker serves before it drains and is replaced (0: never).",
+            section="process", convert=int, validate=_positive),
+    Setting("max_requests_jitter", 0, "Random 0..N added to max_requests per worker, so workers do not restart "
+            "together.", section="process", convert=int, validate=_positive),
+    Setting("max_connection_age", 0.0, "Seconds after which a connection gets a goaway 'max_age' once idle, so "
+            "clients move to new workers (0: never).", section="timeouts", convert=float, validate=_positive),
+    Setting("max_connection_age_jitter", 0.1, "Fraction of max_connection_age added at random per connection.",
+            section="timeouts", convert=float, validate=_positive),
+    Setting("pidfile", "", "Write the master's pid to this file (removed on exit).", section="process"),
+    Setting("log_file", "", "Log to this file instead of stderr; SIGUSR1 reopens it (log rotation).",
+            section="logging"),
+    Setting("access_log", False, "Log one line per request (peer, cmdid, id, code, duration) to the "
+            "geventtcp.access logger.", section="logging", convert=parse_bool, flag=True),
+    Setting("log_config", "", "A logging.config.dictConfig file (.json, .toml or a Python file defining "
+            "LOGGING_CONFIG); applied after the other logging settings.", section="logging"),
+    Setting("blocking_time", 0.1, "Log a warning naming the running cmdid when a handler blocks the event loop "
+            "this many seconds (gevent's monitor thread; 0: off).", section="logging", convert=float,
+            validate=_positive),
+    Setting("metrics_bind", "", "HOST:PORT where the master serves Prometheus text metrics aggregated over the "
+            "workers (empty: off).", section="logging"),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import logging
+import logging.config
 import os
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["BaseLogger", "configure_logging", "server_log", "access_log"]
+if TYPE_CHECKING:
+    from .connection import Connection
+    from .protocol import Request
+
+__all__ = ["BaseLogger", "configure_logging", "server_log", "access_log", "apply_log_config", "reopen_log_files",
+           "make_access_hook"]
 
 #: Lifecycle and errors of the server.
 server_log = logging.getLogger("geventtcp.server")
@@ -33,6 +40,67 @@ def configure_logging(level: str = "info", log_file: str | None = None) -> None:
     handler._geventtcp_owned = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.propagate = False
+
+
+def apply_log_config(path: str) -> None:
+    """Apply a ``logging.config.dictConfig`` read from ``path``: ``.json``, ``.toml``, or a Python file
+    defining ``LOGGING_CONFIG``; raises :class:`geventtcp.ConfigError` when it cannot be read or applied."""
+    import json
+    import runpy
+    import tomllib
+
+    from .errors import ConfigError
+
+    try:
+        if path.endswith(".json"):
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+        elif path.endswith(".toml"):
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        else:
+            data = runpy.run_path(path).get("LOGGING_CONFIG")
+        if not isinstance(data, dict):
+            raise ValueError("no dictConfig mapping found (a Python file must define LOGGING_CONFIG)")
+        data.setdefault("version", 1)
+        data.setdefault("disable_existing_loggers", False)
+        logging.config.dictConfig(data)
+    except (OSError, ValueError, TypeError, AttributeError, ImportError, SyntaxError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"log_config {path}: {exc}") from None
+
+
+def reopen_log_files() -> int:
+    """Reopen every ``logging.FileHandler`` (after logrotate moved the file, on SIGUSR1); returns how many."""
+    seen: set[int] = set()
+    loggers = [logging.getLogger()] + [v for v in logging.Logger.manager.loggerDict.values()
+                                        if isinstance(v, logging.Logger)]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if isinstance(handler, logging.FileHandler) and id(handler) not in seen:
+                seen.add(id(handler))
+                with handler.lock:  # type: ignore[union-attr]
+                    if handler.stream is not None:
+                        handler.stream.close()
+                    handler.stream = handler._open()
+    return len(seen)
+
+
+def make_access_hook() -> Callable[[Connection, Request, int, float], None]:
+    """The ``Server.access_log`` hook writing one line per request to ``geventtcp.access``.
+
+    Format: ``PEER cmdid=N id=ID code=C DURATIONms``. The server calls it only when it is set, so an
+    access log that is off costs nothing per request.
+    """
+    info = access_log.info
+
+    def hook(conn: Connection, req: Request, code: int, seconds: float) -> None:
+        peer = conn.address
+        if isinstance(peer, tuple):
+            peer = f"{peer[0]}:{peer[1]}"
+        info("%s cmdid=%d id=%s code=%d %.3fms", peer or "unix", req.cmdid,
+             req.id if req.has_id else "-", code, seconds * 1000.0)
+
+    return hook
 
 
 class BaseLogger:

@@ -85,6 +85,9 @@ class Server:
         self.drain_reason = "shutdown"
         self.access_log: Callable[[Connection, Request, int, float], None] | None = None
         self.clock = time.monotonic
+        #: Connections one listener accepts per wakeup; the launcher sets 1 when several worker
+        #: processes share a listener, so one worker does not take a whole burst (as gunicorn does).
+        self.max_accept: int = StreamServer.max_accept
         self.started_at = 0.0
         self.loop = get_hub().loop
         self._given_listeners = list(listeners) if listeners is not None else None
@@ -121,6 +124,7 @@ class Server:
             for sock in listeners:
                 # TLS is wrapped in _handle, under a handshake timeout, not by the StreamServer.
                 acceptor = _Acceptor(sock, self._handle)
+                acceptor.max_accept = self.max_accept
                 acceptor.start()
                 self._acceptors.append(acceptor)
         except BaseException:
@@ -289,7 +293,7 @@ class Server:
 
     def _tick_seconds(self) -> float:
         s = self.settings
-        spans = [t for t in (s.idle_timeout, s.request_timeout, s.write_timeout) if t]
+        spans = [t for t in (s.idle_timeout, s.request_timeout, s.write_timeout, s.max_connection_age) if t]
         return min(1.0, max(0.02, min(spans) / 4)) if spans else 1.0
 
     def _watch_timeouts(self) -> None:
@@ -304,6 +308,9 @@ class Server:
             return math.ceil(seconds / period) if seconds else 0
 
         idle, slow, write = ticks(s.idle_timeout), ticks(s.request_timeout), ticks(s.write_timeout)
+        # A connection older than max_connection_age (plus its own jitter, derived from its id so
+        # the sweep stays stateless) gets a goaway once idle, so long-lived clients move on.
+        age, age_jitter = ticks(s.max_connection_age), ticks(s.max_connection_age * s.max_connection_age_jitter)
         run = self.loop.run_callback
         while True:
             gevent.sleep(period)
@@ -319,6 +326,9 @@ class Server:
                         run(conn.interrupt, "slow")
                 elif idle and not conn.inflight and now - conn.active_tick >= idle:
                     run(conn.interrupt, "idle")
+                elif age and now - conn.created_tick >= age + (id(conn) >> 4) % (age_jitter + 1) \
+                        and not conn.inflight:
+                    run(conn.interrupt, "max_age")
 
     def _raise_fd_limit(self) -> None:
         """Raise the soft open-files limit toward ``max_connections`` plus headroom (as Redis does)."""

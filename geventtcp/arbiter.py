@@ -1,0 +1,457 @@
+"""The master process: bind once, fork and supervise workers, turn signals into actions (gunicorn's Arbiter).
+
+The master never imports the application and never runs gevent's hub: it binds every listener,
+forks the workers (each imports the app after fork, so a HUP reload re-imports it), and then sits in
+a ``select`` loop. Signal handlers do nothing but wake that loop (``signal.set_wakeup_fd`` writes
+the signal number into a pipe); the loop dispatches ``handle_<name>()`` by signal name.
+
+==========  =================================================================================
+TERM        graceful stop: workers drain (goaway ``shutdown``), SIGKILL after graceful_timeout
+INT, QUIT   fast stop: workers close at once
+HUP         reload: re-read the config, start new workers, then drain the old ones (goaway
+            ``reload``); the listeners stay open throughout, so no connection is refused
+TTIN, TTOU  one worker more / less
+USR1        reopen log files (master and workers)
+CHLD        reap: a worker that died (even ``kill -9``) is replaced
+==========  =================================================================================
+
+A worker whose heartbeat stops for ``timeout`` seconds is sent SIGABRT, then SIGKILL, and replaced.
+Workers that fail to import the application :data:`BOOT_FAILURE_LIMIT` times in a row halt the
+master with exit status 3.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import Config
+from .errors import GeventTCPError
+from .log import reopen_log_files
+from .sockets import create_listener, parse_address
+from .worker import STATE_DRAINING, STATE_SERVING, WORKER_BOOT_ERROR, WorkerSpec, run_worker
+
+__all__ = ["Arbiter", "HaltServerError", "BOOT_FAILURE_LIMIT"]
+
+log = logging.getLogger("geventtcp.arbiter")
+
+#: Consecutive worker boot failures (no worker booted in between) that stop the server.
+BOOT_FAILURE_LIMIT = 3
+#: Seconds between SIGABRT and SIGKILL for a worker whose heartbeat stopped.
+ABORT_GRACE = 1.0
+#: How long a HUP waits for the new workers to boot before draining the old ones anyway.
+RELOAD_BOOT_WAIT = 30.0
+
+
+class _StoppedError(Exception):
+    """Ends the main loop after a stop signal was handled."""
+
+
+class HaltServerError(GeventTCPError):
+    """Stops the master: ``reason`` is logged, ``exit_status`` becomes the process's exit status."""
+
+    def __init__(self, reason: str, exit_status: int = 1) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.exit_status = exit_status
+
+
+@dataclass
+class WorkerProcess:
+    """The master's record of one forked worker."""
+
+    pid: int
+    generation: int
+    heartbeat_fd: int
+    heartbeat_path: str
+    spawned_at: float
+    retiring: bool = False  # draining or told to; not counted toward the wanted number
+    signalled: bool = False  # the retiring signal has been sent
+    aborted_at: float = 0.0
+    booted: bool = False
+    stop_deadline: float = field(default=0.0)
+
+
+class Arbiter:
+    """Run the launcher for ``app`` with ``config``; :meth:`run` returns the exit status.
+
+    ``reload_config`` (optional) re-reads the configuration from its sources on HUP; listeners are
+    never re-bound, so a changed ``bind`` needs a restart.
+    """
+
+    SIGNALS = (signal.SIGHUP, signal.SIGQUIT, signal.SIGINT, signal.SIGTERM, signal.SIGTTIN, signal.SIGTTOU,
+               signal.SIGUSR1, signal.SIGCHLD)
+    SIG_NAMES: dict[int, str] = {sig: sig.name[3:].lower() for sig in SIGNALS}
+
+    def __init__(self, app: str, config: Config, reload_config: Callable[[], Config] | None = None) -> None:
+        self.app = app
+        self.config = config
+        self.reload_config = reload_config
+        self.pid = os.getpid()
+        self.workers: dict[int, WorkerProcess] = {}
+        self.num_workers = config.workers or os.cpu_count() or 1
+        self.generation = 0
+        self.listeners: list[socket.socket] = []
+        self.unix_paths: list[str] = []
+        self.boot_failures = 0
+        self.stopping = False
+        self.tmpdir = ""
+        self.stats_dir = ""
+        self._pipe: tuple[int, int] = (-1, -1)
+        self._reload_started = 0.0
+        self._metrics: Any = None
+
+    # -- setup -----------------------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        cfg = self.config
+        for address in cfg.bind:
+            # Bind with the shared helper, then keep a plain socket: the master runs no gevent hub.
+            sock = create_listener(address, cfg.backlog)
+            self.listeners.append(socket.socket(sock.family, sock.type, fileno=sock.detach()))
+            family, addr = parse_address(address)
+            if family == socket.AF_UNIX:
+                self.unix_paths.append(addr)
+        self._preflight()
+        self.tmpdir = tempfile.mkdtemp(prefix="geventtcp-")
+        self.stats_dir = os.path.join(self.tmpdir, "stats")
+        os.mkdir(self.stats_dir)
+        if cfg.pidfile:
+            with open(cfg.pidfile, "w", encoding="ascii") as fh:
+                fh.write(f"{self.pid}\n")
+        if cfg.metrics_bind:
+            from .metrics_http import MetricsEndpoint
+
+            self._metrics = MetricsEndpoint(cfg.metrics_bind, self.stats_dir)
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        os.set_blocking(write_fd, False)
+        self._pipe = (read_fd, write_fd)
+        signal.set_wakeup_fd(write_fd)
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._on_signal)
+        addresses = ", ".join(self._listener_names())
+        log.info("master %d listening on %s, %d worker(s)", self.pid, addresses, self.num_workers)
+
+    def _preflight(self) -> None:
+        """Fail here, once, with a clear message, on what would make every worker fail to start."""
+        from .security import check_listen_addresses, is_protected, load_token
+        from .tls import server_context_from_settings
+
+        token = load_token(self.config)
+        server_context_from_settings(self.config)
+        if is_protected(self.config, token):
+            check_listen_addresses(sock.getsockname() for sock in self.listeners)
+
+    def _listener_names(self) -> list[str]:
+        from .sockets import format_address
+
+        return [format_address(s) for s in self.listeners]
+
+    @staticmethod
+    def _on_signal(signum: int, frame: Any) -> None:
+        """Nothing to do here: the wakeup fd already queued ``signum`` for the main loop."""
+
+    def _teardown(self) -> None:
+        signal.set_wakeup_fd(-1)
+        for sig in self.SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        for sock in self.listeners:
+            sock.close()
+        self.listeners = []
+        for path in self.unix_paths:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        if self._metrics is not None:
+            self._metrics.close()
+        for fd in self._pipe:
+            if fd >= 0:
+                os.close(fd)
+        if self.config.pidfile:
+            try:
+                os.unlink(self.config.pidfile)
+            except OSError:
+                pass
+        if self.tmpdir:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+    # -- main loop -------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until stopped by a signal; returns 0, or the :class:`HaltServerError` status."""
+        status = 0
+        try:
+            self._setup()
+        except (GeventTCPError, OSError) as exc:
+            log.error("cannot start: %s", exc)
+            self._teardown()
+            return 2
+        try:
+            self._manage_workers()
+            while True:
+                # Poll faster while a worker boots, so a reload retires the old generation promptly.
+                booting = any(not w.booted for w in self.workers.values())
+                for sig in self._wait(0.1 if booting else 1.0):
+                    name = self.SIG_NAMES.get(sig)
+                    if name is None:
+                        continue
+                    if name != "chld":
+                        log.info("handling signal: %s", name)
+                    getattr(self, f"handle_{name}")()
+                self._reap()
+                self._murder()
+                self._manage_workers()
+        except _StoppedError:
+            pass
+        except HaltServerError as halt:
+            log.error("shutting down: %s", halt.reason)
+            status = halt.exit_status
+            self._stop(graceful=False)
+        except BaseException:
+            log.exception("unhandled exception in the master")
+            self._stop(graceful=False)
+            status = 1
+        finally:
+            self._teardown()
+        log.info("master %d exiting (status %d)", self.pid, status)
+        return status
+
+    def _wait(self, timeout: float) -> list[int]:
+        """Sleep until a signal arrives or ``timeout`` passes (serving metrics meanwhile); the signals."""
+        read_fd = self._pipe[0]
+        watched = [read_fd] + ([self._metrics.fileno()] if self._metrics is not None else [])
+        try:
+            ready, _, _ = select.select(watched, [], [], timeout)
+        except InterruptedError:
+            ready = [read_fd]
+        if self._metrics is not None and self._metrics.fileno() in ready:
+            self._metrics.serve_one()
+        signals: list[int] = []
+        while True:
+            try:
+                data = os.read(read_fd, 64)
+            except BlockingIOError:
+                break
+            if not data:
+                break
+            signals.extend(data)
+        # The same signal twice in one batch means the same thing once (except TTIN/TTOU).
+        seen: list[int] = []
+        for sig in signals:
+            if sig not in seen or sig in (signal.SIGTTIN, signal.SIGTTOU):
+                seen.append(sig)
+        return seen
+
+    # -- signal handlers -------------------------------------------------------------------------
+
+    def handle_chld(self) -> None:
+        """Reaping happens on every loop iteration; the signal only woke the loop."""
+
+    def handle_term(self) -> None:
+        self._stop(graceful=True)
+        raise _StoppedError
+
+    def handle_int(self) -> None:
+        self._stop(graceful=False)
+        raise _StoppedError
+
+    handle_quit = handle_int
+
+    def handle_hup(self) -> None:
+        """Reload: new workers with a fresh import of the app, then the old ones drain."""
+        if self.reload_config is not None:
+            try:
+                config = self.reload_config()
+            except GeventTCPError as exc:
+                log.error("reload: configuration not reloaded: %s", exc)
+            else:
+                if list(config.bind) != list(self.config.bind):
+                    log.warning("reload: bind changed; listeners are kept as they are until a restart")
+                    config.values["bind"] = self.config.bind
+                self.config = config
+                self.num_workers = config.workers or os.cpu_count() or 1
+        self.generation += 1
+        self._reload_started = time.monotonic()
+        for worker in self.workers.values():
+            worker.retiring = True  # replaced by the new generation, drained once it has booted
+        log.info("reload: starting %d worker(s) of generation %d", self.num_workers, self.generation)
+
+    def handle_ttin(self) -> None:
+        self.num_workers += 1
+        log.info("workers: %d", self.num_workers)
+
+    def handle_ttou(self) -> None:
+        if self.num_workers <= 1:
+            log.info("workers: already at 1, not decreasing")
+            return
+        self.num_workers -= 1
+        log.info("workers: %d", self.num_workers)
+
+    def handle_usr1(self) -> None:
+        reopen_log_files()
+        self._signal_all(signal.SIGUSR1)
+
+    # -- workers ---------------------------------------------------------------------------------
+
+    def _spawn(self) -> None:
+        fd, path = tempfile.mkstemp(prefix="worker-", dir=self.tmpdir)
+        spec = WorkerSpec(self.app, self.config, self.listeners, fd, self.stats_dir, self.pid, self.generation,
+                          close_fds=[*self._pipe, *(self._metrics.fds() if self._metrics else [])])
+        pid = os.fork()
+        if pid == 0:  # the child never returns into the master's code
+            status = 1
+            try:
+                for other in self.workers.values():
+                    os.close(other.heartbeat_fd)
+                status = run_worker(spec)
+            except SystemExit as exc:
+                status = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:
+                log.exception("worker crashed")
+            finally:
+                logging.shutdown()
+                os._exit(status)
+        self.workers[pid] = WorkerProcess(pid, self.generation, fd, path, time.monotonic())
+        log.info("booting worker with pid %d (generation %d)", pid, self.generation)
+
+    def _manage_workers(self) -> None:
+        """Start missing workers, retire extra ones, drain the previous generation once the new one serves."""
+        if self.stopping:
+            return
+        current = sorted((w for w in self.workers.values() if not w.retiring), key=lambda w: w.spawned_at)
+        for _ in range(self.num_workers - len(current)):
+            self._spawn()
+        for worker in current[: max(0, len(current) - self.num_workers)]:  # TTOU: the oldest go first
+            self._retire(worker, signal.SIGTERM)
+        pending = [w for w in self.workers.values() if w.retiring and not w.signalled]
+        if pending:
+            fresh = [w for w in self.workers.values() if not w.retiring]
+            waited = time.monotonic() - self._reload_started
+            if all(w.booted for w in fresh) or waited > RELOAD_BOOT_WAIT:
+                for worker in pending:
+                    self._retire(worker, signal.SIGHUP)
+
+    def _retire(self, worker: WorkerProcess, sig: int) -> None:
+        worker.retiring = worker.signalled = True
+        worker.stop_deadline = time.monotonic() + self.config.graceful_timeout + 2.0
+        self._kill(worker.pid, sig)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = self.workers.pop(pid, None)
+            if worker is None:
+                continue
+            self._forget(worker)
+            if os.WIFSIGNALED(status):
+                sig = os.WTERMSIG(status)
+                if sig == signal.SIGKILL:
+                    log.error("Worker (pid:%d) was sent SIGKILL! Perhaps out of memory?", pid)
+                else:
+                    log.error("Worker (pid:%d) was killed by %s", pid, signal.Signals(sig).name)
+            else:
+                code = os.WEXITSTATUS(status)
+                if code == WORKER_BOOT_ERROR:
+                    self.boot_failures += 1
+                    log.error("Worker (pid:%d) failed to boot (%d in a row)", pid, self.boot_failures)
+                    if self.boot_failures >= BOOT_FAILURE_LIMIT and not self.stopping:
+                        raise HaltServerError("worker failed to boot: the application cannot be loaded (see above)",
+                                         WORKER_BOOT_ERROR)
+                elif code or not (worker.retiring or self.stopping):
+                    log.warning("Worker (pid:%d) exited with code %d", pid, code)
+                else:
+                    log.info("Worker (pid:%d) exited", pid)
+
+    def _forget(self, worker: WorkerProcess) -> None:
+        os.close(worker.heartbeat_fd)
+        for path in (worker.heartbeat_path, os.path.join(self.stats_dir, f"{worker.pid}.json")):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+    def _murder(self) -> None:
+        """Read every worker's heartbeat file: state changes, missed heartbeats, overdue drains."""
+        timeout = self.config.timeout
+        now_wall = time.time()
+        now = time.monotonic()
+        for worker in list(self.workers.values()):
+            try:
+                st = os.fstat(worker.heartbeat_fd)
+            except OSError:
+                continue
+            if st.st_size >= STATE_SERVING and not worker.booted:
+                worker.booted = True
+                self.boot_failures = 0
+            if st.st_size >= STATE_DRAINING and not worker.retiring:
+                worker.retiring = worker.signalled = True  # it drains on its own (max_requests): replace it
+                worker.stop_deadline = now + self.config.graceful_timeout + 2.0
+            if worker.aborted_at:
+                if now - worker.aborted_at > ABORT_GRACE:
+                    self._kill(worker.pid, signal.SIGKILL)
+                continue
+            if worker.stop_deadline and now > worker.stop_deadline:
+                log.warning("Worker (pid:%d) still draining after graceful_timeout: SIGKILL", worker.pid)
+                self._kill(worker.pid, signal.SIGKILL)
+                worker.stop_deadline = 0.0
+                continue
+            silent = now_wall - st.st_mtime if worker.booted else now - worker.spawned_at
+            if timeout and silent > timeout:
+                log.critical("WORKER TIMEOUT (pid:%d): no heartbeat for %.1fs", worker.pid, silent)
+                worker.aborted_at = now
+                self._kill(worker.pid, signal.SIGABRT)
+
+    def _kill(self, pid: int, sig: int) -> None:
+        try:
+            os.kill(pid, sig)
+        except OSError as exc:
+            if exc.errno != errno.ESRCH:
+                raise
+
+    def _signal_all(self, sig: int) -> None:
+        for pid in list(self.workers):
+            self._kill(pid, sig)
+
+    # -- stopping --------------------------------------------------------------------------------
+
+    def _stop(self, graceful: bool) -> None:
+        """Stop every worker: TERM and wait up to graceful_timeout (graceful), or QUIT and wait briefly."""
+        self.stopping = True
+        for sock in self.listeners:  # workers hold their own copies until they stop accepting
+            sock.close()
+        self.listeners = []
+        limit = self.config.graceful_timeout if graceful else 2.0
+        self._signal_all(signal.SIGTERM if graceful else signal.SIGQUIT)
+        deadline = time.monotonic() + limit
+        while self.workers and time.monotonic() < deadline:
+            for sig in self._wait(0.1):
+                if graceful and sig in (signal.SIGINT, signal.SIGQUIT):
+                    log.info("fast stop requested while draining")
+                    graceful = False
+                    self._signal_all(signal.SIGQUIT)
+                    deadline = min(deadline, time.monotonic() + 2.0)
+            self._reap()
+        if self.workers:
+            log.warning("killing %d worker(s) still running after %.1fs", len(self.workers), limit)
+            self._signal_all(signal.SIGKILL)
+            deadline = time.monotonic() + 5.0
+            while self.workers and time.monotonic() < deadline:
+                self._wait(0.05)
+                self._reap()

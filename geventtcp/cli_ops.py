@@ -1,0 +1,123 @@
+"""Operations verbs of the command line: ``ping``, ``list`` and ``stats`` of a running server, ``settings``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+from typing import Any
+
+from .builtins import Builtin
+from .cli import command
+
+__all__ = ["call_builtin"]
+
+
+def call_builtin(address: str, cmdid: int, timeout: float = 5.0) -> Any:
+    """One blocking request/reply exchange with the server at ``address``; returns the reply's data.
+
+    Raises ``OSError`` when the server cannot be reached or closes early (a goaway included), and
+    ``geventtcp.RemoteError`` when it answers with an error code. The socket is closed on return.
+    """
+    from .errors import remote_error
+    from .sockets import parse_address
+
+    family, addr = parse_address(address)
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(addr)
+        sock.sendall(json.dumps({"cmdid": cmdid, "id": 1, "params": {}}).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"{address} closed the connection before replying")
+            data += chunk
+    reply = json.loads(data.split(b"\n", 1)[0])
+    if reply.get("goaway"):
+        raise ConnectionError(f"{address} is going away ({reply['goaway']}); try again")
+    if reply.get("code"):
+        raise remote_error(reply)
+    return reply.get("data")
+
+
+def _address_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("address", metavar="HOST:PORT", help="server address (HOST:PORT, [IPv6]:PORT or unix:PATH)")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the reply [default: 5]")
+    parser.add_argument("--json", action="store_true", help="print the raw JSON reply")
+
+
+def _run(args: argparse.Namespace, cmdid: int) -> Any:
+    try:
+        return call_builtin(args.address, cmdid, args.timeout)
+    except (OSError, ValueError) as exc:
+        print(f"geventtcp: {args.address}: {exc}", file=sys.stderr)
+        return None
+    except Exception as exc:  # noqa: BLE001 - a RemoteError: print it, exit 1
+        print(f"geventtcp: {args.address}: {exc}", file=sys.stderr)
+        return None
+
+
+@command("ping", "check that a server answers (reports whether it is draining)", _address_argument)
+def _ping(args: argparse.Namespace) -> int:
+    data = _run(args, Builtin.PING)
+    if data is None:
+        return 1
+    print(json.dumps(data) if args.json else f"pong from pid {data.get('pid')} (draining: {data.get('draining')})")
+    return 0
+
+
+@command("list", "list the commands a server registers (cmdid, handler, docstring)", _address_argument)
+def _list(args: argparse.Namespace) -> int:
+    data = _run(args, Builtin.LIST)
+    if data is None:
+        return 1
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    for item in data:
+        flag = " (idempotent)" if item.get("idempotent") else ""
+        print(f"{item['cmdid']:>8}  {item['name']}{flag}")
+        if item.get("doc"):
+            print(f"{'':>10}{item['doc'].splitlines()[0]}")
+    return 0
+
+
+@command("stats", "show a server's per-command and per-worker statistics", _address_argument)
+def _stats(args: argparse.Namespace) -> int:
+    data = _run(args, Builtin.STATS)
+    if data is None:
+        return 1
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    print(f"{'cmdid':>8} {'count':>10} {'errors':>8} {'inflight':>8} {'mean ms':>9} {'p50 ms':>8} "
+          f"{'p90 ms':>8} {'p99 ms':>8}")
+    for cmdid, c in data.get("commands", {}).items():
+        print(f"{cmdid:>8} {c['count']:>10} {c['errors']:>8} {c.get('inflight', 0):>8} {c['mean_ms']:>9} "
+              f"{c['p50_ms']:>8} {c['p90_ms']:>8} {c['p99_ms']:>8}")
+    workers = data.get("workers") or [{"pid": data.get("pid"), "connections": data.get("connections"),
+                                        "uptime_s": data.get("uptime_s")}]
+    print(f"\n{'worker pid':>10} {'connections':>12} {'uptime s':>10} {'requests':>10}")
+    for w in workers:
+        print(f"{w.get('pid')!s:>10} {w.get('connections')!s:>12} {w.get('uptime_s')!s:>10} "
+              f"{w.get('requests', '-')!s:>10}")
+    return 0
+
+
+def _settings_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--markdown", action="store_true", help="the README's settings table")
+
+
+@command("settings", "list every setting (flag, env var, default); --markdown for the README table",
+         _settings_arguments)
+def _settings(args: argparse.Namespace) -> int:
+    from .config import SETTINGS, render_markdown
+
+    if args.markdown:
+        print(render_markdown())
+        return 0
+    for s in SETTINGS:
+        print(f"{s.name:<28} {', '.join(s.flags):<28} {s.env:<40} default {s.default!r}")
+    return 0

@@ -1,0 +1,203 @@
+"""A launcher worker process: set up after fork, import the app, serve the inherited listeners, heartbeat.
+
+The master forks and calls :func:`run_worker` in the child, which never returns into the master's
+code (the caller ``os._exit``\\ s with its result). Status reaches the master through the worker's
+heartbeat file, written only from a greenlet so that a blocked event loop stops it:
+
+* its mtime is touched every ``timeout / 4`` seconds (at most 1 s): the heartbeat;
+* its size is the state: 0 booting, 1 serving, 2 draining (the master then starts a replacement).
+
+Signals (from the master): TERM drains with goaway ``shutdown``, HUP drains with goaway ``reload``,
+INT/QUIT stop at once, USR1 reopens log files. SIGABRT (the master's heartbeat kill) dumps every
+thread's stack through :mod:`faulthandler` before the process dies.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import socket
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import gevent
+
+from .blocking import enable_blocking_detector
+from .builtins import Builtin
+from .log import make_access_hook, reopen_log_files
+from .metrics import merge, read_snapshots, snapshot, write_snapshot
+from .server import Server
+from .urls import load_registry
+
+__all__ = ["WorkerSpec", "run_worker", "WORKER_BOOT_ERROR", "STATE_BOOTING", "STATE_SERVING", "STATE_DRAINING"]
+
+log = logging.getLogger("geventtcp.worker")
+
+#: Exit status of a worker that could not import the application (gunicorn's value).
+WORKER_BOOT_ERROR = 3
+STATE_BOOTING, STATE_SERVING, STATE_DRAINING = 0, 1, 2
+#: Signals the master handles; the worker resets them before installing its own.
+MASTER_SIGNALS = (signal.SIGHUP, signal.SIGQUIT, signal.SIGINT, signal.SIGTERM, signal.SIGTTIN, signal.SIGTTOU,
+                  signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH, signal.SIGCHLD)
+
+
+@dataclass
+class WorkerSpec:
+    """What a worker needs from the master; everything here is inherited across ``fork``."""
+
+    app: str
+    config: Any
+    listeners: list[socket.socket]
+    heartbeat_fd: int
+    stats_dir: str
+    master_pid: int
+    generation: int = 0
+    close_fds: list[int] = field(default_factory=list)
+
+
+def run_worker(spec: WorkerSpec) -> int:
+    """Serve until told to stop; returns the exit status (:data:`WORKER_BOOT_ERROR` if the app fails to load)."""
+    for sig in MASTER_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    signal.set_wakeup_fd(-1)
+    for fd in spec.close_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    # gunicorn's order: patch, then reinit the hub the fork copied from the master.
+    from gevent import monkey
+
+    monkey.patch_all()
+    gevent.reinit()
+    random.seed()  # the fork copied the master's generator state; workers must not share it
+    import faulthandler
+
+    faulthandler.enable()
+    from gevent import socket as gsocket
+
+    sockets = [gsocket.socket(s.family, s.type, fileno=s.detach()) for s in spec.listeners]
+    return _Worker(spec, sockets).run()
+
+
+class _Worker:
+    def __init__(self, spec: WorkerSpec, sockets: list[Any]) -> None:
+        self.spec = spec
+        self.config = spec.config
+        self.sockets = sockets
+        self.server: Any = None
+        self.state = STATE_BOOTING
+        self.requests = 0
+
+    def run(self) -> int:
+        cfg = self.config
+        gevent.signal_handler(signal.SIGTERM, self.drain, "shutdown")
+        gevent.signal_handler(signal.SIGHUP, self.drain, "reload")
+        gevent.signal_handler(signal.SIGINT, self.quit)
+        gevent.signal_handler(signal.SIGQUIT, self.quit)
+        gevent.signal_handler(signal.SIGUSR1, reopen_log_files)
+        heartbeat = gevent.spawn(self._heartbeat)
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            registry = load_registry(self.spec.app)
+            server = Server(registry, config=cfg, listeners=self.sockets)
+            if cfg.workers != 1:
+                server.max_accept = 1  # share bursts of new connections between workers
+            server.access_log = self._request_hook(make_access_hook() if cfg.access_log else None)
+            server.start()
+        except BaseException:
+            # Imported after fork on purpose (HUP re-imports). Failing here is a boot error, which
+            # the master counts (and halts on) instead of respawning in a tight loop.
+            log.exception("worker failed to boot (application %r)", self.spec.app)
+            return WORKER_BOOT_ERROR
+        self.server = server
+        server.calls[Builtin.STATS] = self._stats_all  # any worker answers for all of them
+        enable_blocking_detector(cfg.blocking_time)
+        self._set_state(STATE_SERVING)
+        server.serve_forever()
+        heartbeat.kill(block=False)
+        self._write_stats(final=True)
+        return 0
+
+    def _request_hook(self, access: Any) -> Any:
+        """The per-request hook: access log and/or the max_requests countdown; None (free) when both are off."""
+        cfg = self.config
+        limit = cfg.max_requests + random.randint(0, cfg.max_requests_jitter) if cfg.max_requests else 0
+        if not limit:
+            return access
+
+        def hook(conn: Any, req: Any, code: int, seconds: float) -> None:
+            self.requests += 1
+            if access is not None:
+                access(conn, req, code, seconds)
+            if self.requests == limit:
+                log.info("autorestarting worker after %d requests (max_requests)", limit)
+                self.drain("max_requests")
+
+        return hook
+
+    def _stats_all(self, request: Any) -> Any:
+        """STATS: this worker's fresh snapshot merged with the other workers' latest ones."""
+        self._write_stats()
+        merged = merge(read_snapshots(self.spec.stats_dir))
+        merged["pid"] = os.getpid()
+        return merged
+
+    def drain(self, reason: str) -> None:
+        """Stop accepting, answer what was read, goaway idle connections, exit (graceful_timeout at most)."""
+        if self.server is None:
+            os._exit(0)  # a signal while booting: nothing to drain (SystemExit would look like a boot error)
+        if self.state == STATE_DRAINING:
+            return
+        self._set_state(STATE_DRAINING)
+        log.info("worker draining (%s)", reason)
+        gevent.spawn(self.server.stop, self.config.graceful_timeout, reason)
+
+    def quit(self) -> None:
+        if self.server is None:
+            os._exit(0)
+        self._set_state(STATE_DRAINING)
+        self.server.close()
+
+    def _set_state(self, state: int) -> None:
+        self.state = state
+        try:
+            os.ftruncate(self.spec.heartbeat_fd, state)
+        except OSError:
+            pass
+
+    def _heartbeat(self) -> None:
+        """Touch the heartbeat file and publish stats; runs as a greenlet, so it stops when the hub is stuck."""
+        timeout = self.config.timeout
+        period = max(0.05, min(1.0, timeout / 4)) if timeout else 1.0
+        fd = self.spec.heartbeat_fd
+        while True:
+            try:
+                os.utime(fd)
+            except OSError:
+                pass
+            if os.getppid() != self.spec.master_pid:
+                log.warning("master (pid %d) is gone: shutting down", self.spec.master_pid)
+                self.drain("shutdown")
+            self._write_stats()
+            gevent.sleep(period)
+
+    def _write_stats(self, final: bool = False) -> None:
+        server = self.server
+        if server is None:
+            return
+        path = os.path.join(self.spec.stats_dir, f"{os.getpid()}.json")
+        if final:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            return
+        try:
+            write_snapshot(self.spec.stats_dir, snapshot(server, generation=self.spec.generation))
+        except OSError as exc:
+            log.debug("cannot write stats snapshot: %s", exc)
