@@ -141,7 +141,7 @@ class Arbiter:
         for sig in self.SIGNALS:
             signal.signal(sig, self._on_signal)
         addresses = ", ".join(self._listener_names())
-        log.info("master %d listening on %s, %d worker(s)", self.pid, addresses, self.num_workers)
+        log.info("master %d bound %s; starting %d worker(s)", self.pid, addresses, self.num_workers)
 
     def _preflight(self) -> None:
         """Fail here, once, with a clear message, on what would make every worker fail to start."""

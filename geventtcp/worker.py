@@ -24,11 +24,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import gevent
+from gevent import socket as gsocket
 
 from .blocking import enable_blocking_detector
 from .builtins import Builtin
+from .connection import LINGER_SECONDS
 from .log import make_access_hook, reopen_log_files
 from .metrics import merge, read_snapshots, snapshot, write_snapshot
+from .protocol import encode_goaway
 from .server import Server
 from .urls import load_registry
 
@@ -77,8 +80,6 @@ def run_worker(spec: WorkerSpec) -> int:
     import faulthandler
 
     faulthandler.enable()
-    from gevent import socket as gsocket
-
     sockets = [gsocket.socket(s.family, s.type, fileno=s.detach()) for s in spec.listeners]
     return _Worker(spec, sockets).run()
 
@@ -91,6 +92,7 @@ class _Worker:
         self.server: Any = None
         self.state = STATE_BOOTING
         self.requests = 0
+        self.pending_stop = ""
 
     def run(self) -> int:
         cfg = self.config
@@ -118,6 +120,8 @@ class _Worker:
         server.calls[Builtin.STATS] = self._stats_all  # any worker answers for all of them
         enable_blocking_detector(cfg.blocking_time)
         self._set_state(STATE_SERVING)
+        if self.pending_stop:
+            self.drain(self.pending_stop)
         server.serve_forever()
         heartbeat.kill(block=False)
         self._write_stats(final=True)
@@ -150,16 +154,34 @@ class _Worker:
     def drain(self, reason: str) -> None:
         """Stop accepting, answer what was read, goaway idle connections, exit (graceful_timeout at most)."""
         if self.server is None:
-            os._exit(0)  # a signal while booting: nothing to drain (SystemExit would look like a boot error)
+            self.pending_stop = reason  # the hub ran while the app was importing: drain once it serves
+            return
         if self.state == STATE_DRAINING:
             return
         self._set_state(STATE_DRAINING)
         log.info("worker draining (%s)", reason)
+        if reason == "shutdown":
+            self._refuse_backlog(reason)
         gevent.spawn(self.server.stop, self.config.graceful_timeout, reason)
+
+    def _refuse_backlog(self, reason: str) -> None:
+        """Accept what waits in the listen backlog and answer it with a goaway before the listeners close.
+
+        On a stop nobody will accept those connections; closing the listener would reset them, and
+        a peer that already wrote a request could not tell whether it ran. The goaway says it did not.
+        """
+        line = encode_goaway(self.server.codec, reason)
+        for listener in self.sockets:
+            while True:
+                try:
+                    fd, _ = listener._sock._accept()  # the listener is non-blocking: EAGAIN when empty
+                except OSError:
+                    break
+                gevent.spawn(_goaway_and_linger, gsocket.socket(fileno=fd), line)
 
     def quit(self) -> None:
         if self.server is None:
-            os._exit(0)
+            os._exit(0)  # SystemExit here would surface in the import and look like a boot error
         self._set_state(STATE_DRAINING)
         self.server.close()
 
@@ -201,3 +223,17 @@ class _Worker:
             write_snapshot(self.spec.stats_dir, snapshot(server, generation=self.spec.generation))
         except OSError as exc:
             log.debug("cannot write stats snapshot: %s", exc)
+
+
+def _goaway_and_linger(sock: Any, line: bytes) -> None:
+    """Send ``line``, half-close, read until the peer closes (bounded), close: no RST eats the line."""
+    try:
+        sock.sendall(line)
+        sock.shutdown(socket.SHUT_WR)
+        with gevent.Timeout(LINGER_SECONDS, False):
+            while sock.recv(65536):
+                pass
+    except OSError:
+        pass
+    finally:
+        sock.close()
