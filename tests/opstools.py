@@ -1,0 +1,249 @@
+"""Helpers of the launcher tests: a test application, a launcher subprocess, and a reconnecting caller."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gevent
+from gevent import socket
+
+from .helpers import ROOT
+
+__all__ = ["APP_SOURCE", "write_app", "Launcher", "Caller", "call_once", "poll"]
+
+#: The test application: echo, sleep, CPU spin (blocks the hub), and whoami (the serving pid and
+#: the module's VERSION, which a test rewrites to prove that HUP re-imports the application).
+APP_SOURCE = textwrap.dedent('''
+    import os
+    import time
+
+    from geventtcp import Registry
+
+    VERSION = {version!r}
+    registry = Registry()
+
+    @registry.handler(1, idempotent=True)
+    def echo(request):
+        """Reply with the params."""
+        return request.params
+
+    @registry.handler(2, idempotent=True)
+    def sleep(request):
+        """Sleep params.seconds (patched time.sleep: cooperative)."""
+        time.sleep(request.params.get("seconds", 0))
+        return {{"slept": request.params.get("seconds", 0), "pid": os.getpid()}}
+
+    @registry.handler(7)
+    def spin(request):
+        """Spin the CPU for params.seconds: blocks the event loop."""
+        end = time.monotonic() + request.params.get("seconds", 0)
+        while time.monotonic() < end:
+            pass
+        return "spun"
+
+    @registry.handler(9, idempotent=True)
+    def whoami(request):
+        """The serving worker's pid and the application version."""
+        return {{"pid": os.getpid(), "version": VERSION}}
+''')
+
+
+def write_app(directory: Path, version: str = "v1", name: str = "opsapp") -> str:
+    (directory / f"{name}.py").write_text(APP_SOURCE.format(version=version))
+    return name
+
+
+def poll(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
+    """Poll until ``predicate()`` is truthy (gevent-friendly); AssertionError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        gevent.sleep(interval)
+
+
+class Launcher:
+    """``python -m geventtcp serve APP ...`` as a subprocess; collects its log lines in a thread."""
+
+    def __init__(self, app_dir: Path, *args: str, app: str = "opsapp", env: dict[str, str] | None = None) -> None:
+        argv = [sys.executable, "-m", "geventtcp", "serve", app, "--bind", "127.0.0.1:0", *args]
+        environ = {**os.environ, "PYTHONPATH": f"{app_dir}{os.pathsep}{ROOT}", **(env or {})}
+        self.proc = subprocess.Popen(argv, cwd=str(app_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=environ, text=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        match = self.wait_log(r"master (\d+) bound (\S+?)[;,]", timeout=15)
+        self.master = int(match.group(1))
+        host, _, port = match.group(2).rpartition(":")
+        self.address = (host, int(port))
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_log(self, pattern: str, timeout: float = 10.0, count: int = 1) -> re.Match[str]:
+        """The ``count``-th match of ``pattern`` in the log, waiting for it."""
+        regex = re.compile(pattern)
+
+        def found() -> Any:
+            matches = [m for m in (regex.search(line) for line in list(self.lines)) if m]
+            if len(matches) >= count:
+                return matches[count - 1]
+            if self.proc.poll() is not None and not self._reader.is_alive():
+                raise AssertionError(f"launcher exited ({self.proc.returncode}) before {pattern!r}:\n{self.output}")
+            return None
+
+        try:
+            result: re.Match[str] = poll(found, timeout)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {pattern!r} not logged; log so far:\n{self.output}") from None
+        return result
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.master, sig)
+
+    def stats(self) -> dict[str, Any]:
+        return call_once(self.address, -3)
+
+    def worker_pids(self) -> set[int]:
+        return {w["pid"] for w in self.stats()["workers"]}
+
+    def wait_workers(self, n: int, timeout: float = 15.0, exclude: set[int] | None = None) -> set[int]:
+        """Wait until STATS reports exactly ``n`` workers (none of ``exclude``); their pids."""
+        def ready() -> set[int] | None:
+            try:
+                pids = self.worker_pids()
+            except OSError:
+                return None
+            return pids if len(pids) == n and not (pids & (exclude or set())) else None
+
+        pids: set[int] = poll(ready, timeout, 0.1)
+        return pids
+
+    def wait_exit(self, timeout: float) -> int:
+        """Wait (cooperatively: the test's client greenlets keep running) for the launcher's exit status."""
+        try:
+            poll(lambda: self.proc.poll() is not None, timeout, 0.02)
+        except AssertionError:
+            raise AssertionError(f"launcher still running after {timeout}s:\n{self.output}") from None
+        return self.proc.returncode
+
+    def close(self) -> None:
+        """Stop the launcher (TERM, then KILL) and any worker it leaves behind."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(timeout=5)
+
+
+def call_once(address: Any, cmdid: int, params: dict[str, Any] | None = None, timeout: float = 5.0) -> Any:
+    """One request on a fresh connection; the reply's data (OSError on goaway or EOF, ValueError on error)."""
+    if isinstance(address, str):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        sock.connect(address)
+    else:
+        sock = socket.create_connection(address, timeout=timeout)
+    with sock:
+        sock.sendall(json.dumps({"cmdid": cmdid, "id": 1, "params": params or {}}).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed before a reply")
+            data += chunk
+    reply = json.loads(data)
+    if reply.get("goaway"):
+        raise ConnectionError(f"goaway {reply['goaway']}")
+    if reply["code"]:
+        raise ValueError(reply)
+    return reply["data"]
+
+
+class Caller:
+    """A client with one persistent connection and one request at a time, as a pooled client has.
+
+    ``call`` returns the reply. A goaway (the server read nothing more) makes it reconnect and resend;
+    an EOF after sending raises :class:`MaybeExecutedError`; a refused connect is counted in ``refused``.
+    """
+
+    class MaybeExecutedError(Exception):
+        pass
+
+    def __init__(self, address: Any, timeout: float = 10.0) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.sock: Any = None
+        self.buf = b""
+        self.refused = 0
+        self.goaways: list[str] = []
+        self.resent = 0
+
+    def _connect(self) -> None:
+        try:
+            self.sock = socket.create_connection(self.address, timeout=self.timeout)
+        except ConnectionRefusedError:
+            self.refused += 1
+            raise
+        self.buf = b""
+
+    def _readline(self) -> bytes:
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                return b""
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def call(self, cmdid: int, params: dict[str, Any] | None = None, request_id: int = 0) -> dict[str, Any]:
+        line = json.dumps({"cmdid": cmdid, "id": request_id, "params": params or {}}).encode() + b"\n"
+        for _attempt in range(20):
+            if self.sock is None:
+                self._connect()
+            try:
+                self.sock.sendall(line)
+                reply_line = self._readline()
+            except ConnectionResetError as exc:
+                self.close()
+                raise self.MaybeExecutedError(f"connection reset after sending: {exc}") from None
+            if not reply_line:
+                self.close()
+                raise self.MaybeExecutedError("EOF after sending, without a goaway")
+            reply: dict[str, Any] = json.loads(reply_line)
+            if reply.get("goaway"):
+                self.goaways.append(reply["goaway"])
+                self.resent += 1
+                self.close()
+                continue
+            return reply
+        raise AssertionError("20 goaways in a row")

@@ -1,0 +1,202 @@
+"""The launcher as real processes: worker count, crash recovery, TERM/INT, HUP reload, TTIN/TTOU, boot errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import gevent
+import pytest
+
+from .opstools import Caller, Launcher, call_once, poll, write_app
+
+
+@pytest.fixture
+def app_dir(tmp_path: Path) -> Path:
+    write_app(tmp_path)
+    return tmp_path
+
+
+def _children(pid: int) -> set[int]:
+    """Live child processes of ``pid`` (from /proc), zombies excluded."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.add(int(entry))
+    return found
+
+
+class Load:
+    """``n`` callers calling ``cmdid`` back to back until stopped; tallies every outcome."""
+
+    def __init__(self, address: Any, n: int, cmdid: int = 9, params: dict[str, Any] | None = None) -> None:
+        self.callers = [Caller(address) for _ in range(n)]
+        self.ok = 0
+        self.errors: list[Any] = []
+        self.maybe_executed = 0
+        self.pids: dict[int, int] = {}
+        self.running = True
+        self.cmdid, self.params = cmdid, params
+        self.greenlets = [gevent.spawn(self._run, c, i) for i, c in enumerate(self.callers)]
+
+    def _run(self, caller: Caller, index: int) -> None:
+        seq = 0
+        while self.running:
+            seq += 1
+            try:
+                reply = caller.call(self.cmdid, self.params, request_id=seq)
+            except Caller.MaybeExecutedError:
+                self.maybe_executed += 1
+                continue
+            except ConnectionRefusedError:
+                return  # the server is gone (after a stop): nothing was sent
+            if reply.get("code") == 0 and reply.get("id") == seq:
+                self.ok += 1
+                pid = reply["data"].get("pid")
+                self.pids[pid] = self.pids.get(pid, 0) + 1
+            else:
+                self.errors.append(reply)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        self.running = False
+        gevent.joinall(self.greenlets, timeout=timeout, raise_error=True)
+        assert all(g.dead for g in self.greenlets), "a caller hung"
+        for caller in self.callers:
+            caller.close()
+
+    @property
+    def refused(self) -> int:
+        return sum(c.refused for c in self.callers)
+
+
+def test_workers_serve_every_listener_and_the_master_exits_on_term(app_dir: Path) -> None:
+    sock_path = str(app_dir / "ops.sock")
+    launcher = Launcher(app_dir, "--workers", "3", "--bind", f"unix:{sock_path}")
+    try:
+        pids = launcher.wait_workers(3)
+        assert pids == _children(launcher.master)
+        assert call_once(sock_path, 1, {"via": "unix"}) == {"via": "unix"}
+        assert call_once(launcher.address, 9)["pid"] in pids
+        launcher.signal(signal.SIGTERM)
+        assert launcher.wait_exit(10) == 0
+    finally:
+        launcher.close()
+    assert not os.path.exists(sock_path), "the master removes its unix socket file"
+    assert not any(os.path.exists(f"/proc/{pid}") and _children(launcher.master) for pid in pids)
+
+
+def test_kill_9_of_a_worker_under_load_is_replaced_and_every_call_ends_clearly(app_dir: Path) -> None:
+    launcher = Launcher(app_dir, "--workers", "2")
+    try:
+        pids = launcher.wait_workers(2)
+        load = Load(launcher.address, 20, cmdid=2, params={"seconds": 0.01})
+        poll(lambda: load.ok > 100, 10)
+        victim = max(load.pids, key=lambda pid: load.pids[pid])  # it holds connections for sure
+        survivor = (pids - {victim}).pop()
+        os.kill(victim, signal.SIGKILL)
+        launcher.wait_log(rf"Worker \(pid:{victim}\) was sent SIGKILL")
+        new = launcher.wait_workers(2, exclude={victim})  # the replacement answers STATS: it serves
+        assert survivor in new, "the other worker is not disturbed"
+        assert call_once(launcher.address, 1, {"after": "kill"}) == {"after": "kill"}
+        ok_before = load.ok
+        poll(lambda: load.ok > ok_before + 100, 10)  # the callers reconnected and go on
+        load.stop()
+        assert load.errors == [] and load.refused == 0
+        # Only the calls in flight on the killed worker may end as "maybe executed"; none hangs.
+        assert load.maybe_executed <= 20
+    finally:
+        launcher.close()
+
+
+def test_term_under_load_answers_every_request_and_exits_within_graceful_timeout(app_dir: Path) -> None:
+    launcher = Launcher(app_dir, "--workers", "2", "--graceful-timeout", "5")
+    try:
+        launcher.wait_workers(2)
+        load = Load(launcher.address, 30, cmdid=2, params={"seconds": 0.3})
+        poll(lambda: load.ok >= 30, 10)
+        start = time.monotonic()
+        launcher.signal(signal.SIGTERM)
+        assert launcher.wait_exit(5 + 2) == 0
+        elapsed = time.monotonic() - start
+        load.stop()
+        # Every request written before the drain was answered; the rest got a goaway (not run).
+        assert load.maybe_executed == 0 and load.errors == []
+        assert sum(len(c.goaways) for c in load.callers) >= 1
+        assert elapsed < 5
+    finally:
+        launcher.close()
+
+
+def test_sigint_stops_at_once(app_dir: Path) -> None:
+    launcher = Launcher(app_dir, "--workers", "2", "--graceful-timeout", "30")
+    try:
+        launcher.wait_workers(2)
+        caller = Caller(launcher.address)
+        sleeper = gevent.spawn(caller.call, 2, {"seconds": 20})
+        gevent.sleep(0.3)
+        start = time.monotonic()
+        launcher.signal(signal.SIGINT)
+        assert launcher.wait_exit(5) == 0
+        assert time.monotonic() - start < 4
+        with pytest.raises(Caller.MaybeExecutedError):
+            sleeper.get(timeout=5)
+    finally:
+        launcher.close()
+
+
+def test_hup_under_load_reloads_the_app_with_no_refused_connection_and_no_lost_request(app_dir: Path) -> None:
+    launcher = Launcher(app_dir, "--workers", "2", "--graceful-timeout", "10")
+    try:
+        old = launcher.wait_workers(2)
+        load = Load(launcher.address, 20)
+        poll(lambda: load.ok > 200, 10)
+        write_app(app_dir, version="v2")  # the new workers import the application again
+        launcher.signal(signal.SIGHUP)
+        new = launcher.wait_workers(2, exclude=old)
+        poll(lambda: all(load.pids.get(pid) for pid in new), 10)  # connections moved (goaway "reload")
+        poll(lambda: not (_children(launcher.master) & old), 10)
+        # Fresh connections reach the new generation, whose handlers were re-imported.
+        assert call_once(launcher.address, 9)["version"] == "v2"
+        load.stop()
+        assert load.refused == 0
+        assert load.maybe_executed == 0 and load.errors == []
+        assert "reload" in {g for c in load.callers for g in c.goaways}
+    finally:
+        launcher.close()
+
+
+def test_ttin_and_ttou_change_the_number_of_workers(app_dir: Path) -> None:
+    launcher = Launcher(app_dir, "--workers", "1")
+    try:
+        first = launcher.wait_workers(1)
+        launcher.signal(signal.SIGTTIN)  # one at a time: the kernel merges a signal sent twice quickly
+        assert first < launcher.wait_workers(2)
+        launcher.signal(signal.SIGTTIN)
+        three = launcher.wait_workers(3)
+        assert first < three
+        launcher.signal(signal.SIGTTOU)
+        two = launcher.wait_workers(2)
+        assert first.isdisjoint(two), "TTOU retires the oldest worker"
+        poll(lambda: len(_children(launcher.master)) == 2, 10)
+    finally:
+        launcher.close()
+
+
+def test_a_broken_application_halts_the_master_with_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "brokenapp.py").write_text("raise ImportError('the database driver is missing')\n")
+    launcher = Launcher(tmp_path, "--workers", "2", app="brokenapp")
+    try:
+        assert launcher.wait_exit(20) == 3
+        assert "the database driver is missing" in launcher.output
+        assert "worker failed to boot" in launcher.output
+    finally:
+        launcher.close()
