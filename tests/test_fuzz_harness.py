@@ -10,9 +10,11 @@ from .helpers import ROOT
 
 
 def test_atheris_smoke_run(tmp_path: object) -> None:
+    corpus = os.path.join(str(tmp_path), "corpus")  # libFuzzer writes new inputs to the first directory
+    os.mkdir(corpus)
     proc = subprocess.run(
         [sys.executable, os.path.join("fuzz", "fuzz_protocol.py"), "-runs=5000", "-timeout=5",
-         f"-artifact_prefix={tmp_path}/", os.path.join("fuzz", "seeds")],
+         f"-artifact_prefix={tmp_path}/", corpus, os.path.join("fuzz", "seeds")],
         cwd=ROOT, capture_output=True, text=True, timeout=100)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Done 5000 runs" in proc.stderr
