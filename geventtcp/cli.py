@@ -99,7 +99,7 @@ def _check_config(app: str, config: Any) -> int:
 
 
 #: Modules that add their verbs to COMMANDS when imported (client calls, operations, benchmarks).
-VERB_MODULES: tuple[str, ...] = ("geventtcp.cli_ops",)
+VERB_MODULES: tuple[str, ...] = ("geventtcp.cli_ops", "geventtcp.cli_client")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,101 @@
+"""The ``call`` and ``ping`` verbs: one request from the command line, like ``redis-cli`` or ``zerorpc``.
+
+Exit codes (the same for both verbs):
+
+    0  success: the reply's ``data`` is printed as JSON on stdout
+    1  the server replied with an error code: ``error <code>: <msg>`` on stderr
+    2  bad command line (unreadable params JSON, bad address)
+    3  not sent: could not connect, or the server refused/drained before processing (safe to retry)
+    4  the connection broke after the request was written: it may have run
+    5  timed out waiting for the reply: it may have run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from .cli import command
+
+__all__ = ["EXIT_OK", "EXIT_REMOTE", "EXIT_USAGE", "EXIT_NOT_SENT", "EXIT_MAYBE", "EXIT_TIMEOUT"]
+
+EXIT_OK, EXIT_REMOTE, EXIT_USAGE, EXIT_NOT_SENT, EXIT_MAYBE, EXIT_TIMEOUT = 0, 1, 2, 3, 4, 5
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                        help="seconds for the whole call, retries included [default: 10]")
+    parser.add_argument("--connect-timeout", type=float, default=5.0, metavar="S",
+                        help="seconds to open the connection [default: 5]")
+    parser.add_argument("--retries", type=int, default=2, metavar="N",
+                        help="resend up to N times when that is safe [default: 2]")
+
+
+def _call_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("address", metavar="HOST:PORT", help="server address (or a comma-separated list)")
+    parser.add_argument("cmdid", type=int, metavar="CMDID", help="command id")
+    parser.add_argument("params", nargs="?", default="{}", metavar="PARAMS",
+                        help="request params as a JSON object [default: {}]")
+    parser.add_argument("--idempotent", action="store_true",
+                        help="the command may run twice: also resend after a connection broke mid-call")
+    parser.add_argument("--compact", action="store_true", help="print the JSON on one line")
+    _common(parser)
+
+
+def _ping_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("address", metavar="HOST:PORT", help="server address (or a comma-separated list)")
+    _common(parser)
+
+
+def _run(args: argparse.Namespace, cmdid: int, params: Any, idempotent: bool) -> tuple[int, Any, float]:
+    from .client import Client
+    from .errors import CallTimeout, ConfigError, MaybeExecuted, NotSent, RemoteError, TransportError
+
+    started = time.monotonic()
+    try:
+        with Client(args.address.split(","), timeout=args.timeout, connect_timeout=args.connect_timeout,
+                    retries=args.retries, mode="threads") as client:
+            data = client.call(cmdid, params, idempotent=idempotent)
+    except RemoteError as exc:
+        print(f"error {exc.code}: {exc.msg}", file=sys.stderr)
+        return EXIT_REMOTE, None, 0.0
+    except ConfigError as exc:
+        print(f"geventtcp: {exc}", file=sys.stderr)
+        return EXIT_USAGE, None, 0.0
+    except CallTimeout as exc:
+        print(f"timeout: {exc}", file=sys.stderr)
+        return EXIT_TIMEOUT, None, 0.0
+    except MaybeExecuted as exc:
+        print(f"connection lost after sending (the request may have run): {exc}", file=sys.stderr)
+        return EXIT_MAYBE, None, 0.0
+    except (NotSent, TransportError) as exc:
+        print(f"not sent: {exc}", file=sys.stderr)
+        return EXIT_NOT_SENT, None, 0.0
+    return EXIT_OK, data, time.monotonic() - started
+
+
+@command("call", "send one request and print the reply's data as JSON", _call_arguments)
+def _call(args: argparse.Namespace) -> int:
+    try:
+        params = json.loads(args.params)
+    except ValueError as exc:
+        print(f"geventtcp: PARAMS is not valid JSON: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if not isinstance(params, dict):
+        print("geventtcp: PARAMS must be a JSON object", file=sys.stderr)
+        return EXIT_USAGE
+    status, data, _ = _run(args, args.cmdid, params, args.idempotent)
+    if status == EXIT_OK:
+        print(json.dumps(data, ensure_ascii=False, **({} if args.compact else {"indent": 2})))
+    return status
+
+
+@command("ping", "check that a server answers (built-in cmdid -1) and print its round trip", _ping_arguments)
+def _ping(args: argparse.Namespace) -> int:
+    status, data, elapsed = _run(args, -1, None, True)
+    if status == EXIT_OK:
+        print(json.dumps({"address": args.address, "ms": round(elapsed * 1000, 3), **(data or {})}))
+    return status

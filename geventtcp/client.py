@@ -1,0 +1,253 @@
+"""The blocking client: ``Client(addresses).call(cmdid, params)``, safe from threads, gevent and greenlets."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from .codec import get_codec
+from .concurrency import World, current_world, fork_generation, real_lock
+from .errors import (
+    RETRYABLE_CODES,
+    CallTimeout,
+    ConnectError,
+    GeventTCPError,
+    MaybeExecuted,
+    NotSent,
+    RemoteError,
+    TransportError,
+    Unprocessed,
+    remote_error,
+)
+from .pool import Balancer, Pool
+
+__all__ = ["Client", "DEFAULT_TIMEOUT", "DEFAULT_CONNECT_TIMEOUT"]
+
+#: Default overall time of one call, all attempts included (the server's default handler deadline).
+DEFAULT_TIMEOUT = 30.0
+#: Default time to open one connection (gRPC uses 20 s across the internet; this is for one site).
+DEFAULT_CONNECT_TIMEOUT = 5.0
+#: Built-in commands (ping, list, stats) only read, so they are always safe to retry.
+_BUILTIN_IDEMPOTENT = frozenset({-1, -2, -3})
+#: Failures after which a request may be sent again whatever the command: it never reached a handler.
+_SAFE = (NotSent, ConnectError, Unprocessed)
+
+
+class Client:
+    """Calls to one or more geventtcp servers over persistent, multiplexed connections.
+
+    ``Client("host:port")`` or ``Client(["h1:p", "h2:p"])``; addresses are ``HOST:PORT``,
+    ``[IPv6]:PORT`` or ``unix:PATH``. One client may be shared by any number of threads and greenlets:
+    each world (plain threads; each gevent hub) gets its own connections, opened lazily, at most
+    ``pool_size`` per address, each carrying many requests at once.
+
+    Settings: ``timeout`` bounds a whole call, retries included, and is sent to the server as the
+    request's deadline; ``connect_timeout`` bounds each connect; ``retries`` is how many times a
+    call may be sent again when that is safe (see :meth:`call`); ``idempotent`` lists cmdids that may
+    be sent again even after an unknown outcome; ``idle_timeout`` closes pooled connections unused
+    that long (keep it below the server's ``idle_timeout``, 300 s by default); ``mode`` forces the
+    world (``threads`` or ``gevent``) instead of detecting it per caller (``auto``).
+
+    Who closes what: the client owns every connection; :meth:`close` (or leaving ``with``) closes them,
+    after which calls raise :class:`NotSent`. After ``fork()`` a child opens its own connections and
+    never uses or shuts down the parent's.
+    """
+
+    def __init__(
+        self,
+        addresses: str | Iterable[str],
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        pool_size: int = 4,
+        retries: int = 2,
+        idempotent: Iterable[int] = (),
+        idle_timeout: float = 240.0,
+        validate_after: float = 1.0,
+        backoff: float = 0.05,
+        max_backoff: float = 1.0,
+        max_reply_bytes: int = (16 << 20) + 1,
+        codec: str = "simplejson",
+        mode: str = "auto",
+    ) -> None:
+        self.addresses = [addresses] if isinstance(addresses, str) else list(addresses)
+        if not self.addresses:
+            raise ValueError("Client needs at least one address")
+        if not timeout > 0 or not connect_timeout > 0:
+            raise ValueError("timeout and connect_timeout must be positive (a call never waits forever)")
+        if mode not in ("auto", "threads", "gevent"):
+            raise ValueError("mode must be 'auto', 'threads' or 'gevent'")
+        self.timeout = float(timeout)
+        self.connect_timeout = float(connect_timeout)
+        self.pool_size = pool_size
+        self.retries = max(0, retries)
+        self.idempotent = frozenset(idempotent) | _BUILTIN_IDEMPOTENT
+        self.idle_timeout = idle_timeout
+        self.validate_after = validate_after
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.max_reply_bytes = max_reply_bytes
+        self.codec = get_codec(codec)
+        self.mode = mode
+        self.closed = False
+        self._balancers: dict[Any, Balancer] = {}
+        self._generation = fork_generation()
+        self._lock = real_lock()
+
+    def __repr__(self) -> str:
+        return f"<Client {','.join(self.addresses)}{' closed' if self.closed else ''}>"
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    # -- calls -----------------------------------------------------------------------------------
+
+    def call(self, cmdid: int, params: Any = None, timeout: float | None = None,
+             idempotent: bool | None = None) -> Any:
+        """Send a request and return the reply's ``data``.
+
+        Raises the :class:`RemoteError` subclass of a nonzero reply code (``errors.ERROR_CLASSES``),
+        or a transport error: :class:`ConnectError`/:class:`NotSent` (never sent),
+        :class:`Unprocessed` (the server said it did not process it), :class:`MaybeExecuted` (the
+        connection broke after the request was written), :class:`CallTimeout` (no reply in time; a
+        MaybeExecuted too). ``TypeError``/``ValueError`` if ``params`` has no JSON form.
+
+        Within ``timeout`` (default: the client's) the request is sent again, up to ``retries`` times
+        with jittered exponential backoff and preferably to another address, only when that cannot run
+        it twice: it was never sent, the server answered 503 or sent goaway (the handler did not run),
+        or, for a MaybeExecuted, the command is idempotent (``idempotent=True`` here, or its cmdid in
+        the client's ``idempotent`` set). A timeout is never retried.
+        """
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        balancer, world = self._balancer()
+        pool = balancer.pick()
+        attempt = 0
+        while True:
+            try:
+                reply = pool.acquire(deadline).request(cmdid, params, deadline)
+            except _SAFE as exc:
+                error: GeventTCPError = exc
+            except CallTimeout:
+                raise
+            except MaybeExecuted as exc:
+                if not (idempotent if idempotent is not None else cmdid in self.idempotent):
+                    raise
+                error = exc
+            else:
+                assert reply is not None
+                code = reply["code"]
+                if code == 0:
+                    return reply.get("data")
+                error = remote_error(reply)
+                if code not in RETRYABLE_CODES:
+                    raise error
+            attempt += 1
+            if attempt > self.retries or self.closed:
+                raise error
+            pool = self._pause(attempt, error, deadline, world, balancer, pool)
+
+    def _pause(self, attempt: int, error: GeventTCPError, deadline: float, world: World, balancer: Balancer,
+               failed: Pool) -> Pool:
+        """Sleep the backoff before retry ``attempt`` (none after a goaway) and pick where it goes;
+        re-raise ``error`` when the deadline would pass first."""
+        delay = 0.0 if isinstance(error, Unprocessed) and attempt == 1 else \
+            random.uniform(0, min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
+        if time.monotonic() + delay >= deadline:
+            raise error
+        if delay:
+            world.sleep(delay)
+        return balancer.pick(avoid=failed)
+
+    def send(self, cmdid: int, params: Any = None, timeout: float | None = None) -> None:
+        """Fire and forget: return once the request line is written; its reply is read later and dropped.
+
+        Guarantees: when ``send`` returns, the whole line was written to a connection (the server will
+        run it unless that connection breaks first); the reply is consumed by the connection's next
+        reader and dropped (a nonzero code is logged at INFO on ``geventtcp.client``), so it can never
+        reach another caller. ``timeout`` bounds the write and is the server-side deadline. Raises
+        :class:`ConnectError`/:class:`NotSent` when the line could not be written (retried as in
+        :meth:`call` first); nothing tells whether the handler succeeded.
+        """
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        balancer, world = self._balancer()
+        pool = balancer.pick()
+        attempt = 0
+        while True:
+            try:
+                pool.acquire(deadline).request(cmdid, params, deadline, detached=True)
+                return
+            except _SAFE as exc:
+                attempt += 1
+                if attempt > self.retries or self.closed:
+                    raise
+                pool = self._pause(attempt, exc, deadline, world, balancer, pool)
+
+    def call_async(self, cmdid: int, params: Any = None, timeout: float | None = None,
+                   idempotent: bool | None = None) -> Any:
+        """Start :meth:`call` concurrently and return a future of its result.
+
+        In the threads world it is a ``concurrent.futures.Future`` (run on a small thread pool); in
+        the gevent world a ``gevent.event.AsyncResult`` (run in a new greenlet). Both offer
+        ``result(timeout=None)`` and ``done()``; ``result`` raises what ``call`` would.
+        """
+        world = current_world(self.mode)
+        return world.spawn(self.call, cmdid, params, timeout, idempotent)
+
+    def ping(self, timeout: float | None = None) -> Any:
+        """The server's built-in health check (cmdid -1): ``{"pong": true, "draining": ..., ...}``."""
+        return self.call(-1, None, timeout)
+
+    # -- connections -----------------------------------------------------------------------------
+
+    def _balancer(self) -> tuple[Balancer, World]:
+        world = current_world(self.mode)
+        if self._generation != fork_generation():
+            self._after_fork()
+        balancer = self._balancers.get(world.key)
+        if balancer is None:
+            if self.closed:
+                raise NotSent("the client is closed")
+            with self._lock:
+                balancer = self._balancers.get(world.key)
+                if balancer is None:
+                    balancer = self._balancers[world.key] = Balancer([
+                        Pool(address, world, self.codec, size=self.pool_size,
+                             share=1 if world.name == "threads" else 64,
+                             connect_timeout=self.connect_timeout, idle_timeout=self.idle_timeout,
+                             validate_after=self.validate_after, max_reply_bytes=self.max_reply_bytes)
+                        for address in self.addresses
+                    ])
+        return balancer, world
+
+    def _after_fork(self) -> None:
+        """In a forked child: drop the parent's connections (descriptors only) and start afresh."""
+        old = self._balancers
+        self._balancers = {}
+        self._lock = real_lock()
+        self._generation = fork_generation()
+        for balancer in old.values():
+            balancer.forget_after_fork()
+
+    def close(self) -> None:
+        """Close every connection; calls in flight fail with MaybeExecuted, later ones with NotSent."""
+        self.closed = True
+        with self._lock:
+            balancers = list(self._balancers.values())
+            self._balancers = {}
+        for balancer in balancers:
+            balancer.close()
+
+    def describe(self) -> dict[str, Any]:
+        """Connections and requests in flight per world and address (for debugging and tests)."""
+        return {getattr(key, "name", str(key)) if isinstance(key, str) else f"gevent-hub-{id(key):x}":
+                balancer.describe() for key, balancer in list(self._balancers.items())}
+
+
+# Re-exported for ``from geventtcp.client import ...`` convenience.
+__all__ += ["RemoteError", "TransportError", "NotSent", "Unprocessed", "MaybeExecuted", "CallTimeout",
+            "ConnectError"]

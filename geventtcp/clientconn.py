@@ -1,0 +1,376 @@
+"""One client connection: many callers multiplexed over one socket, each reply matched to its caller by id."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import socket
+import time
+from typing import Any
+
+from .codec import Codec
+from .concurrency import World, fork_generation, real_lock
+from .errors import CallTimeout, MaybeExecuted, NotSent, ProtocolError, TransportError, Unprocessed
+from .protocol import LineBuffer, decode_reply, encode_request
+
+__all__ = ["ClientConnection", "STUCK_GRACE"]
+
+log = logging.getLogger("geventtcp.client")
+
+#: Seconds past its deadline a request may stay unanswered before the connection is presumed dead:
+#: the server is told the deadline (``timeout_ms``) and answers by then, so silence means a black hole.
+STUCK_GRACE = 1.0
+#: Share of the caller's remaining time kept back from the ``timeout_ms`` sent to the server (at most
+#: 50 ms), so that the server's 504 reply arrives before the caller's own deadline.
+_DEADLINE_MARGIN = 0.05
+
+
+class _Call:
+    """One request in flight: the state the reader and the waiting caller share."""
+
+    __slots__ = ("id", "deadline", "reply", "error", "done", "written", "signal", "signaled", "abandoned")
+
+    def __init__(self, id: int, deadline: float, abandoned: bool) -> None:
+        self.id = id
+        self.deadline = deadline
+        self.reply: dict[str, Any] | None = None
+        self.error: BaseException | None = None
+        self.done = False
+        self.written = False
+        self.signal: Any = None
+        self.signaled = False
+        self.abandoned = abandoned  # nobody waits: the reply is read and dropped
+
+
+class ClientConnection:
+    """A connected socket shared by any number of callers of one world (threads, or one gevent hub).
+
+    Requests carry ids from a per-connection counter. There is no reader thread or greenlet: a caller
+    waiting for its reply that finds nobody reading becomes the reader (leader/follower). It reads
+    lines, hands each reply to the caller its id names, and when its own reply has come passes the
+    reader role to a caller still waiting. A caller alone therefore just writes and reads the socket.
+
+    Failure behaviour: a caller that times out or is cancelled (``gevent.Timeout``, ``kill``,
+    ``KeyboardInterrupt``) while waiting leaves its request *abandoned*: the reply is read later and
+    dropped, never given to another caller. Anything that breaks the byte stream (a write that did not
+    finish, a read error, EOF, an unreadable line, a reply for an id never sent) closes the connection
+    and fails each request still waiting: :class:`NotSent` if its line was not written, the server's
+    ``goaway`` (or a refusal) gives :class:`Unprocessed`, otherwise :class:`MaybeExecuted`.
+
+    Who closes what: the pool calls :meth:`close`; the connection also closes itself on the failures
+    above. The socket is closed once no caller is inside a read or write on it; after ``fork()`` the
+    child never touches the parent's socket beyond dropping its own descriptor.
+    """
+
+    def __init__(self, sock: Any, address: str, world: World, codec: Codec, max_reply_bytes: int) -> None:
+        self.sock = sock
+        self.io = world.io(sock)
+        self.address = address
+        self.world = world
+        self.codec = codec
+        self.state = real_lock()  # guards the fields below; never held across I/O
+        self.wlock = world.lock()  # one writer at a time, so request lines never interleave
+        self.calls: dict[int, _Call] = {}  # in write order, which is the server's reply order
+        self.reading = False
+        self.writing = False
+        self.closed = False
+        self.sock_closed = False
+        self.reason = ""
+        self.buffer = LineBuffer(max_reply_bytes)
+        self.generation = fork_generation()
+        self.created = self.last_active = time.monotonic()
+        self._ids = itertools.count(1)
+
+    def __repr__(self) -> str:
+        state = f"closed: {self.reason}" if self.closed else f"{len(self.calls)} in flight"
+        return f"<ClientConnection {self.address} {self.world.name} {state}>"
+
+    @property
+    def inflight(self) -> int:
+        return len(self.calls)
+
+    # -- the request path ------------------------------------------------------------------------
+
+    def request(self, cmdid: int, params: Any, deadline: float, detached: bool = False) -> dict[str, Any] | None:
+        """Send one request and return its reply (a dict with ``code``), or ``None`` when ``detached``.
+
+        Raises :class:`NotSent`, :class:`Unprocessed`, :class:`MaybeExecuted` or :class:`CallTimeout`
+        as described on the class; ``TypeError``/``ValueError`` if ``params`` has no JSON form.
+        A ``detached`` request is written and its reply dropped when it comes.
+        """
+        call = _Call(0, deadline, detached)
+        self._write(cmdid, params, call, deadline)
+        if detached:
+            self.poll()
+            return None
+        self._wait(call, deadline)
+        if call.error is not None:
+            raise call.error
+        return call.reply
+
+    def _write(self, cmdid: int, params: Any, call: _Call, deadline: float) -> None:
+        """Number, encode and write the request; ids are taken under the write lock so that the order
+        of ``calls`` is the order of the lines on the wire (the order of the server's replies)."""
+        wlock = self.wlock
+        if not wlock.acquire(True, max(0.0, deadline - time.monotonic())):
+            raise NotSent(f"timed out waiting to write to {self.address}")
+        try:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise NotSent(f"deadline passed before the request to {self.address} was written")
+            rid = call.id = next(self._ids)
+            timeout_ms = int((remaining - min(_DEADLINE_MARGIN, remaining * 0.1)) * 1000) or 1
+            line = encode_request(self.codec, cmdid, params, rid, timeout_ms)
+            with self.state:
+                if self.closed:
+                    raise NotSent(f"connection to {self.address} closed: {self.reason}")
+                self.calls[rid] = call
+                self.writing = True
+            try:
+                self.io.send_all(line, deadline)
+            except OSError as exc:  # timeouts too: the line did not go out whole, and closing drops it
+                self._forget(call)
+                self._fail(f"write failed: {exc}")
+                raise NotSent(f"request to {self.address} not sent: {exc}") from None
+            except BaseException:
+                # Interrupted: whether the last byte left is unknown, so the stream cannot be trusted.
+                self._forget(call)
+                self._fail("interrupted while writing")
+                raise
+            with self.state:
+                call.written = True
+                if self.closed:  # failed by a reader while we wrote: the line is out, its reply is not
+                    self.calls.pop(rid, None)
+                    raise MaybeExecuted(f"{self.address}: {self.reason}")
+            self.last_active = time.monotonic()
+        finally:
+            with self.state:
+                self.writing = False
+                self._close_socket_if_unused()
+            wlock.release()
+
+    def _wait(self, call: _Call, deadline: float) -> None:
+        """Return once ``call`` is done (reply or error); raise CallTimeout at the deadline."""
+        state = self.state
+        while True:
+            with state:
+                if call.done:
+                    return
+                if self.closed:  # cannot happen to a written call, but never spin on it
+                    call.error = MaybeExecuted(f"{self.address}: {self.reason}")
+                    return
+                lead = not self.reading
+                if lead:
+                    self.reading = True
+                elif call.signal is None:
+                    call.signal = self.world.signal()
+            if lead:
+                self._lead(call, deadline)
+                continue
+            remaining = deadline - time.monotonic()
+            try:
+                woken = call.signal.acquire(True, remaining) if remaining > 0 else False
+            except BaseException:
+                self._abandon(call)
+                raise
+            with state:
+                if woken or call.signaled:
+                    if not woken:
+                        call.signal.acquire(False)  # the wake-up raced the timeout: consume it
+                    call.signaled = False
+                    continue
+                if call.done:
+                    return
+                call.abandoned = True
+            raise CallTimeout(f"no reply from {self.address} within the timeout")
+
+    def _lead(self, call: _Call, deadline: float) -> None:
+        """Read as the reader until ``call`` is done, then hand the role on."""
+        in_io = False
+        try:
+            recv = self.io.recv
+            feed = self.buffer.feed
+            while not call.done and not self.closed:
+                in_io = True
+                data = recv(deadline)
+                in_io = False
+                if not data:
+                    self._fail("server closed the connection")
+                    break
+                for line in feed(data):
+                    self._on_line(line)
+                    if self.closed:
+                        break
+            self.last_active = time.monotonic()
+        except TimeoutError:
+            if self._abandon(call):
+                raise CallTimeout(f"no reply from {self.address} within the timeout") from None
+        except OSError as exc:
+            self._fail(f"read failed: {exc}")
+        except BaseException:
+            if in_io:  # cancelled while waiting in recv: no byte was taken from the stream
+                self._abandon(call)
+            else:
+                self._fail("interrupted while reading")
+            raise
+        finally:
+            self._release_reader()
+
+    def _release_reader(self) -> None:
+        with self.state:
+            self.reading = False
+            if self.closed:
+                self._close_socket_if_unused()
+                return
+            for other in self.calls.values():
+                if other.signal is not None and not other.signaled and not other.done and not other.abandoned:
+                    other.signaled = True
+                    other.signal.release()
+                    break
+
+    def _abandon(self, call: _Call) -> bool:
+        """Give up waiting on ``call``; True unless it was completed meanwhile."""
+        with self.state:
+            if call.done:
+                return False
+            if call.written:
+                call.abandoned = True  # its reply will still come, and be dropped
+            else:
+                self.calls.pop(call.id, None)
+            return True
+
+    def _forget(self, call: _Call) -> None:
+        with self.state:
+            self.calls.pop(call.id, None)
+
+    # -- replies ---------------------------------------------------------------------------------
+
+    def _on_line(self, line: bytes | None) -> None:
+        if line is None:
+            self._fail("reply line too long")
+            return
+        if not line or line.isspace():
+            return
+        try:
+            reply = decode_reply(self.codec, line)
+        except ProtocolError as exc:
+            self._fail(exc.msg)
+            return
+        rid = reply.get("id")
+        with self.state:
+            if rid is None:
+                if reply.get("cmdid") is None and reply["code"] == 503:
+                    reason = reply.get("goaway") or reply.get("msg") or "refused"
+                    self._fail_locked(f"server is going away ({reason})", Unprocessed)
+                    return
+                # Replies come in request order; one the server could not tie to an id is the oldest's.
+                rid = next(iter(self.calls), None)
+            call = self.calls.pop(rid, None) if rid is not None else None
+            if call is None:
+                self._fail_locked(f"reply for unknown request id {rid!r}: the stream is out of step")
+                return
+            if call.abandoned:
+                if reply["code"]:
+                    log.info("dropped reply to abandoned request %s to %s: [%s] %s", rid, self.address,
+                             reply["code"], reply.get("msg"))
+                return
+            call.reply = reply
+            call.done = True
+            if call.signal is not None and not call.signaled:
+                call.signaled = True
+                call.signal.release()
+
+    def poll(self) -> None:
+        """Read and dispatch whatever replies are already buffered, without blocking (if nobody reads)."""
+        with self.state:
+            if self.reading or self.closed:
+                return
+            self.reading = True
+        try:
+            while not self.closed:
+                data = self.io.recv_nowait()
+                if data is None:
+                    break
+                if not data:
+                    self._fail("server closed the connection")
+                    break
+                for line in self.buffer.feed(data):
+                    self._on_line(line)
+        except OSError as exc:
+            self._fail(f"read failed: {exc}")
+        finally:
+            self._release_reader()
+
+    # -- health and closing ----------------------------------------------------------------------
+
+    def usable(self, now: float, validate_after: float) -> bool:
+        """Checkout check: False once closed, forked, or stuck (a reply overdue past its deadline).
+
+        A connection idle for ``validate_after`` seconds is first polled without blocking, so one the
+        server closed (goaway or EOF) while it sat in the pool is noticed before a request is risked.
+        """
+        if self.closed:
+            return False
+        if self.generation != fork_generation():
+            return False
+        calls = self.calls
+        if calls:
+            oldest = next(iter(calls.values()), None)
+            if oldest is not None and oldest.deadline + STUCK_GRACE < now:
+                self._fail("no reply long past the request's deadline: connection presumed dead")
+                return False
+        elif now - self.last_active >= validate_after:
+            self.poll()
+            self.last_active = now
+        return not self.closed
+
+    def _fail(self, reason: str, kind: type[TransportError] = MaybeExecuted) -> None:
+        with self.state:
+            self._fail_locked(reason, kind)
+
+    def _fail_locked(self, reason: str, kind: type[TransportError] = MaybeExecuted) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.reason = reason
+        calls = list(self.calls.values())
+        self.calls.clear()
+        for call in calls:
+            if call.abandoned or not call.written:
+                continue  # an unwritten call's writer sees ``closed`` and raises NotSent itself
+            call.error = kind(f"{self.address}: {reason}")
+            call.done = True
+            if call.signal is not None and not call.signaled:
+                call.signaled = True
+                call.signal.release()
+        if self.generation == fork_generation():
+            try:  # wakes a reader or writer blocked on the socket in another thread
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._close_socket_if_unused()
+
+    def _close_socket_if_unused(self) -> None:
+        if self.closed and not self.sock_closed and not self.reading and not self.writing:
+            self.sock_closed = True
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+
+    def close(self, reason: str = "closed by the client") -> None:
+        """Close now; requests still waiting fail with :class:`MaybeExecuted`. Idempotent."""
+        self._fail(reason)
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: drop this process's descriptor only (no shutdown, which the parent would feel)."""
+        # No lock: one held by a thread at fork time stays held forever in the child.
+        self.closed = True
+        self.reason = "inherited across fork"
+        self.calls = {}
+        if not self.sock_closed:
+            self.sock_closed = True
+            try:
+                self.sock.close()
+            except OSError:
+                pass

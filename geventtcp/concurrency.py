@@ -1,0 +1,327 @@
+"""The two concurrency worlds a client caller can be in (plain threads, or gevent) and their primitives.
+
+A caller is in the *gevent* world when ``socket`` is monkey-patched or its thread already runs a gevent
+hub (greenlets without patching); otherwise it is in the *threads* world. The client keeps separate
+connections per world (and per hub), because a gevent socket belongs to one hub's thread and a plain
+blocking socket would freeze every greenlet of a hub. Nothing here blocks by itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import select
+import socket as _socket
+import sys
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from gevent import monkey as _monkey
+
+from .errors import ConnectError
+from .sockets import parse_address
+
+__all__ = ["World", "ThreadsWorld", "GeventWorld", "THREADS", "current_world", "fork_generation", "real_lock",
+           "RECV_SIZE"]
+
+#: Bytes asked of the kernel per ``recv``.
+RECV_SIZE = 65536
+
+# The real (never patched) primitives, whatever was patched before this import.
+_allocate_lock: Callable[[], Any] = _monkey.get_original("_thread", "allocate_lock")
+_real_socket: Any = _monkey.get_original("socket", "socket")
+
+_DONTWAIT = getattr(_socket, "MSG_DONTWAIT", 0)
+_fork_generation = 0
+
+
+def _after_fork_in_child() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def fork_generation() -> int:
+    """A number that changes in a child after ``fork()``: state built before it must not be reused."""
+    return _fork_generation
+
+
+def real_lock() -> Any:
+    """A real OS lock (C, fast); only for sections that never block or switch greenlets."""
+    return _allocate_lock()
+
+
+class World:
+    """Primitives of one concurrency world; the client picks one per caller with :func:`current_world`."""
+
+    name = "base"
+    key: Any = None
+
+    def lock(self) -> Any:
+        """A lock that may be held across blocking I/O (``acquire(True, timeout)``, ``release()``)."""
+        raise NotImplementedError
+
+    def signal(self) -> Any:
+        """An unset one-shot wake-up: ``acquire(True, timeout) -> bool`` waits, ``release()`` sets."""
+        raise NotImplementedError
+
+    def event(self) -> Any:
+        """An unset event for any number of waiters: ``wait(timeout) -> bool``, ``set()``."""
+        raise NotImplementedError
+
+    def sleep(self, seconds: float) -> None:
+        raise NotImplementedError
+
+    def spawn(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` concurrently; return a future (``result(timeout)``, ``done()``)."""
+        raise NotImplementedError
+
+    def socket(self, family: int) -> Any:
+        raise NotImplementedError
+
+    def io(self, sock: Any) -> Any:
+        """Deadline-bounded I/O on a connected socket: ``send_all(data, deadline)``, ``recv(deadline)``
+        (both raise ``TimeoutError`` at the ``time.monotonic()`` deadline, ``OSError`` on failure) and
+        ``recv_nowait()`` (``None`` when nothing is buffered)."""
+        raise NotImplementedError
+
+    def connect(self, address: str, timeout: float) -> Any:
+        """Open a stream socket to ``address`` (``HOST:PORT``, ``[IPv6]:PORT``, ``unix:PATH``).
+
+        Raises :class:`ConnectError` (nothing was sent) on any failure, the timeout included; the
+        caller owns the returned socket.
+        """
+        family, addr = parse_address(address)
+        sock = self.socket(family)
+        try:
+            sock.settimeout(max(timeout, 0.001))
+            sock.connect(addr)
+            if family != _socket.AF_UNIX:
+                sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+        except OSError as exc:
+            sock.close()
+            raise ConnectError(f"cannot connect to {address}: {exc}") from None
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+
+class ThreadsWorld(World):
+    """Plain threads: real locks, blocking stdlib sockets, a thread pool for concurrent calls."""
+
+    name = "threads"
+    key = "threads"
+
+    def __init__(self) -> None:
+        self._executor: Any = None
+        self._executor_pid = -1
+        self._guard = _allocate_lock()
+
+    def lock(self) -> Any:
+        return _allocate_lock()
+
+    def signal(self) -> Any:
+        lock = _allocate_lock()
+        lock.acquire()
+        return lock
+
+    def event(self) -> Any:
+        import threading
+
+        return threading.Event()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    def socket(self, family: int) -> Any:
+        return _real_socket(family, _socket.SOCK_STREAM)
+
+    def io(self, sock: Any) -> Any:
+        return _ThreadsIO(sock)
+
+    def spawn(self, fn: Callable[..., Any], *args: Any) -> Any:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with self._guard:
+            if self._executor is None or self._executor_pid != _fork_generation:
+                self._executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="geventtcp-client")
+                self._executor_pid = _fork_generation
+            executor = self._executor
+        return executor.submit(fn, *args)
+
+
+class GeventWorld(World):
+    """Greenlets of one hub: gevent locks and sockets (cooperative even without monkey-patching)."""
+
+    name = "gevent"
+
+    def __init__(self, hub: Any) -> None:
+        import gevent
+        import gevent.lock
+        import gevent.socket
+
+        self.key = hub
+        self._gevent = gevent
+        self._semaphore = gevent.lock.Semaphore
+        self._socket = gevent.socket.socket
+
+    def lock(self) -> Any:
+        return self._semaphore(1)
+
+    def signal(self) -> Any:
+        return self._semaphore(0)
+
+    def event(self) -> Any:
+        from gevent.event import Event
+
+        return Event()
+
+    def sleep(self, seconds: float) -> None:
+        self._gevent.sleep(seconds)
+
+    def socket(self, family: int) -> Any:
+        return self._socket(family, _socket.SOCK_STREAM)
+
+    def io(self, sock: Any) -> Any:
+        return _GeventIO(sock)
+
+    def spawn(self, fn: Callable[..., Any], *args: Any) -> Any:
+        from gevent.event import AsyncResult
+
+        result = AsyncResult()
+
+        def run() -> None:
+            try:
+                value = fn(*args)
+            except BaseException as exc:  # handed to whoever waits on the future
+                result.set_exception(exc)
+            else:
+                result.set_result(value)
+
+        self._gevent.spawn(run)
+        return result
+
+
+class _ThreadsIO:
+    """A blocking socket driven with ``poll`` for deadlines.
+
+    The socket's own timeout is never changed, because a reader and a writer in two threads would
+    race on it; ``poll`` then ``recv`` costs the same syscalls as a socket timeout would.
+    """
+
+    __slots__ = ("sock", "_poller")
+
+    def __init__(self, sock: Any) -> None:
+        sock.settimeout(None)
+        self.sock = sock
+        self._poller = select.poll()
+        self._poller.register(sock.fileno(), select.POLLIN)
+
+    def send_all(self, data: bytes, deadline: float) -> None:
+        sock = self.sock
+        view = memoryview(data)
+        while view:
+            try:
+                sent = sock.send(view, _DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            if sent:
+                view = view[sent:]
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("timed out writing the request")
+            poller = select.poll()
+            poller.register(sock.fileno(), select.POLLOUT)
+            poller.poll(math.ceil(remaining * 1000))
+
+    def recv(self, deadline: float) -> bytes:
+        poll = self._poller.poll
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("timed out waiting for the reply")
+            if poll(math.ceil(remaining * 1000)):
+                data: bytes = self.sock.recv(RECV_SIZE)
+                return data
+
+    def recv_nowait(self) -> bytes | None:
+        try:
+            data: bytes = self.sock.recv(RECV_SIZE, _DONTWAIT)
+        except BlockingIOError:
+            return None
+        return data
+
+
+class _GeventIO:
+    """A gevent socket: its timeout is per greenlet call, and greenlets never interleave between
+    setting it and using it."""
+
+    __slots__ = ("sock",)
+
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+
+    def send_all(self, data: bytes, deadline: float) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("timed out writing the request")
+        self.sock.settimeout(remaining)
+        self.sock.sendall(data)
+
+    def recv(self, deadline: float) -> bytes:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("timed out waiting for the reply")
+        sock = self.sock
+        sock.settimeout(remaining)
+        data: bytes = sock.recv(RECV_SIZE)
+        return data
+
+    def recv_nowait(self) -> bytes | None:
+        sock = self.sock
+        sock.settimeout(0.0)
+        try:
+            data: bytes = sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            return None
+        return data
+
+
+#: The one threads world of this process.
+THREADS = ThreadsWorld()
+_gevent_worlds: weakref.WeakKeyDictionary[Any, GeventWorld] = weakref.WeakKeyDictionary()
+
+
+def _patched() -> bool:
+    return bool(_monkey.is_module_patched("socket"))
+
+
+def current_world(mode: str = "auto") -> World:
+    """The world of the calling thread/greenlet: ``mode`` is ``auto``, ``threads`` or ``gevent``.
+
+    ``auto`` is gevent when ``socket`` is monkey-patched or the calling thread already has a hub,
+    threads otherwise. Cheap enough to call on every request.
+    """
+    if mode == "threads":
+        return THREADS
+    hub_local: Any = sys.modules.get("gevent._hub_local")
+    if hub_local is None:  # gevent was never used in this process
+        if mode != "gevent":
+            return THREADS
+        hub_local = importlib.import_module("gevent._hub_local")
+    hub = hub_local.get_hub_if_exists()
+    if hub is None:
+        if mode != "gevent" and not _patched():
+            return THREADS
+        hub = hub_local.get_hub()
+    world = _gevent_worlds.get(hub)
+    if world is None:
+        world = _gevent_worlds[hub] = GeventWorld(hub)
+    return world

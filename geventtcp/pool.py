@@ -1,0 +1,227 @@
+"""Client connection pools: per address (bounded, lazy, checked at checkout) and across addresses (balancing)."""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any
+
+from .clientconn import ClientConnection
+from .codec import Codec
+from .concurrency import World, fork_generation, real_lock
+from .errors import ConnectError
+
+__all__ = ["Pool", "Balancer", "connect_backoff"]
+
+#: Reconnect backoff after failed connects (gRPC's connection-backoff shape, shorter for one data
+#: centre): first delay, growth factor, jitter as a share of the delay, and the cap, in seconds.
+BACKOFF_INITIAL = 0.1
+BACKOFF_MULTIPLIER = 1.6
+BACKOFF_JITTER = 0.2
+BACKOFF_MAX = 5.0
+
+
+def connect_backoff(failures: int) -> float:
+    """Seconds an address stays out of rotation after ``failures`` connect failures in a row."""
+    delay = min(BACKOFF_MAX, BACKOFF_INITIAL * BACKOFF_MULTIPLIER ** max(0, failures - 1))
+    return delay * random.uniform(1 - BACKOFF_JITTER, 1 + BACKOFF_JITTER)
+
+
+class Pool:
+    """Up to ``size`` multiplexed connections to one address, for callers of one world.
+
+    ``acquire`` returns the least busy usable connection, opening another (outside any lock) only
+    when every open one has ``share`` requests in flight and the bound allows it; it never waits for
+    a connection to free up, since connections are shared. At checkout a connection is dropped when
+    the server closed it while idle (polled without blocking), when it was idle for ``idle_timeout``
+    (kept below the server's own idle timeout, so the server never closes one under a request), when
+    a reply is long overdue, or when it was inherited across ``fork()``.
+
+    Failure behaviour: a failed connect raises :class:`ConnectError` (nothing was sent) and takes the
+    address out of rotation for a jittered, growing backoff; while it is out, ``acquire`` fails at
+    once unless a connection is still open, and after it one caller at a time probes it.
+    Who closes what: the pool owns its connections and closes them in :meth:`close`.
+    """
+
+    def __init__(self, address: str, world: World, codec: Codec, *, size: int, share: int,
+                 connect_timeout: float, idle_timeout: float, validate_after: float, max_reply_bytes: int) -> None:
+        self.address = address
+        self.world = world
+        self.codec = codec
+        self.size = max(1, size)
+        self.share = max(1, share)
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self.validate_after = validate_after
+        self.max_reply_bytes = max_reply_bytes
+        self.conns: list[ClientConnection] = []
+        self.connecting = 0
+        self.failures = 0
+        self.down_until = 0.0
+        self.probing = False
+        self.last_error = ""
+        self.closed = False
+        self.opened: Any = None  # set when a connect in progress finishes, for callers waiting on it
+        self.lock = real_lock()
+
+    def __repr__(self) -> str:
+        return f"<Pool {self.address} {len(self.conns)} conn(s), {self.inflight} in flight>"
+
+    @property
+    def inflight(self) -> int:
+        return sum(len(conn.calls) for conn in self.conns)
+
+    def available(self, now: float) -> bool:
+        """In rotation: not backing off after failed connects, or still holding a connection."""
+        return (self.down_until <= now and not self.probing) or bool(self.conns)
+
+    def acquire(self, deadline: float) -> ClientConnection:
+        """A connection to send on; :class:`ConnectError` if none is open and none can be opened.
+
+        While the bound is reached only by connects still in progress, the caller waits (until its
+        deadline) for one of them instead of opening more.
+        """
+        while True:
+            now = time.monotonic()
+            with self.lock:
+                if self.closed:
+                    raise ConnectError(f"pool for {self.address} is closed")
+                best = self._checkout(now)
+                if best is not None and (len(best.calls) < self.share or
+                                         len(self.conns) + self.connecting >= self.size):
+                    return best
+                if self.down_until > now or (self.probing and self.failures):
+                    if best is not None:
+                        return best
+                    wait = max(0.0, self.down_until - now)
+                    raise ConnectError(f"{self.address} is out of rotation after {self.failures} failed "
+                                       f"connect(s) ({self.last_error}); next try in {wait:.2f}s")
+                if best is None and self.connecting >= self.size:
+                    opened = self.opened
+                else:
+                    opened = None
+                    self.connecting += 1
+                    self.probing = self.failures > 0
+                    if self.opened is None:
+                        self.opened = self.world.event()
+            if opened is None:
+                return self._connect(deadline, best)
+            if not opened.wait(max(0.0, deadline - now)):
+                raise ConnectError(f"timed out waiting for a connection to {self.address}")
+
+    def _checkout(self, now: float) -> ClientConnection | None:
+        """The least busy usable connection (dropping dead, forked or idle ones); holds ``lock``."""
+        best: ClientConnection | None = None
+        conns = self.conns
+        for conn in conns[:] if len(conns) != 1 else conns:
+            if not conn.usable(now, self.validate_after):
+                conns.remove(conn)
+                break  # the list changed under the loop; one removal per checkout is plenty
+            if not conn.calls and now - conn.last_active >= self.idle_timeout:
+                conn.close("idle in the pool")
+                conns.remove(conn)
+                break
+            if best is None or len(conn.calls) < len(best.calls):
+                best = conn
+        return best
+
+    def _connect(self, deadline: float, fallback: ClientConnection | None) -> ClientConnection:
+        try:
+            sock = self.world.connect(self.address, min(self.connect_timeout,
+                                                        max(0.001, deadline - time.monotonic())))
+        except ConnectError as exc:
+            with self.lock:
+                self.last_error = str(exc)
+                self.failures += 1
+                self.down_until = time.monotonic() + connect_backoff(self.failures)
+                self._connect_done()
+            if fallback is not None:
+                return fallback
+            raise
+        except BaseException:
+            with self.lock:
+                self._connect_done()
+            raise
+        conn = ClientConnection(sock, self.address, self.world, self.codec, self.max_reply_bytes)
+        with self.lock:
+            self.failures = 0
+            self.down_until = 0.0
+            self._connect_done()
+            if self.closed:
+                conn.close("pool closed")
+                raise ConnectError(f"pool for {self.address} is closed")
+            self.conns.append(conn)
+        return conn
+
+    def _connect_done(self) -> None:
+        self.connecting -= 1
+        self.probing = False
+        opened = self.opened
+        if opened is not None and not self.connecting:
+            self.opened = None
+            opened.set()
+        elif opened is not None:  # wake the waiters anyway: a connection may now be there to share
+            self.opened = self.world.event()
+            opened.set()
+
+    def close(self) -> None:
+        """Close every connection; requests still waiting on them fail with MaybeExecuted."""
+        with self.lock:
+            self.closed = True
+            conns, self.conns = self.conns, []
+        for conn in conns:
+            conn.close()
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: drop the inherited descriptors without touching the parent's connections."""
+        for conn in self.conns:
+            conn.forget_after_fork()
+        self.conns = []
+
+
+class Balancer:
+    """The pools of every address for one world; :meth:`pick` chooses where the next call goes.
+
+    Calls go to the in-rotation address with the fewest requests in flight, ties broken round robin.
+    When every address is out of rotation, the one whose backoff ends first is returned (its
+    ``acquire`` then fails fast or probes it).
+    """
+
+    def __init__(self, pools: list[Pool]) -> None:
+        self.pools = pools
+        self.generation = fork_generation()
+        self._next = 0
+
+    def pick(self, avoid: Pool | None = None) -> Pool:
+        pools = self.pools
+        count = len(pools)
+        if count == 1:
+            return pools[0]
+        now = time.monotonic()
+        start = self._next = (self._next + 1) % count
+        best: Pool | None = None
+        best_load = 0
+        for i in range(count):
+            pool = pools[(start + i) % count]
+            if pool is avoid or not pool.available(now):
+                continue
+            load = pool.inflight
+            if best is None or load < best_load:
+                best, best_load = pool, load
+        if best is not None:
+            return best
+        candidates = [p for p in pools if p is not avoid] or pools
+        return min(candidates, key=lambda p: p.down_until)
+
+    def close(self) -> None:
+        for pool in self.pools:
+            pool.close()
+
+    def forget_after_fork(self) -> None:
+        for pool in self.pools:
+            pool.forget_after_fork()
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Per address: open connections, requests in flight, connect failures in a row."""
+        return [{"address": p.address, "connections": len(p.conns), "inflight": p.inflight,
+                 "failures": p.failures} for p in self.pools]
