@@ -89,7 +89,7 @@ def _call(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     status, data, _ = _run(args, args.cmdid, params, args.idempotent)
     if status == EXIT_OK:
-        print(json.dumps(data, ensure_ascii=False, **({} if args.compact else {"indent": 2})))
+        print(json.dumps(data, ensure_ascii=False, indent=None if args.compact else 2))
     return status
 
 

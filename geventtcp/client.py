@@ -22,6 +22,7 @@ from .errors import (
     remote_error,
 )
 from .pool import Balancer, Pool
+from .sockets import parse_address
 
 __all__ = ["Client", "DEFAULT_TIMEOUT", "DEFAULT_CONNECT_TIMEOUT"]
 
@@ -75,6 +76,8 @@ class Client:
         self.addresses = [addresses] if isinstance(addresses, str) else list(addresses)
         if not self.addresses:
             raise ValueError("Client needs at least one address")
+        for address in self.addresses:
+            parse_address(address)  # ConfigError now for a malformed address, not at the first call
         if not timeout > 0 or not connect_timeout > 0:
             raise ValueError("timeout and connect_timeout must be positive (a call never waits forever)")
         if mode not in ("auto", "threads", "gevent"):

@@ -20,6 +20,10 @@ log = logging.getLogger("geventtcp.client")
 #: Seconds past its deadline a request may stay unanswered before the connection is presumed dead:
 #: the server is told the deadline (``timeout_ms``) and answers by then, so silence means a black hole.
 STUCK_GRACE = 1.0
+#: Seconds after which the oldest unanswered request marks a connection as stalled. The server
+#: replies in request order, so everything queued behind a slow request waits for it; the pool opens
+#: another connection (within its bound) rather than queue more behind a stalled one.
+STALL_AFTER = 0.02
 #: Share of the caller's remaining time kept back from the ``timeout_ms`` sent to the server (at most
 #: 50 ms), so that the server's 504 reply arrives before the caller's own deadline.
 _DEADLINE_MARGIN = 0.05
@@ -28,10 +32,11 @@ _DEADLINE_MARGIN = 0.05
 class _Call:
     """One request in flight: the state the reader and the waiting caller share."""
 
-    __slots__ = ("id", "deadline", "reply", "error", "done", "written", "signal", "signaled", "abandoned")
+    __slots__ = ("id", "deadline", "sent", "reply", "error", "done", "written", "signal", "signaled", "abandoned")
 
     def __init__(self, id: int, deadline: float, abandoned: bool) -> None:
         self.id = id
+        self.sent = 0.0
         self.deadline = deadline
         self.reply: dict[str, Any] | None = None
         self.error: BaseException | None = None
@@ -119,6 +124,7 @@ class ClientConnection:
             if remaining <= 0:
                 raise NotSent(f"deadline passed before the request to {self.address} was written")
             rid = call.id = next(self._ids)
+            call.sent = time.monotonic()
             timeout_ms = int((remaining - min(_DEADLINE_MARGIN, remaining * 0.1)) * 1000) or 1
             line = encode_request(self.codec, cmdid, params, rid, timeout_ms)
             with self.state:
@@ -303,6 +309,12 @@ class ClientConnection:
 
     # -- health and closing ----------------------------------------------------------------------
 
+    def stalled(self, now: float) -> bool:
+        """True when the oldest unanswered request has waited ``STALL_AFTER`` (replies come in order)."""
+        for call in self.calls.values():
+            return now - call.sent > STALL_AFTER
+        return False
+
     def usable(self, now: float, validate_after: float) -> bool:
         """Checkout check: False once closed, forked, or stuck (a reply overdue past its deadline).
 
@@ -319,9 +331,8 @@ class ClientConnection:
             if oldest is not None and oldest.deadline + STUCK_GRACE < now:
                 self._fail("no reply long past the request's deadline: connection presumed dead")
                 return False
-        elif now - self.last_active >= validate_after:
-            self.poll()
-            self.last_active = now
+        elif now - self.last_active >= validate_after and self.io.readable():
+            self.poll()  # a goaway or EOF that came while the connection sat idle
         return not self.closed
 
     def _fail(self, reason: str, kind: type[TransportError] = MaybeExecuted) -> None:

@@ -33,6 +33,7 @@ RECV_SIZE = 65536
 # The real (never patched) primitives, whatever was patched before this import.
 _allocate_lock: Callable[[], Any] = _monkey.get_original("_thread", "allocate_lock")
 _real_socket: Any = _monkey.get_original("socket", "socket")
+_original_poll: Any = _monkey.get_original("select", "poll")
 
 _DONTWAIT = getattr(_socket, "MSG_DONTWAIT", 0)
 _fork_generation = 0
@@ -220,7 +221,7 @@ class _ThreadsIO:
     def __init__(self, sock: Any) -> None:
         sock.settimeout(None)
         self.sock = sock
-        self._poller = select.poll()
+        self._poller = _original_poll()
         self._poller.register(sock.fileno(), select.POLLIN)
 
     def send_all(self, data: bytes, deadline: float) -> None:
@@ -237,7 +238,7 @@ class _ThreadsIO:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError("timed out writing the request")
-            poller = select.poll()
+            poller = _original_poll()
             poller.register(sock.fileno(), select.POLLOUT)
             poller.poll(math.ceil(remaining * 1000))
 
@@ -251,6 +252,9 @@ class _ThreadsIO:
                 data: bytes = self.sock.recv(RECV_SIZE)
                 return data
 
+    def readable(self) -> bool:
+        return bool(self._poller.poll(0))
+
     def recv_nowait(self) -> bytes | None:
         try:
             data: bytes = self.sock.recv(RECV_SIZE, _DONTWAIT)
@@ -263,10 +267,15 @@ class _GeventIO:
     """A gevent socket: its timeout is per greenlet call, and greenlets never interleave between
     setting it and using it."""
 
-    __slots__ = ("sock",)
+    __slots__ = ("sock", "_poller")
 
     def __init__(self, sock: Any) -> None:
         self.sock = sock
+        self._poller = _original_poll()
+        self._poller.register(sock.fileno(), select.POLLIN)
+
+    def readable(self) -> bool:
+        return bool(self._poller.poll(0))  # never blocks, so the real poll is fine in a greenlet
 
     def send_all(self, data: bytes, deadline: float) -> None:
         remaining = deadline - time.monotonic()

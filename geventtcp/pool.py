@@ -31,7 +31,8 @@ class Pool:
     """Up to ``size`` multiplexed connections to one address, for callers of one world.
 
     ``acquire`` returns the least busy usable connection, opening another (outside any lock) only
-    when every open one has ``share`` requests in flight and the bound allows it; it never waits for
+    when the bound allows it and the chosen one has ``share`` requests in flight or is stalled behind
+    a slow request (the server answers each connection in request order); it never waits for
     a connection to free up, since connections are shared. At checkout a connection is dropped when
     the server closed it while idle (polled without blocking), when it was idle for ``idle_timeout``
     (kept below the server's own idle timeout, so the server never closes one under a request), when
@@ -87,23 +88,26 @@ class Pool:
                 if self.closed:
                     raise ConnectError(f"pool for {self.address} is closed")
                 best = self._checkout(now)
-                if best is not None and (len(best.calls) < self.share or
-                                         len(self.conns) + self.connecting >= self.size):
+                fresh = best is not None and not best.stalled(now)
+                if best is not None and fresh and len(best.calls) < self.share:
                     return best
-                if self.down_until > now or (self.probing and self.failures):
-                    if best is not None:
-                        return best
+                backing_off = self.down_until > now or (self.probing and self.failures > 0)
+                if backing_off and best is not None:
+                    return best
+                if backing_off:
                     wait = max(0.0, self.down_until - now)
                     raise ConnectError(f"{self.address} is out of rotation after {self.failures} failed "
                                        f"connect(s) ({self.last_error}); next try in {wait:.2f}s")
-                if best is None and self.connecting >= self.size:
-                    opened = self.opened
-                else:
-                    opened = None
+                opened = None
+                if len(self.conns) + self.connecting < self.size:
                     self.connecting += 1
                     self.probing = self.failures > 0
                     if self.opened is None:
                         self.opened = self.world.event()
+                elif best is not None and (fresh or not self.connecting):
+                    return best
+                else:  # only stalled connections, and one is being opened: wait for it
+                    opened = self.opened
             if opened is None:
                 return self._connect(deadline, best)
             if not opened.wait(max(0.0, deadline - now)):
@@ -123,6 +127,11 @@ class Pool:
                 break
             if best is None or len(conn.calls) < len(best.calls):
                 best = conn
+        if best is not None and best.calls and len(conns) > 1 and best.stalled(now):
+            # Replies come in request order: prefer a connection not stuck behind a slow request.
+            for conn in conns:
+                if not conn.stalled(now) and not conn.closed:
+                    return conn
         return best
 
     def _connect(self, deadline: float, fallback: ClientConnection | None) -> ClientConnection:

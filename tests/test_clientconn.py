@@ -1,0 +1,265 @@
+"""One multiplexed connection against servers that misbehave on purpose (raw fake servers and a fault proxy)."""
+
+import json
+import time
+
+import gevent
+import pytest
+
+from geventtcp import clientconn
+from geventtcp.client import Client
+from geventtcp.errors import CallTimeout, MaybeExecuted, NotSent, RemoteError, Unprocessed
+from tests import client_app
+from tests.clientutil import FakeServer, Proxy, addr, inprocess_server
+
+
+def reply_for(line: bytes, data=None, **extra) -> bytes:
+    req = json.loads(line)
+    body = {"code": 0, "cmdid": req["cmdid"], "id": req["id"], "data": req["params"] if data is None else data}
+    body.update(extra)
+    return json.dumps(body).encode() + b"\n"
+
+
+def test_replies_out_of_order_reach_their_own_callers():
+    """Replies matched by id, not by order: the fake server answers a batch of 20 in reverse."""
+
+    def behaviour(server, sock, n):
+        buf = []
+        while True:
+            batch = [server.read_line(sock, buf) for _ in range(20)]
+            if None in batch:
+                return
+            sock.sendall(b"".join(reply_for(line) for line in reversed(batch)))
+
+    fake = FakeServer(behaviour)
+    try:
+        with Client(fake.address, timeout=5, pool_size=1) as client:
+            jobs = [gevent.spawn(client.call, 1, {"i": i}) for i in range(40)]
+            gevent.joinall(jobs, raise_error=True)
+            assert [job.value for job in jobs] == [{"i": i} for i in range(40)]
+        assert fake.accepted == 1
+    finally:
+        fake.close()
+
+
+def test_request_carries_id_and_remaining_timeout():
+    def behaviour(server, sock, n):
+        buf = []
+        while (line := server.read_line(sock, buf)) is not None:
+            sock.sendall(reply_for(line))
+
+    fake = FakeServer(behaviour)
+    try:
+        with Client(fake.address, timeout=2.0) as client:
+            client.call(7, {"x": 1})
+            client.call(7, {"x": 2}, timeout=0.5)
+        first, second = (json.loads(line) for line in fake.lines)
+        assert first["id"] != second["id"]
+        assert 1800 <= first["timeout_ms"] <= 2000  # the remaining time, minus a margin for the 504
+        assert 400 <= second["timeout_ms"] <= 500
+        assert second["params"] == {"x": 2} and second["cmdid"] == 7
+    finally:
+        fake.close()
+
+
+@pytest.mark.parametrize("bad", [b"this is not json\n", b'{"code":0,"cmdid":1,"id":999,"data":1}\n', b"[1]\n"])
+def test_unreadable_or_unknown_reply_discards_the_connection(bad):
+    """Desync (garbage, a reply for an id never sent): MaybeExecuted, the connection is dropped, the
+    next call works on a new one."""
+
+    def behaviour(server, sock, n):
+        buf = []
+        while (line := server.read_line(sock, buf)) is not None:
+            sock.sendall(bad if n == 0 else reply_for(line))
+
+    fake = FakeServer(behaviour)
+    try:
+        with Client(fake.address, timeout=2, retries=0) as client:
+            with pytest.raises(MaybeExecuted) as info:
+                client.call(4, {"tag": "a"})
+            assert not isinstance(info.value, CallTimeout)
+            assert client.call(4, {"tag": "b"}) == {"tag": "b"}
+        assert fake.accepted == 2
+    finally:
+        fake.close()
+
+
+def test_reply_cut_mid_line_is_never_parsed():
+    def behaviour(server, sock, n):
+        line = server.read_line(sock, [])
+        whole = reply_for(line)
+        sock.sendall(whole[: len(whole) // 2])  # then close: limit_data inside the reply line
+
+    fake = FakeServer(behaviour)
+    try:
+        with Client(fake.address, timeout=2, retries=0) as client, pytest.raises(MaybeExecuted):
+            client.call(4, {"tag": "cut"})
+    finally:
+        fake.close()
+
+
+def test_goaway_fails_unanswered_requests_as_unprocessed_and_they_are_resent():
+    """A non-idempotent call under a goaway is sent again (the server said it did not run it)."""
+
+    def behaviour(server, sock, n):
+        buf = []
+        line = server.read_line(sock, buf)
+        if n == 0:
+            sock.sendall(b'{"code":503,"cmdid":null,"goaway":"shutdown","msg":"server is going away"}\n')
+            return
+        while line is not None:
+            sock.sendall(reply_for(line, data="ran"))
+            line = server.read_line(sock, buf)
+
+    fake = FakeServer(behaviour)
+    try:
+        with Client(fake.address, timeout=2) as client:
+            assert client.call(4, {"tag": "x"}) == "ran"
+        with Client(fake.address, timeout=2, retries=0) as client:
+            fake.accepted = 0
+            with pytest.raises(Unprocessed):
+                client.call(4, {"tag": "y"})
+    finally:
+        fake.close()
+
+
+def test_connection_lost_after_write_is_maybe_executed_and_retried_only_if_idempotent():
+    def behaviour(server, sock, n):
+        buf = []
+        line = server.read_line(sock, buf)
+        if n == 0:
+            return  # read the request, then reset: it may have run
+        while line is not None:
+            sock.sendall(reply_for(line))
+            line = server.read_line(sock, buf)
+
+    fake = FakeServer(behaviour)
+    try:
+        with Client(fake.address, timeout=2) as client, pytest.raises(MaybeExecuted):
+            client.call(4, {"tag": "once"})
+        assert len(fake.lines) == 1  # never sent twice
+        fake.accepted = 0
+        with Client(fake.address, timeout=2) as client:
+            assert client.call(4, {"tag": "twice"}, idempotent=True) == {"tag": "twice"}
+        fake.accepted = 0
+        with Client(fake.address, timeout=2, idempotent={4}) as client:
+            assert client.call(4, {"tag": "set"}) == {"tag": "set"}
+    finally:
+        fake.close()
+
+
+def test_black_hole_times_out_then_the_connection_is_presumed_dead(monkeypatch):
+    monkeypatch.setattr(clientconn, "STUCK_GRACE", 0.2)
+
+    def behaviour(server, sock, n):
+        buf = []
+        while server.read_line(sock, buf) is not None:
+            pass  # never answers
+
+    fake = FakeServer(behaviour)
+    try:
+        with Client(fake.address, timeout=0.3) as client:
+            started = time.monotonic()
+            with pytest.raises(CallTimeout):
+                client.call(1, {})
+            assert 0.25 < time.monotonic() - started < 1.3
+            gevent.sleep(0.3)  # past deadline + grace: the next checkout drops that connection
+            with pytest.raises(CallTimeout):
+                client.call(1, {})
+        assert fake.accepted == 2
+    finally:
+        fake.close()
+
+
+def test_timed_out_callers_reply_is_dropped_not_given_to_the_next_caller():
+    """Anchor case 38 (redis-py CVE-2023-28858 class): 100 ms delay each way, A times out at 150 ms,
+    B goes out at once on the same connection and must get B's reply."""
+    with inprocess_server() as server:
+        proxy = Proxy(addr(server), delay=0.1)
+        try:
+            with Client(proxy.address, timeout=2, pool_size=1) as client:
+                for round_ in range(3):
+                    with pytest.raises(CallTimeout):
+                        client.call(1, {"who": "A", "round": round_}, timeout=0.15)
+                    assert client.call(1, {"who": "B", "round": round_}) == {"who": "B", "round": round_}
+                assert client.describe()["gevent-hub-" + hex(id(gevent.get_hub()))[2:]][0]["connections"] == 1
+        finally:
+            proxy.close()
+
+
+def test_cancelled_greenlets_never_leave_replies_for_others():
+    """Kill and gevent.Timeout waiting callers at random moments while others call: nobody ever
+    receives another caller's reply."""
+    with inprocess_server() as server:
+        proxy = Proxy(addr(server), delay=0.02)
+        try:
+            with Client(proxy.address, timeout=5, pool_size=1) as client:
+                def caller(k):
+                    for i in range(15):
+                        assert client.call(2, {"seconds": 0.01 * (i % 3), "k": k, "i": i})["k"] == k
+
+                def victim(k):
+                    with gevent.Timeout(0.03 + 0.01 * (k % 4), False):
+                        client.call(2, {"seconds": 0.05, "k": -k})
+
+                good = [gevent.spawn(caller, k) for k in range(10)]
+                for k in range(30):
+                    g = gevent.spawn(victim, k)
+                    gevent.sleep(0.01)
+                    if k % 3 == 0:
+                        g.kill(block=False)
+                gevent.joinall(good, raise_error=True, timeout=30)
+                assert all(g.successful() for g in good)
+        finally:
+            proxy.close()
+
+
+def test_write_interrupted_mid_request_discards_the_connection():
+    """A gevent.Timeout during sendall of an 8 MiB request (through a 4 MiB/s link): the partial line
+    is never processed and later requests are not corrupted."""
+    with inprocess_server(max_line_bytes=16 << 20) as server:
+        proxy = Proxy(addr(server), rate=4 << 20, slice=65536)
+        try:
+            with Client(proxy.address, timeout=5, pool_size=1) as client:
+                client_app.executed.clear()
+                with pytest.raises(gevent.Timeout):
+                    with gevent.Timeout(0.1):
+                        client.call(4, {"tag": "big", "blob": "x" * (8 << 20)})
+                assert client.call(4, {"tag": "small"})["tag"] == "small"
+                gevent.sleep(0.3)
+                assert client_app.executed == ["small"]
+                assert server.stats.protocol_errors == 0
+        finally:
+            proxy.close()
+
+
+def test_one_byte_slices_both_ways():
+    with inprocess_server() as server:
+        proxy = Proxy(addr(server), slice=1)
+        try:
+            with Client(proxy.address, timeout=10, pool_size=1) as client:
+                jobs = [gevent.spawn(client.call, 1, {"i": i, "s": "é✓"}) for i in range(10)]
+                gevent.joinall(jobs, raise_error=True)
+                assert [j.value for j in jobs] == [{"i": i, "s": "é✓"} for i in range(10)]
+        finally:
+            proxy.close()
+
+
+def test_deadline_is_honoured_by_the_server():
+    """The server stops at the deadline the client sent: a 504 well before the handler's 5 s."""
+    with inprocess_server() as server, Client(addr(server), timeout=5) as client:
+        started = time.monotonic()
+        with pytest.raises(RemoteError) as info:
+            client.call(2, {"seconds": 5}, timeout=0.3)
+        assert info.value.code == 504
+        assert time.monotonic() - started < 0.35
+        assert client.call(1, {"after": True}) == {"after": True}
+
+
+def test_closed_connection_raises_not_sent():
+    with inprocess_server() as server:
+        client = Client(addr(server), timeout=2)
+        client.call(1, {})
+        client.close()
+        with pytest.raises(NotSent):
+            client.call(1, {})
