@@ -1,6 +1,8 @@
-"""The ``call`` and ``ping`` verbs: one request from the command line, like ``redis-cli`` or ``zerorpc``.
+"""The ``call`` verb: one request from the command line through :class:`Client`, like ``redis-cli``'s.
 
-Exit codes (the same for both verbs):
+(``ping``, ``list`` and ``stats`` of the built-in commands live in :mod:`geventtcp.cli_ops`.)
+
+Exit codes:
 
     0  success: the reply's ``data`` is printed as JSON on stdout
     1  the server replied with an error code: ``error <code>: <msg>`` on stderr
@@ -15,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from typing import Any
 
 from .cli import command
@@ -45,36 +46,30 @@ def _call_arguments(parser: argparse.ArgumentParser) -> None:
     _common(parser)
 
 
-def _ping_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("address", metavar="HOST:PORT", help="server address (or a comma-separated list)")
-    _common(parser)
-
-
-def _run(args: argparse.Namespace, cmdid: int, params: Any, idempotent: bool) -> tuple[int, Any, float]:
+def _run(args: argparse.Namespace, cmdid: int, params: Any, idempotent: bool) -> tuple[int, Any]:
     from .client import Client
     from .errors import CallTimeout, ConfigError, MaybeExecuted, NotSent, RemoteError, TransportError
 
-    started = time.monotonic()
     try:
         with Client(args.address.split(","), timeout=args.timeout, connect_timeout=args.connect_timeout,
                     retries=args.retries, mode="threads") as client:
             data = client.call(cmdid, params, idempotent=idempotent)
     except RemoteError as exc:
         print(f"error {exc.code}: {exc.msg}", file=sys.stderr)
-        return EXIT_REMOTE, None, 0.0
+        return EXIT_REMOTE, None
     except ConfigError as exc:
         print(f"geventtcp: {exc}", file=sys.stderr)
-        return EXIT_USAGE, None, 0.0
+        return EXIT_USAGE, None
     except CallTimeout as exc:
         print(f"timeout: {exc}", file=sys.stderr)
-        return EXIT_TIMEOUT, None, 0.0
+        return EXIT_TIMEOUT, None
     except MaybeExecuted as exc:
         print(f"connection lost after sending (the request may have run): {exc}", file=sys.stderr)
-        return EXIT_MAYBE, None, 0.0
+        return EXIT_MAYBE, None
     except (NotSent, TransportError) as exc:
         print(f"not sent: {exc}", file=sys.stderr)
-        return EXIT_NOT_SENT, None, 0.0
-    return EXIT_OK, data, time.monotonic() - started
+        return EXIT_NOT_SENT, None
+    return EXIT_OK, data
 
 
 @command("call", "send one request and print the reply's data as JSON", _call_arguments)
@@ -87,15 +82,7 @@ def _call(args: argparse.Namespace) -> int:
     if not isinstance(params, dict):
         print("geventtcp: PARAMS must be a JSON object", file=sys.stderr)
         return EXIT_USAGE
-    status, data, _ = _run(args, args.cmdid, params, args.idempotent)
+    status, data = _run(args, args.cmdid, params, args.idempotent)
     if status == EXIT_OK:
         print(json.dumps(data, ensure_ascii=False, indent=None if args.compact else 2))
-    return status
-
-
-@command("ping", "check that a server answers (built-in cmdid -1) and print its round trip", _ping_arguments)
-def _ping(args: argparse.Namespace) -> int:
-    status, data, elapsed = _run(args, -1, None, True)
-    if status == EXIT_OK:
-        print(json.dumps({"address": args.address, "ms": round(elapsed * 1000, 3), **(data or {})}))
     return status

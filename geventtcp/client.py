@@ -51,6 +51,12 @@ class Client:
     that long (keep it below the server's ``idle_timeout``, 300 s by default); ``mode`` forces the
     world (``threads`` or ``gevent``) instead of detecting it per caller (``auto``).
 
+    Security: ``ssl_context`` turns TLS on (build it with :func:`geventtcp.tls.client_context`, which
+    verifies the server's certificate by default and can present a client certificate); the name
+    checked is the address's host unless ``server_hostname`` is given. ``auth_token`` is sent with the
+    AUTH command on every new connection before anything else; a wrong one raises
+    :class:`~geventtcp.errors.Unauthenticated`.
+
     Who closes what: the client owns every connection; :meth:`close` (or leaving ``with``) closes them,
     after which calls raise :class:`NotSent`. After ``fork()`` a child opens its own connections and
     never uses or shuts down the parent's.
@@ -72,6 +78,9 @@ class Client:
         max_reply_bytes: int = (16 << 20) + 1,
         codec: str = "simplejson",
         mode: str = "auto",
+        ssl_context: Any = None,
+        server_hostname: str | None = None,
+        auth_token: str | None = None,
     ) -> None:
         self.addresses = [addresses] if isinstance(addresses, str) else list(addresses)
         if not self.addresses:
@@ -94,6 +103,9 @@ class Client:
         self.max_reply_bytes = max_reply_bytes
         self.codec = get_codec(codec)
         self.mode = mode
+        self.ssl_context = ssl_context
+        self.server_hostname = server_hostname
+        self.auth_token = auth_token
         self.closed = False
         self._balancers: dict[Any, Balancer] = {}
         self._generation = fork_generation()
@@ -222,7 +234,9 @@ class Client:
                         Pool(address, world, self.codec, size=self.pool_size,
                              share=1 if world.name == "threads" else 64,
                              connect_timeout=self.connect_timeout, idle_timeout=self.idle_timeout,
-                             validate_after=self.validate_after, max_reply_bytes=self.max_reply_bytes)
+                             validate_after=self.validate_after, max_reply_bytes=self.max_reply_bytes,
+                             ssl_context=self.ssl_context, server_hostname=self.server_hostname,
+                             auth_token=self.auth_token)
                         for address in self.addresses
                     ])
         return balancer, world

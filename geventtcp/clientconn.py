@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _socket
 import itertools
 import logging
 import socket
@@ -27,6 +28,17 @@ STALL_AFTER = 0.02
 #: Share of the caller's remaining time kept back from the ``timeout_ms`` sent to the server (at most
 #: 50 ms), so that the server's 504 reply arrives before the caller's own deadline.
 _DEADLINE_MARGIN = 0.05
+
+
+def _shutdown(sock: Any) -> None:
+    """Shut the descriptor down (waking a thread blocked on it) without touching TLS state, which
+    ``SSLSocket.shutdown`` would drop under a reader still using it."""
+    raw = sock if isinstance(sock, _socket.socket) else getattr(sock, "_sock", None)
+    try:
+        if raw is not None:
+            _socket.socket.shutdown(raw, socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 class _Call:
@@ -200,6 +212,8 @@ class ClientConnection:
                 in_io = True
                 data = recv(deadline)
                 in_io = False
+                if self.closed:  # failed meanwhile by another thread: these bytes are not ours to parse
+                    break
                 if not data:
                     self._fail("server closed the connection")
                     break
@@ -355,10 +369,7 @@ class ClientConnection:
                 call.signaled = True
                 call.signal.release()
         if self.generation == fork_generation():
-            try:  # wakes a reader or writer blocked on the socket in another thread
-                self.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            _shutdown(self.sock)
         self._close_socket_if_unused()
 
     def _close_socket_if_unused(self) -> None:

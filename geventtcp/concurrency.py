@@ -13,6 +13,7 @@ import math
 import os
 import select
 import socket as _socket
+import ssl
 import sys
 import time
 import weakref
@@ -34,6 +35,7 @@ RECV_SIZE = 65536
 _allocate_lock: Callable[[], Any] = _monkey.get_original("_thread", "allocate_lock")
 _real_socket: Any = _monkey.get_original("socket", "socket")
 _original_poll: Any = _monkey.get_original("select", "poll")
+_StdSSLSocket: Any = _monkey.get_original("ssl", "SSLSocket")
 
 _DONTWAIT = getattr(_socket, "MSG_DONTWAIT", 0)
 _fork_generation = 0
@@ -91,26 +93,38 @@ class World:
         ``recv_nowait()`` (``None`` when nothing is buffered)."""
         raise NotImplementedError
 
-    def connect(self, address: str, timeout: float) -> Any:
+    def connect(self, address: str, timeout: float, ssl_context: Any = None, server_hostname: str | None = None) -> Any:
         """Open a stream socket to ``address`` (``HOST:PORT``, ``[IPv6]:PORT``, ``unix:PATH``).
 
+        With ``ssl_context`` the TLS handshake completes within the same ``timeout`` (certificate
+        checks are the context's: :func:`geventtcp.tls.client_context` verifies by default), the
+        host of ``address`` being the name checked unless ``server_hostname`` is given.
         Raises :class:`ConnectError` (nothing was sent) on any failure, the timeout included; the
         caller owns the returned socket.
         """
         family, addr = parse_address(address)
+        deadline = time.monotonic() + timeout
         sock = self.socket(family)
         try:
             sock.settimeout(max(timeout, 0.001))
             sock.connect(addr)
             if family != _socket.AF_UNIX:
                 sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
-        except OSError as exc:
+            if ssl_context is not None:
+                hostname = server_hostname or (addr[0] if family != _socket.AF_UNIX else None)
+                sock = self._tls(sock, ssl_context, hostname)
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                sock.do_handshake()
+        except OSError as exc:  # ssl.SSLError (a failed certificate check too) is an OSError
             sock.close()
             raise ConnectError(f"cannot connect to {address}: {exc}") from None
         except BaseException:
             sock.close()
             raise
         return sock
+
+    def _tls(self, sock: Any, ctx: Any, hostname: str | None) -> Any:
+        raise NotImplementedError
 
 
 class ThreadsWorld(World):
@@ -144,7 +158,13 @@ class ThreadsWorld(World):
         return _real_socket(family, _socket.SOCK_STREAM)
 
     def io(self, sock: Any) -> Any:
-        return _ThreadsIO(sock)
+        return _ThreadsTLSIO(sock) if isinstance(sock, _StdSSLSocket) else _ThreadsIO(sock)
+
+    def _tls(self, sock: Any, ctx: Any, hostname: str | None) -> Any:
+        # The stdlib socket class whatever the context's class (a gevent context would make a
+        # cooperative socket, unusable in a thread without a hub).
+        return _StdSSLSocket._create(sock=sock, server_hostname=hostname, context=ctx,
+                                     do_handshake_on_connect=False)
 
     def spawn(self, fn: Callable[..., Any], *args: Any) -> Any:
         from concurrent.futures import ThreadPoolExecutor
@@ -191,6 +211,11 @@ class GeventWorld(World):
 
     def io(self, sock: Any) -> Any:
         return _GeventIO(sock)
+
+    def _tls(self, sock: Any, ctx: Any, hostname: str | None) -> Any:
+        from gevent.ssl import SSLSocket
+
+        return SSLSocket(sock=sock, server_hostname=hostname, _context=ctx, do_handshake_on_connect=False)
 
     def spawn(self, fn: Callable[..., Any], *args: Any) -> Any:
         from gevent.event import AsyncResult
@@ -263,6 +288,68 @@ class _ThreadsIO:
         return data
 
 
+class _ThreadsTLSIO:
+    """A non-blocking TLS socket driven with ``poll``. OpenSSL must not run a read and a write on one
+    connection at once, so each (never blocking) SSL call holds a lock; waits happen outside it."""
+
+    __slots__ = ("sock", "_lock", "_poller")
+
+    def __init__(self, sock: Any) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self._lock = _allocate_lock()
+        self._poller = _original_poll()
+        self._poller.register(sock.fileno(), select.POLLIN)
+
+    def _wait(self, events: int, deadline: float, what: str) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"timed out {what}")
+        poller = _original_poll()
+        poller.register(self.sock.fileno(), events)
+        poller.poll(math.ceil(remaining * 1000))
+
+    def send_all(self, data: bytes, deadline: float) -> None:
+        view = memoryview(data)
+        while view:
+            want = select.POLLOUT
+            with self._lock:
+                try:
+                    sent = self.sock.send(view)
+                except ssl.SSLWantReadError:
+                    sent, want = 0, select.POLLIN
+                except (ssl.SSLWantWriteError, BlockingIOError):
+                    sent = 0
+            if sent:
+                view = view[sent:]
+            else:
+                self._wait(want, deadline, "writing the request")
+
+    def recv(self, deadline: float) -> bytes:
+        while True:
+            want = select.POLLIN
+            with self._lock:
+                try:
+                    data: bytes = self.sock.recv(RECV_SIZE)
+                    return data
+                except ssl.SSLWantWriteError:
+                    want = select.POLLOUT
+                except (ssl.SSLWantReadError, BlockingIOError):
+                    pass
+            self._wait(want, deadline, "waiting for the reply")
+
+    def readable(self) -> bool:
+        return self.sock.pending() > 0 or bool(self._poller.poll(0))
+
+    def recv_nowait(self) -> bytes | None:
+        with self._lock:
+            try:
+                data: bytes = self.sock.recv(RECV_SIZE)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                return None
+        return data
+
+
 class _GeventIO:
     """A gevent socket: its timeout is per greenlet call, and greenlets never interleave between
     setting it and using it."""
@@ -275,7 +362,9 @@ class _GeventIO:
         self._poller.register(sock.fileno(), select.POLLIN)
 
     def readable(self) -> bool:
-        return bool(self._poller.poll(0))  # never blocks, so the real poll is fine in a greenlet
+        # poll(0) never blocks, so the real poll is fine in a greenlet; TLS may hold decrypted bytes.
+        pending = getattr(self.sock, "pending", None)
+        return (pending is not None and pending() > 0) or bool(self._poller.poll(0))
 
     def send_all(self, data: bytes, deadline: float) -> None:
         remaining = deadline - time.monotonic()
@@ -298,7 +387,7 @@ class _GeventIO:
         sock.settimeout(0.0)
         try:
             data: bytes = sock.recv(RECV_SIZE)
-        except BlockingIOError:
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return None
         return data
 

@@ -9,7 +9,7 @@ from typing import Any
 from .clientconn import ClientConnection
 from .codec import Codec
 from .concurrency import World, fork_generation, real_lock
-from .errors import ConnectError
+from .errors import ConnectError, remote_error
 
 __all__ = ["Pool", "Balancer", "connect_backoff"]
 
@@ -38,6 +38,9 @@ class Pool:
     (kept below the server's own idle timeout, so the server never closes one under a request), when
     a reply is long overdue, or when it was inherited across ``fork()``.
 
+    A new connection is wrapped in TLS when ``ssl_context`` is set, and sends AUTH with
+    ``auth_token`` before anything else when that is set.
+
     Failure behaviour: a failed connect raises :class:`ConnectError` (nothing was sent) and takes the
     address out of rotation for a jittered, growing backoff; while it is out, ``acquire`` fails at
     once unless a connection is still open, and after it one caller at a time probes it.
@@ -45,7 +48,8 @@ class Pool:
     """
 
     def __init__(self, address: str, world: World, codec: Codec, *, size: int, share: int,
-                 connect_timeout: float, idle_timeout: float, validate_after: float, max_reply_bytes: int) -> None:
+                 connect_timeout: float, idle_timeout: float, validate_after: float, max_reply_bytes: int,
+                 ssl_context: Any = None, server_hostname: str | None = None, auth_token: str | None = None) -> None:
         self.address = address
         self.world = world
         self.codec = codec
@@ -55,6 +59,9 @@ class Pool:
         self.idle_timeout = idle_timeout
         self.validate_after = validate_after
         self.max_reply_bytes = max_reply_bytes
+        self.ssl_context = ssl_context
+        self.server_hostname = server_hostname
+        self.auth_token = auth_token
         self.conns: list[ClientConnection] = []
         self.connecting = 0
         self.failures = 0
@@ -136,8 +143,8 @@ class Pool:
 
     def _connect(self, deadline: float, fallback: ClientConnection | None) -> ClientConnection:
         try:
-            sock = self.world.connect(self.address, min(self.connect_timeout,
-                                                        max(0.001, deadline - time.monotonic())))
+            sock = self.world.connect(self.address, min(self.connect_timeout, max(0.001, deadline - time.monotonic())),
+                                      self.ssl_context, self.server_hostname)
         except ConnectError as exc:
             with self.lock:
                 self.last_error = str(exc)
@@ -152,6 +159,14 @@ class Pool:
                 self._connect_done()
             raise
         conn = ClientConnection(sock, self.address, self.world, self.codec, self.max_reply_bytes)
+        if self.auth_token is not None:
+            try:
+                self._authenticate(conn, deadline)
+            except BaseException:
+                conn.close("authentication failed")
+                with self.lock:
+                    self._connect_done()
+                raise
         with self.lock:
             self.failures = 0
             self.down_until = 0.0
@@ -161,6 +176,13 @@ class Pool:
                 raise ConnectError(f"pool for {self.address} is closed")
             self.conns.append(conn)
         return conn
+
+    def _authenticate(self, conn: ClientConnection, deadline: float) -> None:
+        """Send AUTH (builtin -4) first; its :class:`RemoteError` (401) propagates as is."""
+        reply = conn.request(-4, {"token": self.auth_token}, deadline)
+        assert reply is not None
+        if reply["code"]:
+            raise remote_error(reply)
 
     def _connect_done(self) -> None:
         self.connecting -= 1

@@ -43,7 +43,7 @@ def addr(server: Server) -> str:
 
 
 class ServerProcess:
-    """``geventtcp serve tests.client_app`` in a subprocess; ``address`` once it listens."""
+    """A one-process server for tests.client_app in a subprocess (patched); ``address`` once it listens."""
 
     def __init__(self, port: int = 0, *args: str, **environ: str) -> None:
         self.port = port
@@ -53,8 +53,7 @@ class ServerProcess:
         self.start()
 
     def start(self, timeout: float = 20.0) -> None:
-        cmd = [sys.executable, "-m", "geventtcp", "serve", "tests.client_app:registry",
-               "-b", f"127.0.0.1:{self.port}", *self.args]
+        cmd = [sys.executable, "-m", "tests.client_server", str(self.port), *self.args]
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env(**self.environ), stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + timeout
