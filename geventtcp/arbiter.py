@@ -301,6 +301,7 @@ class Arbiter:
 
     def handle_usr1(self) -> None:
         reopen_log_files()
+        log.info("log files reopened")
         self._signal_all(signal.SIGUSR1)
 
     # -- workers ---------------------------------------------------------------------------------

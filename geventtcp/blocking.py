@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import threading
 import warnings
 from types import FrameType
 from typing import Any
@@ -59,7 +58,7 @@ def running_requests(server: Any) -> list[Request]:
 
 def _describe(req: Request | None) -> str:
     if req is None:
-        return "no request (the hub itself or a background greenlet)"
+        return "no running request (outside any handler, or it returned before it could be named)"
     peer = req.address
     if isinstance(peer, tuple):
         peer = f"{peer[0]}:{peer[1]}"
@@ -77,16 +76,18 @@ def enable_blocking_detector(max_blocking_time: float) -> bool:
     import gevent
     from gevent import events
     from gevent.hub import get_hub
+    from gevent.monkey import get_original
 
     gevent.config.monitor_thread = True
     gevent.config.max_blocking_time = max_blocking_time
     gevent.config.print_blocking_reports = False
-    hub_thread = threading.main_thread().ident
+    # The OS id of this (the hub's) thread: threading's own ident is patched to a greenlet's.
+    hub_thread = get_original("_thread", "get_ident")()
 
     def on_event(event: Any) -> None:
         if not isinstance(event, events.EventLoopBlocked):
             return
-        frame = sys._current_frames().get(hub_thread) if hub_thread is not None else None
+        frame = sys._current_frames().get(hub_thread)
         req = request_in_stack(frame)
         log.warning("event loop blocked for more than %.3gs by %s", event.blocking_time, _describe(req))
         if log.isEnabledFor(logging.DEBUG):

@@ -6,7 +6,7 @@ import logging
 import socket
 
 from .metrics import prometheus_text, read_snapshots
-from .sockets import create_listener
+from .sockets import create_listener, format_address
 
 __all__ = ["MetricsEndpoint"]
 
@@ -28,6 +28,7 @@ class MetricsEndpoint:
         self.sock = socket.socket(listener.family, listener.type, fileno=listener.detach())
         self.sock.setblocking(False)
         self.stats_dir = stats_dir
+        log.info("metrics on http://%s/metrics", format_address(self.sock))
 
     def fileno(self) -> int:
         return self.sock.fileno()

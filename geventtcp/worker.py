@@ -100,7 +100,7 @@ class _Worker:
         gevent.signal_handler(signal.SIGHUP, self.drain, "reload")
         gevent.signal_handler(signal.SIGINT, self.quit)
         gevent.signal_handler(signal.SIGQUIT, self.quit)
-        gevent.signal_handler(signal.SIGUSR1, reopen_log_files)
+        gevent.signal_handler(signal.SIGUSR1, self._reopen_logs)
         heartbeat = gevent.spawn(self._heartbeat)
         if os.getcwd() not in sys.path and "" not in sys.path:
             sys.path.insert(0, os.getcwd())
@@ -120,6 +120,7 @@ class _Worker:
         server.calls[Builtin.STATS] = self._stats_all  # any worker answers for all of them
         enable_blocking_detector(cfg.blocking_time)
         self._set_state(STATE_SERVING)
+        self._write_stats()  # STATS on any worker lists this one from now on
         if self.pending_stop:
             self.drain(self.pending_stop)
         server.serve_forever()
@@ -160,6 +161,10 @@ class _Worker:
             return
         self._set_state(STATE_DRAINING)
         log.info("worker draining (%s)", reason)
+        # Flag it now, not when the stop greenlet first runs: a reader that finishes a batch in
+        # the meantime then sends its goaway instead of reading the next request.
+        self.server.draining = True
+        self.server.drain_reason = reason
         if reason == "shutdown":
             self._refuse_backlog(reason)
         gevent.spawn(self.server.stop, self.config.graceful_timeout, reason)
@@ -178,6 +183,11 @@ class _Worker:
                 except OSError:
                     break
                 gevent.spawn(_goaway_and_linger, gsocket.socket(fileno=fd), line)
+
+    @staticmethod
+    def _reopen_logs() -> None:
+        reopen_log_files()
+        log.info("log files reopened")
 
     def quit(self) -> None:
         if self.server is None:

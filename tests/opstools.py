@@ -79,12 +79,14 @@ def poll(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 
 class Launcher:
     """``python -m geventtcp serve APP ...`` as a subprocess; collects its log lines in a thread."""
 
-    def __init__(self, app_dir: Path, *args: str, app: str = "opsapp", env: dict[str, str] | None = None) -> None:
+    def __init__(self, app_dir: Path, *args: str, app: str = "opsapp", env: dict[str, str] | None = None,
+                 log_path: Path | None = None) -> None:
         argv = [sys.executable, "-m", "geventtcp", "serve", app, "--bind", "127.0.0.1:0", *args]
         environ = {**os.environ, "PYTHONPATH": f"{app_dir}{os.pathsep}{ROOT}", **(env or {})}
         self.proc = subprocess.Popen(argv, cwd=str(app_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env=environ, text=True)
         self.lines: list[str] = []
+        self.log_path = log_path  # with --log-file: follow that file instead of the output
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         match = self.wait_log(r"master (\d+) bound (\S+?)[;,]", timeout=15)
@@ -94,8 +96,26 @@ class Launcher:
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
+        if self.log_path is None:
+            for line in self.proc.stdout:
+                self.lines.append(line)
+            return
+        offset = 0
+        while True:  # follow the log file by name (it may be renamed and recreated)
+            exited = self.proc.poll() is not None
+            try:
+                with open(self.log_path, encoding="utf-8") as fh:
+                    fh.seek(offset)
+                    data = fh.read()
+            except FileNotFoundError:
+                data = ""
+            complete = data[: data.rfind("\n") + 1]
+            offset += len(complete.encode())
+            self.lines.extend(complete.splitlines(keepends=True))
+            if exited:
+                self.lines.append(self.proc.stdout.read())
+                return
+            time.sleep(0.02)
 
     @property
     def output(self) -> str:
@@ -171,12 +191,12 @@ def call_once(address: Any, cmdid: int, params: dict[str, Any] | None = None, ti
     with sock:
         sock.sendall(json.dumps({"cmdid": cmdid, "id": 1, "params": params or {}}).encode() + b"\n")
         data = b""
-        while not data.endswith(b"\n"):
+        while b"\n" not in data:
             chunk = sock.recv(65536)
             if not chunk:
                 raise ConnectionError("closed before a reply")
             data += chunk
-    reply = json.loads(data)
+    reply = json.loads(data.split(b"\n", 1)[0])  # a goaway may follow the reply
     if reply.get("goaway"):
         raise ConnectionError(f"goaway {reply['goaway']}")
     if reply["code"]:

@@ -1,0 +1,124 @@
+"""Operations from the command line: ping/list/stats verbs, --print-config precedence, --check-config, metrics."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from gevent import socket
+
+from geventtcp.config import render_markdown
+
+from .helpers import ROOT
+from .opstools import Launcher, call_once, poll, write_app
+
+
+@pytest.fixture
+def app_dir(tmp_path: Path) -> Path:
+    write_app(tmp_path)
+    return tmp_path
+
+
+def _cli(*args: str, cwd: Path | str = ROOT, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("GEVENTTCP_")}
+    environ["PYTHONPATH"] = f"{cwd}{os.pathsep}{ROOT}"
+    return subprocess.run([sys.executable, "-m", "geventtcp", *args], capture_output=True, text=True, timeout=60,
+                          cwd=str(cwd), env={**environ, **(env or {})})
+
+
+def test_ping_list_and_stats_verbs_against_a_two_worker_server(app_dir: Path) -> None:
+    launcher = Launcher(app_dir, "--workers", "2")
+    try:
+        pids = launcher.wait_workers(2)
+        address = f"{launcher.address[0]}:{launcher.address[1]}"
+        for _ in range(5):
+            call_once(launcher.address, 1, {"n": 1})
+        ping = _cli("ping", address)
+        assert ping.returncode == 0 and "pong from pid" in ping.stdout and "draining: False" in ping.stdout
+        listing = _cli("list", address)
+        assert listing.returncode == 0
+        assert "       1  opsapp.echo (idempotent)" in listing.stdout and "Reply with the params." in listing.stdout
+        assert "       7  opsapp.spin\n" in listing.stdout
+
+        def echo_row() -> list[str] | None:  # other workers' numbers are up to one heartbeat (1 s) old
+            stats = _cli("stats", address)
+            assert stats.returncode == 0, stats.stderr
+            row = next(line.split() for line in stats.stdout.splitlines() if line.split()[:1] == ["1"])
+            return row if row[1] == "5" else None
+
+        row = poll(echo_row, 10)
+        assert row[2] == "0"  # count 5, errors 0, summed over both workers
+        stats = _cli("stats", address)
+        assert {int(line.split()[0]) for line in stats.stdout.splitlines()[-2:]} == pids
+    finally:
+        launcher.close()
+    gone = _cli("stats", address, "--timeout", "1")
+    assert gone.returncode == 1 and "Connection refused" in gone.stderr
+
+
+def test_metrics_endpoint_serves_prometheus_text_aggregated_over_workers(app_dir: Path) -> None:
+    launcher = Launcher(app_dir, "--workers", "2", "--metrics-bind", "127.0.0.1:0")
+    try:
+        host, _, port = launcher.wait_log(r"metrics on http://(\S+)/metrics").group(1).rpartition(":")
+        launcher.wait_workers(2)
+        for _ in range(4):
+            call_once(launcher.address, 1, {})
+        call_once(launcher.address, 9, {})
+
+        def scrape() -> str:
+            with socket.create_connection((host, int(port)), timeout=5) as sock:
+                sock.sendall(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+                data = b""
+                while chunk := sock.recv(65536):
+                    data += chunk
+            head, _, body = data.decode().partition("\r\n\r\n")
+            assert head.startswith("HTTP/1.0 200 OK") and "text/plain; version=0.0.4" in head
+            return body
+
+        body = poll(lambda: (b := scrape()) and 'geventtcp_requests_total{cmdid="1"} 4' in b and b, 5)
+        assert 'geventtcp_requests_total{cmdid="9"} 1' in body
+        assert 'geventtcp_request_duration_seconds_count{cmdid="1"} 4' in body
+        assert 'geventtcp_request_duration_seconds_bucket{cmdid="1",le="+Inf"} 4' in body
+        assert "geventtcp_workers 2" in body
+        assert body.count("geventtcp_worker_uptime_seconds{pid=") == 2
+    finally:
+        launcher.close()
+
+
+def test_print_config_shows_values_and_sources_in_precedence_order(tmp_path: Path) -> None:
+    (tmp_path / "geventtcp.conf.py").write_text("workers = 3\nmax_requests = 100\ntimeout = 5\nbacklog = 64\n")
+    out = _cli("serve", "handlers", "-c", str(tmp_path / "geventtcp.conf.py"), "--max-requests", "300",
+               "--print-config", env={"GEVENTTCP_MAX_REQUESTS": "200", "GEVENTTCP_TIMEOUT": "7"})
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: line for line in out.stdout.splitlines()}
+    assert rows["workers"].endswith("= 3  # file " + str(tmp_path / "geventtcp.conf.py"))  # file > default
+    assert rows["timeout"].endswith("= 7.0  # env GEVENTTCP_TIMEOUT")  # env > file
+    assert rows["max_requests"].endswith("= 300  # command line")  # CLI > env > file
+    assert rows["graceful_timeout"].endswith("= 30.0  # default")
+    toml = tmp_path / "geventtcp.toml"
+    toml.write_text('[geventtcp]\nworkers = "auto"\nbind = ["127.0.0.1:9001", "unix:/tmp/x.sock"]\n')
+    out = _cli("serve", "handlers", "-c", str(toml), "--print-config")
+    rows = {line.split()[0]: line for line in out.stdout.splitlines()}
+    assert "['127.0.0.1:9001', 'unix:/tmp/x.sock']" in rows["bind"] and rows["workers"].startswith("workers")
+    assert "= 0  # file" in rows["workers"]  # auto: one per CPU
+
+
+def test_check_config_loads_the_app_and_reports(app_dir: Path) -> None:
+    good = _cli("serve", "opsapp", "--check-config", cwd=app_dir)
+    assert good.returncode == 0 and "opsapp registers 4 command(s)" in good.stdout
+    (app_dir / "badapp.py").write_text("import no_such_module_here\n")
+    bad = _cli("serve", "badapp", "--check-config", cwd=app_dir)
+    assert bad.returncode == 1 and "no_such_module_here" in bad.stderr
+    invalid = _cli("serve", "opsapp", "--check-config", "--max-requests", "many", cwd=app_dir)
+    assert invalid.returncode == 1 and "max_requests" in invalid.stderr
+    log_config = _cli("serve", "opsapp", "--check-config", "--log-config", str(app_dir / "nope.json"), cwd=app_dir)
+    assert log_config.returncode == 1 and "nope.json" in log_config.stderr
+
+
+def test_settings_verb_prints_the_readme_table() -> None:
+    out = _cli("settings", "--markdown")
+    assert out.returncode == 0 and out.stdout.strip() == render_markdown().strip()
+    assert "--max-connection-age" in _cli("settings").stdout

@@ -1,0 +1,136 @@
+"""Worker-side features in real launcher processes: max_requests, connection age, heartbeat, logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import gevent
+import pytest
+
+from .opstools import Caller, Launcher, call_once, poll, write_app
+
+
+@pytest.fixture
+def app_dir(tmp_path: Path) -> Path:
+    write_app(tmp_path)
+    return tmp_path
+
+
+def test_max_requests_with_jitter_restarts_workers_gracefully(app_dir: Path) -> None:
+    launcher = Launcher(app_dir, "--workers", "1", "--max-requests", "20", "--max-requests-jitter", "5")
+    try:
+        caller = Caller(launcher.address)  # no STATS call first: every request here counts
+        served: dict[int, int] = {}
+        order: list[int] = []
+        for i in range(90):
+            reply = caller.call(9, request_id=i)
+            assert reply["code"] == 0 and reply["id"] == i
+            pid = reply["data"]["pid"]
+            if pid not in served:
+                order.append(pid)
+            served[pid] = served.get(pid, 0) + 1
+        caller.close()
+        assert len(order) >= 3, served
+        for pid in order[:-1]:  # every retired worker served its limit: 20 plus its jitter
+            assert 20 <= served[pid] <= 25, served
+        assert set(caller.goaways) == {"max_requests"}
+        launcher.wait_log("autorestarting worker after")
+    finally:
+        launcher.close()
+
+
+def test_connection_older_than_max_connection_age_gets_a_goaway(app_dir: Path) -> None:
+    launcher = Launcher(app_dir, "--max-connection-age", "0.5", "--max-connection-age-jitter", "0.2")
+    try:
+        launcher.wait_workers(1)
+        caller = Caller(launcher.address)
+        assert caller.call(1, {"n": 1})["data"] == {"n": 1}
+        caller.sock.settimeout(5)
+        assert json.loads(caller._readline()) == {
+            "code": 503, "cmdid": None, "goaway": "max_age", "msg": "server is going away (max_age)"}
+        assert caller._readline() == b""  # then the server closes
+        caller.close()
+        assert caller.call(1, {"n": 2})["data"] == {"n": 2}  # the client reconnects, nothing lost
+    finally:
+        launcher.close()
+
+
+def test_a_worker_stuck_past_timeout_is_aborted_and_replaced(app_dir: Path) -> None:
+    launcher = Launcher(app_dir, "--workers", "1", "--timeout", "1", "--blocking-time", "0")
+    try:
+        (stuck,) = launcher.wait_workers(1)
+        caller = Caller(launcher.address)
+        with pytest.raises(Caller.MaybeExecutedError):
+            caller.call(7, {"seconds": 8})  # spins the CPU: no heartbeat while it runs
+        launcher.wait_log(rf"WORKER TIMEOUT \(pid:{stuck}\)")
+        launcher.wait_log(rf"Worker \(pid:{stuck}\) was (killed by SIGABRT|sent SIGKILL)")
+        assert launcher.wait_workers(1, exclude={stuck})
+        assert "Current thread" in launcher.output or "Thread 0x" in launcher.output  # faulthandler's stack
+    finally:
+        launcher.close()
+
+
+def test_blocking_detector_names_the_cmdid_of_a_cpu_bound_handler(app_dir: Path) -> None:
+    launcher = Launcher(app_dir, "--blocking-time", "0.1")
+    try:
+        launcher.wait_workers(1)
+        caller = Caller(launcher.address)
+        assert caller.call(1, {})["code"] == 0
+        assert "event loop blocked" not in launcher.output
+        assert caller.call(7, {"seconds": 0.6}, request_id=41)["data"] == "spun"
+        launcher.wait_log(r"event loop blocked for more than 0.1s by cmdid 7 \(id 41, peer 127\.0\.0\.1:\d+\)")
+        gevent.sleep(0.3)  # the monitor thread's last report of that block may still come
+        reports = launcher.output.count("event loop blocked")
+        assert caller.call(2, {"seconds": 0.5})["code"] == 0  # a cooperative sleep is no block
+        gevent.sleep(0.3)
+        assert launcher.output.count("event loop blocked") == reports
+    finally:
+        launcher.close()
+
+
+def test_access_log_lines_and_usr1_reopens_the_log_file(app_dir: Path) -> None:
+    log_file = app_dir / "geventtcp.log"
+    launcher = Launcher(app_dir, "--workers", "2", "--access-log", "--log-file", str(log_file), log_path=log_file)
+    try:
+        poll(lambda: log_file.exists() and log_file.read_text().count("listening on") >= 2)
+        caller = Caller(launcher.address)
+        assert caller.call(1, {"a": 1}, request_id=7)["code"] == 0
+        assert caller.call(404, request_id=8)["code"] == 404  # unknown cmdids are not access-logged
+        assert caller.call(1, {}, request_id=9)["code"] == 0
+        poll(lambda: "cmdid=1 id=9 code=0" in log_file.read_text())
+        lines = [line for line in log_file.read_text().splitlines() if "geventtcp.access" in line]
+        assert len(lines) == 2 and "127.0.0.1:" in lines[0] and "cmdid=1 id=7 code=0" in lines[0]
+        assert lines[0].endswith("ms")
+        os.rename(log_file, app_dir / "geventtcp.log.1")  # logrotate moves the file...
+        launcher.signal(signal.SIGUSR1)  # ...and asks for a reopen
+        # The master and both workers each reopen (and say so in the new file).
+        poll(lambda: log_file.exists() and log_file.read_text().count("log files reopened") == 3)
+        assert caller.call(1, {}, request_id=10)["code"] == 0
+        poll(lambda: "cmdid=1 id=10 code=0" in log_file.read_text())
+        assert "id=10" not in (app_dir / "geventtcp.log.1").read_text()
+        caller.close()
+    finally:
+        launcher.close()
+
+
+def test_log_config_dictconfig_file_routes_the_access_log(app_dir: Path) -> None:
+    access_file = app_dir / "access.log"
+    (app_dir / "logging.json").write_text(json.dumps({
+        "version": 1,
+        "formatters": {"bare": {"format": "ACCESS %(message)s"}},
+        "handlers": {"access": {"class": "logging.FileHandler", "filename": str(access_file),
+                                "formatter": "bare"}},
+        "loggers": {"geventtcp.access": {"handlers": ["access"], "level": "INFO", "propagate": False}},
+    }))
+    launcher = Launcher(app_dir, "--access-log", "--log-config", str(app_dir / "logging.json"))
+    try:
+        launcher.wait_workers(1)
+        assert call_once(launcher.address, 1, {"x": 1}) == {"x": 1}
+        poll(lambda: access_file.exists() and "cmdid=1 id=1 code=0" in access_file.read_text())
+        assert access_file.read_text().startswith("ACCESS 127.0.0.1:")
+        assert "cmdid=1 id=1" not in launcher.output  # routed only to the dictConfig handler
+    finally:
+        launcher.close()
