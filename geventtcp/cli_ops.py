@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 from typing import Any
 
@@ -15,31 +14,16 @@ __all__ = ["call_builtin"]
 
 
 def call_builtin(address: str, cmdid: int, timeout: float = 5.0) -> Any:
-    """One blocking request/reply exchange with the server at ``address``; returns the reply's data.
+    """Call a built-in command of the server at ``address`` through :class:`geventtcp.client.Client`.
 
-    Raises ``OSError`` when the server cannot be reached or closes early (a goaway included), and
-    ``geventtcp.RemoteError`` when it answers with an error code. The socket is closed on return.
+    Returns the reply's data. Raises a ``geventtcp`` transport error (an ``OSError``) when the server
+    cannot be reached, and a ``RemoteError`` when it answers with an error code; a goaway is
+    retried by the client. The connection is closed on return.
     """
-    from .errors import remote_error
-    from .sockets import parse_address
+    from .client import Client
 
-    family, addr = parse_address(address)
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(addr)
-        sock.sendall(json.dumps({"cmdid": cmdid, "id": 1, "params": {}}).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise ConnectionError(f"{address} closed the connection before replying")
-            data += chunk
-    reply = json.loads(data.split(b"\n", 1)[0])
-    if reply.get("goaway"):
-        raise ConnectionError(f"{address} is going away ({reply['goaway']}); try again")
-    if reply.get("code"):
-        raise remote_error(reply)
-    return reply.get("data")
+    with Client(address, timeout=timeout, connect_timeout=timeout, mode="threads") as client:
+        return client.call(cmdid, {}, idempotent=True)
 
 
 def _address_argument(parser: argparse.ArgumentParser) -> None:
