@@ -11,7 +11,7 @@ from .helpers import ROOT
 
 
 def test_short_soak_is_flat() -> None:
-    proc = subprocess.run([sys.executable, os.path.join("bench", "soak.py"), "--duration", "15", "--interval", "3",
+    proc = subprocess.run([sys.executable, os.path.join("bench", "soak.py"), "--duration", "12", "--interval", "3",
                            "--clients", "10", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=100)
     print(proc.stdout)
     assert proc.returncode == 0, proc.stdout + proc.stderr
