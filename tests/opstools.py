@@ -89,7 +89,12 @@ class Launcher:
         self.log_path = log_path  # with --log-file: follow that file instead of the output
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        match = self.wait_log(r"master (\d+) bound (\S+?)[;,]", timeout=15)
+        try:
+            match = self.wait_log(r"master (\d+) bound (\S+?)[;,]", timeout=15)
+        except BaseException:
+            self.proc.kill()  # nothing may outlive a failed start (orphaned workers exit within a heartbeat)
+            self.proc.wait()
+            raise
         self.master = int(match.group(1))
         host, _, port = match.group(2).rpartition(":")
         self.address = (host, int(port))
