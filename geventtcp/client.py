@@ -225,21 +225,25 @@ class Client:
             self._after_fork()
         balancer = self._balancers.get(world.key)
         if balancer is None:
-            if self.closed:
-                raise NotSent("the client is closed")
-            with self._lock:
-                balancer = self._balancers.get(world.key)
-                if balancer is None:
-                    balancer = self._balancers[world.key] = Balancer([
-                        Pool(address, world, self.codec, size=self.pool_size,
-                             share=1 if world.name == "threads" else 64,
-                             connect_timeout=self.connect_timeout, idle_timeout=self.idle_timeout,
-                             validate_after=self.validate_after, max_reply_bytes=self.max_reply_bytes,
-                             ssl_context=self.ssl_context, server_hostname=self.server_hostname,
-                             auth_token=self.auth_token)
-                        for address in self.addresses
-                    ])
+            balancer = self._new_balancer(world)
         return balancer, world
+
+    def _new_balancer(self, world: World) -> Balancer:
+        if self.closed:
+            raise NotSent("the client is closed")
+        with self._lock:
+            balancer = self._balancers.get(world.key)
+            if balancer is None:
+                balancer = self._balancers[world.key] = Balancer([
+                    Pool(address, world, self.codec, size=self.pool_size,
+                         share=1 if world.name == "threads" else 64,
+                         connect_timeout=self.connect_timeout, idle_timeout=self.idle_timeout,
+                         validate_after=self.validate_after, max_reply_bytes=self.max_reply_bytes,
+                         ssl_context=self.ssl_context, server_hostname=self.server_hostname,
+                         auth_token=self.auth_token)
+                    for address in self.addresses
+                ])
+        return balancer
 
     def _after_fork(self) -> None:
         """In a forked child: drop the parent's connections (descriptors only) and start afresh."""

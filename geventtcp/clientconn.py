@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import _socket
 import itertools
+import json
 import logging
 import socket
 import time
@@ -28,6 +29,33 @@ STALL_AFTER = 0.02
 #: Share of the caller's remaining time kept back from the ``timeout_ms`` sent to the server (at most
 #: 50 ms), so that the server's 504 reply arrives before the caller's own deadline.
 _DEADLINE_MARGIN = 0.05
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+class _ReplyCodec(Codec):
+    """Requests are encoded by the client's codec; replies, which come from a geventtcp server and are
+    pure ASCII JSON, are parsed by the stdlib's C decoder: strict UTF-8, no NaN/Infinity, but without
+    the per-object duplicate-key hook the server needs against hostile input (a third of a small
+    call's cost). Anything unreadable is a ``ValueError``, which :func:`decode_reply` turns into a
+    :class:`ProtocolError`."""
+
+    def __init__(self, codec: Codec) -> None:
+        self.name = codec.name
+        self.dumps = codec.dumps  # type: ignore[method-assign]
+        self._raw_decode = json.JSONDecoder(parse_constant=_reject_constant).raw_decode
+
+    def loads(self, line: bytes) -> Any:
+        try:
+            text = line.decode("utf-8")
+            value, end = self._raw_decode(text)
+        except RecursionError:
+            raise ValueError("JSON nesting too deep") from None
+        if end != len(text) and not text[end:].isspace():
+            raise ValueError(f"extra data after the JSON value at {end}")
+        return value
 
 
 def _shutdown(sock: Any) -> None:
@@ -84,7 +112,7 @@ class ClientConnection:
         self.io = world.io(sock)
         self.address = address
         self.world = world
-        self.codec = codec
+        self.codec = _ReplyCodec(codec)
         self.state = real_lock()  # guards the fields below; never held across I/O
         self.wlock = world.lock()  # one writer at a time, so request lines never interleave
         self.calls: dict[int, _Call] = {}  # in write order, which is the server's reply order
@@ -157,14 +185,17 @@ class ClientConnection:
                 raise
             with self.state:
                 call.written = True
+                self.writing = False
                 if self.closed:  # failed by a reader while we wrote: the line is out, its reply is not
                     self.calls.pop(rid, None)
+                    self._close_socket_if_unused()
                     raise MaybeExecuted(f"{self.address}: {self.reason}")
-            self.last_active = time.monotonic()
+            self.last_active = call.sent
         finally:
-            with self.state:
-                self.writing = False
-                self._close_socket_if_unused()
+            if self.writing:  # only on the failure paths above
+                with self.state:
+                    self.writing = False
+                    self._close_socket_if_unused()
             wlock.release()
 
     def _wait(self, call: _Call, deadline: float) -> None:

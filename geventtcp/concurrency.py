@@ -14,7 +14,6 @@ import os
 import select
 import socket as _socket
 import ssl
-import sys
 import time
 import weakref
 from collections.abc import Callable
@@ -401,24 +400,23 @@ def _patched() -> bool:
     return bool(_monkey.is_module_patched("socket"))
 
 
+_socket_module: Any = _socket  # ``socket.socket`` is gevent's class once the module is patched
+_get_hub_if_exists: Callable[[], Any] = importlib.import_module("gevent._hub_local").get_hub_if_exists
+
+
 def current_world(mode: str = "auto") -> World:
     """The world of the calling thread/greenlet: ``mode`` is ``auto``, ``threads`` or ``gevent``.
 
     ``auto`` is gevent when ``socket`` is monkey-patched or the calling thread already has a hub,
-    threads otherwise. Cheap enough to call on every request.
+    threads otherwise. Cheap enough to call on every request (two lookups in the threads world).
     """
     if mode == "threads":
         return THREADS
-    hub_local: Any = sys.modules.get("gevent._hub_local")
-    if hub_local is None:  # gevent was never used in this process
-        if mode != "gevent":
-            return THREADS
-        hub_local = importlib.import_module("gevent._hub_local")
-    hub = hub_local.get_hub_if_exists()
+    hub = _get_hub_if_exists()
     if hub is None:
-        if mode != "gevent" and not _patched():
+        if mode != "gevent" and _socket_module.socket is _real_socket:
             return THREADS
-        hub = hub_local.get_hub()
+        hub = importlib.import_module("gevent._hub_local").get_hub()
     world = _gevent_worlds.get(hub)
     if world is None:
         world = _gevent_worlds[hub] = GeventWorld(hub)

@@ -58,6 +58,7 @@ class Pool:
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
         self.validate_after = validate_after
+        self.fresh_for = min(validate_after, idle_timeout)  # no checkout checks needed before that
         self.max_reply_bytes = max_reply_bytes
         self.ssl_context = ssl_context
         self.server_hostname = server_hostname
@@ -89,6 +90,12 @@ class Pool:
         While the bound is reached only by connects still in progress, the caller waits (until its
         deadline) for one of them instead of opening more.
         """
+        conns = self.conns
+        if len(conns) == 1:  # the common case, checked without the lock: idle, healthy, recently used
+            conn = conns[0]
+            if (not conn.calls and not conn.closed and conn.generation == fork_generation()
+                    and time.monotonic() - conn.last_active < self.fresh_for):
+                return conn
         while True:
             now = time.monotonic()
             with self.lock:

@@ -254,14 +254,22 @@ def encode_request(
     timeout_ms: int | None = None,
     timestamp: int | None = None,
 ) -> bytes:
-    """Encode a request line (the client side of the same contract)."""
-    body: dict[str, Any] = {"cmdid": cmdid, "timestamp": int(time.time()) if timestamp is None else timestamp,
-                            "params": {} if params is None else params}
+    """Encode a request line (the client side of the same contract).
+
+    Only ``params`` (and a non-integer ``id``) go through the codec; the envelope is formatted
+    directly, which keeps a client's per-call cost down. ``ValueError``/``TypeError`` when ``params``
+    has no strict JSON form or ``cmdid`` is not an integer.
+    """
+    if type(cmdid) is not int and not (isinstance(cmdid, int) and not isinstance(cmdid, bool)):
+        raise TypeError(f"cmdid must be an integer, not {type(cmdid).__name__}")
+    body = b"{}" if params is None or (type(params) is dict and not params) else codec.dumps(params)
+    line = b'{"cmdid":%d,"timestamp":%d,"params":%b' % (
+        cmdid, int(time.time()) if timestamp is None else timestamp, body)
     if id is not None:
-        body["id"] = id
+        line += b',"id":%d' % id if type(id) is int else b',"id":' + codec.dumps(id)
     if timeout_ms is not None:
-        body["timeout_ms"] = max(1, int(timeout_ms))
-    return codec.dumps(body) + b"\n"
+        line += b',"timeout_ms":%d' % max(1, int(timeout_ms))
+    return line + b"}\n"
 
 
 def decode_reply(codec: Codec, line: bytes) -> dict[str, Any]:

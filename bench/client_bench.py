@@ -1,0 +1,259 @@
+"""Client throughput next to redis-py and gRPC, same machine, same run; prints a Markdown table.
+
+    python bench/client_bench.py [--seconds 3] [--rounds 3]
+
+Rows (each the median of ``--rounds`` interleaved runs of ``--seconds``):
+
+* geventtcp Client, 1 plain thread (no gevent hub, no patching), sync ping (builtin cmdid -1)
+* geventtcp Client, 100 greenlets sharing one Client (gevent sockets, not patched)
+* geventtcp Client, 20 plain threads sharing one Client
+* a raw blocking socket doing the same ping (the server's own round-trip floor, no client at all)
+* redis-py ``PING`` against redis-server, 1 thread (skipped if redis-server is not installed)
+* grpcio sync unary call, 1 thread (a generic-handler servicer, no codegen), server in a subprocess
+
+Servers run in their own processes: ``geventtcp serve handlers -w 1``, ``redis-server``, and this
+script with ``--grpc-server`` for gRPC. Issue 6 targets: 1-thread sync >= 1.5x redis-py PING;
+100 greenlets >= 3x our own 1-thread rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+def rate(fn: Callable[[], None], seconds: float) -> float:
+    """Calls per second of ``fn`` in this thread, for ``seconds``."""
+    n = 0
+    end = time.perf_counter() + seconds
+    started = time.perf_counter()
+    while True:
+        for _ in range(50):
+            fn()
+        n += 50
+        if time.perf_counter() >= end:
+            return n / (time.perf_counter() - started)
+
+
+def threaded_rate(make: Callable[[], Callable[[], None]], threads: int, seconds: float) -> float:
+    counts = [0] * threads
+    stop = threading.Event()
+
+    def run(i: int) -> None:
+        fn = make()
+        while not stop.is_set():
+            for _ in range(20):
+                fn()
+            counts[i] += 20
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+    started = time.perf_counter()
+    for w in workers:
+        w.start()
+    time.sleep(seconds)
+    stop.set()
+    for w in workers:
+        w.join()
+    return sum(counts) / (time.perf_counter() - started)
+
+
+# -- the gRPC peer --------------------------------------------------------------------------------
+
+def grpc_server(port: int) -> None:
+    import grpc
+    from concurrent import futures
+
+    def ping(request: bytes, context: Any) -> bytes:
+        return b"PONG"
+
+    handler = grpc.method_handlers_generic_handler("bench.Bench", {
+        "Ping": grpc.unary_unary_rpc_method_handler(ping, request_deserializer=None, response_serializer=None)})
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    server.wait_for_termination()
+
+
+# -- rows -----------------------------------------------------------------------------------------
+
+def bench_threads(address: str, seconds: float) -> float:
+    from geventtcp.client import Client
+    from geventtcp.concurrency import THREADS, current_world
+
+    with Client(address, timeout=10) as client:
+        assert current_world() is THREADS
+        client.call(-1)
+        return rate(lambda: client.call(-1), seconds)
+
+
+def bench_20_threads(address: str, seconds: float) -> float:
+    from geventtcp.client import Client
+
+    with Client(address, timeout=10, pool_size=4) as client:
+        client.call(-1)
+        return threaded_rate(lambda: lambda: client.call(-1), 20, seconds)
+
+
+def bench_greenlets(address: str, seconds: float) -> float:
+    # A thread of its own, so that its gevent hub never touches the plain-threads rows.
+    result: list[float] = []
+
+    def run() -> None:
+        import gevent
+
+        from geventtcp.client import Client
+
+        with Client(address, timeout=10) as client:
+            gevent.sleep(0)
+            client.call(-1)
+            counts = [0]
+            stop: list[int] = []
+
+            def worker() -> None:
+                while not stop:
+                    client.call(-1)
+                    counts[0] += 1
+
+            jobs = [gevent.spawn(worker) for _ in range(100)]
+            started = time.perf_counter()
+            gevent.sleep(seconds)
+            stop.append(1)
+            gevent.joinall(jobs)
+            result.append(counts[0] / (time.perf_counter() - started))
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    return result[0]
+
+
+def bench_raw(port: int, seconds: float) -> float:
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        line = b'{"cmdid":-1,"id":1,"params":{}}\n'
+
+        def once() -> None:
+            s.sendall(line)
+            data = s.recv(65536)
+            while not data.endswith(b"\n"):
+                data += s.recv(65536)
+
+        return rate(once, seconds)
+
+
+def bench_redis(port: int, seconds: float) -> float:
+    import redis
+
+    r = redis.Redis(host="127.0.0.1", port=port)
+    r.ping()
+    try:
+        return rate(r.ping, seconds)
+    finally:
+        r.close()
+
+
+def bench_grpc(port: int, seconds: float) -> float:
+    import grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        ping = channel.unary_unary("/bench.Bench/Ping")
+        ping(b"PING", timeout=5)
+        return rate(lambda: ping(b"PING", timeout=5), seconds)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--grpc-server", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.grpc_server:
+        grpc_server(args.grpc_server)
+        return 0
+
+    procs: list[subprocess.Popen[bytes]] = []
+    ours, grpc_port = free_port(), free_port()
+    procs.append(subprocess.Popen([sys.executable, "-m", "geventtcp", "serve", "handlers", "-b", f"127.0.0.1:{ours}",
+                                   "-w", "1", "--log-level", "warning"], cwd=ROOT))
+    procs.append(subprocess.Popen([sys.executable, __file__, "--grpc-server", str(grpc_port)], cwd=ROOT))
+    redis_port = None
+    if shutil.which("redis-server"):
+        redis_port = free_port()
+        procs.append(subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                                       "--appendonly", "no"], stdout=subprocess.DEVNULL))
+    try:
+        for port in (ours, grpc_port) + ((redis_port,) if redis_port else ()):
+            wait_port(port)
+        address = f"127.0.0.1:{ours}"
+        rows: dict[str, Callable[[], float]] = {
+            "geventtcp Client, 1 thread, sync ping": lambda: bench_threads(address, args.seconds),
+            "geventtcp Client, 100 greenlets, one Client": lambda: bench_greenlets(address, args.seconds),
+            "geventtcp Client, 20 threads, one Client": lambda: bench_20_threads(address, args.seconds),
+            "raw socket, 1 thread (server round-trip floor)": lambda: bench_raw(ours, args.seconds),
+            "grpcio sync unary, 1 thread": lambda: bench_grpc(grpc_port, args.seconds),
+        }
+        if redis_port:
+            rows["redis-py PING, 1 thread (redis-server)"] = lambda: bench_redis(redis_port, args.seconds)
+        results: dict[str, list[float]] = {name: [] for name in rows}
+        for _ in range(args.rounds):
+            for name, run in rows.items():
+                results[name].append(run())
+        median = {name: statistics.median(values) for name, values in results.items()}
+        one = median["geventtcp Client, 1 thread, sync ping"]
+        print(f"\n{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, {args.rounds} rounds x {args.seconds:g} s, "
+              "median calls/s\n")
+        print("| client | calls/s | runs |")
+        print("|---|---:|---|")
+        for name, value in median.items():
+            runs = ", ".join(f"{v:,.0f}" for v in results[name])
+            print(f"| {name} | {value:,.0f} | {runs} |")
+        print()
+        if redis_port:
+            redis_rate = median["redis-py PING, 1 thread (redis-server)"]
+            print(f"1-thread sync vs redis-py PING: {one / redis_rate:.2f}x (target >= 1.5x)")
+        print(f"100 greenlets vs our 1 thread: {median['geventtcp Client, 100 greenlets, one Client'] / one:.2f}x "
+              "(target >= 3x)")
+        print(f"1-thread sync vs grpcio unary: {one / median['grpcio sync unary, 1 thread']:.2f}x")
+        return 0
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
