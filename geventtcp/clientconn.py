@@ -72,7 +72,8 @@ def _shutdown(sock: Any) -> None:
 class _Call:
     """One request in flight: the state the reader and the waiting caller share."""
 
-    __slots__ = ("id", "deadline", "sent", "reply", "error", "done", "written", "signal", "signaled", "abandoned")
+    __slots__ = ("id", "deadline", "sent", "reply", "error", "done", "written", "queued", "signal", "signaled",
+                 "abandoned")
 
     def __init__(self, id: int, deadline: float, abandoned: bool) -> None:
         self.id = id
@@ -82,6 +83,7 @@ class _Call:
         self.error: BaseException | None = None
         self.done = False
         self.written = False
+        self.queued = False  # waiting in a BatchingConnection's send queue
         self.signal: Any = None
         self.signaled = False
         self.abandoned = abandoned  # nobody waits: the reply is read and dropped
@@ -392,9 +394,15 @@ class ClientConnection:
         calls = list(self.calls.values())
         self.calls.clear()
         for call in calls:
-            if call.abandoned or not call.written:
+            if call.abandoned:
+                continue
+            if call.written:
+                call.error = kind(f"{self.address}: {reason}")
+            elif call.queued:  # its line never went out whole, and the connection is now closed
+                call.queued = False
+                call.error = NotSent(f"{self.address}: {reason} (request not sent)")
+            else:
                 continue  # an unwritten call's writer sees ``closed`` and raises NotSent itself
-            call.error = kind(f"{self.address}: {reason}")
             call.done = True
             if call.signal is not None and not call.signaled:
                 call.signaled = True

@@ -15,7 +15,6 @@ import select
 import socket as _socket
 import ssl
 import time
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -393,7 +392,6 @@ class _GeventIO:
 
 #: The one threads world of this process.
 THREADS = ThreadsWorld()
-_gevent_worlds: weakref.WeakKeyDictionary[Any, GeventWorld] = weakref.WeakKeyDictionary()
 
 
 def _patched() -> bool:
@@ -417,7 +415,7 @@ def current_world(mode: str = "auto") -> World:
         if mode != "gevent" and _socket_module.socket is _real_socket:
             return THREADS
         hub = importlib.import_module("gevent._hub_local").get_hub()
-    world = _gevent_worlds.get(hub)
+    world: GeventWorld | None = getattr(hub, "_geventtcp_world", None)
     if world is None:
-        world = _gevent_worlds[hub] = GeventWorld(hub)
+        world = hub._geventtcp_world = GeventWorld(hub)  # lives and dies with its hub
     return world

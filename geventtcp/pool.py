@@ -6,6 +6,7 @@ import random
 import time
 from typing import Any
 
+from .clientbatch import BatchingConnection
 from .clientconn import ClientConnection
 from .codec import Codec
 from .concurrency import World, fork_generation, real_lock
@@ -165,7 +166,9 @@ class Pool:
             with self.lock:
                 self._connect_done()
             raise
-        conn = ClientConnection(sock, self.address, self.world, self.codec, self.max_reply_bytes)
+        batching = self.world.name == "gevent" and self.ssl_context is None and hasattr(sock, "_sock")
+        conn = (BatchingConnection if batching else ClientConnection)(
+            sock, self.address, self.world, self.codec, self.max_reply_bytes)
         if self.auth_token is not None:
             try:
                 self._authenticate(conn, deadline)

@@ -1,0 +1,162 @@
+"""Gevent-world connections that coalesce the request lines of many greenlets into one ``send``."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from .clientconn import ClientConnection, _Call
+from .errors import CallTimeout, NotSent
+from .protocol import encode_request
+
+__all__ = ["BatchingConnection"]
+
+
+class BatchingConnection(ClientConnection):
+    """A :class:`ClientConnection` for greenlets of one hub, on a plain (non-TLS) gevent socket.
+
+    A request line is queued, and a hub callback sends everything queued in that turn of the event
+    loop with one non-blocking ``send``: when a reply batch wakes a hundred greenlets, their next
+    requests leave together and the server reads them together, instead of one wake-up of the
+    server per request. A caller alone pays nothing extra (its reader waits on the socket anyway,
+    which runs the callback first). If the socket buffer is full, a greenlet finishes the send.
+
+    Failure behaviour: a request is *written* once its last byte is accepted by the kernel. When the
+    send fails, written requests fail with MaybeExecuted and queued or partly sent ones with NotSent
+    (the connection is closed, so the server never sees a partial line); a caller that gives up on
+    a queued request takes it out of the queue, or, once its sending started, abandons it.
+    """
+
+    def __init__(self, sock: Any, address: str, world: Any, codec: Any, max_reply_bytes: int) -> None:
+        super().__init__(sock, address, world, codec, max_reply_bytes)
+        self.out: list[bytes] = []
+        self.out_calls: list[_Call] = []
+        self.flush_armed = False
+        self.sender: Any = None  # the greenlet finishing a send the kernel did not take at once
+        self._raw_send = sock._sock.send  # the OS socket is non-blocking under gevent
+        self._loop = world.key.loop
+
+    def request(self, cmdid: int, params: Any, deadline: float, detached: bool = False) -> dict[str, Any] | None:
+        if not detached:
+            return super().request(cmdid, params, deadline)
+        # ``send`` promises the line was written when it returns: flush now rather than next turn.
+        call = _Call(0, deadline, True)
+        self._write(cmdid, params, call, deadline)
+        if self.sender is None:
+            self._flush()
+        while not call.written and self.sender is not None and not self.closed:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise CallTimeout(f"timed out writing the request to {self.address}")
+            self.sender.join(remaining)
+        if not call.written:
+            raise NotSent(f"request to {self.address} not sent: {self.reason or 'connection closed'}")
+        self.poll()
+        return None
+
+    def _write(self, cmdid: int, params: Any, call: _Call, deadline: float) -> None:
+        now = time.monotonic()
+        remaining = deadline - now
+        if remaining <= 0:
+            raise NotSent(f"deadline passed before the request to {self.address} was written")
+        rid = call.id = next(self._ids)
+        call.sent = now
+        timeout_ms = int((remaining - min(0.05, remaining * 0.1)) * 1000) or 1
+        line = encode_request(self.codec, cmdid, params, rid, timeout_ms)
+        with self.state:
+            if self.closed:
+                raise NotSent(f"connection to {self.address} closed: {self.reason}")
+            self.calls[rid] = call
+            call.queued = True
+            self.out.append(line)
+            self.out_calls.append(call)
+        self.last_active = now
+        if not self.flush_armed and self.sender is None:
+            self.flush_armed = True
+            self._loop.run_callback(self._flush)
+
+    def _flush(self) -> None:
+        """Hub callback: send the queue without blocking; hand any rest to a sender greenlet."""
+        self.flush_armed = False
+        if self.sender is not None or self.closed or not self.out:
+            return
+        lines, calls = self.out, self.out_calls
+        self.out, self.out_calls = [], []
+        data = lines[0] if len(lines) == 1 else b"".join(lines)
+        try:
+            sent = self._raw_send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._fail(f"write failed: {exc}")
+            return
+        if sent == len(data):
+            for call in calls:
+                call.written = True
+                call.queued = False
+            return
+        ends: list[int] = []
+        end = 0
+        for line in lines:
+            end += len(line)
+            ends.append(end)
+        self._mark_written(calls, ends, sent)
+        import gevent
+
+        self.sender = gevent.spawn(self._send_rest, memoryview(data), sent, calls, ends)
+
+    @staticmethod
+    def _mark_written(calls: list[_Call], ends: list[int], sent: int) -> None:
+        for call, end in zip(calls, ends, strict=True):
+            if end <= sent and call.queued:
+                call.written = True
+                call.queued = False
+
+    def _send_rest(self, data: memoryview, sent: int, calls: list[_Call], ends: list[int]) -> None:
+        sock = self.sock
+        try:
+            deadline = max(call.deadline for call in calls)
+            while sent < len(data):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("timed out writing requests")
+                sock.settimeout(remaining)
+                sent += sock.send(data[sent:])
+                self._mark_written(calls, ends, sent)
+        except BaseException as exc:  # a kill too: the rest of a line may be unsent, so the stream is lost
+            self.sender = None
+            self._fail(f"write failed: {exc!r}")
+            if not isinstance(exc, Exception):
+                raise
+            return
+        self.sender = None
+        if self.out and not self.flush_armed:
+            self.flush_armed = True
+            self._loop.run_callback(self._flush)
+
+    def _abandon(self, call: _Call) -> bool:
+        with self.state:
+            if call.done:
+                return False
+            if call.queued and call in self.out_calls:  # never left this process: just forget it
+                index = self.out_calls.index(call)
+                del self.out_calls[index]
+                del self.out[index]
+                call.queued = False
+                self.calls.pop(call.id, None)
+                return True
+            if call.written:  # its reply, if any, is dropped when it comes
+                call.abandoned = True
+                return True
+            call.abandoned = True
+        # Cancelled while its line is partly sent: stop sending (as an interrupted sendall would),
+        # which breaks the stream, so the connection goes; the server never sees a partial line.
+        self._fail("request cancelled while being written")
+        return True
+
+    def _fail_locked(self, reason: str, kind: Any = None) -> None:
+        self.out, self.out_calls = [], []
+        if kind is None:
+            super()._fail_locked(reason)
+        else:
+            super()._fail_locked(reason, kind)
