@@ -149,3 +149,65 @@ def test_kill_9_workers_repeatedly_under_load(tmp_path: Path) -> None:
             assert executed[token] == 0, f"{token} was reported not processed but ran"
     assert outcomes[OK] > 1000
     assert outcomes[MAYBE] <= 16 * len(kills)  # at most the calls in flight on each killed worker
+
+
+def test_kill_9_with_the_real_client_never_runs_a_call_twice(tmp_path: Path) -> None:
+    """The same chaos through geventtcp.Client (its own retries on): the client's retry policy must
+    never resend a non-idempotent call whose outcome is unknown."""
+    from geventtcp.client import Client
+    from geventtcp.errors import ConnectError, MaybeExecuted, NotSent, RemoteError, Unprocessed
+
+    (tmp_path / "chaosapp.py").write_text(APP)
+    exec_log = tmp_path / "executions.log"
+    launcher = Launcher(tmp_path, "--workers", "3", app="chaosapp", env={"CHAOS_LOG": str(exec_log)})
+    final: dict[str, str] = {}
+    stop = False
+    kills: list[int] = []
+    try:
+        launcher.wait_workers(3)
+        address = f"{launcher.address[0]}:{launcher.address[1]}"
+        with Client(address, timeout=5, pool_size=2, retries=3) as client:
+
+            def caller(n: int) -> None:
+                i = 0
+                while not stop:
+                    i += 1
+                    token = f"c{n}-{i}"
+                    try:
+                        client.call(100, {"token": token, "delay": random.random() * 0.01})
+                        final[token] = OK
+                    except MaybeExecuted:  # includes CallTimeout
+                        final[token] = MAYBE
+                    except (NotSent, ConnectError, Unprocessed):
+                        final[token] = UNPROCESSED
+                    except RemoteError as exc:
+                        final[token] = f"remote {exc.code}"
+
+            callers = [gevent.spawn(caller, n) for n in range(16)]
+            poll(lambda: len(final) > 200, 10)
+            for _ in range(6):
+                gevent.sleep(0.6 + random.random() * 0.8)
+                victim = random.choice(list(launcher.worker_pids()))
+                os.kill(victim, signal.SIGKILL)
+                kills.append(victim)
+            launcher.wait_workers(3, exclude=set(kills))
+            ok_before = sum(1 for v in final.values() if v == OK)
+            poll(lambda: sum(1 for v in final.values() if v == OK) > ok_before + 200, 10)
+            stop = True
+            gevent.joinall(callers, timeout=15, raise_error=True)
+            assert all(g.dead for g in callers), "a caller hung"
+    finally:
+        stop = True
+        launcher.close()
+    executed = collections.Counter(row.split()[0] for row in exec_log.read_text().splitlines())
+    outcomes = collections.Counter(final.values())
+    print(f"chaos (Client): {len(kills)} workers killed; {len(final)} calls: {dict(outcomes)}")
+    assert set(outcomes) <= {OK, MAYBE, UNPROCESSED}, outcomes
+    assert [t for t, n in executed.items() if n > 1] == []
+    assert set(executed) <= set(final)
+    for token, outcome in final.items():
+        if outcome == OK:
+            assert executed[token] == 1, token
+        elif outcome == UNPROCESSED:
+            assert executed[token] == 0, f"{token} was reported not processed but ran"
+    assert outcomes[OK] > 1000
