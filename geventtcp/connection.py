@@ -160,6 +160,7 @@ class Connection:
     def _on_stop(self, reason: str) -> None:
         codec = self.server.codec
         if reason == "slow":
+            self.server.stats.slow_request_disconnections += 1
             timeout = self.server.settings.request_timeout
             self.error_line = encode_error(
                 codec, Code.REQUEST_TIMEOUT, f"request line not completed within {timeout:g}s"
@@ -426,6 +427,7 @@ class Connection:
             return
         if reason == "write":
             if self.writer is not None:
+                self.server.stats.write_timeout_disconnections += 1
                 self.writer.throw(Stop(reason))
             return
         if reason != "slow" and self.goaway is None:

@@ -55,6 +55,10 @@ class Stats:
         self.connections_rejected = 0
         self.auth_failures = 0
         self.tls_failures = 0
+        #: Connections closed for a request line not finished within request_timeout (slowloris).
+        self.slow_request_disconnections = 0
+        #: Connections dropped after write_timeout without write progress (a peer that reads nothing).
+        self.write_timeout_disconnections = 0
 
     def record(self, cmdid: int, code: int, seconds: float) -> None:
         """Count one answered request; ``seconds`` is how long its handler ran."""
@@ -77,4 +81,6 @@ class Stats:
             "connections_rejected": self.connections_rejected,
             "auth_failures": self.auth_failures,
             "tls_failures": self.tls_failures,
+            "slow_request_disconnections": self.slow_request_disconnections,
+            "write_timeout_disconnections": self.write_timeout_disconnections,
         }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import gevent
@@ -59,6 +60,7 @@ def test_slowloris_at_scale_does_not_hurt_normal_traffic() -> None:
             assert c.line(timeout=5)["code"] == 408
             c.expect_eof()
             c.close()
+        assert server.stats.slow_request_disconnections == 200
         wait_until(lambda: len(server.connections) == 10)
         for c in normal:
             assert c.call(1)["code"] == 0
@@ -91,6 +93,7 @@ def test_slow_reader_with_pipelined_requests_is_bounded_and_dropped() -> None:
             peak = rss_kib() - before
             assert worst < 0.1, f"other connection waited {worst * 1000:.1f} ms"
         wait_until(lambda: not server.connections, timeout=10)  # dropped by the write timeout
+        assert server.stats.write_timeout_disconnections == 1
         writer.kill()
         hog.close()
         # 10,000 x 64 KiB would be 640 MiB if queued; we allow socket buffers plus a few replies.
@@ -155,3 +158,25 @@ def test_max_connections_no_connection_hangs(count: int) -> None:
         assert sorted(codes) == [0] * 10 + [503] * (count - 10)
         for c in conns:
             c.close()
+
+
+def test_garbage_flood_without_newline_is_closed_by_the_line_timeout() -> None:
+    """Case 19: NUL then endless 1 KiB chunks with no newline: one 413 (memory stays bounded while the
+    rest is discarded), then the whole-line budget closes the connection with 408."""
+    with serve(request_timeout=1.0, max_line_bytes=64 * 1024) as server, RawConn(server.address) as conn:
+        conn.send(b"\x00")
+        chunk = b"\x01" * 1024
+        started = time.monotonic()
+        try:
+            while time.monotonic() - started < 10 and conn.buf.count(b"\n") < 2:
+                conn.sock.settimeout(5)
+                conn.send(chunk)
+                _readable(conn)  # collect replies as they come: a later RST may drop unread ones
+                gevent.sleep(0.001)
+            conn.expect_eof()
+        except OSError:
+            pass
+        lines = [json.loads(line) for line in conn.buf.splitlines()]
+        assert [r["code"] for r in lines] == [413, 408]
+        assert time.monotonic() - started < 3
+        assert server.stats.slow_request_disconnections == 1
