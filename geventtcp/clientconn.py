@@ -25,7 +25,7 @@ STUCK_GRACE = 1.0
 #: Seconds after which the oldest unanswered request marks a connection as stalled. The server
 #: replies in request order, so everything queued behind a slow request waits for it; the pool opens
 #: another connection (within its bound) rather than queue more behind a stalled one.
-STALL_AFTER = 0.02
+STALL_AFTER = 0.05
 #: Share of the caller's remaining time kept back from the ``timeout_ms`` sent to the server (at most
 #: 50 ms), so that the server's 504 reply arrives before the caller's own deadline.
 _DEADLINE_MARGIN = 0.05
@@ -125,7 +125,7 @@ class ClientConnection:
         self.reason = ""
         self.buffer = LineBuffer(max_reply_bytes)
         self.generation = fork_generation()
-        self.created = self.last_active = time.monotonic()
+        self.created = self.last_active = self.last_reply = time.monotonic()
         self._ids = itertools.count(1)
 
     def __repr__(self) -> str:
@@ -254,7 +254,8 @@ class ClientConnection:
                     self._on_line(line)
                     if self.closed:
                         break
-            self.last_active = time.monotonic()
+                self.last_reply = time.monotonic()
+            self.last_active = self.last_reply
         except TimeoutError:
             if self._abandon(call):
                 raise CallTimeout(f"no reply from {self.address} within the timeout") from None
@@ -357,7 +358,11 @@ class ClientConnection:
     # -- health and closing ----------------------------------------------------------------------
 
     def stalled(self, now: float) -> bool:
-        """True when the oldest unanswered request has waited ``STALL_AFTER`` (replies come in order)."""
+        """True when the oldest unanswered request has waited ``STALL_AFTER`` and no reply came in that
+        time: replies come in order, so the connection is stuck behind a slow request (under plain
+        load replies keep coming, and the connection keeps its callers, which batch better)."""
+        if now - self.last_reply <= STALL_AFTER:
+            return False
         for call in self.calls.values():
             return now - call.sent > STALL_AFTER
         return False

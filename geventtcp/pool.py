@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from .clientbatch import BatchingConnection
-from .clientconn import ClientConnection
+from .clientconn import STALL_AFTER, ClientConnection
 from .codec import Codec
 from .concurrency import World, fork_generation, real_lock
 from .errors import ConnectError, remote_error
@@ -92,11 +92,16 @@ class Pool:
         deadline) for one of them instead of opening more.
         """
         conns = self.conns
-        if len(conns) == 1:  # the common case, checked without the lock: idle, healthy, recently used
+        if len(conns) == 1:  # the common cases, checked without the lock
             conn = conns[0]
-            if (not conn.calls and not conn.closed and conn.generation == fork_generation()
-                    and time.monotonic() - conn.last_active < self.fresh_for):
-                return conn
+            if not conn.closed and conn.generation == fork_generation():
+                busy = len(conn.calls)
+                now = time.monotonic()
+                if not busy:  # idle and recently used: nothing to validate
+                    if now - conn.last_active < self.fresh_for:
+                        return conn
+                elif busy < self.share and now - conn.last_reply <= STALL_AFTER:
+                    return conn  # replies are flowing: neither stuck nor stalled behind a slow one
         while True:
             now = time.monotonic()
             with self.lock:

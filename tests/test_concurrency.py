@@ -116,7 +116,7 @@ def test_greenlets_without_patching_use_gevent_sockets():
         # While one greenlet waits on a slow call, the hub keeps running others (and the server);
         # the server answers a connection in order, so later calls go on another connection.
         slow = gevent.spawn(client.call, 2, {"seconds": 0.3})
-        gevent.sleep(0.05)
+        gevent.sleep(0.1)
         fast = [gevent.spawn(client.call, 1, {"i": i}) for i in range(50)]
         gevent.joinall(fast, raise_error=True, timeout=5)
         assert not slow.ready()
