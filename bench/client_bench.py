@@ -1,5 +1,6 @@
 """Client throughput next to redis-py and gRPC, same machine, same run; prints a Markdown table.
 
+    pip install redis grpcio && apt-get install redis-server   # the peers (not needed by the tests)
     python bench/client_bench.py [--seconds 3] [--rounds 3]
 
 Rows (each the median of ``--rounds`` interleaved runs of ``--seconds``):
@@ -89,8 +90,9 @@ def threaded_rate(make: Callable[[], Callable[[], None]], threads: int, seconds:
 # -- the gRPC peer --------------------------------------------------------------------------------
 
 def grpc_server(port: int) -> None:
-    import grpc
     from concurrent import futures
+
+    import grpc
 
     def ping(request: bytes, context: Any) -> bytes:
         return b"PONG"

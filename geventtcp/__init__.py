@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from . import urls
+from .client import Client
 from .errors import (
     Code,
     ConfigError,
@@ -28,6 +29,7 @@ __all__ = [
     "Request",
     "Registry",
     "Server",
+    "Client",
     "Code",
     "GeventTCPError",
     "ConfigError",

@@ -263,3 +263,18 @@ def test_closed_connection_raises_not_sent():
         client.close()
         with pytest.raises(NotSent):
             client.call(1, {})
+
+
+def test_high_latency_link_the_deadline_is_still_honoured():
+    """Anchor case 39, latency 500 ms each way: a 0.3 s call gives up at 0.3 s, not at the round trip."""
+    with inprocess_server() as server:
+        proxy = Proxy(addr(server), delay=0.5)
+        try:
+            with Client(proxy.address, timeout=5) as client:
+                started = time.monotonic()
+                with pytest.raises(CallTimeout):
+                    client.call(1, {"slow": "link"}, timeout=0.3)
+                assert 0.28 < time.monotonic() - started < 0.6
+                assert client.call(1, {"then": 1}, timeout=3) == {"then": 1}
+        finally:
+            proxy.close()

@@ -95,3 +95,38 @@ def test_calls_spread_over_addresses_and_a_dead_one_is_probed_back():
                 assert dead.failures == 0
             finally:
                 back.close()
+
+
+def test_a_dead_server_gets_spread_out_reconnects_and_callers_fail_fast(monkeypatch):
+    """Anchor case 40 in small: 50 greenlets keep calling a dead address for a second. Callers get a
+    fast ConnectError (no hang, no queue), and connects follow the backoff instead of one per call."""
+    from geventtcp import concurrency
+
+    attempts = []
+    real_connect = concurrency.World.connect
+
+    def counting_connect(self, address, timeout, *args):
+        attempts.append(time.monotonic())
+        return real_connect(self, address, timeout, *args)
+
+    monkeypatch.setattr(concurrency.World, "connect", counting_connect)
+    with Client("127.0.0.1:1", timeout=5, retries=0) as client:
+        calls = []
+
+        def caller():
+            end = time.monotonic() + 1.0
+            while time.monotonic() < end:
+                started = time.monotonic()
+                with pytest.raises(ConnectError):
+                    client.call(1)
+                calls.append(time.monotonic() - started)
+                gevent.sleep(0.005)
+
+        gevent.joinall([gevent.spawn(caller) for _ in range(50)], raise_error=True)
+    assert len(calls) > 1000 and max(calls) < 0.5
+    # At most pool_size (4) connects at the very start, then one prober at a time on the x1.6 backoff.
+    assert 5 <= len(attempts) <= 12
+    first = [t for t in attempts if t - attempts[0] < 0.05]
+    assert len(first) <= 4
+    later = attempts[len(first) - 1:]
+    assert all(b - a >= 0.07 for a, b in zip(later, later[1:], strict=False))
