@@ -27,7 +27,8 @@ def test_in_limit_corpus_never_blocks_the_event_loop(tmp_path: object) -> None:
                 assert conn.line()["code"] == 400, name
             head, tail = b'{"cmdid":1,"id":1,"params":{"s":"', b'"}}\n'
             biggest = head + b"x" * ((1 << 20) - len(head) - len(tail)) + tail  # exactly max_line_bytes
-            nested = json.dumps({"cmdid": 1, "id": 2, "params": {"a": [[[[{"k": list(range(50))}]]]] * 500}})  # ~100 KB, 500 objects
+            # ~100 KB of nested structure, 500 objects
+            nested = json.dumps({"cmdid": 1, "id": 2, "params": {"a": [[[[{"k": list(range(50))}]]]] * 500}})
             for _ in range(5):
                 for line in (biggest, nested.encode() + b"\n", b'{"cmdid":1,"params":{"s":"' + b"y" * (2 << 20)
                              + b'"}}\n'):
