@@ -97,8 +97,9 @@ def make_access_hook() -> Callable[[Connection, Request, int, float], None]:
         peer = conn.address
         if isinstance(peer, tuple):
             peer = f"{peer[0]}:{peer[1]}"
+        # The id comes from the client: %r keeps newlines and escape sequences out of the log.
         info("%s cmdid=%d id=%s code=%d %.3fms", peer or "unix", req.cmdid,
-             req.id if req.has_id else "-", code, seconds * 1000.0)
+             repr(req.id) if req.has_id else "-", code, seconds * 1000.0)
 
     return hook
 

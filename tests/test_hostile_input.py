@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+from geventtcp.log import make_access_hook
+
 from .reltools import RawConn, rss_kib, serve
 
 PING = b'{"cmdid":1,"params":{"ok":1},"id":"next"}\n'
@@ -223,9 +225,11 @@ def test_client_bytes_reach_logs_escaped(caplog: pytest.LogCaptureFixture) -> No
     caplog.set_level("DEBUG", logger="geventtcp")
     evil = "x\n2026-01-01 FAKE LOG LINE\x1b[2J"
     with serve() as server, RawConn(server.address) as conn:
+        server.access_log = make_access_hook()
         reply = conn.call(3, id=evil)
         assert reply["code"] == 500 and reply["id"] == evil
+        assert conn.call(1, id=evil)["code"] == 0
     messages = [r.getMessage() for r in caplog.records]
-    assert any("FAKE LOG LINE" in m for m in messages)
+    assert sum("FAKE LOG LINE" in m for m in messages) >= 3  # handler error + two access lines
     for m in messages:
         assert "\n2026-01-01" not in m and "\x1b" not in m, m
