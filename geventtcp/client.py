@@ -30,6 +30,8 @@ __all__ = ["Client", "DEFAULT_TIMEOUT", "DEFAULT_CONNECT_TIMEOUT"]
 DEFAULT_TIMEOUT = 30.0
 #: Default time to open one connection (gRPC uses 20 s across the internet; this is for one site).
 DEFAULT_CONNECT_TIMEOUT = 5.0
+#: Longest timeout honoured (poll() and lock waits take at most ~24 days); longer ones are cut to it.
+_MAX_TIMEOUT = 7 * 86400.0
 #: Built-in commands (ping, list, stats) only read, so they are always safe to retry.
 _BUILTIN_IDEMPOTENT = frozenset({-1, -2, -3})
 #: Failures after which a request may be sent again whatever the command: it never reached a handler.
@@ -138,7 +140,7 @@ class Client:
         or, for a MaybeExecuted, the command is idempotent (``idempotent=True`` here, or its cmdid in
         the client's ``idempotent`` set). A timeout is never retried.
         """
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        deadline = time.monotonic() + min(_MAX_TIMEOUT, self.timeout if timeout is None else timeout)
         balancer, world = self._balancer()
         pool = balancer.pick()
         attempt = 0
@@ -188,7 +190,7 @@ class Client:
         :class:`ConnectError`/:class:`NotSent` when the line could not be written (retried as in
         :meth:`call` first); nothing tells whether the handler succeeded.
         """
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        deadline = time.monotonic() + min(_MAX_TIMEOUT, self.timeout if timeout is None else timeout)
         balancer, world = self._balancer()
         pool = balancer.pick()
         attempt = 0

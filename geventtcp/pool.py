@@ -96,6 +96,9 @@ class Pool:
             conn = conns[0]
             if not conn.closed and conn.generation == fork_generation():
                 busy = len(conn.calls)
+                if busy and not conn.reading:  # replies nobody is waiting on (send()): read them now
+                    conn.poll()
+                    busy = len(conn.calls)
                 now = time.monotonic()
                 if not busy:  # idle and recently used: nothing to validate
                     if now - conn.last_active < self.fresh_for:
@@ -138,6 +141,8 @@ class Pool:
         best: ClientConnection | None = None
         conns = self.conns
         for conn in conns[:] if len(conns) != 1 else conns:
+            if conn.calls and not conn.reading and not conn.closed:
+                conn.poll()  # replies already here (a send()'s, say) must not count as in flight
             if not conn.usable(now, self.validate_after):
                 conns.remove(conn)
                 break  # the list changed under the loop; one removal per checkout is plenty

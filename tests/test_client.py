@@ -251,3 +251,35 @@ def test_pid_generation_is_per_process():
         os._exit(0 if fork_generation() >= 1 else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_unix_socket_address(tmp_path):
+    from geventtcp import Server
+    from tests.client_app import registry
+
+    path = str(tmp_path / "gt.sock")
+    server = Server(registry, bind=f"unix:{path}")
+    server.start()
+    try:
+        with Client(f"unix:{path}", timeout=5) as client:
+            jobs = [gevent.spawn(client.call, 1, {"i": i}) for i in range(20)]
+            gevent.joinall(jobs, raise_error=True)
+            assert [j.value for j in jobs] == [{"i": i} for i in range(20)]
+    finally:
+        server.close()
+
+
+def test_replies_to_sends_never_make_a_connection_look_busy():
+    """Threads world: after send(), the next call reuses the connection (the dropped reply is read at
+    checkout) instead of opening another per send."""
+    with inprocess_server() as server, Client(addr(server), timeout=5, mode="threads") as client:
+        pool = gevent.get_hub().threadpool
+
+        def in_thread():
+            for i in range(20):
+                client.send(1, {"fire": i})
+                time.sleep(0.01)  # let the server answer the send
+                assert client.call(1, {"i": i}) == {"i": i}
+            return client.describe()["threads"][0]["connections"]
+
+        assert pool.spawn(in_thread).get(timeout=30) == 1
