@@ -223,15 +223,16 @@ class Server:
                 self.stats.connections_rejected += 1
                 self._refuse(sock, encode_error(self.codec, Code.UNAVAILABLE, "too many connections from peer"))
                 return
+        if peer is not None:  # counted from here, so silent TLS handshakes count against the peer too
+            self.peers[peer] = self.peers.get(peer, 0) + 1
         if self.ssl_context is not None:
             try:
                 sock = handshake(self.ssl_context, sock, self.settings.tls_handshake_timeout)
             except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
                 self.stats.tls_failures += 1
                 log.info("TLS handshake with %r failed: %r", address, exc)
+                self._release_peer(peer)
                 return
-        if peer is not None:
-            self.peers[peer] = self.peers.get(peer, 0) + 1
         conn = Connection(self, sock, address or sock.getsockname())
         self.connections.add(conn)
         self._all_closed.clear()
@@ -259,15 +260,19 @@ class Server:
         """Called by a connection once its socket is closed."""
         if conn in self.connections:
             self.connections.discard(conn)
-            address = conn.address
-            if isinstance(address, tuple):
-                left = self.peers.get(address[0], 1) - 1
-                if left > 0:
-                    self.peers[address[0]] = left
-                else:
-                    self.peers.pop(address[0], None)
+            if isinstance(conn.address, tuple):
+                self._release_peer(conn.address[0])
         if not self.connections:
             self._all_closed.set()
+
+    def _release_peer(self, peer: str | None) -> None:
+        if peer is None:
+            return
+        left = self.peers.get(peer, 1) - 1
+        if left > 0:
+            self.peers[peer] = left
+        else:
+            self.peers.pop(peer, None)
 
     def admit(self, conn: Connection, req: Request) -> tuple[int, str] | None:
         """Why ``req`` must not run now (code, message), or ``None``; a refused handler never runs."""

@@ -112,3 +112,18 @@ def test_handshake_helper_closes_socket_on_failure(pki: Pki) -> None:
         with pytest.raises((ssl.SSLError, OSError, TimeoutError)):
             handshake(client_context(ca_certs=pki.ca), sock, 0.5, server_side=False, server_hostname="localhost")
         assert sock.fileno() == -1 or sock.closed
+
+
+def test_silent_handshakes_count_against_the_per_peer_limit(pki: Pki) -> None:
+    with serve(certfile=pki.server_cert, keyfile=pki.server_key, max_connections_per_peer=2,
+               tls_handshake_timeout=5) as server:
+        silent = [RawConn(server.address) for _ in range(2)]
+        wait_until(lambda: server.peers.get("127.0.0.1") == 2)
+        with RawConn(server.address) as extra:  # refused at once: closed without a line (TLS port)
+            extra.expect_eof(timeout=2)
+            assert extra.buf == b""
+        for conn in silent:
+            conn.close()
+        wait_until(lambda: not server.peers)  # released when the handshakes fail
+        with RawConn.tls(server.address, client_context(ca_certs=pki.ca)) as conn:
+            assert conn.call(-1)["code"] == 0
