@@ -20,6 +20,7 @@ import sys
 from typing import Any
 
 from .cli import command
+from .cli_security import add_security_arguments, client_security
 
 __all__ = ["EXIT_OK", "EXIT_REMOTE", "EXIT_USAGE", "EXIT_NOT_SENT", "EXIT_MAYBE", "EXIT_TIMEOUT"]
 
@@ -33,6 +34,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="seconds to open the connection [default: 5]")
     parser.add_argument("--retries", type=int, default=2, metavar="N",
                         help="resend up to N times when that is safe [default: 2]")
+    add_security_arguments(parser)
 
 
 def _call_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +54,7 @@ def _run(args: argparse.Namespace, cmdid: int, params: Any, idempotent: bool) ->
 
     try:
         with Client(args.address.split(","), timeout=args.timeout, connect_timeout=args.connect_timeout,
-                    retries=args.retries, mode="threads") as client:
+                    retries=args.retries, mode="threads", **client_security(args)) as client:
             data = client.call(cmdid, params, idempotent=idempotent)
     except RemoteError as exc:
         print(f"error {exc.code}: {exc.msg}", file=sys.stderr)

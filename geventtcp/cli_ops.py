@@ -9,20 +9,22 @@ from typing import Any
 
 from .builtins import Builtin
 from .cli import command
+from .cli_security import add_security_arguments, client_security
 
 __all__ = ["call_builtin"]
 
 
-def call_builtin(address: str, cmdid: int, timeout: float = 5.0) -> Any:
+def call_builtin(address: str, cmdid: int, timeout: float = 5.0, **client_kwargs: Any) -> Any:
     """Call a built-in command of the server at ``address`` through :class:`geventtcp.client.Client`.
 
     Returns the reply's data. Raises a ``geventtcp`` transport error (an ``OSError``) when the server
     cannot be reached, and a ``RemoteError`` when it answers with an error code; a goaway is
-    retried by the client. The connection is closed on return.
+    retried by the client. The connection is closed on return. ``client_kwargs`` (TLS, auth) go to
+    the Client.
     """
     from .client import Client
 
-    with Client(address, timeout=timeout, connect_timeout=timeout, mode="threads") as client:
+    with Client(address, timeout=timeout, connect_timeout=timeout, mode="threads", **client_kwargs) as client:
         return client.call(cmdid, {}, idempotent=True)
 
 
@@ -30,11 +32,12 @@ def _address_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("address", metavar="HOST:PORT", help="server address (HOST:PORT, [IPv6]:PORT or unix:PATH)")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the reply [default: 5]")
     parser.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    add_security_arguments(parser)
 
 
 def _run(args: argparse.Namespace, cmdid: int) -> Any:
     try:
-        return call_builtin(args.address, cmdid, args.timeout)
+        return call_builtin(args.address, cmdid, args.timeout, **client_security(args))
     except (OSError, ValueError) as exc:
         print(f"geventtcp: {args.address}: {exc}", file=sys.stderr)
         return None
