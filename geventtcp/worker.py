@@ -2,10 +2,12 @@
 
 The master forks and calls :func:`run_worker` in the child, which never returns into the master's
 code (the caller ``os._exit``\\ s with its result). Status reaches the master through the worker's
-heartbeat file, written only from a greenlet so that a blocked event loop stops it:
+heartbeat file:
 
-* its mtime is touched every ``timeout / 4`` seconds (at most 1 s): the heartbeat;
-* its size is the state: 0 booting, 1 serving, 2 draining (the master then starts a replacement).
+* its mtime is touched every ``timeout / 4`` seconds (at most 1 s) from a greenlet, so a blocked
+  event loop stops the heartbeat;
+* its size is the state: 0 booting, 1 serving, 2 draining (the master then starts a replacement);
+  a state change also sends the master SIGCHLD, which only wakes its loop.
 
 Signals (from the master): TERM drains with goaway ``shutdown``, HUP drains with goaway ``reload``,
 INT/QUIT stop at once, USR1 reopens log files. SIGABRT (the master's heartbeat kill) dumps every
@@ -196,9 +198,12 @@ class _Worker:
         self.server.close()
 
     def _set_state(self, state: int) -> None:
+        """Publish ``state`` in the heartbeat file and wake the master to read it (CHLD only wakes it)."""
         self.state = state
         try:
             os.ftruncate(self.spec.heartbeat_fd, state)
+            if os.getppid() == self.spec.master_pid:
+                os.kill(self.spec.master_pid, signal.SIGCHLD)
         except OSError:
             pass
 

@@ -200,3 +200,25 @@ def test_a_broken_application_halts_the_master_with_a_clear_error(tmp_path: Path
         assert "worker failed to boot" in launcher.output
     finally:
         launcher.close()
+
+
+def test_hup_rereads_the_config_file_and_pidfile_lives_as_long_as_the_master(app_dir: Path) -> None:
+    conf = app_dir / "geventtcp.conf.py"
+    conf.write_text("workers = 1\n")
+    pidfile = app_dir / "master.pid"
+    launcher = Launcher(app_dir, "-c", str(conf), "--pidfile", str(pidfile))
+    try:
+        (first,) = launcher.wait_workers(1)
+        assert pidfile.read_text().strip() == str(launcher.master)
+        conf.write_text("workers = 2\n")
+        launcher.signal(signal.SIGHUP)
+        assert first not in launcher.wait_workers(2, exclude={first})
+        conf.write_text("workers = 'many'\n")  # a broken config is reported, and the old one kept
+        launcher.signal(signal.SIGHUP)
+        launcher.wait_log(r"reload: configuration not reloaded: workers")
+        assert len(launcher.wait_workers(2)) == 2
+        launcher.signal(signal.SIGTERM)
+        assert launcher.wait_exit(10) == 0
+        assert not pidfile.exists()
+    finally:
+        launcher.close()
