@@ -28,7 +28,6 @@ import os
 import select
 import shutil
 import signal
-import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -37,8 +36,8 @@ from typing import Any
 
 from .config import Config
 from .errors import GeventTCPError
+from .listeners import ListenerSet
 from .log import reopen_log_files
-from .sockets import create_listener, parse_address
 from .worker import STATE_DRAINING, STATE_SERVING, WORKER_BOOT_ERROR, WorkerSpec, run_worker
 
 __all__ = ["Arbiter", "HaltServerError", "BOOT_FAILURE_LIMIT"]
@@ -71,6 +70,7 @@ class WorkerProcess:
     """The master's record of one forked worker."""
 
     pid: int
+    slot: int  # which of the listener slots it serves (see geventtcp.listeners)
     generation: int
     heartbeat_fd: int
     heartbeat_path: str
@@ -101,8 +101,7 @@ class Arbiter:
         self.workers: dict[int, WorkerProcess] = {}
         self.num_workers = config.workers or os.cpu_count() or 1
         self.generation = 0
-        self.listeners: list[socket.socket] = []
-        self.unix_paths: list[str] = []
+        self.listeners: ListenerSet | None = None
         self.boot_failures = 0
         self.stopping = False
         self.tmpdir = ""
@@ -115,13 +114,7 @@ class Arbiter:
 
     def _setup(self) -> None:
         cfg = self.config
-        for address in cfg.bind:
-            # Bind with the shared helper, then keep a plain socket: the master runs no gevent hub.
-            sock = create_listener(address, cfg.backlog)
-            self.listeners.append(socket.socket(sock.family, sock.type, fileno=sock.detach()))
-            family, addr = parse_address(address)
-            if family == socket.AF_UNIX:
-                self.unix_paths.append(addr)
+        self.listeners = ListenerSet(list(cfg.bind), cfg.backlog, cfg.reuse_port)
         self._preflight()
         self.tmpdir = tempfile.mkdtemp(prefix="geventtcp-")
         self.stats_dir = os.path.join(self.tmpdir, "stats")
@@ -140,7 +133,7 @@ class Arbiter:
         signal.set_wakeup_fd(write_fd)
         for sig in self.SIGNALS:
             signal.signal(sig, self._on_signal)
-        addresses = ", ".join(self._listener_names())
+        addresses = ", ".join(self._listeners().bound)
         log.info("master %d bound %s; starting %d worker(s)", self.pid, addresses, self.num_workers)
 
     def _preflight(self) -> None:
@@ -151,12 +144,11 @@ class Arbiter:
         token = load_token(self.config)
         server_context_from_settings(self.config)
         if is_protected(self.config, token):
-            check_listen_addresses(sock.getsockname() for sock in self.listeners)
+            check_listen_addresses(sock.getsockname() for sock in self._listeners().all())
 
-    def _listener_names(self) -> list[str]:
-        from .sockets import format_address
-
-        return [format_address(s) for s in self.listeners]
+    def _listeners(self) -> ListenerSet:
+        assert self.listeners is not None, "bound in _setup"
+        return self.listeners
 
     @staticmethod
     def _on_signal(signum: int, frame: Any) -> None:
@@ -166,14 +158,9 @@ class Arbiter:
         signal.set_wakeup_fd(-1)
         for sig in self.SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
-        for sock in self.listeners:
-            sock.close()
-        self.listeners = []
-        for path in self.unix_paths:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        if self.listeners is not None:
+            self.listeners.close()
+            self.listeners.unlink()
         if self._metrics is not None:
             self._metrics.close()
         for fd in self._pipe:
@@ -306,10 +293,14 @@ class Arbiter:
 
     # -- workers ---------------------------------------------------------------------------------
 
-    def _spawn(self) -> None:
+    def _spawn(self, slot: int) -> None:
         fd, path = tempfile.mkstemp(prefix="worker-", dir=self.tmpdir)
-        spec = WorkerSpec(self.app, self.config, self.listeners, fd, self.stats_dir, self.pid, self.generation,
-                          close_fds=[*self._pipe, *(self._metrics.fds() if self._metrics else [])])
+        mine = self._listeners().for_slot(slot)
+        # The child closes what is not its own: a copy of another slot's socket held by a worker
+        # that never accepts on it would strand the connections the kernel hashes there.
+        others = [sock.fileno() for sock in self._listeners().all() if sock not in mine]
+        spec = WorkerSpec(self.app, self.config, mine, fd, self.stats_dir, self.pid, self.generation,
+                          close_fds=[*self._pipe, *(self._metrics.fds() if self._metrics else []), *others])
         pid = os.fork()
         if pid == 0:  # the child never returns into the master's code
             status = 1
@@ -324,18 +315,22 @@ class Arbiter:
             finally:
                 logging.shutdown()
                 os._exit(status)
-        self.workers[pid] = WorkerProcess(pid, self.generation, fd, path, time.monotonic())
-        log.info("booting worker with pid %d (generation %d)", pid, self.generation)
+        self.workers[pid] = WorkerProcess(pid, slot, self.generation, fd, path, time.monotonic())
+        log.info("booting worker with pid %d (slot %d, generation %d)", pid, slot, self.generation)
 
     def _manage_workers(self) -> None:
         """Start missing workers, retire extra ones, drain the previous generation once the new one serves."""
         if self.stopping:
             return
-        current = sorted((w for w in self.workers.values() if not w.retiring), key=lambda w: w.spawned_at)
-        for _ in range(self.num_workers - len(current)):
-            self._spawn()
-        for worker in current[: max(0, len(current) - self.num_workers)]:  # TTOU: the oldest go first
-            self._retire(worker, signal.SIGTERM)
+        current = [w for w in self.workers.values() if not w.retiring]
+        used = {w.slot for w in current}
+        for slot in range(self.num_workers):
+            if slot not in used:
+                self._spawn(slot)
+        for worker in current:
+            if worker.slot >= self.num_workers:  # TTOU (or a reload with fewer workers)
+                self._retire(worker, signal.SIGTERM)
+        self._listeners().close_slots_from(self.num_workers)
         pending = [w for w in self.workers.values() if w.retiring and not w.signalled]
         if pending:
             fresh = [w for w in self.workers.values() if not w.retiring]
@@ -435,9 +430,8 @@ class Arbiter:
     def _stop(self, graceful: bool) -> None:
         """Stop every worker: TERM and wait up to graceful_timeout (graceful), or QUIT and wait briefly."""
         self.stopping = True
-        for sock in self.listeners:  # workers hold their own copies until they stop accepting
-            sock.close()
-        self.listeners = []
+        if self.listeners is not None:  # workers hold their own copies until they stop accepting
+            self.listeners.close()
         limit = self.config.graceful_timeout if graceful else 2.0
         self._signal_all(signal.SIGTERM if graceful else signal.SIGQUIT)
         deadline = time.monotonic() + limit

@@ -41,11 +41,12 @@ def parse_address(text: str, default_port: int = 8889) -> tuple[int, Any]:
     return family, (host or "0.0.0.0", port)
 
 
-def create_listener(address: str, backlog: int = 2048) -> Any:
+def create_listener(address: str, backlog: int = 2048, reuse_port: bool = False) -> Any:
     """Bind and listen on ``address``; the caller owns (and closes) the returned gevent socket.
 
     TCP listeners get ``TCP_NODELAY`` (accepted sockets inherit it on Linux): replies are small
-    and must not wait for Nagle's algorithm.
+    and must not wait for Nagle's algorithm. ``reuse_port`` sets ``SO_REUSEPORT`` (TCP only), so that
+    several sockets can listen on one port and the kernel spreads new connections over them.
     """
     family, addr = parse_address(address)
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -56,6 +57,8 @@ def create_listener(address: str, backlog: int = 2048) -> Any:
         else:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(addr)
         sock.listen(backlog)
     except OSError as exc:

@@ -162,7 +162,11 @@ class Launcher:
                 return None
             return pids if len(pids) == n and not (pids & (exclude or set())) else None
 
-        pids: set[int] = poll(ready, timeout, 0.1)
+        try:
+            pids: set[int] = poll(ready, timeout, 0.1)
+        except AssertionError:
+            raise AssertionError(f"not {n} workers (excluding {exclude}) within {timeout}s; log:\n"
+                                 f"{self.output[-4000:]}") from None
         return pids
 
     def wait_exit(self, timeout: float) -> int:
