@@ -25,7 +25,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import select
 import shutil
 import signal
 import tempfile
@@ -38,6 +37,7 @@ from .config import Config
 from .errors import GeventTCPError
 from .listeners import ListenerSet
 from .log import reopen_log_files
+from .signals import SignalQueue
 from .worker import STATE_DRAINING, STATE_SERVING, WORKER_BOOT_ERROR, WorkerSpec, run_worker
 
 __all__ = ["Arbiter", "HaltServerError", "BOOT_FAILURE_LIMIT"]
@@ -106,7 +106,8 @@ class Arbiter:
         self.stopping = False
         self.tmpdir = ""
         self.stats_dir = ""
-        self._pipe: tuple[int, int] = (-1, -1)
+        self.signals: SignalQueue | None = None
+        self._pidfile_written = False
         self._reload_started = 0.0
         self._metrics: Any = None
 
@@ -122,17 +123,12 @@ class Arbiter:
         if cfg.pidfile:
             with open(cfg.pidfile, "w", encoding="ascii") as fh:
                 fh.write(f"{self.pid}\n")
+            self._pidfile_written = True
         if cfg.metrics_bind:
             from .metrics_http import MetricsEndpoint
 
             self._metrics = MetricsEndpoint(cfg.metrics_bind, self.stats_dir)
-        read_fd, write_fd = os.pipe()
-        os.set_blocking(read_fd, False)
-        os.set_blocking(write_fd, False)
-        self._pipe = (read_fd, write_fd)
-        signal.set_wakeup_fd(write_fd)
-        for sig in self.SIGNALS:
-            signal.signal(sig, self._on_signal)
+        self.signals = SignalQueue(self.SIGNALS)
         addresses = ", ".join(self._listeners().bound)
         log.info("master %d bound %s; starting %d worker(s)", self.pid, addresses, self.num_workers)
 
@@ -146,27 +142,22 @@ class Arbiter:
         if is_protected(self.config, token):
             check_listen_addresses(sock.getsockname() for sock in self._listeners().all())
 
+    def _signal_fds(self) -> tuple[int, ...]:
+        return self.signals.fds if self.signals is not None else ()
+
     def _listeners(self) -> ListenerSet:
         assert self.listeners is not None, "bound in _setup"
         return self.listeners
 
-    @staticmethod
-    def _on_signal(signum: int, frame: Any) -> None:
-        """Nothing to do here: the wakeup fd already queued ``signum`` for the main loop."""
-
     def _teardown(self) -> None:
-        signal.set_wakeup_fd(-1)
-        for sig in self.SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)
+        if self.signals is not None:
+            self.signals.close()
         if self.listeners is not None:
             self.listeners.close()
             self.listeners.unlink()
         if self._metrics is not None:
             self._metrics.close()
-        for fd in self._pipe:
-            if fd >= 0:
-                os.close(fd)
-        if self.config.pidfile:
+        if self._pidfile_written:  # never another instance's file (a start that failed to bind)
             try:
                 os.unlink(self.config.pidfile)
             except OSError:
@@ -217,29 +208,9 @@ class Arbiter:
 
     def _wait(self, timeout: float) -> list[int]:
         """Sleep until a signal arrives or ``timeout`` passes (serving metrics meanwhile); the signals."""
-        read_fd = self._pipe[0]
-        watched = [read_fd] + ([self._metrics.fileno()] if self._metrics is not None else [])
-        try:
-            ready, _, _ = select.select(watched, [], [], timeout)
-        except InterruptedError:
-            ready = [read_fd]
-        if self._metrics is not None and self._metrics.fileno() in ready:
-            self._metrics.serve_one()
-        signals: list[int] = []
-        while True:
-            try:
-                data = os.read(read_fd, 64)
-            except BlockingIOError:
-                break
-            if not data:
-                break
-            signals.extend(data)
-        # The same signal twice in one batch means the same thing once (except TTIN/TTOU).
-        seen: list[int] = []
-        for sig in signals:
-            if sig not in seen or sig in (signal.SIGTTIN, signal.SIGTTOU):
-                seen.append(sig)
-        return seen
+        assert self.signals is not None, "installed in _setup"
+        metrics = self._metrics
+        return self.signals.wait(timeout, metrics, metrics.serve_one if metrics is not None else None)
 
     # -- signal handlers -------------------------------------------------------------------------
 
@@ -300,7 +271,7 @@ class Arbiter:
         # that never accepts on it would strand the connections the kernel hashes there.
         others = [sock.fileno() for sock in self._listeners().all() if sock not in mine]
         spec = WorkerSpec(self.app, self.config, mine, fd, self.stats_dir, self.pid, self.generation,
-                          close_fds=[*self._pipe, *(self._metrics.fds() if self._metrics else []), *others])
+                          close_fds=[*self._signal_fds(), *(self._metrics.fds() if self._metrics else []), *others])
         pid = os.fork()
         if pid == 0:  # the child never returns into the master's code
             status = 1

@@ -25,6 +25,25 @@ def _plain(gsock: object) -> socket.socket:
     return socket.socket(gsock.family, gsock.type, fileno=gsock.detach())  # type: ignore[attr-defined]
 
 
+def _claim(address: str) -> str:
+    """Check that ``address`` is free with a plain bind (no listen), and make port 0 concrete.
+
+    ``SO_REUSEPORT`` sockets of the same user may share a port, so without this a second server
+    started by mistake on a busy port would silently take half its connections instead of failing
+    with "address already in use".
+    """
+    family, addr = parse_address(address)
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(addr)
+        return format_address(probe)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
+    finally:
+        probe.close()
+
+
 class ListenerSet:
     """Binds every ``bind`` address; :meth:`for_slot` gives the sockets a worker of that slot serves.
 
@@ -50,7 +69,7 @@ class ListenerSet:
                     if family == socket.AF_UNIX:
                         self.unix_paths.append(addr)
                 else:
-                    sock = _plain(create_listener(address, backlog, reuse_port=True))
+                    sock = _plain(create_listener(_claim(address), backlog, reuse_port=True))
                     self.slots.setdefault(0, []).append(sock)
                     self.slot_addresses.append(format_address(sock))
                 self.bound.append(format_address(sock))

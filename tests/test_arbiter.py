@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ from typing import Any
 import gevent
 import pytest
 
+from .helpers import ROOT
 from .opstools import Caller, Launcher, call_once, poll, write_app
 
 
@@ -229,3 +232,21 @@ def test_hup_rereads_the_config_file_and_pidfile_lives_as_long_as_the_master(app
         assert not pidfile.exists()
     finally:
         launcher.close()
+
+
+@pytest.mark.parametrize("reuse_port", ["--reuse-port", "--no-reuse-port"])
+def test_a_second_server_on_a_busy_port_fails_and_leaves_the_first_alone(app_dir: Path, reuse_port: str) -> None:
+    pidfile = app_dir / "master.pid"
+    first = Launcher(app_dir, "--pidfile", str(pidfile), reuse_port)
+    try:
+        first.wait_workers(1)
+        port = str(first.address[1])
+        second = subprocess.run(
+            [sys.executable, "-m", "geventtcp", "serve", "opsapp", "--bind", f"127.0.0.1:{port}", "--pidfile",
+             str(pidfile), reuse_port], capture_output=True, text=True, timeout=30, cwd=str(app_dir),
+            env={**os.environ, "PYTHONPATH": f"{app_dir}{os.pathsep}{ROOT}"})
+        assert second.returncode == 2 and "Address already in use" in second.stderr
+        assert pidfile.read_text().strip() == str(first.master)  # not the failed instance's to remove
+        assert call_once(first.address, 1, {"still": "here"}) == {"still": "here"}
+    finally:
+        first.close()
