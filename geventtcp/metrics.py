@@ -17,7 +17,16 @@ from typing import Any
 from .blocking import running_requests
 from .stats import _BUCKETS, CommandStats
 
-__all__ = ["snapshot", "write_snapshot", "read_snapshots", "merge", "prometheus_text"]
+__all__ = ["snapshot", "write_snapshot", "read_snapshots", "merge", "prometheus_text", "LIMIT_COUNTERS"]
+
+#: Counters of limit and security events (Stats attributes), summed over workers in STATS and exposed
+#: as ``geventtcp_<name>_total``: each fatal path a client can trigger is visible (Redis's INFO does so).
+LIMIT_COUNTERS: tuple[tuple[str, str], ...] = (
+    ("auth_failures", "AUTH attempts with a wrong or missing token."),
+    ("tls_failures", "TLS handshakes that failed or timed out."),
+    ("slow_request_disconnections", "Connections closed because a request line was not finished in time."),
+    ("write_timeout_disconnections", "Connections dropped because the peer read nothing for write_timeout."),
+)
 
 
 def snapshot(server: Any, **extra: Any) -> dict[str, Any]:
@@ -41,6 +50,7 @@ def snapshot(server: Any, **extra: Any) -> dict[str, Any]:
         "connections_total": stats.connections_total,
         "connections_rejected": stats.connections_rejected,
         "protocol_errors": stats.protocol_errors,
+        **{name: getattr(stats, name, 0) for name, _ in LIMIT_COUNTERS},
         "inflight": server.inflight,
         "draining": server.draining,
         "requests": sum(entry.count for entry in stats.commands.values()),
@@ -105,7 +115,7 @@ def merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """One STATS reply for the whole server: merged per-cmdid stats plus a row per worker."""
     workers = []
     totals = {"connections": 0, "connections_total": 0, "connections_rejected": 0, "protocol_errors": 0,
-              "inflight": 0}
+              "inflight": 0, **{name: 0 for name, _ in LIMIT_COUNTERS}}
     snapshots = list(snapshots)
     for snap in snapshots:
         workers.append({k: snap.get(k) for k in ("pid", "uptime_s", "connections", "connections_total",
@@ -154,6 +164,9 @@ def prometheus_text(snapshots: list[dict[str, Any]]) -> str:
     lines.append(f"geventtcp_connections_rejected_total {sum(s.get('connections_rejected', 0) for s in snapshots)}")
     family("geventtcp_protocol_errors_total", "counter", "Request lines that were not valid requests.")
     lines.append(f"geventtcp_protocol_errors_total {sum(s.get('protocol_errors', 0) for s in snapshots)}")
+    for name, doc in LIMIT_COUNTERS:
+        family(f"geventtcp_{name}_total", "counter", doc)
+        lines.append(f"geventtcp_{name}_total {sum(s.get(name, 0) for s in snapshots)}")
     family("geventtcp_workers", "gauge", "Worker processes that reported stats.")
     lines.append(f"geventtcp_workers {len(snapshots)}")
     return "\n".join(lines) + "\n"
