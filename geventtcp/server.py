@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import resource
@@ -10,6 +11,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import gevent
+from gevent import GreenletExit
 from gevent.event import Event
 from gevent.hub import get_hub
 from gevent.server import StreamServer
@@ -31,11 +33,35 @@ __all__ = ["Server"]
 log = logging.getLogger("geventtcp.server")
 
 
+class _AcceptBackoff(GreenletExit):  # type: ignore[misc]
+    """Raised from ``do_read`` when descriptors run out: gevent's accept loop backs off (10 ms, doubling
+    to 1 s) as for any accept error, and its hub prints no traceback for a GreenletExit."""
+
+
+#: accept() errors that mean "out of resources": retried with back-off, logged at most every 10 s.
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
 class _Acceptor(StreamServer):  # type: ignore[misc]
     """A StreamServer that leaves closing the accepted socket to our Connection."""
 
+    _warned_at = -math.inf
+
     def do_close(self, *args: Any) -> None:
         pass
+
+    def do_read(self) -> Any:
+        try:
+            return super().do_read()
+        except OSError as exc:
+            if exc.errno not in _RESOURCE_ERRNOS:
+                raise
+            now = time.monotonic()
+            if now - self._warned_at >= 10.0:
+                self._warned_at = now
+                log.warning("accept failed: %s; retrying with back-off (open connections are not affected)",
+                            exc.strerror)
+            raise _AcceptBackoff() from None
 
 
 class Server:

@@ -63,6 +63,9 @@ def test_fd_exhaustion(tmp_path: object) -> None:
         for conn in pending:  # accept resumed (gevent's accept back-off is at most 1 s)
             assert conn.line(timeout=3)["code"] == 0
         assert proc.poll() is None
+        log_text = open(log_path).read()
+        assert "accept failed: Too many open files" in log_text
+        assert "Traceback" not in log_text  # one warning, not a traceback per retry
         print(f"fd exhaustion: {len(served) + 8} served at RLIMIT_NOFILE={FD_LIMIT}, CPU while stuck {busy:.1%}")
     finally:
         for conn in served + pending:
