@@ -56,6 +56,37 @@ assert client.call(1, {"after": "timeout"}) == {"after": "timeout"}
 client.send(1, {"fire": True})
 assert client.call(1, {"n": 1}) == {"n": 1}
 client.close()
+
+# 20 threads on ONE connection (leader/follower hand-offs), a third of the calls timing out mid-call:
+# every call that returns gets its own reply.
+shared = Client(ADDRESS, timeout=10, pool_size=1)
+outcomes = {"ok": 0, "timeout": 0}
+lock = threading.Lock()
+
+def contender(k):
+    try:
+        rng = random.Random(k)
+        for i in range(15):
+            slow = rng.random() < 0.33
+            params = {"k": k, "i": i, "seconds": 0.05 if slow else 0}
+            try:
+                got = shared.call(2, params, timeout=0.02 if slow else 5)
+            except (CallTimeout, RemoteError):
+                with lock: outcomes["timeout"] += 1
+                continue
+            assert got == params, (got, params)
+            with lock: outcomes["ok"] += 1
+    except BaseException as exc:
+        errors.append(repr(exc))
+
+threads = [threading.Thread(target=contender, args=(k,)) for k in range(20)]
+for t in threads: t.start()
+for t in threads: t.join(60)
+assert not errors, errors
+assert outcomes["ok"] > 100 and outcomes["timeout"] > 20, outcomes
+(pool,) = shared.describe()["threads"]
+assert pool["connections"] == 1, pool
+shared.close()
 print("threads ok")
 """
 
