@@ -54,7 +54,8 @@ class BatchingConnection(ClientConnection):
         self.poll()
         return None
 
-    def _write(self, cmdid: int, params: Any, call: _Call, deadline: float) -> None:
+    def _write(self, cmdid: int, params: Any, call: _Call, deadline: float, claim: bool = False) -> bool:
+        """Queue the line (the reader role is never claimed here: the line leaves on the next turn)."""
         now = time.monotonic()
         remaining = deadline - now
         if remaining <= 0:
@@ -74,6 +75,7 @@ class BatchingConnection(ClientConnection):
         if not self.flush_armed and self.sender is None:
             self.flush_armed = True
             self._loop.run_callback(self._flush)
+        return False
 
     def _flush(self) -> None:
         """Hub callback: send the queue without blocking; hand any rest to a sender greenlet."""

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import _socket
 import itertools
-import json
 import logging
-import socket
 import time
 from typing import Any
 
+from .clientio import shutdown
 from .codec import Codec
 from .concurrency import World, fork_generation, real_lock
 from .errors import CallTimeout, MaybeExecuted, NotSent, ProtocolError, TransportError, Unprocessed
 from .protocol import LineBuffer, decode_reply, encode_request
+from .replycodec import ReplyCodec
 
 __all__ = ["ClientConnection", "STUCK_GRACE"]
 
@@ -29,44 +28,6 @@ STALL_AFTER = 0.05
 #: Share of the caller's remaining time kept back from the ``timeout_ms`` sent to the server (at most
 #: 50 ms), so that the server's 504 reply arrives before the caller's own deadline.
 _DEADLINE_MARGIN = 0.05
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-class _ReplyCodec(Codec):
-    """Requests are encoded by the client's codec; replies, which come from a geventtcp server and are
-    pure ASCII JSON, are parsed by the stdlib's C decoder: strict UTF-8, no NaN/Infinity, but without
-    the per-object duplicate-key hook the server needs against hostile input (a third of a small
-    call's cost). Anything unreadable is a ``ValueError``, which :func:`decode_reply` turns into a
-    :class:`ProtocolError`."""
-
-    def __init__(self, codec: Codec) -> None:
-        self.name = codec.name
-        self.dumps = codec.dumps  # type: ignore[method-assign]
-        self._raw_decode = json.JSONDecoder(parse_constant=_reject_constant).raw_decode
-
-    def loads(self, line: bytes) -> Any:
-        try:
-            text = line.decode("utf-8")
-            value, end = self._raw_decode(text)
-        except RecursionError:
-            raise ValueError("JSON nesting too deep") from None
-        if end != len(text) and not text[end:].isspace():
-            raise ValueError(f"extra data after the JSON value at {end}")
-        return value
-
-
-def _shutdown(sock: Any) -> None:
-    """Shut the descriptor down (waking a thread blocked on it) without touching TLS state, which
-    ``SSLSocket.shutdown`` would drop under a reader still using it."""
-    raw = sock if isinstance(sock, _socket.socket) else getattr(sock, "_sock", None)
-    try:
-        if raw is not None:
-            _socket.socket.shutdown(raw, socket.SHUT_RDWR)
-    except OSError:
-        pass
 
 
 class _Call:
@@ -114,7 +75,7 @@ class ClientConnection:
         self.io = world.io(sock)
         self.address = address
         self.world = world
-        self.codec = _ReplyCodec(codec)
+        self.codec = ReplyCodec(codec)
         self.state = real_lock()  # guards the fields below; never held across I/O
         self.wlock = world.lock()  # one writer at a time, so request lines never interleave
         self.calls: dict[int, _Call] = {}  # in write order, which is the server's reply order
@@ -146,7 +107,8 @@ class ClientConnection:
         A ``detached`` request is written and its reply dropped when it comes.
         """
         call = _Call(0, deadline, detached)
-        self._write(cmdid, params, call, deadline)
+        if self._write(cmdid, params, call, deadline, not detached):
+            self._lead(call, deadline)  # nobody was reading: go straight to reading (the lone caller)
         if detached:
             self.poll()
             return None
@@ -155,9 +117,12 @@ class ClientConnection:
             raise call.error
         return call.reply
 
-    def _write(self, cmdid: int, params: Any, call: _Call, deadline: float) -> None:
+    def _write(self, cmdid: int, params: Any, call: _Call, deadline: float, claim: bool = False) -> bool:
         """Number, encode and write the request; ids are taken under the write lock so that the order
-        of ``calls`` is the order of the lines on the wire (the order of the server's replies)."""
+        of ``calls`` is the order of the lines on the wire (the order of the server's replies).
+
+        With ``claim``, also take the reader role if it is free; True when it was taken (and the
+        line written): the caller must then :meth:`_lead`, which hands the role on."""
         wlock = self.wlock
         if not wlock.acquire(True, max(0.0, deadline - time.monotonic())):
             raise NotSent(f"timed out waiting to write to {self.address}")
@@ -174,25 +139,35 @@ class ClientConnection:
                     raise NotSent(f"connection to {self.address} closed: {self.reason}")
                 self.calls[rid] = call
                 self.writing = True
+                led = claim and not self.reading
+                if led:
+                    self.reading = True
             try:
                 self.io.send_all(line, deadline)
             except OSError as exc:  # timeouts too: the line did not go out whole, and closing drops it
                 self._forget(call)
                 self._fail(f"write failed: {exc}")
+                if led:
+                    self._release_reader()
                 raise NotSent(f"request to {self.address} not sent: {exc}") from None
             except BaseException:
                 # Interrupted: whether the last byte left is unknown, so the stream cannot be trusted.
                 self._forget(call)
                 self._fail("interrupted while writing")
+                if led:
+                    self._release_reader()
                 raise
             with self.state:
                 call.written = True
                 self.writing = False
                 if self.closed:  # failed by a reader while we wrote: the line is out, its reply is not
                     self.calls.pop(rid, None)
+                    if led:
+                        self.reading = False
                     self._close_socket_if_unused()
                     raise MaybeExecuted(f"{self.address}: {self.reason}")
             self.last_active = call.sent
+            return led
         finally:
             if self.writing:  # only on the failure paths above
                 with self.state:
@@ -413,7 +388,7 @@ class ClientConnection:
                 call.signaled = True
                 call.signal.release()
         if self.generation == fork_generation():
-            _shutdown(self.sock)
+            shutdown(self.sock)
         self._close_socket_if_unused()
 
     def _close_socket_if_unused(self) -> None:

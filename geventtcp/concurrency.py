@@ -9,33 +9,25 @@ blocking socket would freeze every greenlet of a hub. Nothing here blocks by its
 from __future__ import annotations
 
 import importlib
-import math
 import os
-import select
 import socket as _socket
-import ssl
 import time
 from collections.abc import Callable
 from typing import Any
 
 from gevent import monkey as _monkey
 
+from .clientio import GeventIO, ThreadsIO, ThreadsTLSIO
 from .errors import ConnectError
 from .sockets import parse_address
 
-__all__ = ["World", "ThreadsWorld", "GeventWorld", "THREADS", "current_world", "fork_generation", "real_lock",
-           "RECV_SIZE"]
-
-#: Bytes asked of the kernel per ``recv``.
-RECV_SIZE = 65536
+__all__ = ["World", "ThreadsWorld", "GeventWorld", "THREADS", "current_world", "fork_generation", "real_lock"]
 
 # The real (never patched) primitives, whatever was patched before this import.
 _allocate_lock: Callable[[], Any] = _monkey.get_original("_thread", "allocate_lock")
 _real_socket: Any = _monkey.get_original("socket", "socket")
-_original_poll: Any = _monkey.get_original("select", "poll")
 _StdSSLSocket: Any = _monkey.get_original("ssl", "SSLSocket")
 
-_DONTWAIT = getattr(_socket, "MSG_DONTWAIT", 0)
 _fork_generation = 0
 
 
@@ -156,7 +148,7 @@ class ThreadsWorld(World):
         return _real_socket(family, _socket.SOCK_STREAM)
 
     def io(self, sock: Any) -> Any:
-        return _ThreadsTLSIO(sock) if isinstance(sock, _StdSSLSocket) else _ThreadsIO(sock)
+        return ThreadsTLSIO(sock) if isinstance(sock, _StdSSLSocket) else ThreadsIO(sock)
 
     def _tls(self, sock: Any, ctx: Any, hostname: str | None) -> Any:
         # The stdlib socket class whatever the context's class (a gevent context would make a
@@ -208,7 +200,7 @@ class GeventWorld(World):
         return self._socket(family, _socket.SOCK_STREAM)
 
     def io(self, sock: Any) -> Any:
-        return _GeventIO(sock)
+        return GeventIO(sock)
 
     def _tls(self, sock: Any, ctx: Any, hostname: str | None) -> Any:
         from gevent.ssl import SSLSocket
@@ -230,164 +222,6 @@ class GeventWorld(World):
 
         self._gevent.spawn(run)
         return result
-
-
-class _ThreadsIO:
-    """A blocking socket driven with ``poll`` for deadlines.
-
-    The socket's own timeout is never changed, because a reader and a writer in two threads would
-    race on it; ``poll`` then ``recv`` costs the same syscalls as a socket timeout would.
-    """
-
-    __slots__ = ("sock", "_poller")
-
-    def __init__(self, sock: Any) -> None:
-        sock.settimeout(None)
-        self.sock = sock
-        self._poller = _original_poll()
-        self._poller.register(sock.fileno(), select.POLLIN)
-
-    def send_all(self, data: bytes, deadline: float) -> None:
-        sock = self.sock
-        view = memoryview(data)
-        while view:
-            try:
-                sent = sock.send(view, _DONTWAIT)
-            except BlockingIOError:
-                sent = 0
-            if sent:
-                view = view[sent:]
-                continue
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError("timed out writing the request")
-            poller = _original_poll()
-            poller.register(sock.fileno(), select.POLLOUT)
-            poller.poll(math.ceil(remaining * 1000))
-
-    def recv(self, deadline: float) -> bytes:
-        poll = self._poller.poll
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError("timed out waiting for the reply")
-            if poll(math.ceil(remaining * 1000)):
-                data: bytes = self.sock.recv(RECV_SIZE)
-                return data
-
-    def readable(self) -> bool:
-        return bool(self._poller.poll(0))
-
-    def recv_nowait(self) -> bytes | None:
-        try:
-            data: bytes = self.sock.recv(RECV_SIZE, _DONTWAIT)
-        except BlockingIOError:
-            return None
-        return data
-
-
-class _ThreadsTLSIO:
-    """A non-blocking TLS socket driven with ``poll``. OpenSSL must not run a read and a write on one
-    connection at once, so each (never blocking) SSL call holds a lock; waits happen outside it."""
-
-    __slots__ = ("sock", "_lock", "_poller")
-
-    def __init__(self, sock: Any) -> None:
-        sock.setblocking(False)
-        self.sock = sock
-        self._lock = _allocate_lock()
-        self._poller = _original_poll()
-        self._poller.register(sock.fileno(), select.POLLIN)
-
-    def _wait(self, events: int, deadline: float, what: str) -> None:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError(f"timed out {what}")
-        poller = _original_poll()
-        poller.register(self.sock.fileno(), events)
-        poller.poll(math.ceil(remaining * 1000))
-
-    def send_all(self, data: bytes, deadline: float) -> None:
-        view = memoryview(data)
-        while view:
-            want = select.POLLOUT
-            with self._lock:
-                try:
-                    sent = self.sock.send(view)
-                except ssl.SSLWantReadError:
-                    sent, want = 0, select.POLLIN
-                except (ssl.SSLWantWriteError, BlockingIOError):
-                    sent = 0
-            if sent:
-                view = view[sent:]
-            else:
-                self._wait(want, deadline, "writing the request")
-
-    def recv(self, deadline: float) -> bytes:
-        while True:
-            want = select.POLLIN
-            with self._lock:
-                try:
-                    data: bytes = self.sock.recv(RECV_SIZE)
-                    return data
-                except ssl.SSLWantWriteError:
-                    want = select.POLLOUT
-                except (ssl.SSLWantReadError, BlockingIOError):
-                    pass
-            self._wait(want, deadline, "waiting for the reply")
-
-    def readable(self) -> bool:
-        return self.sock.pending() > 0 or bool(self._poller.poll(0))
-
-    def recv_nowait(self) -> bytes | None:
-        with self._lock:
-            try:
-                data: bytes = self.sock.recv(RECV_SIZE)
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
-                return None
-        return data
-
-
-class _GeventIO:
-    """A gevent socket: its timeout is per greenlet call, and greenlets never interleave between
-    setting it and using it."""
-
-    __slots__ = ("sock", "_poller")
-
-    def __init__(self, sock: Any) -> None:
-        self.sock = sock
-        self._poller = _original_poll()
-        self._poller.register(sock.fileno(), select.POLLIN)
-
-    def readable(self) -> bool:
-        # poll(0) never blocks, so the real poll is fine in a greenlet; TLS may hold decrypted bytes.
-        pending = getattr(self.sock, "pending", None)
-        return (pending is not None and pending() > 0) or bool(self._poller.poll(0))
-
-    def send_all(self, data: bytes, deadline: float) -> None:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("timed out writing the request")
-        self.sock.settimeout(remaining)
-        self.sock.sendall(data)
-
-    def recv(self, deadline: float) -> bytes:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("timed out waiting for the reply")
-        sock = self.sock
-        sock.settimeout(remaining)
-        data: bytes = sock.recv(RECV_SIZE)
-        return data
-
-    def recv_nowait(self) -> bytes | None:
-        sock = self.sock
-        sock.settimeout(0.0)
-        try:
-            data: bytes = sock.recv(RECV_SIZE)
-        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            return None
-        return data
 
 
 #: The one threads world of this process.

@@ -1,0 +1,196 @@
+"""Deadline-bounded socket I/O for client connections, one flavour per concurrency world.
+
+Each class offers ``send_all(data, deadline)`` and ``recv(deadline)`` (``TimeoutError`` at the
+``time.monotonic()`` deadline, ``OSError`` on failure), ``recv_nowait()`` (``None`` when nothing is
+buffered) and ``readable()`` (never blocks). None of them closes the socket: its connection does.
+"""
+
+from __future__ import annotations
+
+import math
+import select
+import socket as _socket
+import ssl
+import time
+from typing import Any
+
+from gevent import monkey as _monkey
+
+__all__ = ["ThreadsIO", "ThreadsTLSIO", "GeventIO", "RECV_SIZE", "shutdown"]
+
+#: Bytes asked of the kernel per ``recv``.
+RECV_SIZE = 65536
+
+# The real (never patched) primitives, whatever was patched before this import.
+_allocate_lock: Any = _monkey.get_original("_thread", "allocate_lock")
+_original_poll: Any = _monkey.get_original("select", "poll")
+_DONTWAIT = getattr(_socket, "MSG_DONTWAIT", 0)
+
+
+def shutdown(sock: Any) -> None:
+    """Shut the descriptor down (waking a thread blocked on it) without touching TLS state, which
+    ``SSLSocket.shutdown`` would drop under a reader still using it. Never raises."""
+    raw = sock if isinstance(sock, _socket.socket) else getattr(sock, "_sock", None)
+    try:
+        if raw is not None:
+            _socket.socket.shutdown(raw, _socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class ThreadsIO:
+    """A blocking socket driven with ``poll`` for deadlines.
+
+    The socket's own timeout is never changed, because a reader and a writer in two threads would
+    race on it; ``poll`` then ``recv`` costs the same syscalls as a socket timeout would.
+    """
+
+    __slots__ = ("sock", "_poller")
+
+    def __init__(self, sock: Any) -> None:
+        sock.settimeout(None)
+        self.sock = sock
+        self._poller = _original_poll()
+        self._poller.register(sock.fileno(), select.POLLIN)
+
+    def send_all(self, data: bytes, deadline: float) -> None:
+        sock = self.sock
+        view = memoryview(data)
+        while view:
+            try:
+                sent = sock.send(view, _DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            if sent:
+                view = view[sent:]
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("timed out writing the request")
+            poller = _original_poll()
+            poller.register(sock.fileno(), select.POLLOUT)
+            poller.poll(math.ceil(remaining * 1000))
+
+    def recv(self, deadline: float) -> bytes:
+        poll = self._poller.poll
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("timed out waiting for the reply")
+            if poll(math.ceil(remaining * 1000)):
+                data: bytes = self.sock.recv(RECV_SIZE)
+                return data
+
+    def readable(self) -> bool:
+        return bool(self._poller.poll(0))
+
+    def recv_nowait(self) -> bytes | None:
+        try:
+            data: bytes = self.sock.recv(RECV_SIZE, _DONTWAIT)
+        except BlockingIOError:
+            return None
+        return data
+
+
+class ThreadsTLSIO:
+    """A non-blocking TLS socket driven with ``poll``. OpenSSL must not run a read and a write on one
+    connection at once, so each (never blocking) SSL call holds a lock; waits happen outside it."""
+
+    __slots__ = ("sock", "_lock", "_poller")
+
+    def __init__(self, sock: Any) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self._lock = _allocate_lock()
+        self._poller = _original_poll()
+        self._poller.register(sock.fileno(), select.POLLIN)
+
+    def _wait(self, events: int, deadline: float, what: str) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"timed out {what}")
+        poller = _original_poll()
+        poller.register(self.sock.fileno(), events)
+        poller.poll(math.ceil(remaining * 1000))
+
+    def send_all(self, data: bytes, deadline: float) -> None:
+        view = memoryview(data)
+        while view:
+            want = select.POLLOUT
+            with self._lock:
+                try:
+                    sent = self.sock.send(view)
+                except ssl.SSLWantReadError:
+                    sent, want = 0, select.POLLIN
+                except (ssl.SSLWantWriteError, BlockingIOError):
+                    sent = 0
+            if sent:
+                view = view[sent:]
+            else:
+                self._wait(want, deadline, "writing the request")
+
+    def recv(self, deadline: float) -> bytes:
+        while True:
+            want = select.POLLIN
+            with self._lock:
+                try:
+                    data: bytes = self.sock.recv(RECV_SIZE)
+                    return data
+                except ssl.SSLWantWriteError:
+                    want = select.POLLOUT
+                except (ssl.SSLWantReadError, BlockingIOError):
+                    pass
+            self._wait(want, deadline, "waiting for the reply")
+
+    def readable(self) -> bool:
+        return self.sock.pending() > 0 or bool(self._poller.poll(0))
+
+    def recv_nowait(self) -> bytes | None:
+        with self._lock:
+            try:
+                data: bytes = self.sock.recv(RECV_SIZE)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                return None
+        return data
+
+
+class GeventIO:
+    """A gevent socket: its timeout is per greenlet call, and greenlets never interleave between
+    setting it and using it."""
+
+    __slots__ = ("sock", "_poller")
+
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+        self._poller = _original_poll()
+        self._poller.register(sock.fileno(), select.POLLIN)
+
+    def readable(self) -> bool:
+        # poll(0) never blocks, so the real poll is fine in a greenlet; TLS may hold decrypted bytes.
+        pending = getattr(self.sock, "pending", None)
+        return (pending is not None and pending() > 0) or bool(self._poller.poll(0))
+
+    def send_all(self, data: bytes, deadline: float) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("timed out writing the request")
+        self.sock.settimeout(remaining)
+        self.sock.sendall(data)
+
+    def recv(self, deadline: float) -> bytes:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("timed out waiting for the reply")
+        sock = self.sock
+        sock.settimeout(remaining)
+        data: bytes = sock.recv(RECV_SIZE)
+        return data
+
+    def recv_nowait(self) -> bytes | None:
+        sock = self.sock
+        sock.settimeout(0.0)
+        try:
+            data: bytes = sock.recv(RECV_SIZE)
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return None
+        return data
