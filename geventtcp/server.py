@@ -6,6 +6,7 @@ import errno
 import logging
 import math
 import resource
+import socket
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -19,7 +20,7 @@ from gevent.server import StreamServer
 from .builtins import Builtin, make_builtins
 from .codec import get_codec
 from .config import Config
-from .connection import Connection
+from .connection import LINGER_SECONDS, Connection
 from .errors import Code
 from .protocol import Request, encode_error, encode_goaway
 from .security import check_listen_addresses, is_loopback, is_protected, load_token
@@ -229,7 +230,7 @@ class Server:
 
     def _handle(self, sock: Any, address: Any) -> None:
         if self.draining:
-            self._refuse(sock, encode_goaway(self.codec, self.drain_reason))
+            self._refuse(sock, encode_goaway(self.codec, self.drain_reason), linger=True)
             return
         if len(self.connections) >= self.settings.max_connections:
             self.stats.connections_rejected += 1
@@ -269,14 +270,22 @@ class Server:
             conn.abort()
             raise
 
-    def _refuse(self, sock: Any, line: bytes) -> None:
+    def _refuse(self, sock: Any, line: bytes, linger: bool = False) -> None:
         """Best-effort final line, then close: a refused peer never waits in the backlog.
 
         On a TLS listener nothing is written (the peer expects a handshake, not a JSON line).
+        ``linger`` (a goaway while draining) half-closes and reads for up to LINGER_SECONDS first:
+        a peer that already wrote a request would otherwise get a reset that can destroy the line
+        telling it the request was not processed.
         """
         try:
             if self.ssl_context is None:
                 sock.sendall(line)
+                if linger:
+                    sock.shutdown(socket.SHUT_WR)
+                    with gevent.Timeout(LINGER_SECONDS, False):
+                        while sock.recv(65536):
+                            pass
         except OSError:
             pass
         finally:
