@@ -48,6 +48,8 @@ log = logging.getLogger("geventtcp.arbiter")
 BOOT_FAILURE_LIMIT = 3
 #: Seconds between SIGABRT and SIGKILL for a worker whose heartbeat stopped.
 ABORT_GRACE = 1.0
+#: Seconds past graceful_timeout before the master SIGKILLs a draining worker.
+STOP_MARGIN = 1.0
 #: How long a HUP waits for the new workers to boot before draining the old ones anyway.
 RELOAD_BOOT_WAIT = 30.0
 
@@ -79,6 +81,7 @@ class WorkerProcess:
     signalled: bool = False  # the retiring signal has been sent
     aborted_at: float = 0.0
     booted: bool = False
+    killed: bool = False  # the master sent the SIGKILL (so the log need not guess at the OOM killer)
     stop_deadline: float = field(default=0.0)
 
 
@@ -312,7 +315,7 @@ class Arbiter:
 
     def _retire(self, worker: WorkerProcess, sig: int) -> None:
         worker.retiring = worker.signalled = True
-        worker.stop_deadline = time.monotonic() + self.config.graceful_timeout + 2.0
+        worker.stop_deadline = time.monotonic() + self.config.graceful_timeout + STOP_MARGIN
         self._kill(worker.pid, sig)
 
     def _reap(self) -> None:
@@ -329,7 +332,9 @@ class Arbiter:
             self._forget(worker)
             if os.WIFSIGNALED(status):
                 sig = os.WTERMSIG(status)
-                if sig == signal.SIGKILL:
+                if sig == signal.SIGKILL and worker.killed:
+                    log.warning("Worker (pid:%d) killed by the master (SIGKILL)", pid)
+                elif sig == signal.SIGKILL:
                     log.error("Worker (pid:%d) was sent SIGKILL! Perhaps out of memory?", pid)
                 else:
                     log.error("Worker (pid:%d) was killed by %s", pid, signal.Signals(sig).name)
@@ -369,7 +374,7 @@ class Arbiter:
                 self.boot_failures = 0
             if st.st_size >= STATE_DRAINING and not worker.retiring:
                 worker.retiring = worker.signalled = True  # it drains on its own (max_requests): replace it
-                worker.stop_deadline = now + self.config.graceful_timeout + 2.0
+                worker.stop_deadline = now + self.config.graceful_timeout + STOP_MARGIN
             if worker.aborted_at:
                 if now - worker.aborted_at > ABORT_GRACE:
                     self._kill(worker.pid, signal.SIGKILL)
@@ -386,6 +391,8 @@ class Arbiter:
                 self._kill(worker.pid, signal.SIGABRT)
 
     def _kill(self, pid: int, sig: int) -> None:
+        if sig == signal.SIGKILL and pid in self.workers:
+            self.workers[pid].killed = True
         try:
             os.kill(pid, sig)
         except OSError as exc:
@@ -403,7 +410,8 @@ class Arbiter:
         self.stopping = True
         if self.listeners is not None:  # workers hold their own copies until they stop accepting
             self.listeners.close()
-        limit = self.config.graceful_timeout if graceful else 2.0
+        # A worker stops what still runs at graceful_timeout itself; give it a moment past that.
+        limit = self.config.graceful_timeout + STOP_MARGIN if graceful else 2.0
         self._signal_all(signal.SIGTERM if graceful else signal.SIGQUIT)
         deadline = time.monotonic() + limit
         while self.workers and time.monotonic() < deadline:

@@ -143,6 +143,27 @@ def test_term_under_load_answers_every_request_and_exits_within_graceful_timeout
         launcher.close()
 
 
+def test_term_with_a_handler_longer_than_graceful_timeout_ends_it_and_exits(app_dir: Path) -> None:
+    launcher = Launcher(app_dir, "--workers", "1", "--graceful-timeout", "1")
+    try:
+        launcher.wait_workers(1)
+        slow, quick = Caller(launcher.address), Caller(launcher.address)
+        sleeper = gevent.spawn(slow.call, 2, {"seconds": 30})
+        short = gevent.spawn(quick.call, 2, {"seconds": 0.5})
+        gevent.sleep(0.3)
+        start = time.monotonic()
+        launcher.signal(signal.SIGTERM)
+        assert short.get(timeout=10)["code"] == 0  # the request that fits in graceful_timeout is answered
+        with pytest.raises(Caller.MaybeExecutedError):  # cut off at graceful_timeout: it may have run
+            sleeper.get(timeout=10)
+        assert launcher.wait_exit(5) == 0
+        assert time.monotonic() - start < 1 + 2
+        launcher.wait_log("graceful timeout: closing")
+        assert "SIGKILL" not in launcher.output  # the worker stopped its handlers and exited itself
+    finally:
+        launcher.close()
+
+
 def test_sigint_stops_at_once(app_dir: Path) -> None:
     launcher = Launcher(app_dir, "--workers", "2", "--graceful-timeout", "30")
     try:
