@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import collections
+import decimal
 import math
 import re
 from collections.abc import Callable
 from typing import Any
 
 import simplejson
+import simplejson.encoder
 
-__all__ = ["Codec", "SimplejsonCodec", "get_codec", "CODECS"]
+__all__ = ["Codec", "SimplejsonCodec", "OrjsonCodec", "get_codec", "CODECS"]
 
 # A "\u" escape of a surrogate half. Only lines that contain one are walked after parsing, so the
 # common line pays for a single substring search.
@@ -34,6 +37,21 @@ def _checked_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
+def _tuple_or_asdict(value: Any) -> Any:
+    """The encoder's ``default``: what simplejson's ``namedtuple_as_object``/``tuple_as_array`` do.
+
+    simplejson probes every container for an ``_asdict`` method before encoding it (a failed
+    attribute lookup, ~0.5 us per dict or list); with both options off in the C encoder, only
+    tuples and unknown types reach this function, which applies the same rules.
+    """
+    asdict = getattr(value, "_asdict", None)
+    if asdict is not None and callable(asdict):
+        return asdict()
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"Object of type {value.__class__.__name__} is not JSON serializable")
+
+
 def _check_strings(value: Any) -> None:
     """Raise ValueError when any string in ``value`` holds a lone surrogate (not encodable as UTF-8)."""
     stack = [value]
@@ -46,6 +64,9 @@ def _check_strings(value: Any) -> None:
             stack.extend(item.values())
         elif isinstance(item, list):
             stack.extend(item)
+
+
+_SAMPLE_ROW = collections.namedtuple("_SAMPLE_ROW", "x y")(1, [2])
 
 
 class Codec:
@@ -73,34 +94,95 @@ class Codec:
 
 
 class SimplejsonCodec(Codec):
-    """The default codec: simplejson with its C speedups."""
+    """The default codec: simplejson with its C speedups.
+
+    simplejson's ``JSONDecoder.decode`` and ``JSONEncoder.encode`` are thin Python layers that,
+    per call, re-check their input and (for encoding) build a new C encoder from twenty settings.
+    Here both C objects are built once and called directly; anything off the common path (a line
+    not starting with ``{``, trailing data, any error) goes through the full simplejson call, so
+    results and error messages are exactly simplejson's.
+    """
 
     name = "simplejson"
 
     def __init__(self) -> None:
-        self._decode: Callable[[str], Any] = simplejson.JSONDecoder(
+        decoder = simplejson.JSONDecoder(
             object_pairs_hook=_checked_object,
             parse_float=_finite_float,
             parse_constant=_reject_constant,
             allow_nan=False,
-        ).decode
-        self._encode: Callable[[Any], str] = simplejson.JSONEncoder(
+        )
+        self._decode: Callable[[str], Any] = decoder.decode
+        self._scan: Callable[[str, int], tuple[Any, int]] = decoder.scan_once
+        encoder = simplejson.JSONEncoder(
             separators=(",", ":"), allow_nan=False, ensure_ascii=True, check_circular=True
-        ).encode
+        )
+        self._encode: Callable[[Any], str] = encoder.encode
+        self._markers: dict[int, Any] = {}
+        self._key_memo: dict[Any, str] = {}
+        self._c_encode = self._make_c_encoder(encoder)
+
+    def _make_c_encoder(self, enc: Any) -> Callable[[Any, int], list[str]] | None:
+        """The C encoder ``JSONEncoder.iterencode`` would build, built once (None: not available).
+
+        The arguments mirror simplejson's own ``iterencode``, except that tuples and ``_asdict``
+        objects are handled by :func:`_tuple_or_asdict` (same output; the one difference: a dict or
+        list *subclass* with an ``_asdict`` method is encoded as the dict or list it is). A
+        self-check against ``encode`` on a sample guards against a simplejson version that changed
+        the arguments (then ``encode`` is used).
+        """
+        make = getattr(simplejson.encoder, "c_make_encoder", None)
+        if make is None:
+            return None
+        try:
+            c_encode: Callable[[Any, int], list[str]] = make(
+                self._markers, _tuple_or_asdict, simplejson.encoder.encode_basestring_ascii, enc.indent,
+                enc.key_separator, enc.item_separator, enc.sort_keys, enc.skipkeys, enc.allow_nan,
+                self._key_memo, enc.use_decimal, False, False,
+                53 if enc.bigint_as_string else enc.int_as_string_bitcount, enc.item_sort_key,
+                enc.encoding, enc.for_json, enc.ignore_nan, decimal.Decimal, enc.iterable_as_array)
+            sample = {"a": [1, 2.5, None, True, "\u00e9\n", {"b": 10**30}], "c": (1, (2,)), "d": _SAMPLE_ROW}
+            if "".join(c_encode(sample, 0)) != enc.encode(sample):
+                return None
+        except Exception:
+            return None
+        finally:
+            self._key_memo.clear()
+        return c_encode
 
     def loads(self, line: bytes) -> Any:
         try:
             text = line.decode("utf-8")
-            if text[:1] == "\ufeff":
-                raise ValueError("a byte order mark is not allowed")
-            value = self._decode(text)
+            if text[:1] == "{":  # no BOM, no leading whitespace: decode() would scan from 0 too
+                try:
+                    value, end = self._scan(text, 0)
+                except Exception:
+                    value, end = None, -1
+                if end != len(text):  # trailing whitespace, trailing data or an error: the full path
+                    value = self._decode(text)
+            else:
+                if text[:1] == "\ufeff":
+                    raise ValueError("a byte order mark is not allowed")
+                value = self._decode(text)
         except RecursionError:
             raise ValueError("JSON nesting too deep") from None
-        return self._post_check(line, value)
+        if b"\\" in line:  # an escape; only a \u one can make a lone surrogate (one-byte search: memchr)
+            return self._post_check(line, value)
+        return value
 
     def dumps(self, value: Any) -> bytes:
+        c_encode = self._c_encode
         try:
-            return self._encode(value).encode("ascii")
+            if c_encode is None:
+                return self._encode(value).encode("ascii")
+            try:
+                return "".join(c_encode(value, 0)).encode("ascii")
+            except BaseException:
+                self._markers.clear()  # an error can leave the containers it was inside marked
+                raise
+            finally:
+                if len(self._key_memo) > 4096:  # a cache of encoded keys: bound it
+                    self._key_memo.clear()
         except RecursionError:
             raise ValueError("value nested too deep to serialize") from None
 

@@ -195,7 +195,11 @@ class Connection:
     # -- dispatching -----------------------------------------------------------------------------
 
     def _dispatch(self, line: bytes | None, me: Any) -> bool:
-        """Answer one line; return False when this greenlet lost the reader role to a handoff."""
+        """Answer one line; return False when this greenlet lost the reader role to a handoff.
+
+        This is the request path: it runs once per request, so it reads each attribute once into a
+        local, calls the clock twice and leaves rare cases to helper calls.
+        """
         server = self.server
         codec = server.codec
         if line is None:
@@ -212,60 +216,56 @@ class Connection:
             self.out.append(encode_error(codec, exc.code, exc.msg, exc.cmdid, exc.id, exc.id is not None))
             return True
         self.requests += 1
-        call = self.calls.get(req.cmdid)
+        cmdid = req.cmdid
+        call = self.calls.get(cmdid)
         if call is None:
-            if self.calls is not server.calls:
-                self.out.append(encode_error(codec, Code.UNAUTHENTICATED, "authentication required", req.cmdid,
-                                             req.id, req.has_id))
-                server.stats.record(req.cmdid, Code.UNAUTHENTICATED, 0.0)
-                return True
-            self.out.append(encode_error(codec, Code.UNKNOWN_COMMAND, f"unknown cmdid {req.cmdid}", req.cmdid,
-                                         req.id, req.has_id))
-            server.stats.record(req.cmdid, Code.UNKNOWN_COMMAND, 0.0)
-            return True
+            return self._refuse_unknown(req)
         refusal = server.admit(self, req)
         if refusal is not None:
-            self.out.append(encode_error(codec, refusal[0], refusal[1], req.cmdid, req.id, req.has_id))
-            server.stats.record(req.cmdid, refusal[0], 0.0)
+            self.out.append(encode_error(codec, refusal[0], refusal[1], cmdid, req.id, req.has_id))
+            server.stats.record(cmdid, refusal[0], 0.0)
             return True
         req.connection = self
         if not self.watch_armed:
             self.watch_armed = True
             server.loop.run_callback(self._watch)
         self.running = req
-        started = server.clock()
+        clock = server.clock
+        started = clock()
         code: int
         try:
             data = call(req)
         except DeadlineReached:
-            reply = encode_error(codec, Code.DEADLINE_EXCEEDED, "deadline exceeded", req.cmdid, req.id, req.has_id)
+            reply = encode_error(codec, Code.DEADLINE_EXCEEDED, "deadline exceeded", cmdid, req.id, req.has_id)
             code = Code.DEADLINE_EXCEEDED
         except HandlerError as exc:
-            reply = encode_error(codec, exc.code, exc.msg, req.cmdid, req.id, req.has_id)
+            reply = encode_error(codec, exc.code, exc.msg, cmdid, req.id, req.has_id)
             code = exc.code
         except Exception:
-            log.exception("handler for cmdid %d raised (peer %s, id %r)", req.cmdid, self.address, req.id)
-            reply = encode_error(codec, Code.INTERNAL, "internal error", req.cmdid, req.id, req.has_id)
+            log.exception("handler for cmdid %d raised (peer %s, id %r)", cmdid, self.address, req.id)
+            reply = encode_error(codec, Code.INTERNAL, "internal error", cmdid, req.id, req.has_id)
             code = Code.INTERNAL
         else:
             try:
-                reply = encode_reply(codec, req.cmdid, data, req.id, req.has_id)
-                code = Code.OK
+                reply = encode_reply(codec, cmdid, data, req.id, req.has_id)
+                code = 0
             except (ValueError, TypeError, OverflowError) as exc:
-                log.error("result of cmdid %d is not serializable: %r", req.cmdid, exc)
-                reply = encode_error(codec, Code.INTERNAL, "result not serializable", req.cmdid, req.id, req.has_id)
+                log.error("result of cmdid %d is not serializable: %r", cmdid, exc)
+                reply = encode_error(codec, Code.INTERNAL, "result not serializable", cmdid, req.id, req.has_id)
                 code = Code.INTERNAL
         finally:
             timer = req._timer
             if timer is not None:
                 timer.stop()
                 timer.close()
-        if len(reply) > server.settings.max_reply_bytes:
-            reply = encode_error(codec, Code.TOO_LARGE, "reply too large", req.cmdid, req.id, req.has_id)
+        if len(reply) > server.max_reply_bytes:
+            reply = encode_error(codec, Code.TOO_LARGE, "reply too large", cmdid, req.id, req.has_id)
             code = Code.TOO_LARGE
-        server.stats.record(req.cmdid, code, server.clock() - started)
-        if server.access_log is not None:
-            server.access_log(self, req, code, server.clock() - started)
+        elapsed = clock() - started
+        server.stats.record(cmdid, code, elapsed)
+        access_log = server.access_log
+        if access_log is not None:
+            access_log(self, req, code, elapsed)
         slot = req._slot
         if slot is None:
             self.running = None
@@ -283,6 +283,17 @@ class Connection:
             self._flush()
             self._maybe_close()
         return False
+
+    def _refuse_unknown(self, req: Request) -> bool:
+        """Answer a cmdid this connection may not call: 401 before AUTH, else 404."""
+        server = self.server
+        if self.calls is not server.calls:
+            code, msg = Code.UNAUTHENTICATED, "authentication required"
+        else:
+            code, msg = Code.UNKNOWN_COMMAND, f"unknown cmdid {req.cmdid}"
+        self.out.append(encode_error(server.codec, code, msg, req.cmdid, req.id, req.has_id))
+        server.stats.record(req.cmdid, code, 0.0)
+        return True
 
     def _watch(self) -> None:
         """Hub callback: runs when the reader yielded; if it is inside a handler, hand off."""

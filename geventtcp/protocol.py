@@ -186,22 +186,28 @@ def parse_request(line: bytes, codec: Codec, address: Any = None) -> Request:
         raise ProtocolError(f"invalid JSON: {exc}") from None
     if type(body) is not dict:
         raise ProtocolError("a request must be a JSON object")
-    rid = body.get("id")
-    has_id = "id" in body
-    if has_id and not (rid is None or type(rid) is str or (type(rid) is int)):
-        raise ProtocolError("id must be an integer or a string")
-    raw_cmdid = body.get("cmdid")
-    cmdid = _int_field(raw_cmdid)
+    get = body.get
+    rid = get("id")
+    if rid is None:
+        has_id = "id" in body
+    else:
+        has_id = True
+        if type(rid) is not int and type(rid) is not str:
+            raise ProtocolError("id must be an integer or a string")
+    raw_cmdid = get("cmdid")
+    cmdid = raw_cmdid if type(raw_cmdid) is int else _int_field(raw_cmdid)
     if cmdid is None:
         what = "missing cmdid" if raw_cmdid is None else "cmdid must be an integer"
         raise ProtocolError(what, id=rid, cmdid=raw_cmdid if type(raw_cmdid) in (int, str) else None)
-    params = body.get("params")
+    params = get("params")
     if params is None:
         params = {}
     elif type(params) is not dict:
         raise ProtocolError("params must be a JSON object", id=rid, cmdid=cmdid)
-    ts = body.get("timestamp")
-    if ts is None:
+    ts = get("timestamp")
+    if type(ts) is int:
+        timestamp = ts
+    elif ts is None:
         timestamp = int(time.time())
     else:
         timestamp_or_none = _int_field(ts)
@@ -211,14 +217,33 @@ def parse_request(line: bytes, codec: Codec, address: Any = None) -> Request:
             else:
                 raise ProtocolError("timestamp must be an integer", id=rid, cmdid=cmdid)
         timestamp = timestamp_or_none
-    timeout_ms = body.get("timeout_ms")
+    timeout_ms = get("timeout_ms")
     if timeout_ms is not None and (type(timeout_ms) is not int or timeout_ms <= 0):
         raise ProtocolError("timeout_ms must be a positive integer", id=rid, cmdid=cmdid)
     return Request(address, line, cmdid, params, timestamp, rid, has_id, timeout_ms)
 
 
+#: ``{"code":0,"cmdid":N,"data":`` per cmdid: a success reply is this prefix, the data's JSON and
+#: ``}``, byte for byte what encoding the whole reply object gives (the reply object is built
+#: here, so its data can never contain it and the circular-reference check sees the same).
+_REPLY_HEADS: dict[int, bytes] = {}
+
+
 def encode_reply(codec: Codec, cmdid: int, data: Any, id: Any = None, has_id: bool = False) -> bytes:
     """Encode a success reply line; ``ValueError``/``TypeError`` if ``data`` has no JSON form."""
+    if type(cmdid) is int:
+        if not has_id:
+            head = _REPLY_HEADS.get(cmdid)
+            if head is None:
+                head = b'{"code":0,"cmdid":%d,"data":' % cmdid
+                if len(_REPLY_HEADS) < 4096:
+                    _REPLY_HEADS[cmdid] = head
+            return head + codec.dumps(data) + b"}\n"
+        if type(id) is int:
+            return b'{"code":0,"cmdid":%d,"id":%d,"data":' % (cmdid, id) + codec.dumps(data) + b"}\n"
+        if type(id) is str:
+            return (b'{"code":0,"cmdid":%d,"id":' % cmdid + codec.dumps(id) + b',"data":' + codec.dumps(data)
+                    + b"}\n")
     if has_id:
         return codec.dumps({"code": 0, "cmdid": cmdid, "id": id, "data": data}) + b"\n"
     return codec.dumps({"code": 0, "cmdid": cmdid, "data": data}) + b"\n"

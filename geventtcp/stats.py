@@ -69,8 +69,8 @@ class Stats:
         if code:
             entry.errors += 1
         entry.total += seconds
-        us = seconds * 1e6
-        k = math.frexp(us)[1] if us >= 1.0 else 0
+        # The bucket is the bit length of the whole microseconds: frexp's exponent, without a float call.
+        k = int(seconds * 1e6).bit_length() if seconds > 0.0 else 0
         entry.hist[k if k < _BUCKETS else _BUCKETS - 1] += 1
 
     def as_dict(self) -> dict[str, Any]:
