@@ -100,8 +100,10 @@ class Connection:
         self.requests = 0
         self.created_tick = server.tick
         self.drained: Any = None  # an Event a waiter may set up (reader stalled on a slow peer)
-        raw = getattr(sock, "_sock", None)
-        self._raw_send: Callable[[Any], int] | None = raw.send if raw is not None and server.plain_sockets else None
+        raw = getattr(sock, "_sock", None) if server.plain_sockets else None
+        self._raw_send: Callable[[Any], int] | None = raw.send if raw is not None else None
+        self._raw_recv: Callable[[int], bytes] | None = (
+            raw.recv if raw is not None and hasattr(sock, "_wait") and hasattr(sock, "_read_event") else None)
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -114,36 +116,56 @@ class Connection:
         me = getcurrent()
         server = self.server
         sock = self.sock
+        buffer = self.buffer
+        dispatch = self._dispatch
+        # A plain gevent socket: try the non-blocking recv directly and wait for readability only
+        # when it has nothing (gevent's own recv does the same, one Python call further away).
+        raw_recv = self._raw_recv
         try:
             while True:
                 lines = self.lines
-                while self.pos < len(lines):
-                    line = lines[self.pos]
-                    self.pos += 1
-                    if not self._dispatch(line, me):
+                pos = self.pos
+                end = len(lines)
+                while pos < end:
+                    pos += 1
+                    self.pos = pos  # a handoff inside dispatch continues from here
+                    if not dispatch(lines[pos - 1], me):
                         return  # handed off: this greenlet now only answers its own request
                     if self.closed:
                         return
-                self._flush()
-                if self.closed:
-                    return
+                if self.out:
+                    self._flush()
+                    if self.closed:
+                        return
                 if server.draining or self.goaway is not None:
                     self.goaway = self.goaway or server.drain_reason
                     break
                 if len(self.out) > MAX_QUEUED_REPLIES:
                     self._wait_drained()
                     continue
-                self.receiving = True
-                try:
-                    data = sock.recv(RECV_SIZE)
-                finally:
-                    self.receiving = False
+                if raw_recv is not None:
+                    while True:
+                        try:
+                            data = raw_recv(RECV_SIZE)
+                            break
+                        except BlockingIOError:
+                            self.receiving = True
+                            try:
+                                sock._wait(sock._read_event)
+                            finally:
+                                self.receiving = False
+                else:
+                    self.receiving = True
+                    try:
+                        data = sock.recv(RECV_SIZE)
+                    finally:
+                        self.receiving = False
                 if not data:
                     break  # EOF: answer what is in flight, then close
                 self.active_tick = server.tick
-                self.lines = self.buffer.feed(data)
+                self.lines = buffer.feed(data)
                 self.pos = 0
-                if self.buffer.pending or self.buffer.discarding:
+                if buffer.incomplete:
                     if self.partial_tick < 0:
                         self.partial_tick = server.tick
                 else:
@@ -346,9 +368,14 @@ class Connection:
         try:
             self.queued_bytes = 0
             while self.out and not self.closed:
-                data = self._take_ready()
-                if not data:
-                    break
+                if self.open_slots:
+                    data = self._take_ready()
+                    if not data:
+                        break
+                else:  # every queued reply is ready (no handoff pending): take them all
+                    out = self.out
+                    data = out[0] if len(out) == 1 else b"".join(out)
+                    self.out = []
                 self._send(data)
         except OSError as exc:
             log.debug("connection %s: send failed: %s", self.address, exc)

@@ -78,15 +78,18 @@ class LineBuffer:
 
     ``feed(data)`` returns the complete lines ``data`` finished, without their ``\\n``. A line that
     outgrows the limit comes out as ``None`` (once, as soon as it is known to be too long) and the
-    rest of it, up to its newline, is dropped. ``pending`` is the size of the unfinished line.
+    rest of it, up to its newline, is dropped. ``pending`` is the size of the unfinished line;
+    ``incomplete`` (a plain attribute, cheap to read per ``recv``) is true while part of a line is
+    held or a too-long line is being dropped.
     """
 
-    __slots__ = ("max_line_bytes", "_partial", "_discarding")
+    __slots__ = ("max_line_bytes", "_partial", "_discarding", "incomplete")
 
     def __init__(self, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
         self.max_line_bytes = max_line_bytes
         self._partial = b""
         self._discarding = False
+        self.incomplete = False
 
     @property
     def pending(self) -> int:
@@ -103,7 +106,7 @@ class LineBuffer:
         if self._discarding:
             cut = data.find(b"\n")
             if cut < 0:
-                return []
+                return []  # still dropping: ``incomplete`` stays true
             self._discarding = False
             data = data[cut + 1 :]
         if self._partial:
@@ -117,6 +120,7 @@ class LineBuffer:
             self._discarding = True
             rest = b""
         self._partial = rest
+        self.incomplete = self._discarding or bool(rest)
         if len(data) > limit:  # some complete line may be over the limit as well
             lines = [None if line is not None and len(line) >= limit else line for line in lines]
         return lines
