@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import collections
 import decimal
 import math
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import simplejson
 import simplejson.encoder
@@ -66,7 +65,12 @@ def _check_strings(value: Any) -> None:
             stack.extend(item)
 
 
-_SAMPLE_ROW = collections.namedtuple("_SAMPLE_ROW", "x y")(1, [2])
+class _SampleRow(NamedTuple):
+    x: int
+    y: list[int]
+
+
+_SAMPLE_ROW = _SampleRow(1, [2])
 
 
 class Codec:
@@ -187,7 +191,72 @@ class SimplejsonCodec(Codec):
             raise ValueError("value nested too deep to serialize") from None
 
 
-CODECS: dict[str, Callable[[], Codec]] = {"simplejson": SimplejsonCodec}
+#: Lines longer than this are checked for deep nesting before orjson may parse them: orjson's
+#: nesting limit (1024) is above the interpreter's recursion limit that bounds simplejson.
+_ORJSON_CHECK_DEPTH_BYTES = 1000
+_ORJSON_MAX_BRACKETS = 200
+
+
+class OrjsonCodec(Codec):
+    """orjson (the ``[fast]`` extra) wherever it gives exactly the default codec's result, simplejson elsewhere.
+
+    orjson alone would differ from the strict codec: it keeps the last of duplicate keys, reads
+    integers beyond 64 bits as floats, nests deeper, writes NaN as null and serializes Enum, UUID,
+    dataclass and datetime values. So:
+
+    * ``loads`` keeps orjson's value only when the line is exactly orjson's own compact encoding of
+      it (one ``dumps`` and a byte comparison). Then no pair was dropped, no number changed type,
+      there is no BOM, escape of a surrogate or stray whitespace, and simplejson would read the
+      same value; long lines are also checked for depth. Any other line (say, with spaces after
+      the colons) and every orjson error goes to :class:`SimplejsonCodec`, so results and error
+      messages are the default codec's.
+    * ``dumps`` uses orjson only for values made of exact built-in types (``marshal`` refuses
+      every subclass, Enum, UUID, Decimal, dataclass, datetime and namedtuple), and not when a
+      float could have become ``null``; orjson's own refusals (big integers, non-string keys, lone
+      surrogates, cycles) fall back too. The text may differ from simplejson's (UTF-8 instead of
+      ``\\u`` escapes); the JSON value is the same.
+    """
+
+    name = "orjson"
+
+    def __init__(self) -> None:
+        try:
+            import orjson
+        except ImportError:
+            raise ValueError("the orjson codec needs orjson: pip install 'geventtcp[fast]'") from None
+        import marshal
+
+        self._loads: Callable[[bytes], Any] = orjson.loads
+        self._dumps: Callable[[Any], bytes] = orjson.dumps
+        self._core_types_only: Callable[[Any], bytes] = marshal.dumps
+        self.exact = SimplejsonCodec()
+
+    def loads(self, line: bytes) -> Any:
+        try:
+            value = self._loads(line)
+            if self._dumps(value) == line and (
+                    len(line) < _ORJSON_CHECK_DEPTH_BYTES
+                    or line.count(b"[") + line.count(b"{") <= _ORJSON_MAX_BRACKETS):
+                return value
+        except (ValueError, TypeError):
+            pass
+        return self.exact.loads(line)
+
+    def dumps(self, value: Any) -> bytes:
+        try:
+            # marshal serializes exact built-in types only: a ValueError names anything else.
+            marshalled = self._core_types_only(value)
+            result: bytes = self._dumps(value)
+        except (ValueError, TypeError):
+            return self.exact.dumps(value)
+        # A NaN or infinity comes out as null: with a float in the value ('g', marshal's float
+        # code, or 'g' | FLAG_REF) and a null in the text, let the exact codec decide.
+        if (103 in marshalled or 231 in marshalled) and result.find(b"null") >= 0:
+            return self.exact.dumps(value)
+        return result
+
+
+CODECS: dict[str, Callable[[], Codec]] = {"simplejson": SimplejsonCodec, "orjson": OrjsonCodec}
 
 
 def get_codec(name: str) -> Codec:
