@@ -52,20 +52,23 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
     raise RuntimeError(f"nothing listening on {port}")
 
 
-def rate(fn: Callable[[], None], seconds: float) -> float:
-    """Calls per second of ``fn`` in this thread, for ``seconds``."""
+Result = tuple[float, float]  # (calls per second, client-process CPU microseconds per call)
+
+
+def rate(fn: Callable[[], object], seconds: float) -> Result:
+    """Calls per second of ``fn`` in this thread, for ``seconds``, and the CPU each call cost."""
     n = 0
     end = time.perf_counter() + seconds
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     while True:
         for _ in range(50):
             fn()
         n += 50
         if time.perf_counter() >= end:
-            return n / (time.perf_counter() - started)
+            return n / (time.perf_counter() - started), (time.process_time() - cpu) / n * 1e6
 
 
-def threaded_rate(make: Callable[[], Callable[[], None]], threads: int, seconds: float) -> float:
+def threaded_rate(make: Callable[[], Callable[[], object]], threads: int, seconds: float) -> Result:
     counts = [0] * threads
     stop = threading.Event()
 
@@ -77,14 +80,15 @@ def threaded_rate(make: Callable[[], Callable[[], None]], threads: int, seconds:
             counts[i] += 20
 
     workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for w in workers:
         w.start()
     time.sleep(seconds)
     stop.set()
     for w in workers:
         w.join()
-    return sum(counts) / (time.perf_counter() - started)
+    n = sum(counts)
+    return n / (time.perf_counter() - started), (time.process_time() - cpu) / n * 1e6
 
 
 # -- the gRPC peer --------------------------------------------------------------------------------
@@ -108,7 +112,7 @@ def grpc_server(port: int) -> None:
 
 # -- rows -----------------------------------------------------------------------------------------
 
-def bench_threads(address: str, seconds: float) -> float:
+def bench_threads(address: str, seconds: float) -> Result:
     from geventtcp.client import Client
     from geventtcp.concurrency import THREADS, current_world
 
@@ -118,7 +122,7 @@ def bench_threads(address: str, seconds: float) -> float:
         return rate(lambda: client.call(-1), seconds)
 
 
-def bench_20_threads(address: str, seconds: float) -> float:
+def bench_20_threads(address: str, seconds: float) -> Result:
     from geventtcp.client import Client
 
     with Client(address, timeout=10, pool_size=4) as client:
@@ -126,9 +130,9 @@ def bench_20_threads(address: str, seconds: float) -> float:
         return threaded_rate(lambda: lambda: client.call(-1), 20, seconds)
 
 
-def bench_greenlets(address: str, seconds: float) -> float:
+def bench_greenlets(address: str, seconds: float) -> Result:
     # A thread of its own, so that its gevent hub never touches the plain-threads rows.
-    result: list[float] = []
+    result: list[Result] = []
 
     def run() -> None:
         import gevent
@@ -147,11 +151,12 @@ def bench_greenlets(address: str, seconds: float) -> float:
                     counts[0] += 1
 
             jobs = [gevent.spawn(worker) for _ in range(100)]
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             gevent.sleep(seconds)
             stop.append(1)
             gevent.joinall(jobs)
-            result.append(counts[0] / (time.perf_counter() - started))
+            n = counts[0]
+            result.append((n / (time.perf_counter() - started), (time.process_time() - cpu) / n * 1e6))
 
     t = threading.Thread(target=run)
     t.start()
@@ -159,7 +164,7 @@ def bench_greenlets(address: str, seconds: float) -> float:
     return result[0]
 
 
-def bench_raw(port: int, seconds: float) -> float:
+def bench_raw(port: int, seconds: float) -> Result:
     with socket.create_connection(("127.0.0.1", port)) as s:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         line = b'{"cmdid":-1,"id":1,"params":{}}\n'
@@ -173,7 +178,7 @@ def bench_raw(port: int, seconds: float) -> float:
         return rate(once, seconds)
 
 
-def bench_redis(port: int, seconds: float) -> float:
+def bench_redis(port: int, seconds: float) -> Result:
     import redis
 
     r = redis.Redis(host="127.0.0.1", port=port)
@@ -184,7 +189,7 @@ def bench_redis(port: int, seconds: float) -> float:
         r.close()
 
 
-def bench_grpc(port: int, seconds: float) -> float:
+def bench_grpc(port: int, seconds: float) -> Result:
     import grpc
 
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -217,7 +222,7 @@ def main() -> int:
         for port in (ours, grpc_port) + ((redis_port,) if redis_port else ()):
             wait_port(port)
         address = f"127.0.0.1:{ours}"
-        rows: dict[str, Callable[[], float]] = {
+        rows: dict[str, Callable[[], Result]] = {
             "geventtcp Client, 1 thread, sync ping": lambda: bench_threads(address, args.seconds),
             "geventtcp Client, 100 greenlets, one Client": lambda: bench_greenlets(address, args.seconds),
             "geventtcp Client, 20 threads, one Client": lambda: bench_20_threads(address, args.seconds),
@@ -226,23 +231,25 @@ def main() -> int:
         }
         if redis_port:
             rows["redis-py PING, 1 thread (redis-server)"] = lambda: bench_redis(redis_port, args.seconds)
-        results: dict[str, list[float]] = {name: [] for name in rows}
+        results: dict[str, list[Result]] = {name: [] for name in rows}
         for _ in range(args.rounds):
             for name, run in rows.items():
                 results[name].append(run())
-        median = {name: statistics.median(values) for name, values in results.items()}
+        median = {name: statistics.median(r[0] for r in values) for name, values in results.items()}
+        cpu = {name: statistics.median(r[1] for r in values) for name, values in results.items()}
         one = median["geventtcp Client, 1 thread, sync ping"]
         print(f"\n{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, {args.rounds} rounds x {args.seconds:g} s, "
-              "median calls/s\n")
-        print("| client | calls/s | runs |")
-        print("|---|---:|---|")
+              "medians\n")
+        print("| client | calls/s | client CPU us/call | calls/s of each run |")
+        print("|---|---:|---:|---|")
         for name, value in median.items():
-            runs = ", ".join(f"{v:,.0f}" for v in results[name])
-            print(f"| {name} | {value:,.0f} | {runs} |")
+            runs = ", ".join(f"{r[0]:,.0f}" for r in results[name])
+            print(f"| {name} | {value:,.0f} | {cpu[name]:.1f} | {runs} |")
         print()
         if redis_port:
-            redis_rate = median["redis-py PING, 1 thread (redis-server)"]
-            print(f"1-thread sync vs redis-py PING: {one / redis_rate:.2f}x (target >= 1.5x)")
+            redis_name = "redis-py PING, 1 thread (redis-server)"
+            print(f"1-thread sync vs redis-py PING: {one / median[redis_name]:.2f}x calls/s (target >= 1.5x), "
+                  f"{cpu[redis_name] / cpu['geventtcp Client, 1 thread, sync ping']:.2f}x less client CPU per call")
         print(f"100 greenlets vs our 1 thread: {median['geventtcp Client, 100 greenlets, one Client'] / one:.2f}x "
               "(target >= 3x)")
         print(f"1-thread sync vs grpcio unary: {one / median['grpcio sync unary, 1 thread']:.2f}x")

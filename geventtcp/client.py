@@ -44,7 +44,10 @@ class Client:
     ``Client("host:port")`` or ``Client(["h1:p", "h2:p"])``; addresses are ``HOST:PORT``,
     ``[IPv6]:PORT`` or ``unix:PATH``. One client may be shared by any number of threads and greenlets:
     each world (plain threads; each gevent hub) gets its own connections, opened lazily, at most
-    ``pool_size`` per address, each carrying many requests at once.
+    ``pool_size`` per address, each carrying many requests at once. Greenlets share a connection until
+    ``multiplex`` requests are in flight on it (the server's ``max_inflight_per_connection`` is 128),
+    since one connection batches best; threads take a connection each while the bound allows, since
+    a thread alone on one reads its own replies without waking another.
 
     Settings: ``timeout`` bounds a whole call, retries included, and is sent to the server as the
     request's deadline; ``connect_timeout`` bounds each connect; ``retries`` is how many times a
@@ -71,6 +74,7 @@ class Client:
         timeout: float = DEFAULT_TIMEOUT,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         pool_size: int = 4,
+        multiplex: int = 128,
         retries: int = 2,
         idempotent: Iterable[int] = (),
         idle_timeout: float = 240.0,
@@ -96,6 +100,7 @@ class Client:
         self.timeout = float(timeout)
         self.connect_timeout = float(connect_timeout)
         self.pool_size = pool_size
+        self.multiplex = max(1, multiplex)
         self.retries = max(0, retries)
         self.idempotent = frozenset(idempotent) | _BUILTIN_IDEMPOTENT
         self.idle_timeout = idle_timeout
@@ -238,7 +243,7 @@ class Client:
             if balancer is None:
                 balancer = self._balancers[world.key] = Balancer([
                     Pool(address, world, self.codec, size=self.pool_size,
-                         share=1 if world.name == "threads" else 64,
+                         share=1 if world.name == "threads" else self.multiplex,
                          connect_timeout=self.connect_timeout, idle_timeout=self.idle_timeout,
                          validate_after=self.validate_after, max_reply_bytes=self.max_reply_bytes,
                          ssl_context=self.ssl_context, server_hostname=self.server_hostname,
