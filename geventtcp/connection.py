@@ -187,6 +187,9 @@ class Connection:
             self.error_line = encode_error(
                 codec, Code.REQUEST_TIMEOUT, f"request line not completed within {timeout:g}s"
             )
+        elif reason == "auth":
+            timeout = self.server.settings.auth_timeout
+            self.error_line = encode_error(codec, Code.UNAUTHENTICATED, f"not authenticated within {timeout:g}s")
         elif reason == "write":
             log.info("connection %s: no write progress for %ss, closing", self.address,
                      self.server.settings.write_timeout)
@@ -468,8 +471,9 @@ class Connection:
                 self.server.stats.write_timeout_disconnections += 1
                 self.writer.throw(Stop(reason))
             return
-        if reason != "slow" and self.goaway is None:
+        fatal = reason in ("slow", "auth")  # an error line and close, even with half a line received
+        if not fatal and self.goaway is None:
             self.goaway = reason
         reader = self.reader
-        if self.receiving and reader is not None and (reason == "slow" or not self.buffer.pending):
+        if self.receiving and reader is not None and (fatal or not self.buffer.pending):
             reader.throw(Stop(reason))

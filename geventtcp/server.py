@@ -346,7 +346,8 @@ class Server:
 
     def _tick_seconds(self) -> float:
         s = self.settings
-        spans = [t for t in (s.idle_timeout, s.request_timeout, s.write_timeout, s.max_connection_age) if t]
+        spans = [t for t in (s.idle_timeout, s.request_timeout, s.write_timeout, s.max_connection_age,
+                             s.auth_timeout if self.token is not None else 0) if t]
         return min(1.0, max(0.02, min(spans) / 4)) if spans else 1.0
 
     def _watch_timeouts(self) -> None:
@@ -361,6 +362,7 @@ class Server:
             return math.ceil(seconds / period) if seconds else 0
 
         idle, slow, write = ticks(s.idle_timeout), ticks(s.request_timeout), ticks(s.write_timeout)
+        auth = ticks(s.auth_timeout) if self.token is not None else 0
         # A connection older than max_connection_age (plus its own jitter, derived from its id so
         # the sweep stays stateless) gets a goaway once idle, so long-lived clients move on.
         age, age_jitter = ticks(s.max_connection_age), ticks(s.max_connection_age * s.max_connection_age_jitter)
@@ -374,6 +376,8 @@ class Server:
                     run(conn.interrupt, "write")
                 elif not conn.receiving:
                     continue
+                elif auth and conn.calls is not self.calls and now - conn.created_tick >= auth:
+                    run(conn.interrupt, "auth")  # still unauthenticated: 401 line and close
                 elif conn.partial_tick >= 0:
                     if slow and now - conn.partial_tick >= slow:
                         run(conn.interrupt, "slow")

@@ -7,7 +7,9 @@ import json
 import socket as stdsocket
 import subprocess
 import sys
+import time
 
+import gevent
 import pytest
 
 from geventtcp import security
@@ -187,3 +189,18 @@ def test_per_peer_default_is_256() -> None:
         finally:
             for c in conns:
                 c.close()
+
+
+def test_unauthenticated_connection_is_closed_after_auth_timeout() -> None:
+    with serve(auth_token=TOKEN, auth_timeout=0.3) as server:
+        with RawConn(server.address) as conn:
+            started = time.monotonic()
+            assert conn.call(Builtin.PING)["code"] == 0  # pings do not extend the auth deadline
+            reply = conn.line(timeout=3)
+            assert reply == {"code": 401, "cmdid": None, "msg": "not authenticated within 0.3s"}
+            conn.expect_eof()
+            assert 0.25 < time.monotonic() - started < 2.0
+        with RawConn(server.address) as conn:  # authenticated in time: no deadline any more
+            assert conn.call(Builtin.AUTH, {"token": TOKEN})["code"] == 0
+            gevent.sleep(0.6)
+            assert conn.call(1, {"still": "here"})["data"] == {"still": "here"}
