@@ -21,6 +21,7 @@ import gevent
 from gevent.event import Event
 from gunicorn.workers.ggevent import GeventWorker
 
+from .blocking import enable_blocking_detector
 from .config import Config, load
 from .server import Server
 from .urls import Registry, load_registry
@@ -61,6 +62,7 @@ class GeventTCPWorker(GeventWorker):  # type: ignore[misc]
             server.access_log = self._count_request
         self.server = server
         server.start()
+        enable_blocking_detector(server.settings.blocking_time)
         self.log.info("geventtcp serving %s (pid %d)", ", ".join(server.addresses), self.pid)
         while self.alive:
             self.notify()

@@ -167,24 +167,29 @@ class _Worker:
         # the meantime then sends its goaway instead of reading the next request.
         self.server.draining = True
         self.server.drain_reason = reason
-        if reason == "shutdown":
-            self._refuse_backlog(reason)
+        self._refuse_backlog(reason)
         gevent.spawn(self.server.stop, self.config.graceful_timeout, reason)
 
     def _refuse_backlog(self, reason: str) -> None:
         """Accept what waits in the listen backlog and answer it with a goaway before the listeners close.
 
-        On a stop nobody will accept those connections; closing the listener would reset them, and
-        a peer that already wrote a request could not tell whether it ran. The goaway says it did not.
+        On a stop nobody may accept those connections again (a slot retired by TTOU, the last
+        worker stopping); closing the listener would reset them, and a peer that already wrote a
+        request could not tell whether it ran. The goaway says it did not: reconnect and resend.
         """
         line = encode_goaway(self.server.codec, reason)
         for listener in self.sockets:
-            while True:
-                try:
-                    fd, _ = listener._sock._accept()  # the listener is non-blocking: EAGAIN when empty
-                except OSError:
-                    break
-                gevent.spawn(_goaway_and_linger, gsocket.socket(fileno=fd), line)
+            previous = listener.gettimeout()
+            listener.settimeout(0.0)  # accept what is queued now, never wait
+            try:
+                while True:
+                    try:
+                        conn, _ = listener.accept()
+                    except OSError:  # BlockingIOError: the backlog is empty
+                        break
+                    gevent.spawn(_goaway_and_linger, conn, line)
+            finally:
+                listener.settimeout(previous)
 
     @staticmethod
     def _reopen_logs() -> None:
