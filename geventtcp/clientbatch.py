@@ -68,6 +68,7 @@ class BatchingConnection(ClientConnection):
             if self.closed:
                 raise NotSent(f"connection to {self.address} closed: {self.reason}")
             self.calls[rid] = call
+            self.orphans += call.abandoned
             call.queued = True
             self.out.append(line)
             self.out_calls.append(call)
@@ -147,10 +148,10 @@ class BatchingConnection(ClientConnection):
                 call.queued = False
                 self.calls.pop(call.id, None)
                 return True
-            if call.written:  # its reply, if any, is dropped when it comes
-                call.abandoned = True
-                return True
             call.abandoned = True
+            self.orphans += 1
+            if call.written:  # its reply, if any, is dropped when it comes
+                return True
         # Cancelled while its line is partly sent: stop sending (as an interrupted sendall would),
         # which breaks the stream, so the connection goes; the server never sees a partial line.
         self._fail("request cancelled while being written")

@@ -79,6 +79,7 @@ class ClientConnection:
         self.state = real_lock()  # guards the fields below; never held across I/O
         self.wlock = world.lock()  # one writer at a time, so request lines never interleave
         self.calls: dict[int, _Call] = {}  # in write order, which is the server's reply order
+        self.orphans = 0  # calls in ``calls`` nobody waits on (send(), timed out, cancelled)
         self.reading = False
         self.writing = False
         self.closed = False
@@ -138,6 +139,7 @@ class ClientConnection:
                 if self.closed:
                     raise NotSent(f"connection to {self.address} closed: {self.reason}")
                 self.calls[rid] = call
+                self.orphans += call.abandoned
                 self.writing = True
                 led = claim and not self.reading
                 if led:
@@ -208,6 +210,7 @@ class ClientConnection:
                 if call.done:
                     return
                 call.abandoned = True
+                self.orphans += 1
             raise CallTimeout(f"no reply from {self.address} within the timeout")
 
     def _lead(self, call: _Call, deadline: float) -> None:
@@ -264,6 +267,7 @@ class ClientConnection:
                 return False
             if call.written:
                 call.abandoned = True  # its reply will still come, and be dropped
+                self.orphans += 1
             else:
                 self.calls.pop(call.id, None)
             return True
@@ -299,6 +303,7 @@ class ClientConnection:
                 self._fail_locked(f"reply for unknown request id {rid!r}: the stream is out of step")
                 return
             if call.abandoned:
+                self.orphans -= 1
                 if reply["code"]:
                     log.info("dropped reply to abandoned request %s to %s: [%s] %s", rid, self.address,
                              reply["code"], reply.get("msg"))
@@ -373,6 +378,7 @@ class ClientConnection:
         self.reason = reason
         calls = list(self.calls.values())
         self.calls.clear()
+        self.orphans = 0
         for call in calls:
             if call.abandoned:
                 continue

@@ -95,15 +95,13 @@ class Pool:
         if len(conns) == 1:  # the common cases, checked without the lock
             conn = conns[0]
             if not conn.closed and conn.generation == fork_generation():
-                busy = len(conn.calls)
-                if busy and not conn.reading:  # replies nobody is waiting on (send()): read them now
+                if conn.orphans and not conn.reading:  # replies nobody waits on (send()): read them now
                     conn.poll()
-                    busy = len(conn.calls)
                 now = time.monotonic()
-                if not busy:  # idle and recently used: nothing to validate
+                if not conn.calls:  # idle and recently used: nothing to validate
                     if now - conn.last_active < self.fresh_for:
                         return conn
-                elif busy < self.share and now - conn.last_reply <= STALL_AFTER:
+                elif len(conn.calls) - conn.orphans < self.share and now - conn.last_reply <= STALL_AFTER:
                     return conn  # replies are flowing: neither stuck nor stalled behind a slow one
         while True:
             now = time.monotonic()
@@ -112,7 +110,7 @@ class Pool:
                     raise ConnectError(f"pool for {self.address} is closed")
                 best = self._checkout(now)
                 fresh = best is not None and not best.stalled(now)
-                if best is not None and fresh and len(best.calls) < self.share:
+                if best is not None and fresh and len(best.calls) - best.orphans < self.share:
                     return best
                 backing_off = self.down_until > now or (self.probing and self.failures > 0)
                 if backing_off and best is not None:
@@ -141,7 +139,7 @@ class Pool:
         best: ClientConnection | None = None
         conns = self.conns
         for conn in conns[:] if len(conns) != 1 else conns:
-            if conn.calls and not conn.reading and not conn.closed:
+            if conn.orphans and not conn.reading and not conn.closed:
                 conn.poll()  # replies already here (a send()'s, say) must not count as in flight
             if not conn.usable(now, self.validate_after):
                 conns.remove(conn)
@@ -150,7 +148,7 @@ class Pool:
                 conn.close("idle in the pool")
                 conns.remove(conn)
                 break
-            if best is None or len(conn.calls) < len(best.calls):
+            if best is None or len(conn.calls) - conn.orphans < len(best.calls) - best.orphans:
                 best = conn
         if best is not None and best.calls and len(conns) > 1 and best.stalled(now):
             # Replies come in request order: prefer a connection not stuck behind a slow request.

@@ -278,3 +278,19 @@ def test_high_latency_link_the_deadline_is_still_honoured():
                 assert client.call(1, {"then": 1}, timeout=3) == {"then": 1}
         finally:
             proxy.close()
+
+
+def test_too_long_request_gets_its_413_and_others_are_unaffected():
+    """The server cannot read the id of a line over its limit and answers 413 without one; replies
+    come in order, so it belongs to the oldest unanswered request, which is that one."""
+    from geventtcp.errors import RequestTooLarge
+
+    with inprocess_server(max_line_bytes=4096) as server, Client(addr(server), timeout=5, pool_size=1) as client:
+        before = [gevent.spawn(client.call, 2, {"seconds": 0.05, "i": i}) for i in range(5)]
+        gevent.sleep(0.01)
+        big = gevent.spawn(client.call, 1, {"blob": "x" * 10000})
+        after = [gevent.spawn(client.call, 1, {"j": j}) for j in range(5)]
+        gevent.joinall([*before, big, *after], timeout=10)
+        assert isinstance(big.exception, RequestTooLarge) and big.exception.code == 413
+        assert [g.value for g in before] == [{"seconds": 0.05, "i": i} for i in range(5)]
+        assert [g.value for g in after] == [{"j": j} for j in range(5)]
