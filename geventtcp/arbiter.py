@@ -17,7 +17,7 @@ CHLD        reap: a worker that died (even ``kill -9``) is replaced
 
 A worker whose heartbeat stops for ``timeout`` seconds is sent SIGABRT, then SIGKILL, and replaced.
 Workers that fail to import the application :data:`BOOT_FAILURE_LIMIT` times in a row halt the
-master with exit status 3.
+master with exit status 3, except during a reload, which is abandoned (the old workers keep serving).
 """
 
 from __future__ import annotations
@@ -343,6 +343,8 @@ class Arbiter:
                 if code == WORKER_BOOT_ERROR:
                     self.boot_failures += 1
                     log.error("Worker (pid:%d) failed to boot (%d in a row)", pid, self.boot_failures)
+                    if self._abort_reload():
+                        continue
                     if self.boot_failures >= BOOT_FAILURE_LIMIT and not self.stopping:
                         raise HaltServerError("worker failed to boot: the application cannot be loaded (see above)",
                                          WORKER_BOOT_ERROR)
@@ -350,6 +352,24 @@ class Arbiter:
                     log.warning("Worker (pid:%d) exited with code %d", pid, code)
                 else:
                     log.info("Worker (pid:%d) exited", pid)
+
+    def _abort_reload(self) -> bool:
+        """A new generation that cannot boot must not take the serving one down: keep the old workers.
+
+        True when a reload was pending (old workers not yet told to drain): they are current again
+        and the new generation's other workers are stopped.
+        """
+        waiting = [w for w in self.workers.values() if w.retiring and not w.signalled]
+        if not waiting or self.stopping:
+            return False
+        log.error("reload failed: the new application cannot boot; the previous workers keep serving")
+        for worker in list(self.workers.values()):
+            if not worker.retiring:
+                self._retire(worker, signal.SIGTERM)
+        for worker in waiting:
+            worker.retiring = False
+        self.boot_failures = 0
+        return True
 
     def _forget(self, worker: WorkerProcess) -> None:
         os.close(worker.heartbeat_fd)

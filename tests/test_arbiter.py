@@ -271,3 +271,23 @@ def test_a_second_server_on_a_busy_port_fails_and_leaves_the_first_alone(app_dir
         assert call_once(first.address, 1, {"still": "here"}) == {"still": "here"}
     finally:
         first.close()
+
+
+def test_a_reload_that_cannot_boot_keeps_the_previous_workers_serving(app_dir: Path) -> None:
+    launcher = Launcher(app_dir, "--workers", "2")
+    try:
+        old = launcher.wait_workers(2)
+        (app_dir / "opsapp.py").write_text("raise ImportError('half-deployed release')\n")
+        launcher.signal(signal.SIGHUP)
+        launcher.wait_log("reload failed: the new application cannot boot")
+        assert "half-deployed release" in launcher.output
+        for _ in range(10):
+            reply = call_once(launcher.address, 9)
+            assert reply["version"] == "v1" and reply["pid"] in old
+        assert launcher.proc.poll() is None
+        write_app(app_dir, version="v3")  # the fixed release reloads normally
+        launcher.signal(signal.SIGHUP)
+        launcher.wait_workers(2, exclude=old)
+        assert call_once(launcher.address, 9)["version"] == "v3"
+    finally:
+        launcher.close()
