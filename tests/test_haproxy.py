@@ -68,79 +68,192 @@ def _server_states(stats_sock: str) -> dict[str, str]:
     return states
 
 
-@pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (.ci/run installs Debian's package)")
-def test_three_servers_behind_haproxy_survive_a_kill(tmp_path: object) -> None:
-    servers = [CliServer([sys.executable, "-m", "geventtcp", "serve", "handlers", "-b", "127.0.0.1:0"])
-               for _ in range(3)]
-    stats_sock = os.path.join(str(tmp_path), "haproxy.sock")
-    cfg = os.path.join(str(tmp_path), "haproxy.cfg")
-    front = _free_port()
-    with open(cfg, "w") as fh:
-        fh.write(_haproxy_config([s.port for s in servers], front, stats_sock))
-    proxy = subprocess.Popen([HAPROXY, "-db", "-f", cfg], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    stop = False
-    ok: list[tuple[float, int]] = []
-    failures: list[tuple[float, str]] = []
-    try:
-        wait_until(lambda: os.path.exists(stats_sock) and _server_states(stats_sock) == dict.fromkeys(
-            ("app1", "app2", "app3"), "UP"), timeout=15, interval=0.1)
-        address = ("127.0.0.1", front)
+needs_haproxy = pytest.mark.skipif(HAPROXY is None,
+                                   reason="haproxy is not installed (.ci/run installs Debian's package)")
+ALL_UP = dict.fromkeys(("app1", "app2", "app3"), "UP")
 
-        def client(i: int) -> None:
-            conn: RawConn | None = None
-            seq = 0
-            while not stop:
-                seq += 1
-                try:
-                    if conn is None:
-                        conn = RawConn(address, timeout=3)
-                        pid = conn.call(-1, id=0)["data"]["pid"]
-                    reply = conn.call(1, {"seq": seq, "client": i}, id=seq)
-                    if reply.get("goaway"):  # not processed: resend on a new connection
-                        failures.append((time.monotonic(), "goaway"))
-                        conn.close()
-                        conn = None
-                        continue
-                    assert reply == {"code": 0, "cmdid": 1, "id": seq, "data": {"seq": seq, "client": i}}
-                    ok.append((time.monotonic(), pid))
-                except (EOFError, OSError) as exc:  # the connection broke: reconnect (echo is idempotent)
-                    failures.append((time.monotonic(), type(exc).__name__))
-                    if conn is not None:
-                        conn.close()
+
+class Cluster:
+    """Three ``geventtcp serve`` servers behind HAProxy (deploy/haproxy.cfg, ports rewritten)."""
+
+    def __init__(self, tmp_path: str, master_worker: bool = False) -> None:
+        self.servers = [CliServer([sys.executable, "-m", "geventtcp", "serve", "handlers", "-b", "127.0.0.1:0"])
+                        for _ in range(3)]
+        self.stats_sock = os.path.join(tmp_path, "haproxy.sock")
+        self.pidfile = os.path.join(tmp_path, "haproxy.pid")
+        cfg = os.path.join(tmp_path, "haproxy.cfg")
+        self.front = _free_port()
+        with open(cfg, "w") as fh:
+            fh.write(_haproxy_config([srv.port for srv in self.servers], self.front, self.stats_sock))
+        argv = [HAPROXY, "-db", "-f", cfg] if not master_worker else [HAPROXY, "-W", "-db", "-f", cfg,
+                                                                      "-p", self.pidfile]
+        self.proxy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_until(lambda: os.path.exists(self.stats_sock) and _server_states(self.stats_sock) == ALL_UP,
+                   timeout=15, interval=0.1)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.front)
+
+    def close(self) -> None:
+        self.proxy.send_signal(signal.SIGTERM)
+        try:
+            self.proxy.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proxy.kill()
+            self.proxy.wait()
+        for srv in self.servers:
+            srv.stop()
+
+
+class Load:
+    """``n`` clients with persistent connections calling echo; every outcome is recorded.
+
+    A goaway line (the server did not process the request) makes a client resend on a new
+    connection; EOF or a reset after sending is recorded as a broken call and the client reconnects.
+    """
+
+    def __init__(self, address: tuple[str, int], n: int = 12) -> None:
+        self.address = address
+        self.stop = False
+        self.ok: list[tuple[float, int]] = []
+        self.failures: list[tuple[float, str]] = []
+        self.goaways: list[float] = []
+        self.workers = [gevent.spawn(self._client, i) for i in range(n)]
+
+    def _client(self, i: int) -> None:
+        conn: RawConn | None = None
+        seq = pid = 0
+        while not self.stop:
+            seq += 1
+            try:
+                if conn is None:
+                    conn = RawConn(self.address, timeout=3)
+                    first = conn.call(-1, id=0)
+                    if first.get("goaway"):
+                        raise ConnectionError("goaway")
+                    pid = first["data"]["pid"]
+                reply = conn.call(1, {"seq": seq, "client": i}, id=seq)
+                if reply.get("goaway"):  # not processed: resend on a new connection
+                    self.goaways.append(time.monotonic())
+                    conn.close()
                     conn = None
-                gevent.sleep(0.002)
-            if conn is not None:
-                conn.close()
+                    continue
+                assert reply == {"code": 0, "cmdid": 1, "id": seq, "data": {"seq": seq, "client": i}}
+                self.ok.append((time.monotonic(), pid))
+            except ConnectionError as exc:
+                if str(exc) == "goaway":
+                    self.goaways.append(time.monotonic())
+                else:
+                    self.failures.append((time.monotonic(), type(exc).__name__))
+                if conn is not None:
+                    conn.close()
+                conn = None
+            except (EOFError, OSError) as exc:  # the connection broke after sending
+                self.failures.append((time.monotonic(), type(exc).__name__))
+                if conn is not None:
+                    conn.close()
+                conn = None
+            gevent.sleep(0.002)
+        if conn is not None:
+            conn.close()
 
-        workers = [gevent.spawn(client, i) for i in range(12)]
+    def finish(self) -> None:
+        self.stop = True
+        gevent.joinall(self.workers, timeout=10, raise_error=True)
+        assert all(w.dead for w in self.workers), "a client hung"
+
+
+@needs_haproxy
+def test_three_servers_behind_haproxy_survive_a_kill(tmp_path: object) -> None:
+    cluster = Cluster(str(tmp_path))
+    load: Load | None = None
+    try:
+        load = Load(cluster.address)
+        ok, failures = load.ok, load.failures
         # All three servers take traffic, and the load runs a while before the kill.
         wait_until(lambda: len(ok) > 500 and len({pid for _, pid in ok}) == 3, timeout=10)
         # Kill the first server's whole process family at once (master and workers: a crashed host).
-        victims = family(servers[0].proc.pid)
+        victims = family(cluster.servers[0].proc.pid)
         killed_at = time.monotonic()
         for pid in victims:
             os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: _server_states(stats_sock).get("app1") == "DOWN", timeout=10, interval=0.1)
+        wait_until(lambda: _server_states(cluster.stats_sock).get("app1") == "DOWN", timeout=10, interval=0.1)
         gevent.sleep(1.0)
-        stop = True
-        gevent.joinall(workers, timeout=10, raise_error=True)
+        load.finish()
         before = [pid for t, pid in ok if t < killed_at]
         after = [pid for t, pid in ok if t > killed_at + 0.5]
-        print(f"haproxy: {len(before)} calls before the kill, {len(after)} after (+0.5 s), "
+        print(f"haproxy kill: {len(before)} calls before the kill, {len(after)} after (+0.5 s), "
               f"{len(failures)} broken connections, victim served {sum(p in victims for p in before)}")
         assert sum(p in victims for p in before) > 50
         assert len(after) > 100 and not victims & set(after)
-        assert set(after) <= family(servers[1].proc.pid) | family(servers[2].proc.pid)
+        assert set(after) <= family(cluster.servers[1].proc.pid) | family(cluster.servers[2].proc.pid)
         # Only connections that were on the killed server broke, each at most a few times while
         # HAProxy's check marked it down; nothing else failed.
         assert all(t >= killed_at for t, _ in failures)
         assert len(failures) <= 12 * 3
     finally:
-        stop = True
-        proxy.send_signal(signal.SIGTERM)
-        try:
-            proxy.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proxy.kill()
-        for s in servers:
-            s.stop()
+        if load is not None:
+            load.stop = True
+        cluster.close()
+
+
+@needs_haproxy
+def test_rolling_restart_behind_haproxy_breaks_no_call(tmp_path: object) -> None:
+    """SIGTERM one server under load: it drains (goaway), fails its health check, and no call is
+    left in doubt: every client either got its reply or a goaway and resent elsewhere."""
+    cluster = Cluster(str(tmp_path))
+    load: Load | None = None
+    try:
+        load = Load(cluster.address)
+        wait_until(lambda: len(load.ok) > 500 and len({pid for _, pid in load.ok}) == 3, timeout=10)
+        draining = family(cluster.servers[0].proc.pid)
+        stopped_at = time.monotonic()
+        os.kill(cluster.servers[0].proc.pid, signal.SIGTERM)
+        wait_until(lambda: _server_states(cluster.stats_sock).get("app1") == "DOWN", timeout=10, interval=0.1)
+        wait_until(lambda: cluster.servers[0].proc.poll() is not None, timeout=10)
+        gevent.sleep(0.5)
+        load.finish()
+        after = [pid for t, pid in load.ok if t > stopped_at + 1.0]
+        print(f"haproxy rolling restart: {len(load.ok)} calls, {len(load.goaways)} goaways (resent), "
+              f"{len(load.failures)} broken")
+        assert load.failures == []  # no reset, no EOF after sending: nothing "maybe executed"
+        assert load.goaways  # the drained connections were told, and moved
+        assert len(after) > 100 and not draining & set(after)
+    finally:
+        if load is not None:
+            load.stop = True
+        cluster.close()
+
+
+@needs_haproxy
+def test_haproxy_reload_under_load_breaks_no_call(tmp_path: object) -> None:
+    """Master-worker HAProxy reloaded (SIGUSR2) under load: existing connections stay on the old
+    process, new ones go to the new one; no connect is refused and no call breaks."""
+    cluster = Cluster(str(tmp_path), master_worker=True)
+    load: Load | None = None
+    try:
+        load = Load(cluster.address)
+        wait_until(lambda: len(load.ok) > 300, timeout=10)
+        extra: list[int] = []
+
+        def newcomer() -> None:  # fresh connections across the reload
+            while not load.stop:
+                with RawConn(cluster.address, timeout=3) as conn:
+                    extra.append(conn.call(1, {"new": True}, id=1)["code"])
+                gevent.sleep(0.01)
+
+        fresh = gevent.spawn(newcomer)
+        before = len(load.ok)
+        cluster.proxy.send_signal(signal.SIGUSR2)  # master-worker reload
+        wait_until(lambda: len(load.ok) > before + 1000 and len(extra) > 50, timeout=15)
+        load.finish()
+        fresh.join(timeout=5)
+        assert fresh.dead and fresh.exception is None, fresh.exception
+        print(f"haproxy reload: {len(load.ok)} calls, {len(extra)} fresh connections, "
+              f"{len(load.failures)} broken, {len(load.goaways)} goaways")
+        assert load.failures == [] and set(extra) == {0}
+    finally:
+        if load is not None:
+            load.stop = True
+        cluster.close()
