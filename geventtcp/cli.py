@@ -56,7 +56,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.print_config:
         width = max(len(name) for name in config.values)
         for name, value in config.values.items():
-            print(f"{name:<{width}} = {value!r}  # {config.sources[name]}")
+            shown = "'<hidden>'" if name == "auth_token" and value else repr(value)  # a secret stays one
+            print(f"{name:<{width}} = {shown}  # {config.sources[name]}")
         return 0
     if args.check_config:
         return _check_config(args.app, config)

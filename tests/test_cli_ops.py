@@ -98,6 +98,8 @@ def test_print_config_shows_values_and_sources_in_precedence_order(tmp_path: Pat
     assert rows["timeout"].endswith("= 7.0  # env GEVENTTCP_TIMEOUT")  # env > file
     assert rows["max_requests"].endswith("= 300  # command line")  # CLI > env > file
     assert rows["graceful_timeout"].endswith("= 30.0  # default")
+    secret = _cli("serve", "handlers", "--print-config", env={"GEVENTTCP_AUTH_TOKEN": "s3cret-value"})
+    assert "s3cret-value" not in secret.stdout and "auth_token" in secret.stdout and "<hidden>" in secret.stdout
     toml = tmp_path / "geventtcp.toml"
     toml.write_text('[geventtcp]\nworkers = "auto"\nbind = ["127.0.0.1:9001", "unix:/tmp/x.sock"]\n')
     out = _cli("serve", "handlers", "-c", str(toml), "--print-config")
