@@ -49,13 +49,17 @@ def test_slowloris_at_scale_does_not_hurt_normal_traffic() -> None:
         for c in slow:
             c.send(b'{"cmdid":1,"par')
         normal = [RawConn(server.address) for _ in range(10)]
-        worst = 0.0
+        latencies = []
         for _ in range(20):
             for c in normal:
                 t = time.monotonic()
                 assert c.call(1, {"n": 1})["code"] == 0
-                worst = max(worst, time.monotonic() - t)
-        assert worst < 0.05, f"worst normal latency {worst * 1000:.1f} ms"
+                latencies.append(time.monotonic() - t)
+        latencies.sort()
+        p95, worst = latencies[int(len(latencies) * 0.95)], latencies[-1]
+        # p95 is the claim; the worst call only has to stay far from the slow peers' 1 s budget
+        # (a busy CI host can pause any one call).
+        assert p95 < 0.05 and worst < 0.5, f"normal latency p95 {p95 * 1000:.1f} ms, worst {worst * 1000:.1f} ms"
         for c in slow:
             assert c.line(timeout=5)["code"] == 408
             c.expect_eof()
@@ -91,7 +95,7 @@ def test_slow_reader_with_pipelined_requests_is_bounded_and_dropped() -> None:
                 worst = max(worst, time.monotonic() - t)
                 gevent.sleep(0.02)
             peak = rss_kib() - before
-            assert worst < 0.1, f"other connection waited {worst * 1000:.1f} ms"
+            assert worst < 0.5, f"other connection waited {worst * 1000:.1f} ms"  # typically < 1 ms
         wait_until(lambda: not server.connections, timeout=10)  # dropped by the write timeout
         assert server.stats.write_timeout_disconnections == 1
         writer.kill()
