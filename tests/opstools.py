@@ -91,13 +91,13 @@ class Launcher:
         self._reader.start()
         try:
             match = self.wait_log(r"master (\d+) bound (\S+?)[;,]", timeout=15)
+            self.master = int(match.group(1))
+            host, _, port = match.group(2).rpartition(":")
+            self.address = (host, int(port))
         except BaseException:
             self.proc.kill()  # nothing may outlive a failed start (orphaned workers exit within a heartbeat)
             self.proc.wait()
             raise
-        self.master = int(match.group(1))
-        host, _, port = match.group(2).rpartition(":")
-        self.address = (host, int(port))
 
     def _read(self) -> None:
         assert self.proc.stdout is not None

@@ -28,17 +28,26 @@ class Gunicorn:
         self.lines: list[str] = []
         threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stdout.readline, "")),  # type: ignore
                          daemon=True).start()
-        line = poll(lambda: next((x for x in list(self.lines) if "geventtcp serving" in x), None), 20)
-        host, _, port = line.split("geventtcp serving ")[1].split()[0].rpartition(":")
-        self.address = (host, int(port))
+        try:
+            line = poll(lambda: next((x for x in list(self.lines) if "geventtcp serving" in x), None), 20)
+            host, _, port = line.split("geventtcp serving ")[1].split()[0].rpartition(":")
+            self.address = (host, int(port))
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def output(self) -> str:
         return "".join(self.lines)
 
     def close(self) -> None:
+        """TERM (gunicorn stops its workers), KILL if that takes too long."""
         if self.proc.poll() is None:
-            self.proc.kill()
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
         self.proc.wait(timeout=10)
 
 
