@@ -100,7 +100,7 @@ def _check_config(app: str, config: Any) -> int:
 
 
 #: Modules that add their verbs to COMMANDS when imported (client calls, operations, benchmarks).
-VERB_MODULES: tuple[str, ...] = ("geventtcp.cli_ops", "geventtcp.cli_client")
+VERB_MODULES: tuple[str, ...] = ("geventtcp.cli_ops", "geventtcp.cli_client", "geventtcp.cli_bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
