@@ -38,7 +38,7 @@ from .errors import GeventTCPError
 from .listeners import ListenerSet
 from .log import reopen_log_files
 from .signals import SignalQueue
-from .worker import STATE_DRAINING, STATE_SERVING, WORKER_BOOT_ERROR, WorkerSpec, run_worker
+from .worker import MASTER_SIGNALS, STATE_DRAINING, STATE_SERVING, WORKER_BOOT_ERROR, WorkerSpec, run_worker
 
 __all__ = ["Arbiter", "HaltServerError", "BOOT_FAILURE_LIMIT"]
 
@@ -269,13 +269,22 @@ class Arbiter:
 
     def _spawn(self, slot: int) -> None:
         fd, path = tempfile.mkstemp(prefix="worker-", dir=self.tmpdir)
+        pid = -1
         mine = self._listeners().for_slot(slot)
         # The child closes what is not its own: a copy of another slot's socket held by a worker
         # that never accepts on it would strand the connections the kernel hashes there.
         others = [sock.fileno() for sock in self._listeners().all() if sock not in mine]
         spec = WorkerSpec(self.app, self.config, mine, fd, self.stats_dir, self.pid, self.generation,
                           close_fds=[*self._signal_fds(), *(self._metrics.fds() if self._metrics else []), *others])
-        pid = os.fork()
+        # Signals stay blocked across fork until the child has reset the master's handlers: a TERM
+        # that reached the child in between would run the master's queueing handler there and be
+        # lost, leaving a worker that boots and serves after the master asked everyone to stop.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)
+        try:
+            pid = os.fork()
+        finally:
+            if pid != 0:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         if pid == 0:  # the child never returns into the master's code
             status = 1
             try:

@@ -68,6 +68,8 @@ def run_worker(spec: WorkerSpec) -> int:
     for sig in MASTER_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
     signal.set_wakeup_fd(-1)
+    # The master blocked these around fork; a stop sent while we booted now takes its default effect.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
     for fd in spec.close_fds:
         try:
             os.close(fd)
