@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hmac
 import json
-import socket as stdsocket
 import os
+import socket as stdsocket
 import subprocess
 import sys
 import time
