@@ -14,15 +14,15 @@ and the last request in flight has been answered (or the peer is gone).
 from __future__ import annotations
 
 import logging
-import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from gevent import Timeout, getcurrent, spawn
+from gevent import getcurrent, spawn
 
 from .errors import Code, HandlerError, ProtocolError
 from .protocol import LineBuffer, Request, encode_error, encode_goaway, encode_reply, parse_request
 from .security import PREAUTH_MAX_LINE_BYTES
+from .sockets import linger, unsent_bytes
 
 if TYPE_CHECKING:
     from .server import Server
@@ -39,8 +39,6 @@ MAX_QUEUED_REPLIES = 1024
 #: reads nothing, blocks instead of reading on): one 64 KiB read of tiny requests could otherwise
 #: queue thousands of large replies.
 FLUSH_BYTES = 1 << 20
-#: Longest wait for the peer's EOF after our half-close, before closing anyway.
-LINGER_SECONDS = 1.0
 
 
 class DeadlineReached(BaseException):
@@ -74,7 +72,8 @@ class Connection:
         "server", "sock", "address", "calls", "auth_failures", "buffer", "lines", "pos", "out", "open_slots",
         "flushing", "queued_bytes", "inflight", "reader", "handlers", "running", "watch_armed", "receiving",
         "reading_done", "closed", "goaway", "error_line", "active_tick", "partial_tick", "writer", "write_tick",
-        "requests", "created_tick", "drained", "_raw_send", "__dict__", "__weakref__",
+        "requests", "created_tick", "drained", "_raw_send", "close_pending", "received", "write_unsent",
+        "__dict__", "__weakref__",
     )
 
     def __init__(self, server: Server, sock: Any, address: Any) -> None:
@@ -107,9 +106,12 @@ class Connection:
         self.partial_tick = -1
         self.writer: Any = None
         self.write_tick = 0
+        self.write_unsent = -1  # the send queue size the watchdog last saw while a send blocked
         self.requests = 0
         self.created_tick = server.tick
         self.drained: Any = None  # an Event a waiter may set up (reader stalled on a slow peer)
+        self.close_pending = False  # reading is done and nothing is in flight, but a send is under way
+        self.received = 0.0  # clock() when the current batch of lines was read (deadlines count from it)
         raw = getattr(sock, "_sock", None) if server.plain_sockets else None
         self._raw_send: Callable[[Any], int] | None = raw.send if raw is not None else None
 
@@ -174,6 +176,7 @@ class Connection:
                         self.receiving = False
                 if not data:
                     break  # EOF: answer what is in flight, then close
+                self.received = server.clock()
                 self.active_tick = server.tick
                 self.lines = buffer.feed(data)
                 self.pos = 0
@@ -245,12 +248,17 @@ class Connection:
             server.stats.protocol_errors += 1
             return True
         try:
-            req = parse_request(line, codec, self.address)
+            req = parse_request(line, codec, self.address, self.received)
         except ProtocolError as exc:
             if not line.strip():
                 return True  # blank lines are ignored
             server.stats.protocol_errors += 1
             self.out.append(encode_error(codec, exc.code, exc.msg, exc.cmdid, exc.id, exc.id is not None))
+            return True
+        except Exception:  # a parser bug must cost one 400, never the connection
+            log.exception("request line from %s could not be parsed", self.address)
+            server.stats.protocol_errors += 1
+            self.out.append(encode_error(codec, Code.BAD_REQUEST, "invalid request"))
             return True
         self.requests += 1
         cmdid = req.cmdid
@@ -271,14 +279,24 @@ class Connection:
         started = clock()
         code: int
         try:
-            data = call(req)
+            try:
+                data = call(req)
+            finally:
+                # Before anything that could yield (logging, encoding): once the handler has
+                # returned, no handoff and no deadline may land on this greenlet any more.
+                if self.running is req:
+                    self.running = None
+                timer = req._timer
+                if timer is not None:
+                    timer.stop()
+                    timer.close()
         except DeadlineReached:
             reply = encode_error(codec, Code.DEADLINE_EXCEEDED, "deadline exceeded", cmdid, req.id, req.has_id)
             code = Code.DEADLINE_EXCEEDED
         except HandlerError as exc:
             reply = encode_error(codec, exc.code, exc.msg, cmdid, req.id, req.has_id)
             code = exc.code
-        except Exception:
+        except (Exception, SystemExit, KeyboardInterrupt):  # sys.exit() in a handler must not end the worker
             log.exception("handler for cmdid %d raised (peer %s, id %r)", cmdid, self.address, req.id)
             reply = encode_error(codec, Code.INTERNAL, "internal error", cmdid, req.id, req.has_id)
             code = Code.INTERNAL
@@ -290,11 +308,6 @@ class Connection:
                 log.error("result of cmdid %d is not serializable: %r", cmdid, exc)
                 reply = encode_error(codec, Code.INTERNAL, "result not serializable", cmdid, req.id, req.has_id)
                 code = Code.INTERNAL
-        finally:
-            timer = req._timer
-            if timer is not None:
-                timer.stop()
-                timer.close()
         if len(reply) > server.max_reply_bytes:
             reply = encode_error(codec, Code.TOO_LARGE, "reply too large", cmdid, req.id, req.has_id)
             code = Code.TOO_LARGE
@@ -305,7 +318,6 @@ class Connection:
             access_log(self, req, code, elapsed)
         slot = req._slot
         if slot is None:
-            self.running = None
             self.out.append(reply)
             self.queued_bytes += len(reply)
             if self.queued_bytes > FLUSH_BYTES:
@@ -329,7 +341,7 @@ class Connection:
         else:
             code, msg = Code.UNKNOWN_COMMAND, f"unknown cmdid {req.cmdid}"
         self.out.append(encode_error(server.codec, code, msg, req.cmdid, req.id, req.has_id))
-        server.stats.record(req.cmdid, code, 0.0)
+        server.stats.unknown_commands += 1
         return True
 
     def _watch(self) -> None:
@@ -402,6 +414,9 @@ class Connection:
             drained = self.drained
             if drained is not None and len(self.out) <= MAX_QUEUED_REPLIES // 2:
                 drained.set()
+        if self.close_pending:
+            self.close_pending = False
+            self._maybe_close()
 
     def _send(self, data: bytes) -> None:
         sent = 0
@@ -415,6 +430,7 @@ class Connection:
                 return
         self.writer = getcurrent()
         self.write_tick = self.server.tick
+        self.write_unsent = unsent_bytes(self.sock)  # the watchdog measures progress from here
         try:
             self.sock.sendall(memoryview(data)[sent:] if sent else data)
         finally:
@@ -423,8 +439,15 @@ class Connection:
     # -- closing ---------------------------------------------------------------------------------
 
     def _maybe_close(self) -> None:
-        """Close once reading has stopped and every request in flight has been answered."""
+        """Close once reading has stopped and every request in flight has been answered and sent.
+
+        While another greenlet is sending (a large reply to a slow reader), closing now would cut
+        that reply and drop what is queued behind it: the flusher closes when it is done instead.
+        """
         if self.closed or not self.reading_done or self.inflight:
+            return
+        if self.flushing:
+            self.close_pending = True
             return
         final = self.error_line
         if final is None and self.goaway is not None:
@@ -443,13 +466,9 @@ class Connection:
         Closing with unread input makes the kernel send RST, which can destroy replies the peer
         has not read yet; nginx's lingering_close does the same dance.
         """
-        sock = self.sock
         try:
-            sock.shutdown(socket.SHUT_WR)
-            with Timeout(LINGER_SECONDS, False):
-                while sock.recv(RECV_SIZE):
-                    pass
-        except (OSError, Stop):
+            linger(self.sock)
+        except Stop:
             pass
         finally:
             self._release()

@@ -19,7 +19,8 @@ Request (client to server)::
     timestamp   integer seconds; default: the time the server received the line
     id          optional integer or string; echoed in the reply, which is how a client matches
                 replies to requests when it has several in flight
-    timeout_ms  optional positive integer: the caller's deadline. The server does not start a
+    timeout_ms  optional integer from 1 to 2**31-1: the caller's deadline, counted from when the
+                server read the line. The server does not start a
                 request whose deadline has passed and stops waiting on the handler when it does,
                 replying 504.
     Unknown fields are ignored.
@@ -57,6 +58,7 @@ from .errors import Code, ProtocolError
 __all__ = [
     "PROTOCOL_VERSION",
     "DEFAULT_MAX_LINE_BYTES",
+    "MAX_TIMEOUT_MS",
     "LineBuffer",
     "Request",
     "parse_request",
@@ -71,6 +73,8 @@ PROTOCOL_VERSION = 1
 #: Longest request line accepted, newline included (gRPC's default receive limit is 4 MiB,
 #: Redis's inline limit 64 KiB; parsing 1 MiB of JSON already holds a worker for ~40 ms).
 DEFAULT_MAX_LINE_BYTES = 1 << 20
+#: Largest ``timeout_ms`` accepted (2**31 - 1 ms, about 24.8 days, the usual 32-bit timer bound).
+MAX_TIMEOUT_MS = 2**31 - 1
 
 
 class LineBuffer:
@@ -146,6 +150,7 @@ class Request:
         id: Any = None,
         has_id: bool = False,
         timeout_ms: int | None = None,
+        received: float | None = None,
     ) -> None:
         self.address = address
         self.raw = raw
@@ -155,7 +160,10 @@ class Request:
         self.id = id
         self.has_id = has_id
         self.timeout_ms = timeout_ms
-        self.deadline: float | None = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000.0
+        if timeout_ms is None:
+            self.deadline: float | None = None
+        else:  # counted from when the line was read, not from when its turn to be parsed came
+            self.deadline = (time.monotonic() if received is None else received) + timeout_ms / 1000.0
         self.connection: Any = None
         self._slot: Any = None
         self._timer: Any = None
@@ -178,7 +186,7 @@ def _int_field(value: Any) -> int | None:
     return None
 
 
-def parse_request(line: bytes, codec: Codec, address: Any = None) -> Request:
+def parse_request(line: bytes, codec: Codec, address: Any = None, received: float | None = None) -> Request:
     """Turn one line (without ``\\n``) into a :class:`Request`.
 
     Raises :class:`ProtocolError` with code 400 for anything that is not a valid request; its
@@ -222,9 +230,9 @@ def parse_request(line: bytes, codec: Codec, address: Any = None) -> Request:
                 raise ProtocolError("timestamp must be an integer", id=rid, cmdid=cmdid)
         timestamp = timestamp_or_none
     timeout_ms = get("timeout_ms")
-    if timeout_ms is not None and (type(timeout_ms) is not int or timeout_ms <= 0):
-        raise ProtocolError("timeout_ms must be a positive integer", id=rid, cmdid=cmdid)
-    return Request(address, line, cmdid, params, timestamp, rid, has_id, timeout_ms)
+    if timeout_ms is not None and (type(timeout_ms) is not int or not 0 < timeout_ms <= MAX_TIMEOUT_MS):
+        raise ProtocolError(f"timeout_ms must be an integer from 1 to {MAX_TIMEOUT_MS}", id=rid, cmdid=cmdid)
+    return Request(address, line, cmdid, params, timestamp, rid, has_id, timeout_ms, received)
 
 
 #: ``{"code":0,"cmdid":N,"data":`` per cmdid: a success reply is this prefix, the data's JSON and

@@ -6,7 +6,6 @@ import errno
 import logging
 import math
 import resource
-import socket
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -20,11 +19,11 @@ from gevent.server import StreamServer
 from .builtins import Builtin, make_builtins
 from .codec import get_codec
 from .config import Config
-from .connection import LINGER_SECONDS, Connection
+from .connection import Connection
 from .errors import Code
 from .protocol import Request, encode_error, encode_goaway
 from .security import check_listen_addresses, is_loopback, is_protected, load_token
-from .sockets import create_listener, format_address
+from .sockets import create_listener, format_address, send_and_linger, unsent_bytes
 from .stats import Stats
 from .tls import handshake, server_context_from_settings
 from .urls import Registry, default_registry
@@ -280,18 +279,17 @@ class Server:
         a peer that already wrote a request would otherwise get a reset that can destroy the line
         telling it the request was not processed.
         """
-        try:
-            if self.ssl_context is None:
-                sock.sendall(line)
-                if linger:
-                    sock.shutdown(socket.SHUT_WR)
-                    with gevent.Timeout(LINGER_SECONDS, False):
-                        while sock.recv(65536):
-                            pass
-        except OSError:
-            pass
-        finally:
+        if self.ssl_context is not None:
             sock.close()
+        elif linger:
+            send_and_linger(sock, line)
+        else:
+            try:
+                sock.sendall(line)
+            except OSError:
+                pass
+            finally:
+                sock.close()
 
     def forget(self, conn: Connection) -> None:
         """Called by a connection once its socket is closed."""
@@ -373,7 +371,14 @@ class Server:
             now = self.tick
             for conn in list(self.connections):
                 if conn.writer is not None and write and now - conn.write_tick >= write:
-                    run(conn.interrupt, "write")
+                    # The kernel's send queue shrinking is progress (a slow but steady reader);
+                    # gevent only wakes a writer once a third of the buffer is free, too coarse.
+                    unsent = unsent_bytes(conn.sock)
+                    if unsent != conn.write_unsent:
+                        conn.write_unsent = unsent
+                        conn.write_tick = now
+                    else:
+                        run(conn.interrupt, "write")
                 elif not conn.receiving:
                     continue
                 elif auth and conn.calls is not self.calls and now - conn.created_tick >= auth:

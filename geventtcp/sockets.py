@@ -6,11 +6,12 @@ import os
 import socket as _stdsocket
 from typing import Any
 
-from gevent import socket
+from gevent import Timeout, socket
 
 from .errors import ConfigError
 
-__all__ = ["parse_address", "create_listener", "format_address"]
+__all__ = ["parse_address", "create_listener", "format_address", "linger", "send_and_linger", "unsent_bytes",
+           "LINGER_SECONDS"]
 
 
 def parse_address(text: str, default_port: int = 8889) -> tuple[int, Any]:
@@ -87,3 +88,46 @@ def format_address(sock: Any) -> str:
     if sock.family == _stdsocket.AF_INET6:
         return f"[{name[0]}]:{name[1]}"
     return f"{name[0]}:{name[1]}"
+
+
+#: Longest wait for the peer's EOF after our half-close, before closing anyway.
+LINGER_SECONDS = 1.0
+
+
+def linger(sock: Any, seconds: float = LINGER_SECONDS) -> None:
+    """Half-close ``sock``, then read and drop what the peer still sends until EOF or ``seconds``.
+
+    Closing a socket with unread input makes the kernel send RST, which can destroy the last lines
+    the peer has not read yet (nginx's lingering_close). I/O errors end the wait quietly; the
+    caller still owns the socket and closes it.
+    """
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        with Timeout(seconds, False):
+            while sock.recv(65536):
+                pass
+    except OSError:
+        pass
+
+
+def send_and_linger(sock: Any, line: bytes) -> None:
+    """Send a final ``line``, linger (see :func:`linger`), close: for peers refused or sent away."""
+    try:
+        sock.sendall(line)
+        linger(sock)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+def unsent_bytes(sock: Any) -> int:
+    """Bytes written to ``sock`` that the peer has not acknowledged yet (Linux SIOCOUTQ); -1 if unknown."""
+    import fcntl
+    import termios
+
+    try:
+        buf = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except (OSError, ValueError):
+        return -1
+    return int.from_bytes(buf, "little", signed=True)

@@ -59,6 +59,9 @@ class Stats:
         self.slow_request_disconnections = 0
         #: Connections dropped after write_timeout without write progress (a peer that reads nothing).
         self.write_timeout_disconnections = 0
+        #: Requests for a cmdid with no handler (or one not allowed before AUTH). One counter, not an
+        #: entry per cmdid: a peer sending endless distinct cmdids must not grow the worker's memory.
+        self.unknown_commands = 0
 
     def record(self, cmdid: int, code: int, seconds: float) -> None:
         """Count one answered request; ``seconds`` is how long its handler ran."""
@@ -83,4 +86,5 @@ class Stats:
             "tls_failures": self.tls_failures,
             "slow_request_disconnections": self.slow_request_disconnections,
             "write_timeout_disconnections": self.write_timeout_disconnections,
+            "unknown_commands": self.unknown_commands,
         }

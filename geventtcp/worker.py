@@ -30,11 +30,11 @@ from gevent import socket as gsocket
 
 from .blocking import enable_blocking_detector
 from .builtins import Builtin
-from .connection import LINGER_SECONDS
 from .log import make_access_hook, reopen_log_files
 from .metrics import merge, read_snapshots, snapshot, write_snapshot
 from .protocol import encode_goaway
 from .server import Server
+from .sockets import send_and_linger
 from .urls import load_registry
 
 __all__ = ["WorkerSpec", "run_worker", "WORKER_BOOT_ERROR", "STATE_BOOTING", "STATE_SERVING", "STATE_DRAINING"]
@@ -189,7 +189,7 @@ class _Worker:
                         conn, _ = listener.accept()
                     except OSError:  # BlockingIOError: the backlog is empty
                         break
-                    gevent.spawn(_goaway_and_linger, conn, line)
+                    gevent.spawn(send_and_linger, conn, line)
             finally:
                 listener.settimeout(previous)
 
@@ -245,17 +245,3 @@ class _Worker:
             write_snapshot(self.spec.stats_dir, snapshot(server, generation=self.spec.generation))
         except OSError as exc:
             log.debug("cannot write stats snapshot: %s", exc)
-
-
-def _goaway_and_linger(sock: Any, line: bytes) -> None:
-    """Send ``line``, half-close, read until the peer closes (bounded), close: no RST eats the line."""
-    try:
-        sock.sendall(line)
-        sock.shutdown(socket.SHUT_WR)
-        with gevent.Timeout(LINGER_SECONDS, False):
-            while sock.recv(65536):
-                pass
-    except OSError:
-        pass
-    finally:
-        sock.close()

@@ -44,6 +44,12 @@ def make_registry() -> Registry:
     reg.add(7, lambda req: "x" * req.params.get("size", 0), name="big")
     reg.add(8, lambda req: {"id": req.id, "timestamp": req.timestamp, "raw": req.rawBody,
                             "address": list(req.address)}, name="introspect")
+
+    def sleep_then_big(req: Any) -> Any:
+        gevent.sleep(req.params.get("seconds", 0))
+        return "x" * req.params.get("size", 0)
+
+    reg.add(9, sleep_then_big, name="sleep_then_big")
     return reg
 
 

@@ -291,7 +291,7 @@ def test_builtin_ping_and_list(serve: Serve) -> None:
         ping = c.call({"cmdid": -1})["data"]
         assert ping["pong"] is True and ping["draining"] is False and ping["pid"] == os.getpid()
         listed = c.call({"cmdid": -2})["data"]
-        assert [item["cmdid"] for item in listed] == [1, 2, 3, 4, 5, 6, 7, 8]
+        assert [item["cmdid"] for item in listed] == [1, 2, 3, 4, 5, 6, 7, 8, 9]
         assert listed[0]["name"] == "echo"
 
 
@@ -305,3 +305,117 @@ def test_stats_count_requests_and_errors(serve: Serve) -> None:
     assert stats["commands"]["1"]["count"] == 3 and stats["commands"]["1"]["errors"] == 0
     assert stats["commands"]["3"]["errors"] == 1
     assert stats["connections"] == 1 and stats["pid"] == os.getpid()
+
+
+def test_half_close_with_a_large_reply_in_flight_still_delivers_every_reply(serve: Serve) -> None:
+    """A handed-off greenlet still sending a big reply must not be cut off by the close."""
+    server = serve()
+    with RawConn(server.address, timeout=20) as c:
+        c.sock.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_RCVBUF, 65536)
+        c.send(b'{"cmdid":9,"id":1,"params":{"seconds":0.1,"size":8000000}}\n'
+               b'{"cmdid":9,"id":2,"params":{"seconds":0.3,"size":10}}\n')
+        c.sock.shutdown(stdsocket.SHUT_WR)
+        gevent.sleep(0.8)  # be a slow reader: both handlers finish while reply 1 is still being sent
+        first, second = c.reply(), c.reply()
+        assert (first["id"], len(first["data"])) == (1, 8000000)
+        assert second == {"code": 0, "cmdid": 9, "id": 2, "data": "x" * 10}
+        assert c.at_eof()
+
+
+def test_drain_waits_for_a_large_reply_to_a_slow_reader(serve: Serve) -> None:
+    server = serve()
+    with RawConn(server.address, timeout=20) as c:
+        c.sock.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_RCVBUF, 65536)
+        c.send(b'{"cmdid":9,"id":1,"params":{"seconds":0.05,"size":8000000}}\n')
+        wait_until(lambda: server.inflight == 1)
+        (conn,) = server.connections
+        wait_until(lambda: conn.flushing)  # the handler is done; its greenlet is stuck sending
+        stopper = gevent.spawn(server.stop, 10)
+        gevent.sleep(0.5)
+        reply = c.reply()
+        assert reply["id"] == 1 and len(reply["data"]) == 8000000
+        assert c.reply()["goaway"] == "shutdown" and c.at_eof()
+        stopper.get(timeout=10)
+
+
+def test_slow_but_steady_reader_is_not_dropped_by_write_timeout(serve: Serve) -> None:
+    server = serve(write_timeout=0.5)
+    with RawConn(server.address, timeout=20) as c:
+        c.sock.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_RCVBUF, 65536)
+        c.send(b'{"cmdid":7,"id":1,"params":{"size":12000000}}\n')  # more than the kernel buffers
+        received = b""
+        while not received.endswith(b"\n"):
+            chunk = c.sock.recv(256 * 1024)
+            assert chunk, f"dropped after {len(received)} bytes although the reader kept reading"
+            received += chunk
+            gevent.sleep(0.05)  # a few MB/s: the whole reply takes several write_timeouts
+        assert json.loads(received)["id"] == 1
+        assert server.stats.write_timeout_disconnections == 0
+
+
+def test_deadline_counts_from_when_the_line_was_read(serve: Serve) -> None:
+    """A request queued behind CPU-bound work past its deadline is refused without running."""
+    server = serve()
+    with RawConn(server.address) as c:
+        c.send(b'{"cmdid":6,"id":1,"params":{"seconds":0.3}}\n{"cmdid":1,"id":2,"timeout_ms":100}\n')
+        assert c.reply()["data"] == "spun"
+        late = c.reply()
+        assert late["code"] == 504 and late["id"] == 2 and "before the request started" in late["msg"]
+
+
+def test_oversized_timeout_ms_is_a_400_not_a_dead_connection(serve: Serve) -> None:
+    server = serve()
+    with RawConn(server.address) as c:
+        reply = c.call(b'{"cmdid":1,"id":1,"timeout_ms":1' + b"0" * 400 + b"}\n")
+        assert reply["code"] == 400 and reply["id"] == 1 and "timeout_ms" in reply["msg"]
+        assert c.call({"cmdid": 1, "id": 2, "timeout_ms": 2**31 - 1})["code"] == 0
+
+
+def test_distinct_unknown_cmdids_do_not_grow_the_stats(serve: Serve) -> None:
+    server = serve()
+    with RawConn(server.address, timeout=30) as c:
+        c.send(b"".join(b'{"cmdid":%d}\n' % (1000 + i) for i in range(5000)))
+        assert all(c.reply()["code"] == 404 for _ in range(5000))
+    assert server.stats.unknown_commands == 5000
+    assert not any(cmdid >= 1000 for cmdid in server.stats.commands)
+
+
+def test_handler_calling_sys_exit_gets_500_and_the_server_lives(serve: Serve) -> None:
+    from .conftest import make_registry
+
+    registry = make_registry()
+
+    def leave(req: Any) -> Any:
+        raise SystemExit("bye")
+
+    registry.add(50, leave)
+    server = serve(registry)
+    with RawConn(server.address) as c:
+        assert c.call({"cmdid": 50, "id": 1}) == {"code": 500, "cmdid": 50, "id": 1, "msg": "internal error"}
+        assert c.call({"cmdid": 1, "id": 2})["code"] == 0
+    with RawConn(server.address) as again:
+        assert again.call({"cmdid": 1})["code"] == 0
+
+
+def test_a_hook_that_yields_after_the_handler_cannot_trigger_a_stray_deadline(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the handler returned, no handoff or deadline timer may attach to the reader any more."""
+    hub = gevent.get_hub()
+    errors: list[Any] = []
+    original = hub.handle_error
+
+    def record(context: Any, kind: Any, value: Any, tb: Any) -> None:
+        errors.append(value)
+        original(context, kind, value, tb)
+
+    monkeypatch.setattr(hub, "handle_error", record)
+    server = serve(handler_timeout=0.05)
+    server.access_log = lambda conn, req, code, seconds: gevent.sleep(0.01)  # e.g. a network log handler
+    with RawConn(server.address) as c:
+        for i in range(20):
+            assert c.call({"cmdid": 1, "id": i})["id"] == i
+        gevent.sleep(0.2)  # any stray 0.05 s timer would have fired by now
+        assert c.call({"cmdid": 1, "id": "after"})["id"] == "after"
+    assert server.inflight == 0
+    assert errors == [], f"stray exceptions in the hub: {errors!r}"
