@@ -5,13 +5,28 @@ from __future__ import annotations
 from . import urls
 from .client import Client
 from .errors import (
+    BadRequest,
+    CallTimeout,
     Code,
     ConfigError,
+    ConnectError,
+    DeadlineExceeded,
     GeventTCPError,
     HandlerError,
+    InternalServerError,
+    MaybeExecuted,
+    NotSent,
+    PermissionDenied,
     ProtocolError,
     RegistryError,
     RemoteError,
+    RequestTimeout,
+    RequestTooLarge,
+    ServiceUnavailable,
+    TransportError,
+    Unauthenticated,
+    UnknownCommand,
+    Unprocessed,
 )
 from .handler import BaseHandler
 from .log import BaseLogger
@@ -37,4 +52,21 @@ __all__ = [
     "ProtocolError",
     "HandlerError",
     "RemoteError",
+    # What a Client caller catches: transport failures (did the request run?) ...
+    "TransportError",
+    "ConnectError",
+    "NotSent",
+    "Unprocessed",
+    "MaybeExecuted",
+    "CallTimeout",
+    # ... and the server's nonzero reply codes (errors.ERROR_CLASSES).
+    "BadRequest",
+    "Unauthenticated",
+    "PermissionDenied",
+    "UnknownCommand",
+    "RequestTimeout",
+    "RequestTooLarge",
+    "InternalServerError",
+    "ServiceUnavailable",
+    "DeadlineExceeded",
 ]

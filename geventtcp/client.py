@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 from collections.abc import Iterable
@@ -130,7 +131,7 @@ class Client:
     # -- calls -----------------------------------------------------------------------------------
 
     def call(self, cmdid: int, params: Any = None, timeout: float | None = None,
-             idempotent: bool | None = None) -> Any:
+             idempotent: bool | None = None, *, _deadline: float | None = None) -> Any:
         """Send a request and return the reply's ``data``.
 
         Raises the :class:`RemoteError` subclass of a nonzero reply code (``errors.ERROR_CLASSES``),
@@ -144,10 +145,11 @@ class Client:
         it twice: it was never sent, the server answered 503 or sent goaway (the handler did not run),
         or, for a MaybeExecuted, the command is idempotent (``idempotent=True`` here, or its cmdid in
         the client's ``idempotent`` set). A timeout is never retried.
+
+        ``_deadline`` (internal, from :meth:`call_async`) is the absolute ``time.monotonic()`` deadline
+        fixed when the call was submitted; it replaces ``timeout``.
         """
-        deadline = time.monotonic() + min(_MAX_TIMEOUT, self.timeout if timeout is None else timeout)
-        balancer, world = self._balancer()
-        pool = balancer.pick()
+        deadline, balancer, world, pool = self._start(timeout, _deadline)
         attempt = 0
         while True:
             try:
@@ -169,14 +171,25 @@ class Client:
                 if code not in RETRYABLE_CODES:
                     raise error
             attempt += 1
-            if attempt > self.retries or self.closed:
-                raise error
-            pool = self._pause(attempt, error, deadline, world, balancer, pool)
+            pool = self._retry(attempt, error, deadline, world, balancer, pool)
 
-    def _pause(self, attempt: int, error: GeventTCPError, deadline: float, world: World, balancer: Balancer,
+    def _start(self, timeout: float | None, deadline: float | None) -> tuple[float, Balancer, World, Pool]:
+        """The deadline of a call or send and where its first attempt goes; NotSent when the deadline
+        fixed at submission (``call_async``) passed while the call waited to start."""
+        if deadline is None:
+            deadline = time.monotonic() + min(_MAX_TIMEOUT, self.timeout if timeout is None else timeout)
+        elif deadline <= time.monotonic():
+            raise NotSent("the call's timeout expired while it waited to start; it was never sent")
+        balancer, world = self._balancer()
+        return deadline, balancer, world, balancer.pick()
+
+    def _retry(self, attempt: int, error: GeventTCPError, deadline: float, world: World, balancer: Balancer,
                failed: Pool) -> Pool:
-        """Sleep the backoff before retry ``attempt`` (none after a goaway) and pick where it goes;
-        re-raise ``error`` when the deadline would pass first."""
+        """Decide on retry ``attempt`` after ``error`` (a kind safe to resend): re-raise ``error`` when
+        retries are used up, the client is closed, or the deadline would pass during the backoff;
+        otherwise sleep the backoff (none right after a goaway) and pick where the retry goes."""
+        if attempt > self.retries or self.closed:
+            raise error
         delay = 0.0 if isinstance(error, Unprocessed) and attempt == 1 else \
             random.uniform(0, min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
         if time.monotonic() + delay >= deadline:
@@ -195,9 +208,7 @@ class Client:
         :class:`ConnectError`/:class:`NotSent` when the line could not be written (retried as in
         :meth:`call` first); nothing tells whether the handler succeeded.
         """
-        deadline = time.monotonic() + min(_MAX_TIMEOUT, self.timeout if timeout is None else timeout)
-        balancer, world = self._balancer()
-        pool = balancer.pick()
+        deadline, balancer, world, pool = self._start(timeout, None)
         attempt = 0
         while True:
             try:
@@ -205,9 +216,7 @@ class Client:
                 return
             except _SAFE as exc:
                 attempt += 1
-                if attempt > self.retries or self.closed:
-                    raise
-                pool = self._pause(attempt, exc, deadline, world, balancer, pool)
+                pool = self._retry(attempt, exc, deadline, world, balancer, pool)
 
     def call_async(self, cmdid: int, params: Any = None, timeout: float | None = None,
                    idempotent: bool | None = None) -> Any:
@@ -216,9 +225,13 @@ class Client:
         In the threads world it is a ``concurrent.futures.Future`` (run on a small thread pool); in
         the gevent world a ``gevent.event.AsyncResult`` (run in a new greenlet). Both offer
         ``result(timeout=None)`` and ``done()``; ``result`` raises what ``call`` would.
+
+        ``timeout`` counts from now, not from when a pool thread starts the call: a call still
+        queued behind busy threads when it expires fails with :class:`NotSent`, never sent.
         """
+        deadline = time.monotonic() + min(_MAX_TIMEOUT, self.timeout if timeout is None else timeout)
         world = current_world(self.mode)
-        return world.spawn(self.call, cmdid, params, timeout, idempotent)
+        return world.spawn(functools.partial(self.call, _deadline=deadline), cmdid, params, None, idempotent)
 
     def ping(self, timeout: float | None = None) -> Any:
         """The server's built-in health check (cmdid -1): ``{"pong": true, "draining": ..., ...}``."""

@@ -5,9 +5,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .clientconn import ClientConnection, _Call
+import gevent
+from gevent import Timeout
+
+from .clientcall import Call, request_line
+from .clientconn import ClientConnection
 from .errors import CallTimeout, NotSent
-from .protocol import encode_request
 
 __all__ = ["BatchingConnection"]
 
@@ -30,7 +33,7 @@ class BatchingConnection(ClientConnection):
     def __init__(self, sock: Any, address: str, world: Any, codec: Any, max_reply_bytes: int) -> None:
         super().__init__(sock, address, world, codec, max_reply_bytes)
         self.out: list[bytes] = []
-        self.out_calls: list[_Call] = []
+        self.out_calls: list[Call] = []
         self.flush_armed = False
         self.sender: Any = None  # the greenlet finishing a send the kernel did not take at once
         self._raw_send = sock._sock.send  # the OS socket is non-blocking under gevent
@@ -40,7 +43,7 @@ class BatchingConnection(ClientConnection):
         if not detached:
             return super().request(cmdid, params, deadline)
         # ``send`` promises the line was written when it returns: flush now rather than next turn.
-        call = _Call(0, deadline, True)
+        call = Call(0, deadline, True)
         self._write(cmdid, params, call, deadline)
         if self.sender is None:
             self._flush()
@@ -54,21 +57,12 @@ class BatchingConnection(ClientConnection):
         self.poll()
         return None
 
-    def _write(self, cmdid: int, params: Any, call: _Call, deadline: float, claim: bool = False) -> bool:
+    def _write(self, cmdid: int, params: Any, call: Call, deadline: float, claim: bool = False) -> bool:
         """Queue the line (the reader role is never claimed here: the line leaves on the next turn)."""
         now = time.monotonic()
-        remaining = deadline - now
-        if remaining <= 0:
-            raise NotSent(f"deadline passed before the request to {self.address} was written")
-        rid = call.id = next(self._ids)
-        call.sent = now
-        timeout_ms = int((remaining - min(0.05, remaining * 0.1)) * 1000) or 1
-        line = encode_request(self.codec, cmdid, params, rid, timeout_ms)
+        line = request_line(self.codec, cmdid, params, call, next(self._ids), now, self.address)
         with self.state:
-            if self.closed:
-                raise NotSent(f"connection to {self.address} closed: {self.reason}")
-            self.calls[rid] = call
-            self.orphans += call.abandoned
+            self._register_locked(call)
             call.queued = True
             self.out.append(line)
             self.out_calls.append(call)
@@ -104,26 +98,23 @@ class BatchingConnection(ClientConnection):
             end += len(line)
             ends.append(end)
         self._mark_written(calls, ends, sent)
-        import gevent
-
         self.sender = gevent.spawn(self._send_rest, memoryview(data), sent, calls, ends)
 
     @staticmethod
-    def _mark_written(calls: list[_Call], ends: list[int], sent: int) -> None:
+    def _mark_written(calls: list[Call], ends: list[int], sent: int) -> None:
         for call, end in zip(calls, ends, strict=True):
             if end <= sent and call.queued:
                 call.written = True
                 call.queued = False
 
-    def _send_rest(self, data: memoryview, sent: int, calls: list[_Call], ends: list[int]) -> None:
+    def _send_rest(self, data: memoryview, sent: int, calls: list[Call], ends: list[int]) -> None:
         sock = self.sock
+        # Bounded by this greenlet's own timer: the socket's timeout is shared with readers (GeventIO).
+        timer = Timeout(max(0.0, max(call.deadline for call in calls) - time.monotonic()),
+                        TimeoutError("timed out writing requests"))
+        timer.start()
         try:
-            deadline = max(call.deadline for call in calls)
             while sent < len(data):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError("timed out writing requests")
-                sock.settimeout(remaining)
                 sent += sock.send(data[sent:])
                 self._mark_written(calls, ends, sent)
         except BaseException as exc:  # a kill too: the rest of a line may be unsent, so the stream is lost
@@ -132,12 +123,14 @@ class BatchingConnection(ClientConnection):
             if not isinstance(exc, Exception):
                 raise
             return
+        finally:
+            timer.close()
         self.sender = None
         if self.out and not self.flush_armed:
             self.flush_armed = True
             self._loop.run_callback(self._flush)
 
-    def _abandon(self, call: _Call) -> bool:
+    def _abandon(self, call: Call) -> bool:
         with self.state:
             if call.done:
                 return False

@@ -7,12 +7,13 @@ import logging
 import time
 from typing import Any
 
+from .clientcall import Call, request_line
 from .clientio import shutdown
 from .codec import Codec
 from .concurrency import World, fork_generation, real_lock
-from .errors import CallTimeout, MaybeExecuted, NotSent, ProtocolError, TransportError, Unprocessed
-from .protocol import LineBuffer, decode_reply, encode_request
-from .replycodec import ReplyCodec
+from .errors import CallTimeout, MaybeExecuted, NotSent, ProtocolError, TransportError
+from .protocol import LineBuffer, decode_reply
+from .replycodec import ReplyCodec, answers_too_long, unsolicited
 
 __all__ = ["ClientConnection", "STUCK_GRACE"]
 
@@ -25,31 +26,6 @@ STUCK_GRACE = 1.0
 #: replies in request order, so everything queued behind a slow request waits for it; the pool opens
 #: another connection (within its bound) rather than queue more behind a stalled one.
 STALL_AFTER = 0.05
-#: Share of the caller's remaining time kept back from the ``timeout_ms`` sent to the server (at most
-#: 50 ms), so that the server's 504 reply arrives before the caller's own deadline.
-_DEADLINE_MARGIN = 0.05
-
-
-class _Call:
-    """One request in flight: the state the reader and the waiting caller share."""
-
-    __slots__ = ("id", "deadline", "sent", "reply", "error", "done", "written", "queued", "signal", "signaled",
-                 "abandoned")
-
-    def __init__(self, id: int, deadline: float, abandoned: bool) -> None:
-        self.id = id
-        self.sent = 0.0
-        self.deadline = deadline
-        self.reply: dict[str, Any] | None = None
-        self.error: BaseException | None = None
-        self.done = False
-        self.written = False
-        self.queued = False  # waiting in a BatchingConnection's send queue
-        self.signal: Any = None
-        self.signaled = False
-        self.abandoned = abandoned  # nobody waits: the reply is read and dropped
-
-
 class ClientConnection:
     """A connected socket shared by any number of callers of one world (threads, or one gevent hub).
 
@@ -61,9 +37,11 @@ class ClientConnection:
     Failure behaviour: a caller that times out or is cancelled (``gevent.Timeout``, ``kill``,
     ``KeyboardInterrupt``) while waiting leaves its request *abandoned*: the reply is read later and
     dropped, never given to another caller. Anything that breaks the byte stream (a write that did not
-    finish, a read error, EOF, an unreadable line, a reply for an id never sent) closes the connection
-    and fails each request still waiting: :class:`NotSent` if its line was not written, the server's
-    ``goaway`` (or a refusal) gives :class:`Unprocessed`, otherwise :class:`MaybeExecuted`.
+    finish, a read error, EOF, an unreadable line, a reply for an id never sent, an error line without
+    id, which is the server speaking for the connection, never a caller's reply: see
+    :func:`~geventtcp.replycodec.unsolicited`) closes the connection and fails each request still
+    waiting: :class:`NotSent` if its line was not written, the server's ``goaway`` (or a 503 refusal)
+    gives :class:`Unprocessed`, otherwise :class:`MaybeExecuted`.
 
     Who closes what: the pool calls :meth:`close`; the connection also closes itself on the failures
     above. The socket is closed once no caller is inside a read or write on it; after ``fork()`` the
@@ -78,7 +56,7 @@ class ClientConnection:
         self.codec = ReplyCodec(codec)
         self.state = real_lock()  # guards the fields below; never held across I/O
         self.wlock = world.lock()  # one writer at a time, so request lines never interleave
-        self.calls: dict[int, _Call] = {}  # in write order, which is the server's reply order
+        self.calls: dict[int, Call] = {}  # in write order, which is the server's reply order
         self.orphans = 0  # calls in ``calls`` nobody waits on (send(), timed out, cancelled)
         self.reading = False
         self.writing = False
@@ -107,7 +85,7 @@ class ClientConnection:
         as described on the class; ``TypeError``/``ValueError`` if ``params`` has no JSON form.
         A ``detached`` request is written and its reply dropped when it comes.
         """
-        call = _Call(0, deadline, detached)
+        call = Call(0, deadline, detached)
         if self._write(cmdid, params, call, deadline, not detached):
             self._lead(call, deadline)  # nobody was reading: go straight to reading (the lone caller)
         if detached:
@@ -118,7 +96,7 @@ class ClientConnection:
             raise call.error
         return call.reply
 
-    def _write(self, cmdid: int, params: Any, call: _Call, deadline: float, claim: bool = False) -> bool:
+    def _write(self, cmdid: int, params: Any, call: Call, deadline: float, claim: bool = False) -> bool:
         """Number, encode and write the request; ids are taken under the write lock so that the order
         of ``calls`` is the order of the lines on the wire (the order of the server's replies).
 
@@ -128,18 +106,10 @@ class ClientConnection:
         if not wlock.acquire(True, max(0.0, deadline - time.monotonic())):
             raise NotSent(f"timed out waiting to write to {self.address}")
         try:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise NotSent(f"deadline passed before the request to {self.address} was written")
-            rid = call.id = next(self._ids)
-            call.sent = time.monotonic()
-            timeout_ms = int((remaining - min(_DEADLINE_MARGIN, remaining * 0.1)) * 1000) or 1
-            line = encode_request(self.codec, cmdid, params, rid, timeout_ms)
+            line = request_line(self.codec, cmdid, params, call, next(self._ids), time.monotonic(), self.address)
+            rid = call.id
             with self.state:
-                if self.closed:
-                    raise NotSent(f"connection to {self.address} closed: {self.reason}")
-                self.calls[rid] = call
-                self.orphans += call.abandoned
+                self._register_locked(call)
                 self.writing = True
                 led = claim and not self.reading
                 if led:
@@ -177,7 +147,14 @@ class ClientConnection:
                     self._close_socket_if_unused()
             wlock.release()
 
-    def _wait(self, call: _Call, deadline: float) -> None:
+    def _register_locked(self, call: Call) -> None:
+        """Enter a numbered call in ``calls`` (under ``state``); NotSent if the connection closed."""
+        if self.closed:
+            raise NotSent(f"connection to {self.address} closed: {self.reason}")
+        self.calls[call.id] = call
+        self.orphans += call.abandoned
+
+    def _wait(self, call: Call, deadline: float) -> None:
         """Return once ``call`` is done (reply or error); raise CallTimeout at the deadline."""
         state = self.state
         while True:
@@ -213,7 +190,7 @@ class ClientConnection:
                 self.orphans += 1
             raise CallTimeout(f"no reply from {self.address} within the timeout")
 
-    def _lead(self, call: _Call, deadline: float) -> None:
+    def _lead(self, call: Call, deadline: float) -> None:
         """Read as the reader until ``call`` is done, then hand the role on."""
         in_io = False
         try:
@@ -260,7 +237,7 @@ class ClientConnection:
                     other.signal.release()
                     break
 
-    def _abandon(self, call: _Call) -> bool:
+    def _abandon(self, call: Call) -> bool:
         """Give up waiting on ``call``; True unless it was completed meanwhile."""
         with self.state:
             if call.done:
@@ -272,7 +249,7 @@ class ClientConnection:
                 self.calls.pop(call.id, None)
             return True
 
-    def _forget(self, call: _Call) -> None:
+    def _forget(self, call: Call) -> None:
         with self.state:
             self.calls.pop(call.id, None)
 
@@ -291,14 +268,13 @@ class ClientConnection:
             return
         rid = reply.get("id")
         with self.state:
-            if rid is None:
-                if reply.get("cmdid") is None and reply["code"] == 503:
-                    reason = reply.get("goaway") or reply.get("msg") or "refused"
-                    self._fail_locked(f"server is going away ({reason})", Unprocessed)
+            if rid is None:  # the server speaking for the connection, or a 413 for the oldest's long line
+                oldest = next(iter(self.calls.values()), None)
+                if oldest is None or not answers_too_long(reply, oldest.size):
+                    self._fail_locked(*unsolicited(reply))
                     return
-                # Replies come in request order; one the server could not tie to an id is the oldest's.
-                rid = next(iter(self.calls), None)
-            call = self.calls.pop(rid, None) if rid is not None else None
+                rid = oldest.id
+            call = self.calls.pop(rid, None)
             if call is None:
                 self._fail_locked(f"reply for unknown request id {rid!r}: the stream is out of step")
                 return

@@ -14,6 +14,7 @@ import ssl
 import time
 from typing import Any
 
+from gevent import Timeout as _Timeout
 from gevent import monkey as _monkey
 
 __all__ = ["ThreadsIO", "ThreadsTLSIO", "GeventIO", "RECV_SIZE", "shutdown"]
@@ -155,15 +156,24 @@ class ThreadsTLSIO:
 
 
 class GeventIO:
-    """A gevent socket: its timeout is per greenlet call, and greenlets never interleave between
-    setting it and using it."""
+    """A gevent socket (plain or TLS) shared by the greenlets of one hub.
 
-    __slots__ = ("sock", "_poller")
+    The socket's own timeout stays ``None`` for good: it is one field shared by every greenlet, and
+    gevent's TLS read and write loops re-read it after each wake-up, so a reader setting a short
+    timeout would cut short a writer's wait in another greenlet. Each blocking operation is bounded
+    by its own :class:`gevent.Timeout` instead, which belongs to the greenlet that started it.
+    """
+
+    __slots__ = ("sock", "_poller", "_raw_recv")
 
     def __init__(self, sock: Any) -> None:
+        sock.settimeout(None)
         self.sock = sock
         self._poller = _original_poll()
         self._poller.register(sock.fileno(), select.POLLIN)
+        # Plain sockets: the OS socket (non-blocking under gevent) for reads that must not wait.
+        raw = getattr(sock, "_sock", None)
+        self._raw_recv: Any = None if hasattr(sock, "pending") or raw is None else raw.recv
 
     def readable(self) -> bool:
         # poll(0) never blocks, so the real poll is fine in a greenlet; TLS may hold decrypted bytes.
@@ -174,23 +184,55 @@ class GeventIO:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError("timed out writing the request")
-        self.sock.settimeout(remaining)
-        self.sock.sendall(data)
+        timer = _Timeout(remaining)
+        timer.start()
+        try:
+            self.sock.sendall(data)
+        except _Timeout as exc:
+            if exc is not timer:
+                raise
+            raise TimeoutError("timed out writing the request") from None
+        finally:
+            timer.close()
 
     def recv(self, deadline: float) -> bytes:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError("timed out waiting for the reply")
-        sock = self.sock
-        sock.settimeout(remaining)
-        data: bytes = sock.recv(RECV_SIZE)
+        timer = _Timeout(remaining)
+        timer.start()
+        try:
+            data: bytes = self.sock.recv(RECV_SIZE)
+        except _Timeout as exc:
+            if exc is not timer:
+                raise
+            raise TimeoutError("timed out waiting for the reply") from None
+        finally:
+            timer.close()
         return data
 
     def recv_nowait(self) -> bytes | None:
-        sock = self.sock
-        sock.settimeout(0.0)
+        raw_recv = self._raw_recv
+        if raw_recv is not None:
+            try:
+                data: bytes = raw_recv(RECV_SIZE, _DONTWAIT)
+            except BlockingIOError:
+                return None
+            return data
+        # TLS: bytes on the socket may be only part of a record. A zero timer lets the read take
+        # whatever is decryptable now, and stops it at the next loop turn instead of waiting.
+        if not self.readable():
+            return None
+        timer = _Timeout(0)
+        timer.start()
         try:
-            data: bytes = sock.recv(RECV_SIZE)
+            data = self.sock.recv(RECV_SIZE)
+        except _Timeout as exc:
+            if exc is not timer:
+                raise
+            return None
         except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return None
+        finally:
+            timer.close()
         return data

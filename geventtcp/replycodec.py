@@ -1,14 +1,18 @@
-"""Reply decoding for the client: the fast path for lines a geventtcp server wrote."""
+"""Reply decoding for the client: the fast path for lines a geventtcp server wrote, and what an id-less one means."""
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
 from .codec import Codec
+from .errors import Code, MaybeExecuted, TransportError, Unprocessed
 
-__all__ = ["ReplyCodec"]
+__all__ = ["ReplyCodec", "unsolicited", "answers_too_long"]
+
+_TOO_LONG = re.compile(r"request line longer than (\d+) bytes")
 
 
 def _reject_constant(name: str) -> Any:
@@ -37,3 +41,35 @@ class ReplyCodec(Codec):
         if end != len(text) and not text[end:].isspace():
             raise ValueError(f"extra data after the JSON value at {end}")
         return value
+
+
+def unsolicited(reply: dict[str, Any]) -> tuple[str, type[TransportError]]:
+    """Why the connection must close after ``reply``, a line without ``id``, and how calls on it fail.
+
+    The client always sends ids, so an id-less line is never a caller's reply: it is the server
+    speaking for the connection (a goaway; 503 refusing it at accept; 408 line not completed; 401
+    not authenticated in time; 413 for a line too long to parse, whose id the server never read).
+    Handing it to the oldest waiting caller would blame an innocent request, so the connection
+    closes instead. A 503 (goaway included) promises nothing on the connection ran: ``Unprocessed``,
+    safe to resend; any other code leaves written requests ``MaybeExecuted``. The returned reason
+    carries the server's code and message. (The one id-less line that does answer a caller, a 413
+    for a line over the limit, is first checked with :func:`answers_too_long`.)
+    """
+    code = reply["code"]
+    if code == Code.UNAVAILABLE:
+        goaway = reply.get("goaway")
+        if goaway is not None:
+            return f"server is going away ({goaway})", Unprocessed
+        return f"server refused the connection: [503] {reply.get('msg')}", Unprocessed
+    return f"server closed the connection with an error for no request: [{code}] {reply.get('msg')}", MaybeExecuted
+
+
+def answers_too_long(reply: dict[str, Any], size: int) -> bool:
+    """True when ``reply``, a line without ``id``, is the server's 413 for a request line of ``size``
+    bytes (newline included): the server never parsed that line's id, but it answers in request
+    order and keeps the connection, so the 413 is the reply to the oldest unanswered request, if
+    that request's line is over the limit the 413 states. Anything else is :func:`unsolicited`."""
+    if reply["code"] != Code.TOO_LARGE:
+        return False
+    found = _TOO_LONG.search(str(reply.get("msg")))
+    return found is not None and size > int(found.group(1))
