@@ -148,7 +148,9 @@ def test_server_killed_with_calls_in_flight_raises_clearly_never_hangs():
         with Client(server.address, timeout=30, retries=0) as client:
             client.call(1)
             jobs = [gevent.spawn(client.call, 4, {"tag": str(i), "seconds": 20}) for i in range(10)]
-            gevent.sleep(0.3)
+            # Every handler running (so every line written), seen by the server itself, not guessed by a sleep.
+            with Client(server.address, timeout=5) as watcher:
+                wait_until(lambda: watcher.call(-3)["inflight"] >= 10, timeout=20)
             started = time.monotonic()
             server.kill(signal.SIGKILL)
             gevent.joinall(jobs, timeout=5)
@@ -278,8 +280,41 @@ def test_replies_to_sends_never_make_a_connection_look_busy():
         def in_thread():
             for i in range(20):
                 client.send(1, {"fire": i})
-                time.sleep(0.01)  # let the server answer the send
+                conn = client._balancers["threads"].pools[0].conns[0]
+                deadline = time.monotonic() + 10
+                while conn.calls and not conn.io.readable():  # the send's reply arrived (or was read already)
+                    assert time.monotonic() < deadline
+                    time.sleep(0.001)
                 assert client.call(1, {"i": i}) == {"i": i}
             return client.describe()["threads"][0]["connections"]
 
         assert pool.spawn(in_thread).get(timeout=30) == 1
+
+
+def test_call_async_timeout_counts_from_submission_in_threads():
+    """Plain threads, a 16-thread pool. 40 call_async(sleep 5 s, timeout=1): every future resolves
+    about 1 s after submission (not ~3 s, as when each deadline started once a pool thread picked
+    the call up). Then 16 long calls hold every thread while 24 short ones (timeout=0.3) wait in
+    the queue: those expire there and fail NotSent, never sent, as soon as a thread gets to them."""
+    expected = (errors.DeadlineExceeded, CallTimeout)  # the server's 504 at timeout_ms usually comes first
+    server = ServerProcess()
+    try:
+        with Client(server.address, timeout=30, retries=0, pool_size=16, mode="threads") as client:
+            client.call(1, None)
+            started = time.monotonic()
+            futures = [client.call_async(2, {"seconds": 5, "i": i}, timeout=1.0) for i in range(40)]
+            for future in futures:
+                with pytest.raises((*expected, NotSent)):
+                    future.result(timeout=10)
+            assert time.monotonic() - started < 1.8
+
+            long = [client.call_async(2, {"seconds": 5, "i": i}, timeout=1.5) for i in range(16)]
+            short = [client.call_async(2, {"seconds": 5, "j": j}, timeout=0.3) for j in range(24)]
+            for future in short:
+                with pytest.raises(NotSent, match="never sent"):
+                    future.result(timeout=10)
+            for future in long:
+                with pytest.raises(expected):
+                    future.result(timeout=10)
+    finally:
+        server.close()

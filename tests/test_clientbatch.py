@@ -57,6 +57,19 @@ def test_send_returns_only_once_the_line_is_written():
         fake.close()
 
 
+def _sending_conn(client):
+    """The client's one connection, once a sender greenlet is finishing a send the kernel cut short."""
+    def conn():
+        for balancer in list(client._balancers.values()):
+            for c in balancer.pools[0].conns:
+                if c.sender is not None:
+                    return c
+        return None
+
+    wait_until(lambda: conn() is not None)
+    return conn()
+
+
 def test_queued_requests_behind_a_stuck_send_fail_as_not_sent():
     """The server stops reading: a 16 MiB request fills the socket, small ones queue behind it; when
     the connection is closed, none of them was written whole, so each raises NotSent (safe to resend)."""
@@ -68,12 +81,9 @@ def test_queued_requests_behind_a_stuck_send_fail_as_not_sent():
     try:
         with Client(fake.address, timeout=10, retries=0, pool_size=1) as client:
             big = gevent.spawn(client.call, 1, {"blob": "x" * (16 << 20)})
-            gevent.sleep(0.2)
-            conn = next(iter(client._balancers.values())).pools[0].conns[0]
-            assert conn.sender is not None  # the kernel took part of it; a greenlet sends the rest
+            conn = _sending_conn(client)  # the kernel took part of it; a greenlet sends the rest
             small = [gevent.spawn(client.call, 1, {"i": i}) for i in range(5)]
-            gevent.sleep(0.05)
-            assert len(conn.out) == 5  # queued behind the unfinished send
+            wait_until(lambda: len(conn.out) == 5)  # queued behind the unfinished send
             conn.close("test")
             gevent.joinall([big, *small], timeout=5)
             for job in [big, *small]:
@@ -90,11 +100,9 @@ def test_cancelling_a_request_still_queued_just_removes_it():
     try:
         with Client(fake.address, timeout=10, retries=0, pool_size=1) as client:
             big = gevent.spawn(client.call, 1, {"blob": "x" * (16 << 20)})
-            gevent.sleep(0.2)
-            conn = next(iter(client._balancers.values())).pools[0].conns[0]
+            conn = _sending_conn(client)
             victim = gevent.spawn(client.call, 1, {"victim": True})
-            gevent.sleep(0.05)
-            assert len(conn.out) == 1
+            wait_until(lambda: len(conn.out) == 1)
             victim.kill()
             assert conn.out == [] and not conn.closed  # removed from the queue; the stream is intact
             big.kill()  # cancelled mid-write: the stream is broken, so the connection goes

@@ -5,12 +5,13 @@ import time
 
 import gevent
 import pytest
+from gevent import socket as gsocket
 
 from geventtcp import clientconn
 from geventtcp.client import Client
 from geventtcp.errors import CallTimeout, MaybeExecuted, NotSent, RemoteError, Unprocessed
 from tests import client_app
-from tests.clientutil import FakeServer, Proxy, addr, inprocess_server
+from tests.clientutil import FakeServer, Proxy, addr, inprocess_server, wait_until
 
 
 def reply_for(line: bytes, data=None, **extra) -> bytes:
@@ -287,10 +288,62 @@ def test_too_long_request_gets_its_413_and_others_are_unaffected():
 
     with inprocess_server(max_line_bytes=4096) as server, Client(addr(server), timeout=5, pool_size=1) as client:
         before = [gevent.spawn(client.call, 2, {"seconds": 0.05, "i": i}) for i in range(5)]
-        gevent.sleep(0.01)
+        wait_until(lambda: server.inflight >= 5)  # all five written and running before the long line
         big = gevent.spawn(client.call, 1, {"blob": "x" * 10000})
         after = [gevent.spawn(client.call, 1, {"j": j}) for j in range(5)]
         gevent.joinall([*before, big, *after], timeout=10)
         assert isinstance(big.exception, RequestTooLarge) and big.exception.code == 413
         assert [g.value for g in before] == [{"seconds": 0.05, "i": i} for i in range(5)]
         assert [g.value for g in after] == [{"j": j} for j in range(5)]
+
+
+@pytest.mark.parametrize("line, kind", [
+    ({"code": 408, "cmdid": None, "msg": "request line not completed within 10s"}, MaybeExecuted),
+    ({"code": 401, "cmdid": None, "msg": "not authenticated within 10s"}, MaybeExecuted),
+    ({"code": 413, "cmdid": None, "msg": "request line longer than 4096 bytes"}, MaybeExecuted),
+    ({"code": 503, "cmdid": None, "msg": "max number of connections reached"}, Unprocessed),
+])
+def test_error_line_without_id_fails_the_connection_not_an_innocent_caller(line, kind):
+    """An id-less error line is the server speaking for the connection (the client always sends
+    ids): both waiting callers get a transport error naming the server's code, never that line as
+    their own RemoteError, and the connection is replaced."""
+
+    def behaviour(server, sock, n):
+        buf = []
+        if n == 0:
+            for _ in range(2):
+                server.read_line(sock, buf)
+            sock.sendall(json.dumps(line).encode() + b"\n")
+            gevent.sleep(30)  # a real server closes after such a line; the client must not need that
+        else:
+            while (request := server.read_line(sock, buf)) is not None:
+                sock.sendall(reply_for(request))
+
+    fake = FakeServer(behaviour)
+    try:
+        with Client(fake.address, timeout=5, retries=0, pool_size=1) as client:
+            jobs = [gevent.spawn(client.call, 1, {"i": i}) for i in range(2)]
+            gevent.joinall(jobs, timeout=10)
+            for job in jobs:
+                assert type(job.exception) is kind, job.exception
+                assert f"[{line['code']}]" in str(job.exception)
+            assert client.call(1, {"after": True}) == {"after": True}
+        assert fake.accepted == 2
+    finally:
+        fake.close()
+
+
+def test_503_refusal_at_connect_is_unprocessed_and_retried_elsewhere():
+    """A real server at max_connections answers a new connection with an id-less 503 and closes it:
+    the call on it is Unprocessed (nothing ran), so with two addresses it is retried on the other."""
+    with inprocess_server(max_connections=1) as full, inprocess_server() as spare:
+        hog = gsocket.create_connection(full.address[:2])
+        try:
+            wait_until(lambda: len(full.connections) == 1)
+            with Client(addr(full), timeout=5, retries=0) as client:
+                with pytest.raises(Unprocessed, match="max number of connections"):
+                    client.call(1, {"x": 1})
+            with Client([addr(full), addr(spare)], timeout=5, retries=2) as client:
+                assert [client.call(1, {"i": i}) for i in range(6)] == [{"i": i} for i in range(6)]
+        finally:
+            hog.close()
