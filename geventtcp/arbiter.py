@@ -137,13 +137,9 @@ class Arbiter:
 
     def _preflight(self) -> None:
         """Fail here, once, with a clear message, on what would make every worker fail to start."""
-        from .security import check_listen_addresses, is_protected, load_token
-        from .tls import server_context_from_settings
+        from .security import check_serving_settings
 
-        token = load_token(self.config)
-        server_context_from_settings(self.config)
-        if is_protected(self.config, token):
-            check_listen_addresses(sock.getsockname() for sock in self._listeners().all())
+        check_serving_settings(self.config, [sock.getsockname() for sock in self._listeners().all()])
 
     def _signal_fds(self) -> tuple[int, ...]:
         return self.signals.fds if self.signals is not None else ()

@@ -75,18 +75,35 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
 
 
+def _bind_addresses(binds: list[str]) -> list[Any]:
+    """What the listeners of ``binds`` would report as ``getsockname()``, without binding (names resolved)."""
+    import socket
+
+    from .sockets import parse_address
+
+    addresses: list[Any] = []
+    for text in binds:
+        family, address = parse_address(text)
+        if family == socket.AF_UNIX:
+            addresses.append(address)
+            continue
+        infos = socket.getaddrinfo(address[0], address[1], family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+        addresses.extend(info[4][:2] for info in infos)
+    return addresses
+
+
 def _check_config(app: str, config: Any) -> int:
-    """Import the application as a worker would (patched first); report what it registers."""
+    """Validate as ``serve`` would (addresses, auth, TLS, protected mode), then import the application
+    as a worker would (patched first) and report what it registers. Binds nothing."""
     from gevent import monkey
 
     monkey.patch_all()
     from .log import apply_log_config
-    from .sockets import parse_address
+    from .security import check_serving_settings
     from .urls import load_registry
 
     try:
-        for address in config.bind:
-            parse_address(address)
+        check_serving_settings(config, _bind_addresses(config.bind))
         if config.log_config:
             apply_log_config(config.log_config)
         if os.getcwd() not in sys.path and "" not in sys.path:

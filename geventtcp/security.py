@@ -21,6 +21,7 @@ __all__ = [
     "load_token",
     "is_protected",
     "check_listen_addresses",
+    "check_serving_settings",
     "make_auth",
 ]
 
@@ -84,6 +85,21 @@ def check_listen_addresses(addresses: Iterable[Any]) -> None:
                 "(or auth_token_file), or require TLS client certificates, or pass --no-protected-mode "
                 "(GEVENTTCP_PROTECTED_MODE=0) if every peer that can reach this address is trusted."
             )
+
+
+def check_serving_settings(settings: Any, addresses: Iterable[Any]) -> None:
+    """The checks every server start makes, for the launcher's preflight and ``serve --check-config``.
+
+    Loads the auth token, builds the TLS server context (certificate files readable and matching)
+    and, in protected mode, refuses non-loopback ``addresses`` (``getsockname()``-style tuples or
+    unix paths). Raises :class:`ConfigError` (or ``OSError``/``ssl.SSLError`` from the TLS files).
+    """
+    from .tls import server_context_from_settings
+
+    token = load_token(settings)
+    server_context_from_settings(settings)
+    if is_protected(settings, token):
+        check_listen_addresses(addresses)
 
 
 def make_auth(server: Server, token: str | None) -> Callable[[Request], Any]:

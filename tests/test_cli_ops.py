@@ -120,6 +120,29 @@ def test_check_config_loads_the_app_and_reports(app_dir: Path) -> None:
     assert log_config.returncode == 1 and "nope.json" in log_config.stderr
 
 
+def test_check_config_applies_the_security_checks_serve_applies(app_dir: Path, tmp_path: Path) -> None:
+    # Protected mode: serve refuses a wildcard bind without auth (exit 2); --check-config must say "not fine".
+    wildcard = ("serve", "opsapp", "--bind", "0.0.0.0:0")
+    served = _cli(*wildcard, cwd=app_dir)
+    assert served.returncode == 2 and "protected mode" in served.stderr
+    checked = _cli(*wildcard, "--check-config", cwd=app_dir)
+    assert checked.returncode == 1 and "protected mode" in checked.stderr and "OK" not in checked.stdout
+    assert _cli("serve", "opsapp", "--bind", "[::]:0", "--check-config", cwd=app_dir).returncode == 1
+    # What makes the same bind acceptable to serve makes it acceptable to the check.
+    for remedy in (("--auth-token", "s3cret"), ("--no-protected-mode",)):
+        ok = _cli(*wildcard, *remedy, "--check-config", cwd=app_dir)
+        assert ok.returncode == 0 and "configuration OK" in ok.stdout, ok.stderr
+    assert _cli("serve", "opsapp", "--bind", "localhost:0", "--check-config", cwd=app_dir).returncode == 0
+    # Auth and TLS settings serve would reject.
+    (tmp_path / "empty-token").write_text("\n")
+    empty = _cli("serve", "opsapp", "--auth-token-file", str(tmp_path / "empty-token"), "--check-config", cwd=app_dir)
+    assert empty.returncode == 1 and "is empty" in empty.stderr
+    missing_cert = _cli("serve", "opsapp", "--certfile", str(tmp_path / "nope.pem"), "--check-config", cwd=app_dir)
+    assert missing_cert.returncode == 1 and "nope.pem" in missing_cert.stderr
+    orphan_key = _cli("serve", "opsapp", "--keyfile", str(tmp_path / "k.pem"), "--check-config", cwd=app_dir)
+    assert orphan_key.returncode == 1 and "need certfile" in orphan_key.stderr
+
+
 def test_settings_verb_prints_the_readme_table() -> None:
     out = _cli("settings", "--markdown")
     assert out.returncode == 0 and out.stdout.strip() == render_markdown().strip()
