@@ -1,10 +1,11 @@
-"""Test helpers: a raw line connection (gevent sockets), polling waits, and subprocess servers."""
+"""Test helpers: a raw line connection (gevent sockets), the polling wait, and subprocess servers."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import ssl
 import subprocess
 import sys
 import time
@@ -14,25 +15,50 @@ from typing import Any
 import gevent
 from gevent import socket
 
+__all__ = ["ROOT", "RawConn", "wait_until", "CliServer", "python_cmd"]
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class RawConn:
-    """A client socket that writes raw bytes and reads reply lines; for protocol-level tests."""
+    """A byte-exact client of the wire protocol: write what you like, read reply lines, observe EOF.
 
-    def __init__(self, address: Any, timeout: float = 5.0) -> None:
+    ``address`` is a (host, port) tuple or a unix-socket path; ``source`` binds the local address
+    first (another loopback IP). Every read waits at most ``timeout`` seconds (``socket.timeout``).
+    """
+
+    def __init__(self, address: Any, source: str | None = None, timeout: float = 5.0) -> None:
         family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
+        if source is not None:
+            self.sock.bind((source, 0))
         self.sock.settimeout(timeout)
         self.sock.connect(address)
         self.buf = b""
+        self.timeout = timeout
+
+    @classmethod
+    def tls(cls, address: Any, ctx: Any, hostname: str = "localhost", timeout: float = 5.0) -> RawConn:
+        """Connect and finish a TLS handshake (raises ssl.SSLError/OSError when it fails)."""
+        from geventtcp.tls import handshake
+
+        conn = cls(address, timeout=timeout)
+        conn.sock = handshake(ctx, conn.sock, timeout, server_side=False, server_hostname=hostname)
+        conn.sock.settimeout(timeout)
+        return conn
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
 
-    def readline(self) -> bytes:
-        """One line including its newline; b"" on EOF (socket.timeout if nothing comes)."""
+    def request(self, cmdid: int, params: Any = None, **fields: Any) -> None:
+        body = {"cmdid": cmdid, "params": params or {}, **fields}
+        self.send(json.dumps(body).encode() + b"\n")
+
+    def readline(self, timeout: float | None = None) -> bytes:
+        """One line including its newline; what is left (b"" or a partial line) on EOF."""
+        deadline = time.monotonic() + (timeout or self.timeout)
         while b"\n" not in self.buf:
+            self.sock.settimeout(max(0.001, deadline - time.monotonic()))
             chunk = self.sock.recv(65536)
             if not chunk:
                 line, self.buf = self.buf, b""
@@ -41,18 +67,46 @@ class RawConn:
         line, _, self.buf = self.buf.partition(b"\n")
         return line + b"\n"
 
-    def reply(self) -> dict[str, Any]:
-        line = self.readline()
-        assert line.endswith(b"\n"), f"expected a reply line, got {line!r}"
-        result: dict[str, Any] = json.loads(line)
-        return result
+    def raw_line(self, timeout: float | None = None) -> bytes:
+        """The next line without its newline; ``EOFError`` if the server closed first."""
+        line = self.readline(timeout)
+        if not line.endswith(b"\n"):
+            raise EOFError(f"connection closed; {len(line)} bytes unread")
+        return line[:-1]
 
-    def call(self, request: dict[str, Any] | bytes) -> dict[str, Any]:
-        self.send(request if isinstance(request, bytes) else json.dumps(request).encode() + b"\n")
-        return self.reply()
+    def line(self, timeout: float | None = None) -> dict[str, Any]:
+        """The next line as a reply object; ``EOFError`` if the server closed first."""
+        reply = json.loads(self.raw_line(timeout))
+        assert isinstance(reply, dict), reply
+        return reply
+
+    def call(self, request: int | dict[str, Any] | bytes, params: Any = None, **fields: Any) -> dict[str, Any]:
+        """Send a request (a cmdid with params and fields, an object, or raw bytes); its reply line."""
+        if isinstance(request, int):
+            self.request(request, params, **fields)
+        else:
+            self.send(request if isinstance(request, bytes) else json.dumps(request).encode() + b"\n")
+        return self.line()
 
     def at_eof(self) -> bool:
+        """True when the next read finds the connection closed (no further line)."""
         return self.readline() == b""
+
+    def expect_eof(self, timeout: float = 5.0) -> None:
+        """Wait until the server closes the connection (lines still unread are kept in ``buf``).
+
+        Returns on EOF or reset; ``socket.timeout`` if the connection is still open after ``timeout``.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            self.sock.settimeout(max(0.001, deadline - time.monotonic()))
+            try:
+                chunk = self.sock.recv(65536)
+            except (ConnectionResetError, ssl.SSLError):
+                return
+            if not chunk:
+                return
+            self.buf += chunk
 
     def close(self) -> None:
         self.sock.close()
@@ -64,8 +118,11 @@ class RawConn:
         self.close()
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01) -> Any:
-    """Poll ``predicate`` (yielding to gevent) until it is truthy; fail the test after ``timeout``."""
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
+    """Poll ``predicate`` (yielding to gevent) until it is truthy and return that value.
+
+    Fails the test with AssertionError after ``timeout`` seconds. The one polling helper of the suite.
+    """
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()

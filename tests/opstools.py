@@ -11,16 +11,12 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import gevent
-from gevent import socket
+from .helpers import ROOT, RawConn, wait_until
 
-from .helpers import ROOT
-
-__all__ = ["APP_SOURCE", "write_app", "Launcher", "Caller", "call_once", "poll"]
+__all__ = ["APP_SOURCE", "write_app", "Launcher", "Caller", "call_once", "wait_inflight"]
 
 #: The test application: echo, sleep, CPU spin (blocks the hub), and whoami (the serving pid and
 #: the module's VERSION, which a test rewrites to prove that HUP re-imports the application).
@@ -62,18 +58,6 @@ APP_SOURCE = textwrap.dedent('''
 def write_app(directory: Path, version: str = "v1", name: str = "opsapp") -> str:
     (directory / f"{name}.py").write_text(APP_SOURCE.format(version=version))
     return name
-
-
-def poll(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
-    """Poll until ``predicate()`` is truthy (gevent-friendly); AssertionError after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        gevent.sleep(interval)
 
 
 class Launcher:
@@ -139,7 +123,7 @@ class Launcher:
             return None
 
         try:
-            result: re.Match[str] = poll(found, timeout)
+            result: re.Match[str] = wait_until(found, timeout)
         except AssertionError as exc:
             raise AssertionError(f"{exc}: {pattern!r} not logged; log so far:\n{self.output}") from None
         return result
@@ -163,7 +147,7 @@ class Launcher:
             return pids if len(pids) == n and not (pids & (exclude or set())) else None
 
         try:
-            pids: set[int] = poll(ready, timeout, 0.1)
+            pids: set[int] = wait_until(ready, timeout, 0.1)
         except AssertionError:
             raise AssertionError(f"not {n} workers (excluding {exclude}) within {timeout}s; log:\n"
                                  f"{self.output[-4000:]}") from None
@@ -172,7 +156,7 @@ class Launcher:
     def wait_exit(self, timeout: float) -> int:
         """Wait (cooperatively: the test's client greenlets keep running) for the launcher's exit status."""
         try:
-            poll(lambda: self.proc.poll() is not None, timeout, 0.02)
+            wait_until(lambda: self.proc.poll() is not None, timeout, 0.02)
         except AssertionError:
             raise AssertionError(f"launcher still running after {timeout}s:\n{self.output}") from None
         return self.proc.returncode
@@ -191,26 +175,36 @@ class Launcher:
 
 def call_once(address: Any, cmdid: int, params: dict[str, Any] | None = None, timeout: float = 5.0) -> Any:
     """One request on a fresh connection; the reply's data (OSError on goaway or EOF, ValueError on error)."""
-    if isinstance(address, str):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
-        sock.connect(address)
-    else:
-        sock = socket.create_connection(address, timeout=timeout)
-    with sock:
-        sock.sendall(json.dumps({"cmdid": cmdid, "id": 1, "params": params or {}}).encode() + b"\n")
-        data = b""
-        while b"\n" not in data:
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("closed before a reply")
-            data += chunk
-    reply = json.loads(data.split(b"\n", 1)[0])  # a goaway may follow the reply
+    with RawConn(address, timeout=timeout) as conn:
+        conn.request(cmdid, params, id=1)
+        line = conn.readline()
+    if not line.endswith(b"\n"):
+        raise ConnectionError("closed before a reply")
+    reply = json.loads(line)  # a goaway may follow the reply
     if reply.get("goaway"):
         raise ConnectionError(f"goaway {reply['goaway']}")
     if reply["code"]:
         raise ValueError(reply)
     return reply["data"]
+
+
+def wait_inflight(address: Any, cmdid: int, count: int, timeout: float = 30.0) -> dict[str, Any]:
+    """Wait until STATS at ``address`` counts ``count`` requests of ``cmdid`` running; that STATS reply.
+
+    The way to know a request was read and reached its handler before a test signals or kills.
+    """
+    def reached() -> dict[str, Any] | None:
+        try:
+            stats: dict[str, Any] = call_once(address, -3)
+        except OSError:
+            return None
+        return stats if stats["commands"].get(str(cmdid), {}).get("inflight", 0) >= count else None
+
+    try:
+        result: dict[str, Any] = wait_until(reached, timeout, 0.02)
+    except AssertionError:
+        raise AssertionError(f"not {count} request(s) of cmdid {cmdid} in flight within {timeout}s") from None
+    return result
 
 
 class Caller:
@@ -226,46 +220,35 @@ class Caller:
     def __init__(self, address: Any, timeout: float = 10.0) -> None:
         self.address = address
         self.timeout = timeout
-        self.sock: Any = None
-        self.buf = b""
+        self.conn: RawConn | None = None
         self.refused = 0
         self.goaways: list[str] = []
         self.resent = 0
 
-    def _connect(self) -> None:
+    def _connect(self) -> RawConn:
         try:
-            self.sock = socket.create_connection(self.address, timeout=self.timeout)
+            self.conn = RawConn(self.address, timeout=self.timeout)
         except ConnectionRefusedError:
             self.refused += 1
             raise
-        self.buf = b""
-
-    def _readline(self) -> bytes:
-        while b"\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                return b""
-            self.buf += chunk
-        line, _, self.buf = self.buf.partition(b"\n")
-        return line
+        return self.conn
 
     def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
 
     def call(self, cmdid: int, params: dict[str, Any] | None = None, request_id: int = 0) -> dict[str, Any]:
         line = json.dumps({"cmdid": cmdid, "id": request_id, "params": params or {}}).encode() + b"\n"
         for _attempt in range(20):
-            if self.sock is None:
-                self._connect()
+            conn = self.conn if self.conn is not None else self._connect()
             try:
-                self.sock.sendall(line)
-                reply_line = self._readline()
+                conn.send(line)
+                reply_line = conn.readline()
             except ConnectionResetError as exc:
                 self.close()
                 raise self.MaybeExecutedError(f"connection reset after sending: {exc}") from None
-            if not reply_line:
+            if not reply_line.endswith(b"\n"):
                 self.close()
                 raise self.MaybeExecutedError("EOF after sending, without a goaway")
             reply: dict[str, Any] = json.loads(reply_line)

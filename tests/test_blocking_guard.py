@@ -8,17 +8,15 @@ The corpus here keeps structured payloads to ~100 KB; lower max_line_bytes if cl
 from __future__ import annotations
 
 import json
-import time
 
-from .helpers import ROOT
-from .opstools import Launcher
-from .reltools import RawConn
+from .helpers import RawConn
+from .opstools import Launcher, write_app
 from .test_hostile_input import HOSTILE
 
 
 def test_in_limit_corpus_never_blocks_the_event_loop(tmp_path: object) -> None:
-    launcher = Launcher(tmp_path, "--workers", "1", "--blocking-time", "0.1", app="handlers",  # type: ignore[arg-type]
-                        env={"PYTHONPATH": ROOT})
+    write_app(tmp_path)  # type: ignore[arg-type]  # echo (1) serves the corpus; spin (7) is the control
+    launcher = Launcher(tmp_path, "--workers", "1", "--blocking-time", "0.1")  # type: ignore[arg-type]
     try:
         launcher.wait_workers(1)
         with RawConn(launcher.address, timeout=10) as conn:
@@ -35,8 +33,11 @@ def test_in_limit_corpus_never_blocks_the_event_loop(tmp_path: object) -> None:
                     conn.send(line)
                     assert conn.line()["code"] in (0, 413)
             assert conn.call(-1)["code"] == 0
-        time.sleep(0.3)  # the monitor thread reports asynchronously
-        blocked = [row for row in launcher.lines if "blocked" in row]
+            # Positive control: a real block after the corpus is reported. The monitor thread reports
+            # in order, so once this report is logged any report about the corpus would be too.
+            assert conn.call(7, {"seconds": 0.5}, id=99)["data"] == "spun"
+        launcher.wait_log(r"event loop blocked for more than 0\.1s by cmdid 7 \(id 99,", timeout=30)
+        blocked = [row for row in launcher.lines if "blocked" in row and "by cmdid 7 (id 99," not in row]
         assert blocked == [], blocked
     finally:
         launcher.close()

@@ -17,9 +17,9 @@ import textwrap
 from pathlib import Path
 
 import gevent
-from gevent import socket
 
-from .opstools import Launcher, poll
+from .helpers import RawConn, wait_until
+from .opstools import Launcher
 
 APP = textwrap.dedent('''
     import os
@@ -51,37 +51,31 @@ class LedgerCaller:
     def __init__(self, address: tuple[str, int], ledger: dict[str, list[str]]) -> None:
         self.address = address
         self.ledger = ledger
-        self.sock: socket.socket | None = None
-        self.buf = b""
+        self.conn: RawConn | None = None
 
     def _close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-        self.sock, self.buf = None, b""
+        if self.conn is not None:
+            self.conn.close()
+        self.conn = None
 
     def call(self, token: str) -> str:
         line = json.dumps({"cmdid": 100, "id": token, "params": {"token": token, "delay": random.random() * 0.01},
                            "timeout_ms": 5000}).encode() + b"\n"
         for _ in range(50):
             try:
-                if self.sock is None:
-                    self.sock = socket.create_connection(self.address, timeout=5)
+                if self.conn is None:
+                    self.conn = RawConn(self.address, timeout=5)
             except OSError:
                 self.ledger[token].append("not_sent")  # nothing was written: resend
                 gevent.sleep(0.05)
                 continue
             try:
-                self.sock.sendall(line)
-                while b"\n" not in self.buf:
-                    chunk = self.sock.recv(65536)
-                    if not chunk:
-                        raise ConnectionError("EOF")
-                    self.buf += chunk
-            except OSError:  # written (maybe partly), then the connection broke: it may have run
+                self.conn.send(line)
+                raw = self.conn.raw_line()
+            except (OSError, EOFError):  # written (maybe partly), then the connection broke: it may have run
                 self._close()
                 self.ledger[token].append(MAYBE)
                 return MAYBE
-            raw, _, self.buf = self.buf.partition(b"\n")
             reply = json.loads(raw)
             if reply.get("goaway") or reply.get("code") == 503:  # the server promises it did not run
                 self.ledger[token].append(UNPROCESSED)
@@ -114,7 +108,7 @@ def test_kill_9_workers_repeatedly_under_load(tmp_path: Path) -> None:
             caller._close()
 
         callers = [gevent.spawn(client, n) for n in range(16)]
-        poll(lambda: len(final) > 200, 10)
+        wait_until(lambda: len(final) > 200, 10)
         for _ in range(8):  # ~10 s of chaos: a random worker dies every 0.6-1.4 s
             gevent.sleep(0.6 + random.random() * 0.8)
             pids = list(launcher.worker_pids())
@@ -123,7 +117,7 @@ def test_kill_9_workers_repeatedly_under_load(tmp_path: Path) -> None:
             kills.append(victim)
         launcher.wait_workers(3, exclude=set(kills))  # the master replaced every one
         ok_before = sum(1 for v in final.values() if v == OK)
-        poll(lambda: sum(1 for v in final.values() if v == OK) > ok_before + 200, 10)  # traffic recovered
+        wait_until(lambda: sum(1 for v in final.values() if v == OK) > ok_before + 200, 10)  # traffic recovered
         stop = True
         gevent.joinall(callers, timeout=15, raise_error=True)
         assert all(g.dead for g in callers), "a caller hung"
@@ -184,7 +178,7 @@ def test_kill_9_with_the_real_client_never_runs_a_call_twice(tmp_path: Path) -> 
                         final[token] = f"remote {exc.code}"
 
             callers = [gevent.spawn(caller, n) for n in range(16)]
-            poll(lambda: len(final) > 200, 10)
+            wait_until(lambda: len(final) > 200, 10)
             for _ in range(6):
                 gevent.sleep(0.6 + random.random() * 0.8)
                 victim = random.choice(list(launcher.worker_pids()))
@@ -192,7 +186,7 @@ def test_kill_9_with_the_real_client_never_runs_a_call_twice(tmp_path: Path) -> 
                 kills.append(victim)
             launcher.wait_workers(3, exclude=set(kills))
             ok_before = sum(1 for v in final.values() if v == OK)
-            poll(lambda: sum(1 for v in final.values() if v == OK) > ok_before + 200, 10)
+            wait_until(lambda: sum(1 for v in final.values() if v == OK) > ok_before + 200, 10)
             stop = True
             gevent.joinall(callers, timeout=15, raise_error=True)
             assert all(g.dead for g in callers), "a caller hung"

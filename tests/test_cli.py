@@ -11,9 +11,8 @@ import textwrap
 import time
 from pathlib import Path
 
-import gevent
-
 from .helpers import ROOT, CliServer, RawConn, python_cmd
+from .opstools import wait_inflight
 
 
 def test_python_m_geventtcp_serves_the_example_handlers() -> None:
@@ -40,7 +39,7 @@ def test_monkey_patched_time_sleep_in_handlers_is_concurrent() -> None:
         start = time.monotonic()
         for i, c in enumerate(conns):
             c.send(json.dumps({"cmdid": 2, "id": i, "params": {"seconds": 0.2}}).encode() + b"\n")
-        replies = [c.reply() for c in conns]
+        replies = [c.line() for c in conns]
         elapsed = time.monotonic() - start
         assert all(r["code"] == 0 for r in replies) and [r["id"] for r in replies] == list(range(100))
         assert elapsed < 5.0, f"100 handlers sleeping 0.2 s took {elapsed:.2f}s; serial would be 20 s"
@@ -96,11 +95,12 @@ def test_sigterm_drains_in_flight_requests_before_exit() -> None:
     server = CliServer(python_cmd("-m", "geventtcp", "serve", "handlers", "--bind", "127.0.0.1:0"))
     try:
         with RawConn((server.host, server.port)) as c:
-            c.send(b'{"cmdid":2,"id":1,"params":{"seconds":0.5}}\n')
-            gevent.sleep(0.1)  # let the request reach the handler before the signal
+            c.send(b'{"cmdid":2,"id":1,"params":{"seconds":2}}\n')
+            # Signal only once the server reports the request running (else the first line is a goaway).
+            wait_inflight((server.host, server.port), 2, 1)
             server.proc.send_signal(signal.SIGTERM)
-            assert c.reply() == {"code": 0, "cmdid": 2, "id": 1, "data": {"slept": 0.5}}
-            assert c.reply()["goaway"] == "shutdown"
+            assert c.line() == {"code": 0, "cmdid": 2, "id": 1, "data": {"slept": 2}}
+            assert c.line()["goaway"] == "shutdown"
         assert server.proc.wait(timeout=10) == 0
     finally:
         server.stop()

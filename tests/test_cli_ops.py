@@ -12,8 +12,8 @@ from gevent import socket
 
 from geventtcp.config import render_markdown
 
-from .helpers import ROOT
-from .opstools import Launcher, call_once, poll, write_app
+from .helpers import ROOT, wait_until
+from .opstools import Launcher, call_once, write_app
 
 
 @pytest.fixture
@@ -49,7 +49,7 @@ def test_ping_list_and_stats_verbs_against_a_two_worker_server(app_dir: Path) ->
             row = next(line.split() for line in stats.stdout.splitlines() if line.split()[:1] == ["1"])
             return row if row[1] == "5" else None
 
-        row = poll(echo_row, 10)
+        row = wait_until(echo_row, 10)
         assert row[2] == "0"  # count 5, errors 0, summed over both workers
         stats = _cli("stats", address)
         assert {int(line.split()[0]) for line in stats.stdout.splitlines()[-2:]} == pids
@@ -78,7 +78,7 @@ def test_metrics_endpoint_serves_prometheus_text_aggregated_over_workers(app_dir
             assert head.startswith("HTTP/1.0 200 OK") and "text/plain; version=0.0.4" in head
             return body
 
-        body = poll(lambda: (b := scrape()) and 'geventtcp_requests_total{cmdid="1"} 4' in b and b, 5)
+        body = wait_until(lambda: (b := scrape()) and 'geventtcp_requests_total{cmdid="1"} 4' in b and b, 5)
         assert 'geventtcp_requests_total{cmdid="9"} 1' in body
         assert 'geventtcp_request_duration_seconds_count{cmdid="1"} 4' in body
         assert 'geventtcp_request_duration_seconds_bucket{cmdid="1",le="+Inf"} 4' in body

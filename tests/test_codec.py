@@ -292,7 +292,7 @@ def test_servers_with_either_codec_answer_every_line_alike(serve: Any) -> None:
             conn.send(b'{"cmdid":-1,"id":"end"}\n')
             got = []
             while True:
-                reply = conn.reply()
+                reply = conn.line()
                 if reply.get("id") == "end":
                     break
                 got.append(reply)

@@ -14,7 +14,8 @@ from geventtcp.errors import CallTimeout, MaybeExecuted
 from geventtcp.urls import Registry
 
 from .faultproxy import FaultProxy
-from .reltools import make_registry, serve, wait_until
+from .helpers import wait_until
+from .reltools import make_registry, serve
 
 executed: list[Any] = []
 

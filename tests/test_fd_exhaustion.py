@@ -9,8 +9,7 @@ import subprocess
 import sys
 import time
 
-from .helpers import ROOT
-from .reltools import RawConn, wait_until
+from .helpers import ROOT, RawConn, wait_until
 
 FD_LIMIT = 40
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import gevent
 from gunicorn.config import KNOWN_SETTINGS
 
-from .helpers import ROOT
-from .opstools import Caller, call_once, poll, write_app
+from .helpers import ROOT, wait_until
+from .opstools import Caller, call_once, write_app
 
 
 class Gunicorn:
@@ -29,7 +29,7 @@ class Gunicorn:
         threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stdout.readline, "")),  # type: ignore
                          daemon=True).start()
         try:
-            line = poll(lambda: next((x for x in list(self.lines) if "geventtcp serving" in x), None), 20)
+            line = wait_until(lambda: next((x for x in list(self.lines) if "geventtcp serving" in x), None), 20)
             host, _, port = line.split("geventtcp serving ")[1].split()[0].rpartition(":")
             self.address = (host, int(port))
         except BaseException:
@@ -56,16 +56,18 @@ def test_gunicorn_serves_the_protocol_and_drains_on_term(tmp_path: Path) -> None
     server = Gunicorn(tmp_path, "-w", "2", "--graceful-timeout", "5")
     try:
         assert call_once(server.address, 1, {"via": "gunicorn"}) == {"via": "gunicorn"}
-        poll(lambda: server.output.count("geventtcp serving") == 2, 20)
+        wait_until(lambda: server.output.count("geventtcp serving") == 2, 20)
         caller = Caller(server.address)
-        slow = gevent.spawn(caller.call, 2, {"seconds": 0.5}, 1)
-        gevent.sleep(0.2)
+        slow = gevent.spawn(caller.call, 2, {"seconds": 2}, 1)
+        # Signal once a worker reports the request running (STATS here is per worker: poll until the
+        # one running it answers; its ``inflight`` counts requests handed off to their own greenlet).
+        wait_until(lambda: call_once(server.address, -3)["inflight"] >= 1, 30)
         server.proc.send_signal(signal.SIGTERM)
-        reply = slow.get(timeout=10)
-        assert reply["code"] == 0 and reply["data"]["slept"] == 0.5  # in flight: answered
-        caller.sock.settimeout(5)
-        assert b'"goaway":"shutdown"' in caller._readline()  # then told to go elsewhere
-        poll(lambda: server.proc.poll() is not None, 10)
+        reply = slow.get(timeout=15)
+        assert reply["code"] == 0 and reply["data"]["slept"] == 2  # in flight: answered
+        assert caller.conn is not None
+        assert b'"goaway":"shutdown"' in caller.conn.raw_line(timeout=5)  # then told to go elsewhere
+        wait_until(lambda: server.proc.poll() is not None, 10)
         assert server.proc.returncode == 0
     finally:
         server.close()

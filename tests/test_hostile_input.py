@@ -10,7 +10,8 @@ import pytest
 
 from geventtcp.log import make_access_hook
 
-from .reltools import RawConn, rss_kib, serve
+from .helpers import RawConn
+from .reltools import rss_kib, serve
 
 PING = b'{"cmdid":1,"params":{"ok":1},"id":"next"}\n'
 

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 from geventtcp.metrics import LIMIT_COUNTERS, merge, prometheus_text
 
-from .helpers import ROOT
-from .opstools import Launcher, poll
-from .reltools import RawConn
+from .helpers import ROOT, RawConn, wait_until
+from .opstools import Launcher
 
 
 def test_counters_are_summed_over_workers(tmp_path: object) -> None:
     launcher = Launcher(tmp_path, "--workers", "2", "--request-timeout", "0.3", "--auth-token", "t0ken",  # type: ignore[arg-type]
                         app="handlers", env={"PYTHONPATH": ROOT})
     try:
-        poll(lambda: launcher.output.count("listening on") == 2, 15)  # STATS needs AUTH: watch the log
+        wait_until(lambda: launcher.output.count("listening on") == 2, 15)  # STATS needs AUTH: watch the log
         for _ in range(4):  # spread over both workers by the kernel
             with RawConn(launcher.address) as conn:
                 assert conn.call(-4, {"token": "wrong"})["code"] == 401
@@ -30,7 +29,7 @@ def test_counters_are_summed_over_workers(tmp_path: object) -> None:
             got = {name: data.get(name, 0) for name, _ in LIMIT_COUNTERS}
             return got if got["auth_failures"] == 4 and got["slow_request_disconnections"] == 3 else None
 
-        assert poll(stats, 10)
+        assert wait_until(stats, 10)
     finally:
         launcher.close()
 

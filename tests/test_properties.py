@@ -12,7 +12,8 @@ from geventtcp.codec import get_codec
 from geventtcp.errors import ProtocolError
 from geventtcp.protocol import LineBuffer, Request, parse_request
 
-from .reltools import RawConn, serve
+from .helpers import RawConn
+from .reltools import serve
 
 CODEC = get_codec("simplejson")
 

@@ -18,8 +18,8 @@ from geventtcp.builtins import Builtin
 from geventtcp.errors import ConfigError
 from geventtcp.server import Server
 
-from .helpers import ROOT
-from .reltools import RawConn, make_registry, serve, wait_until
+from .helpers import ROOT, RawConn, wait_until
+from .reltools import make_registry, serve
 
 TOKEN = "s3cret-token-\u00e9"
 

@@ -33,7 +33,7 @@ def test_seed_client_format_works_unchanged(serve: Serve) -> None:
     server = serve()
     with RawConn(server.address) as c:
         c.send(b'{"cmdid":1,"timestamp":1700000000,"params":{"name":"seed"}}\n')
-        assert c.reply() == {"code": 0, "cmdid": 1, "data": {"name": "seed"}}
+        assert c.line() == {"code": 0, "cmdid": 1, "data": {"name": "seed"}}
 
 
 def test_request_fields_reach_the_handler(serve: Serve) -> None:
@@ -91,7 +91,7 @@ def test_too_long_line_gets_413_and_the_connection_stays_usable(serve: Serve) ->
     server = serve(max_line_bytes=1024)
     with RawConn(server.address) as c:
         c.send(b'{"cmdid":1,"params":{"s":"' + b"x" * 5000 + b'"}}\n')
-        reply = c.reply()
+        reply = c.line()
         assert reply["code"] == 413 and reply["cmdid"] is None
         assert c.call({"cmdid": 1, "id": 2})["id"] == 2
         exact = b'{"cmdid":1,"params":{"s":"' + b"y" * (1024 - 30) + b'"}}\n'
@@ -123,7 +123,7 @@ def test_10000_pipelined_requests_in_one_write_come_back_in_order_in_batches(
     payload = b"".join(json.dumps({"cmdid": 1, "id": i, "params": {"i": i}}).encode() + b"\n" for i in range(n))
     with RawConn(server.address, timeout=30) as c:
         c.send(payload)
-        ids = [c.reply()["id"] for _ in range(n)]
+        ids = [c.line()["id"] for _ in range(n)]
     assert ids == list(range(n))
     assert len(sends) < n / 20, f"{len(sends)} sends for {n} replies: replies are not batched"
 
@@ -135,7 +135,7 @@ def test_slow_request_does_not_block_the_connection_and_order_holds(serve: Serve
         lines = [{"cmdid": 2, "id": i, "params": {"seconds": 0.3}} for i in range(10)]
         lines.insert(5, {"cmdid": 1, "id": "fast"})
         c.send(b"".join(json.dumps(x).encode() + b"\n" for x in lines))
-        got = [c.reply()["id"] for _ in range(11)]
+        got = [c.line()["id"] for _ in range(11)]
         elapsed = time.monotonic() - start
     assert got == [0, 1, 2, 3, 4, "fast", 5, 6, 7, 8, 9]
     assert elapsed < 2.0, f"10 sleeps of 0.3 s on one connection took {elapsed:.2f}s: not concurrent"
@@ -147,7 +147,7 @@ def test_100_connections_with_sleeping_handlers_run_concurrently(serve: Serve) -
     start = time.monotonic()
     for i, c in enumerate(conns):
         c.send(json.dumps({"cmdid": 2, "id": i, "params": {"seconds": 0.2}}).encode() + b"\n")
-    replies = [c.reply() for c in conns]
+    replies = [c.line() for c in conns]
     elapsed = time.monotonic() - start
     assert [r["id"] for r in replies] == list(range(100)) and all(r["code"] == 0 for r in replies)
     assert elapsed < 5.0, f"100 x 0.2 s took {elapsed:.2f}s (a serial server takes 20 s)"
@@ -177,7 +177,7 @@ def test_in_flight_limit_per_connection_answers_retryable_503(serve: Serve) -> N
     with RawConn(server.address) as c:
         c.send(b"".join(json.dumps({"cmdid": 2, "id": i, "params": {"seconds": 0.3}}).encode() + b"\n"
                         for i in range(4)))
-        replies = [c.reply() for _ in range(4)]
+        replies = [c.line() for _ in range(4)]
     assert [r["id"] for r in replies] == [0, 1, 2, 3]
     assert [r["code"] for r in replies] == [0, 0, 503, 503]
     assert "in flight" in replies[2]["msg"]
@@ -189,7 +189,7 @@ def test_max_connections_rejects_with_a_line_instead_of_hanging(serve: Serve) ->
     for c in kept:
         assert c.call({"cmdid": 1})["code"] == 0
     with RawConn(server.address, timeout=3) as extra:
-        reply = extra.reply()
+        reply = extra.line()
         assert reply["code"] == 503 and "max number of connections" in reply["msg"]
         assert extra.at_eof()
     assert server.stats.connections_rejected == 1
@@ -206,7 +206,7 @@ def test_idle_connection_gets_goaway_then_eof(serve: Serve) -> None:
     with RawConn(server.address) as c:
         assert c.call({"cmdid": 1})["code"] == 0
         start = time.monotonic()
-        goaway = c.reply()
+        goaway = c.line()
         assert goaway["goaway"] == "idle" and goaway["code"] == 503
         assert c.at_eof()
         assert 0.2 < time.monotonic() - start < 2.0
@@ -222,7 +222,7 @@ def test_unfinished_request_line_times_out_with_408(serve: Serve) -> None:
     server = serve(request_timeout=0.3)
     with RawConn(server.address) as c:
         c.send(b'{"cmdid":1,')
-        reply = c.reply()
+        reply = c.line()
         assert reply["code"] == 408 and "not completed" in reply["msg"]
         assert c.at_eof()
 
@@ -232,7 +232,7 @@ def test_client_half_close_still_gets_replies(serve: Serve) -> None:
     with RawConn(server.address) as c:
         c.send(b'{"cmdid":2,"id":1,"params":{"seconds":0.2}}\n{"cmdid":1,"id":2}\n')
         c.sock.shutdown(stdsocket.SHUT_WR)
-        assert [c.reply()["id"], c.reply()["id"]] == [1, 2]
+        assert [c.line()["id"], c.line()["id"]] == [1, 2]
         assert c.at_eof()
     wait_until(lambda: not server.connections)
 
@@ -245,9 +245,9 @@ def test_graceful_stop_answers_in_flight_then_goaway(serve: Serve) -> None:
     busy.send(b'{"cmdid":2,"id":1,"params":{"seconds":0.4}}\n')
     wait_until(lambda: server.inflight == 1)
     stopper = gevent.spawn(server.stop, 5)
-    assert idle.reply()["goaway"] == "shutdown" and idle.at_eof()
-    assert busy.reply() == {"code": 0, "cmdid": 2, "id": 1, "data": {"slept": 0.4}}
-    assert busy.reply()["goaway"] == "shutdown" and busy.at_eof()
+    assert idle.line()["goaway"] == "shutdown" and idle.at_eof()
+    assert busy.line() == {"code": 0, "cmdid": 2, "id": 1, "data": {"slept": 0.4}}
+    assert busy.line()["goaway"] == "shutdown" and busy.at_eof()
     stopper.get(timeout=5)
     with pytest.raises(OSError):
         RawConn(server.address, timeout=1).call({"cmdid": 1})

@@ -8,7 +8,8 @@ import time
 import gevent
 import pytest
 
-from .reltools import RawConn, rss_kib, serve, wait_until
+from .helpers import RawConn, wait_until
+from .reltools import rss_kib, serve
 
 
 def test_slowloris_trickle_is_bounded_by_total_line_time() -> None:

@@ -12,7 +12,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from geventtcp.server import Server
 
-from .reltools import RawConn, make_registry
+from .helpers import RawConn
+from .reltools import make_registry
 
 BAD_LINES = [b'{"cmdid":1,', b'{"cmdid":1,"params":{"x":NaN}}', b"\xff\xfe", b"[" * 3000, b'{"cmdid":1,"cmdid":1}']
 

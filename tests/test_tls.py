@@ -13,7 +13,8 @@ from geventtcp.server import Server
 from geventtcp.tls import client_context, server_context
 
 from .certs import Pki, make_pki
-from .reltools import RawConn, make_registry, serve, wait_until
+from .helpers import RawConn, wait_until
+from .reltools import make_registry, serve
 
 
 @pytest.fixture(scope="module")
