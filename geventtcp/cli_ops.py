@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from .builtins import Builtin
@@ -35,50 +36,49 @@ def _address_argument(parser: argparse.ArgumentParser) -> None:
     add_security_arguments(parser)
 
 
-def _run(args: argparse.Namespace, cmdid: int) -> Any:
+def _verb(args: argparse.Namespace, cmdid: int, show: Callable[[Any], None], indent: int | None = 2) -> int:
+    """Call built-in ``cmdid``; print the reply's data (``show`` it, or as JSON with --json). Exit status.
+
+    Any failure (unreachable, a transport error, a RemoteError reply) is printed on stderr: exit 1.
+    """
     try:
-        return call_builtin(args.address, cmdid, args.timeout, **client_security(args))
-    except (OSError, ValueError) as exc:
+        data = call_builtin(args.address, cmdid, args.timeout, **client_security(args))
+    except Exception as exc:  # noqa: BLE001 - OSError, ValueError or RemoteError: each is the answer
         print(f"geventtcp: {args.address}: {exc}", file=sys.stderr)
-        return None
-    except Exception as exc:  # noqa: BLE001 - a RemoteError: print it, exit 1
-        print(f"geventtcp: {args.address}: {exc}", file=sys.stderr)
-        return None
+        return 1
+    if args.json:
+        print(json.dumps(data, indent=indent))
+    else:
+        show(data)
+    return 0
 
 
 @command("ping", "check that a server answers (reports whether it is draining)", _address_argument)
 def _ping(args: argparse.Namespace) -> int:
-    data = _run(args, Builtin.PING)
-    if data is None:
-        return 1
-    print(json.dumps(data) if args.json else f"pong from pid {data.get('pid')} (draining: {data.get('draining')})")
-    return 0
+    def show(data: Any) -> None:
+        print(f"pong from pid {data.get('pid')} (draining: {data.get('draining')})")
+
+    return _verb(args, Builtin.PING, show, indent=None)
 
 
 @command("list", "list the commands a server registers (cmdid, handler, docstring)", _address_argument)
 def _list(args: argparse.Namespace) -> int:
-    data = _run(args, Builtin.LIST)
-    if data is None:
-        return 1
-    if args.json:
-        print(json.dumps(data, indent=2))
-        return 0
-    for item in data:
-        flag = " (idempotent)" if item.get("idempotent") else ""
-        print(f"{item['cmdid']:>8}  {item['name']}{flag}")
-        if item.get("doc"):
-            print(f"{'':>10}{item['doc'].splitlines()[0]}")
-    return 0
+    def show(data: Any) -> None:
+        for item in data:
+            flag = " (idempotent)" if item.get("idempotent") else ""
+            print(f"{item['cmdid']:>8}  {item['name']}{flag}")
+            if item.get("doc"):
+                print(f"{'':>10}{item['doc'].splitlines()[0]}")
+
+    return _verb(args, Builtin.LIST, show)
 
 
 @command("stats", "show a server's per-command and per-worker statistics", _address_argument)
 def _stats(args: argparse.Namespace) -> int:
-    data = _run(args, Builtin.STATS)
-    if data is None:
-        return 1
-    if args.json:
-        print(json.dumps(data, indent=2))
-        return 0
+    return _verb(args, Builtin.STATS, _print_stats)
+
+
+def _print_stats(data: Any) -> None:
     print(f"{'cmdid':>8} {'count':>10} {'errors':>8} {'inflight':>8} {'mean ms':>9} {'p50 ms':>8} "
           f"{'p90 ms':>8} {'p99 ms':>8}")
     for cmdid, c in data.get("commands", {}).items():
@@ -90,7 +90,6 @@ def _stats(args: argparse.Namespace) -> int:
     for w in workers:
         print(f"{w.get('pid')!s:>10} {w.get('connections')!s:>12} {w.get('uptime_s')!s:>10} "
               f"{w.get('requests', '-')!s:>10}")
-    return 0
 
 
 def _settings_arguments(parser: argparse.ArgumentParser) -> None:

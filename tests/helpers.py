@@ -15,7 +15,7 @@ from typing import Any
 import gevent
 from gevent import socket
 
-__all__ = ["ROOT", "RawConn", "wait_until", "CliServer", "python_cmd"]
+__all__ = ["ROOT", "RawConn", "wait_until", "terminate", "CliServer", "python_cmd"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -131,6 +131,17 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         gevent.sleep(interval)
+
+
+def terminate(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """SIGTERM ``proc`` (a launcher stops its workers on TERM) and reap it; SIGKILL after ``timeout``."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    proc.wait()
 
 
 _LISTENING = re.compile(r"listening on (\S+?)[ ,]")

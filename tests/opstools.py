@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import textwrap
@@ -14,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .helpers import ROOT, RawConn, wait_until
+from .helpers import ROOT, RawConn, terminate, wait_until
 
 __all__ = ["APP_SOURCE", "write_app", "Launcher", "Caller", "call_once", "wait_inflight"]
 
@@ -163,13 +162,7 @@ class Launcher:
 
     def close(self) -> None:
         """Stop the launcher (TERM, then KILL) and any worker it leaves behind."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         self._reader.join(timeout=5)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import gevent
 from gunicorn.config import KNOWN_SETTINGS
 
-from .helpers import ROOT, wait_until
+from .helpers import ROOT, terminate, wait_until
 from .opstools import Caller, call_once, write_app
 
 
@@ -42,13 +42,7 @@ class Gunicorn:
 
     def close(self) -> None:
         """TERM (gunicorn stops its workers), KILL if that takes too long."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.proc.wait(timeout=10)
+        terminate(self.proc)
 
 
 def test_gunicorn_serves_the_protocol_and_drains_on_term(tmp_path: Path) -> None:

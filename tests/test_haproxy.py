@@ -15,7 +15,7 @@ import gevent
 import pytest
 from gevent import socket
 
-from .helpers import ROOT, CliServer, RawConn, wait_until
+from .helpers import ROOT, CliServer, RawConn, terminate, wait_until
 
 HAPROXY = shutil.which("haproxy") or next(
     (p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy") if os.path.exists(p)), None)
@@ -99,12 +99,7 @@ class Cluster:
         return ("127.0.0.1", self.front)
 
     def close(self) -> None:
-        self.proxy.send_signal(signal.SIGTERM)
-        try:
-            self.proxy.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proxy.kill()
-            self.proxy.wait()
+        terminate(self.proxy, timeout=5)
         for srv in self.servers:
             srv.stop()
 
