@@ -316,7 +316,7 @@ def test_half_close_with_a_large_reply_in_flight_still_delivers_every_reply(serv
                b'{"cmdid":9,"id":2,"params":{"seconds":0.3,"size":10}}\n')
         c.sock.shutdown(stdsocket.SHUT_WR)
         gevent.sleep(0.8)  # be a slow reader: both handlers finish while reply 1 is still being sent
-        first, second = c.reply(), c.reply()
+        first, second = c.line(), c.line()
         assert (first["id"], len(first["data"])) == (1, 8000000)
         assert second == {"code": 0, "cmdid": 9, "id": 2, "data": "x" * 10}
         assert c.at_eof()
@@ -332,9 +332,9 @@ def test_drain_waits_for_a_large_reply_to_a_slow_reader(serve: Serve) -> None:
         wait_until(lambda: conn.flushing)  # the handler is done; its greenlet is stuck sending
         stopper = gevent.spawn(server.stop, 10)
         gevent.sleep(0.5)
-        reply = c.reply()
+        reply = c.line()
         assert reply["id"] == 1 and len(reply["data"]) == 8000000
-        assert c.reply()["goaway"] == "shutdown" and c.at_eof()
+        assert c.line()["goaway"] == "shutdown" and c.at_eof()
         stopper.get(timeout=10)
 
 
@@ -358,8 +358,8 @@ def test_deadline_counts_from_when_the_line_was_read(serve: Serve) -> None:
     server = serve()
     with RawConn(server.address) as c:
         c.send(b'{"cmdid":6,"id":1,"params":{"seconds":0.3}}\n{"cmdid":1,"id":2,"timeout_ms":100}\n')
-        assert c.reply()["data"] == "spun"
-        late = c.reply()
+        assert c.line()["data"] == "spun"
+        late = c.line()
         assert late["code"] == 504 and late["id"] == 2 and "before the request started" in late["msg"]
 
 
@@ -375,7 +375,7 @@ def test_distinct_unknown_cmdids_do_not_grow_the_stats(serve: Serve) -> None:
     server = serve()
     with RawConn(server.address, timeout=30) as c:
         c.send(b"".join(b'{"cmdid":%d}\n' % (1000 + i) for i in range(5000)))
-        assert all(c.reply()["code"] == 404 for _ in range(5000))
+        assert all(c.line()["code"] == 404 for _ in range(5000))
     assert server.stats.unknown_commands == 5000
     assert not any(cmdid >= 1000 for cmdid in server.stats.commands)
 
