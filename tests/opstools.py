@@ -73,7 +73,7 @@ class Launcher:
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         try:
-            match = self.wait_log(r"master (\d+) bound (\S+?)[;,]", timeout=15)
+            match = self.wait_log(r"master (\d+) bound (\S+?)[;,]", timeout=30)
             self.master = int(match.group(1))
             host, _, port = match.group(2).rpartition(":")
             self.address = (host, int(port))
@@ -109,7 +109,7 @@ class Launcher:
     def output(self) -> str:
         return "".join(self.lines)
 
-    def wait_log(self, pattern: str, timeout: float = 10.0, count: int = 1) -> re.Match[str]:
+    def wait_log(self, pattern: str, timeout: float = 30.0, count: int = 1) -> re.Match[str]:
         """The ``count``-th match of ``pattern`` in the log, waiting for it."""
         regex = re.compile(pattern)
 
@@ -136,7 +136,7 @@ class Launcher:
     def worker_pids(self) -> set[int]:
         return {w["pid"] for w in self.stats()["workers"]}
 
-    def wait_workers(self, n: int, timeout: float = 15.0, exclude: set[int] | None = None) -> set[int]:
+    def wait_workers(self, n: int, timeout: float = 30.0, exclude: set[int] | None = None) -> set[int]:
         """Wait until STATS reports exactly ``n`` workers (none of ``exclude``); their pids."""
         def ready() -> set[int] | None:
             try:

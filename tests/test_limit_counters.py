@@ -29,7 +29,7 @@ def test_counters_are_summed_over_workers(tmp_path: object) -> None:
             got = {name: data.get(name, 0) for name, _ in LIMIT_COUNTERS}
             return got if got["auth_failures"] == 4 and got["slow_request_disconnections"] == 3 else None
 
-        assert wait_until(stats, 10)
+        assert wait_until(stats, 30)
     finally:
         launcher.close()
 
