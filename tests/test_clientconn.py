@@ -349,3 +349,31 @@ def test_503_refusal_at_connect_is_unprocessed_and_retried_elsewhere():
                 assert [client.call(1, {"i": i}) for i in range(6)] == [{"i": i} for i in range(6)]
         finally:
             hog.close()
+
+
+@pytest.mark.parametrize("mode", ["gevent", "threads"])
+def test_both_connection_kinds_keep_back_the_same_deadline_margin(monkeypatch, mode):
+    """The batching (gevent) and plain (threads) connections build request lines with one helper:
+    both send ``timeout_ms`` = remaining time less clientcall.DEADLINE_MARGIN (here raised to 0.5 s)."""
+    from geventtcp import clientcall
+    from geventtcp.clientbatch import BatchingConnection
+
+    monkeypatch.setattr(clientcall, "DEADLINE_MARGIN", 0.5)
+
+    def behaviour(server, sock, n):
+        buf = []
+        while (line := server.read_line(sock, buf)) is not None:
+            sock.sendall(reply_for(line))
+
+    fake = FakeServer(behaviour)
+    try:
+        with Client(fake.address, timeout=10, mode=mode) as client:
+            if mode == "threads":
+                assert gevent.get_hub().threadpool.spawn(client.call, 1, {"t": 1}).get(timeout=10) == {"t": 1}
+            else:
+                assert client.call(1, {"g": 1}) == {"g": 1}
+            conn = next(iter(client._balancers.values())).pools[0].conns[0]
+            assert isinstance(conn, BatchingConnection) is (mode == "gevent")
+        assert 9400 <= json.loads(fake.lines[-1])["timeout_ms"] <= 9500
+    finally:
+        fake.close()

@@ -31,3 +31,15 @@ def test_hierarchy() -> None:
         obj = getattr(errors, name)
         if isinstance(obj, type) and issubclass(obj, Exception):
             assert issubclass(obj, errors.GeventTCPError)
+
+
+def test_client_facing_exceptions_are_exported_from_the_package() -> None:
+    """``from geventtcp import NotSent, ...`` works for every transport error a Client raises and
+    every RemoteError subclass of the code table, and they are the errors module's own classes."""
+    import geventtcp
+
+    transport = ["TransportError", "ConnectError", "NotSent", "Unprocessed", "MaybeExecuted", "CallTimeout"]
+    remote = [cls.__name__ for cls in ERROR_CLASSES.values()]
+    for name in [*transport, *remote, "RemoteError", "GeventTCPError"]:
+        assert name in geventtcp.__all__, name
+        assert getattr(geventtcp, name) is getattr(errors, name), name
