@@ -164,16 +164,17 @@ class GeventIO:
     by its own :class:`gevent.Timeout` instead, which belongs to the greenlet that started it.
     """
 
-    __slots__ = ("sock", "_poller", "_raw_recv")
+    __slots__ = ("sock", "_poller", "_raw_recv", "_raw_send")
 
     def __init__(self, sock: Any) -> None:
         sock.settimeout(None)
         self.sock = sock
         self._poller = _original_poll()
         self._poller.register(sock.fileno(), select.POLLIN)
-        # Plain sockets: the OS socket (non-blocking under gevent) for reads that must not wait.
-        raw = getattr(sock, "_sock", None)
-        self._raw_recv: Any = None if hasattr(sock, "pending") or raw is None else raw.recv
+        # Plain sockets: the OS socket (non-blocking under gevent) for the first, never waiting, try.
+        raw = None if hasattr(sock, "pending") else getattr(sock, "_sock", None)
+        self._raw_recv: Any = None if raw is None else raw.recv
+        self._raw_send: Any = None if raw is None else raw.send
 
     def readable(self) -> bool:
         # poll(0) never blocks, so the real poll is fine in a greenlet; TLS may hold decrypted bytes.
@@ -184,6 +185,15 @@ class GeventIO:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError("timed out writing the request")
+        raw_send = self._raw_send
+        if raw_send is not None:  # plain socket: the kernel usually takes it all at once, no timer needed
+            try:
+                sent = raw_send(data)
+            except BlockingIOError:
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
         timer = _Timeout(remaining)
         timer.start()
         try:
@@ -199,6 +209,13 @@ class GeventIO:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError("timed out waiting for the reply")
+        raw_recv = self._raw_recv
+        if raw_recv is not None:  # plain socket: bytes already there need no timer
+            try:
+                ready: bytes = raw_recv(RECV_SIZE)
+                return ready
+            except BlockingIOError:
+                pass
         timer = _Timeout(remaining)
         timer.start()
         try:
@@ -215,7 +232,7 @@ class GeventIO:
         raw_recv = self._raw_recv
         if raw_recv is not None:
             try:
-                data: bytes = raw_recv(RECV_SIZE, _DONTWAIT)
+                data: bytes = raw_recv(RECV_SIZE)
             except BlockingIOError:
                 return None
             return data
