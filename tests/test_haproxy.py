@@ -205,13 +205,14 @@ def test_rolling_restart_behind_haproxy_breaks_no_call(tmp_path: object) -> None
     load: Load | None = None
     try:
         load = Load(cluster.address)
-        wait_until(lambda: len(load.ok) > 500 and len({pid for _, pid in load.ok}) == 3, timeout=10)
+        wait_until(lambda: len(load.ok) > 500 and len({pid for _, pid in load.ok}) == 3, timeout=30)
         draining = family(cluster.servers[0].proc.pid)
         stopped_at = time.monotonic()
         os.kill(cluster.servers[0].proc.pid, signal.SIGTERM)
-        wait_until(lambda: _server_states(cluster.stats_sock).get("app1") == "DOWN", timeout=10, interval=0.1)
-        wait_until(lambda: cluster.servers[0].proc.poll() is not None, timeout=10)
-        gevent.sleep(0.5)
+        wait_until(lambda: _server_states(cluster.stats_sock).get("app1") == "DOWN", timeout=30, interval=0.1)
+        wait_until(lambda: cluster.servers[0].proc.poll() is not None, timeout=30)
+        # Traffic goes on without the drained server: wait for 100+ calls answered after it (+1 s).
+        wait_until(lambda: sum(t > stopped_at + 1.0 for t, _ in list(load.ok)) > 100, timeout=30, interval=0.1)
         load.finish()
         after = [pid for t, pid in load.ok if t > stopped_at + 1.0]
         print(f"haproxy rolling restart: {len(load.ok)} calls, {len(load.goaways)} goaways (resent), "
