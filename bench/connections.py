@@ -25,6 +25,8 @@ import subprocess
 import sys
 import time
 
+from benchutil import free_port, wait_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS_DIR = os.environ.get("PEERS_DIR", os.path.join(ROOT, "..", "shared", "bench", "peers"))
 PEERS_VENV = os.environ.get("PEERS_VENV", "/tmp/geventtcp-peers-venv")
@@ -45,23 +47,6 @@ def rss_kb(pid: int) -> int:
             if row.startswith("VmRSS:"):
                 return int(row.split()[1])
     raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"port {port} never opened")
 
 
 class ServerProcess:
