@@ -102,17 +102,6 @@ def run_python(code: str, timeout: float = 60.0, **environ: str) -> subprocess.C
                           text=True, timeout=timeout)
 
 
-def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.01) -> None:
-    """Poll ``predicate`` until true; AssertionError after ``timeout``."""
-    import gevent
-
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        gevent.sleep(interval)
-
-
 class FakeServer:
     """A raw listener in this process: each accepted socket goes to ``behaviour(sock, n)`` in a greenlet
     (``n`` counts connections from 0). For replies a real server would never send."""
