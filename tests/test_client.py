@@ -22,7 +22,8 @@ from geventtcp.errors import (
     UnknownCommand,
 )
 from tests import client_app
-from tests.clientutil import ServerProcess, addr, inprocess_server, wait_until
+from tests.clientutil import ServerProcess, addr, inprocess_server
+from tests.helpers import wait_until
 
 
 def test_call_returns_data_and_error_codes_raise_their_class():

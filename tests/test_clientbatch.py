@@ -8,7 +8,8 @@ import pytest
 from geventtcp.client import Client
 from geventtcp.clientbatch import BatchingConnection
 from geventtcp.errors import NotSent
-from tests.clientutil import FakeServer, wait_until
+from tests.clientutil import FakeServer
+from tests.helpers import wait_until
 
 
 def echo_counting_reads(server, sock, n):

@@ -11,7 +11,8 @@ from geventtcp import clientconn
 from geventtcp.client import Client
 from geventtcp.errors import CallTimeout, MaybeExecuted, NotSent, RemoteError, Unprocessed
 from tests import client_app
-from tests.clientutil import FakeServer, Proxy, addr, inprocess_server, wait_until
+from tests.clientutil import FakeServer, Proxy, addr, inprocess_server
+from tests.helpers import wait_until
 
 
 def reply_for(line: bytes, data=None, **extra) -> bytes:
