@@ -1,24 +1,30 @@
-"""Event-loop blocking detector: gevent's monitor thread reports a stuck hub, we name the request.
+"""Event-loop blocking detector: a watcher thread notices a stuck hub and names the running request.
 
 A handler that spins the CPU or makes an unpatched blocking call freezes every connection of its
-worker. gevent's periodic monitoring thread notices that no greenlet switch happened for
-``max_blocking_time`` seconds and emits :class:`gevent.events.EventLoopBlocked`; the subscriber here
-logs one warning on ``geventtcp.blocking`` with the cmdid, id and peer of the request that was
-running, found by walking the blocked thread's stack to the connection's dispatch frame. Nothing is
-added to the request path: the lookup runs only when a block is reported.
+worker. The hub refreshes a heartbeat from a timer every quarter of ``blocking_time``; a plain OS
+thread checks it at the same pace, and when the heartbeat is older than ``blocking_time`` plus one
+tick (so the loop has been stuck for at least ``blocking_time``) it logs one warning per stall on
+``geventtcp.blocking`` with the cmdid, id and peer of the request that was running, found by walking
+the hub thread's stack to the connection's dispatch frame at that moment.
+
+Why not gevent's own monitor thread: its ``EventLoopBlocked`` event comes only after it has formatted
+every thread and greenlet (``gc.get_objects()``), which under GIL contention with the spinning handler
+can outlast the spin, so the stack would no longer name the request. Its greenlet-switch tracer also
+costs on every switch; the heartbeat timer costs four callbacks per ``blocking_time``.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-import warnings
+import traceback
+from time import perf_counter
 from types import FrameType
 from typing import Any
 
 from .protocol import Request
 
-__all__ = ["enable_blocking_detector", "request_in_stack", "running_requests"]
+__all__ = ["BlockingDetector", "enable_blocking_detector", "request_in_stack", "running_requests"]
 
 log = logging.getLogger("geventtcp.blocking")
 
@@ -65,37 +71,70 @@ def _describe(req: Request | None) -> str:
     return f"cmdid {req.cmdid} (id {req.id!r}, peer {peer})"
 
 
-def enable_blocking_detector(max_blocking_time: float) -> bool:
-    """Start gevent's monitor thread for this process's hub and log blocks; False if ``max_blocking_time`` is 0.
+class BlockingDetector:
+    """The heartbeat timer on the hub and the watcher thread that reads it; one per serving process.
 
-    Call it in each process that serves (after fork: threads do not survive ``fork``). gevent's own
-    report printing is turned off in favour of the log line; the stack is logged at debug level.
+    The watcher is a daemon thread of the unpatched ``_thread`` module, so it runs while the hub
+    is stuck; it only reads the heartbeat and the hub thread's frames, and logs. ``stop()`` ends both.
     """
-    if not max_blocking_time:
-        return False
-    import gevent
-    from gevent import events
-    from gevent.hub import get_hub
-    from gevent.monkey import get_original
 
-    gevent.config.monitor_thread = True
-    gevent.config.max_blocking_time = max_blocking_time
-    gevent.config.print_blocking_reports = False
-    # The OS id of this (the hub's) thread: threading's own ident is patched to a greenlet's.
-    hub_thread = get_original("_thread", "get_ident")()
+    def __init__(self, threshold: float) -> None:
+        from gevent.hub import get_hub
+        from gevent.monkey import get_original
 
-    def on_event(event: Any) -> None:
-        if not isinstance(event, events.EventLoopBlocked):
-            return
-        frame = sys._current_frames().get(hub_thread)
-        req = request_in_stack(frame)
-        log.warning("event loop blocked for more than %.3gs by %s", event.blocking_time, _describe(req))
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("blocked stack:\n%s", "\n".join(str(line) for line in event.info))
+        self.threshold = threshold
+        self.tick = threshold / 4
+        self.stalls = 0
+        self.running = True
+        self.beat = perf_counter()
+        # The OS id of this (the hub's) thread: threading's own ident is patched to a greenlet's.
+        self._hub_thread: int = get_original("_thread", "get_ident")()
+        self._sleep = get_original("time", "sleep")
+        self._timer = get_hub().loop.timer(self.tick, self.tick, ref=False)  # never keeps the loop alive
+        self._timer.start(self._beat)
+        get_original("_thread", "start_new_thread")(self._watch, ())
 
-    if on_event not in events.subscribers:
-        events.subscribers.append(on_event)
-    with warnings.catch_warnings():  # "install psutil": memory monitoring is not asked for here
-        warnings.simplefilter("ignore")
-        get_hub().start_periodic_monitoring_thread()
-    return True
+    def _beat(self) -> None:
+        self.beat = perf_counter()
+
+    def _watch(self) -> None:
+        # The last beat is at most one tick old while the loop turns, so an age beyond
+        # threshold + tick means the loop has been stuck for more than ``threshold``.
+        limit = self.threshold + self.tick
+        reported = False
+        while self.running:
+            self._sleep(self.tick)
+            if perf_counter() - self.beat <= limit:
+                reported = False
+            elif not reported and self.running:
+                reported = True
+                self.stalls += 1
+                self._report(sys._current_frames().get(self._hub_thread))
+
+    def _report(self, frame: FrameType | None) -> None:
+        req = request_in_stack(frame)  # first: the handler may return any moment
+        log.warning("event loop blocked for more than %.3gs by %s", self.threshold, _describe(req))
+        if frame is not None and log.isEnabledFor(logging.DEBUG):
+            log.debug("blocked stack:\n%s", "".join(traceback.format_stack(frame)))
+
+    def stop(self) -> None:
+        self.running = False
+        self._timer.close()
+
+
+_detector: BlockingDetector | None = None
+
+
+def enable_blocking_detector(max_blocking_time: float) -> BlockingDetector | None:
+    """Start this process's detector (``None`` if ``max_blocking_time`` is 0); call it in the hub's thread.
+
+    Call it in each process that serves, after fork (threads do not survive ``fork``). A second call
+    replaces the first detector.
+    """
+    global _detector
+    if _detector is not None:
+        _detector.stop()
+        _detector = None
+    if max_blocking_time:
+        _detector = BlockingDetector(max_blocking_time)
+    return _detector

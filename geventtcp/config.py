@@ -167,7 +167,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("log_config", "", "A logging.config.dictConfig file (.json, .toml or a Python file defining "
             "LOGGING_CONFIG); applied after the other logging settings.", section="logging"),
     Setting("blocking_time", 0.1, "Log a warning naming the running cmdid when a handler blocks the event loop "
-            "this many seconds (gevent's monitor thread; 0: off).", section="logging", convert=float,
+            "this many seconds (a heartbeat watcher thread; 0: off).", section="logging", convert=float,
             validate=_positive),
     Setting("metrics_bind", "", "HOST:PORT where the master serves Prometheus text metrics aggregated over the "
             "workers (empty: off).", section="logging"),
