@@ -7,6 +7,11 @@ greenlet: the blocked greenlet keeps only its request and a reserved place in th
 while the connection goes on reading. Replies therefore stay in request order, slow requests run
 concurrently, and nothing is spawned for requests that never block.
 
+An idle connection holds no greenlet: when ``recv`` finds nothing, the reader *parks* the connection
+on its socket's read watcher and returns its greenlet to the :class:`~geventtcp.readers.ReaderPool`;
+input (or a stop: idle timeout, drain) resumes it in a pooled greenlet. TLS connections keep their
+greenlet (an SSL socket can hold decrypted bytes the watcher cannot see).
+
 Who closes what: the :class:`Connection` owns its socket and closes it once the reader has stopped
 and the last request in flight has been answered (or the peer is gone).
 """
@@ -17,7 +22,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from gevent import getcurrent, spawn
+from gevent import getcurrent
 
 from .errors import Code, HandlerError, ProtocolError
 from .protocol import LineBuffer, Request, encode_error, encode_goaway, encode_reply, parse_request
@@ -73,7 +78,7 @@ class Connection:
         "flushing", "queued_bytes", "inflight", "reader", "handlers", "running", "watch_armed", "receiving",
         "reading_done", "closed", "goaway", "error_line", "active_tick", "partial_tick", "writer", "write_tick",
         "requests", "created_tick", "drained", "_raw_send", "close_pending", "received", "write_unsent",
-        "__dict__", "__weakref__",
+        "parked", "_raw_recv", "_read_watcher", "__dict__", "__weakref__",
     )
 
     def __init__(self, server: Server, sock: Any, address: Any) -> None:
@@ -112,26 +117,51 @@ class Connection:
         self.drained: Any = None  # an Event a waiter may set up (reader stalled on a slow peer)
         self.close_pending = False  # reading is done and nothing is in flight, but a send is under way
         self.received = 0.0  # clock() when the current batch of lines was read (deadlines count from it)
+        self.parked = False  # waiting for input with no greenlet: the read watcher will resume it
         raw = getattr(sock, "_sock", None) if server.plain_sockets else None
         self._raw_send: Callable[[Any], int] | None = raw.send if raw is not None else None
+        # A plain gevent socket: recv without blocking, and park on its read watcher when empty.
+        watcher = getattr(sock, "_read_event", None) if raw is not None else None
+        self._raw_recv: Callable[[int], bytes] | None = raw.recv if raw is not None and watcher is not None else None
+        self._read_watcher: Any = watcher
 
     # -- reading ---------------------------------------------------------------------------------
 
     def serve(self) -> None:
-        """Run the connection in the calling greenlet until it is closed."""
-        self.reader = getcurrent()
+        """Run the connection in the calling greenlet until it is closed or parks (idle, no greenlet)."""
         self._read_loop()
 
+    def _park(self) -> None:
+        """Wait for input without a greenlet: the socket's read watcher calls :meth:`_unpark`."""
+        self.reader = None
+        self.parked = True
+        self.receiving = True
+        self._read_watcher.start(self._unpark)
+
+    def _unpark(self, stop: str | None = None) -> None:
+        """Hub-side: input arrived (or ``stop``): stop watching and go on in a reader greenlet."""
+        self._read_watcher.stop()
+        self.parked = False
+        self.receiving = False
+        if stop is None:
+            self.server.readers.run(self._read_loop)
+        else:
+            self.server.readers.run(self._stop_parked, stop)
+
+    def _stop_parked(self, reason: str) -> None:
+        self.reader = getcurrent()
+        self._on_stop(reason)
+        self.reading_done = True
+        self._maybe_close()
+
     def _read_loop(self) -> None:
-        me = getcurrent()
+        """Read and dispatch until EOF, a stop, a handoff (this greenlet keeps its request) or a park."""
+        self.reader = me = getcurrent()
         server = self.server
         sock = self.sock
         buffer = self.buffer
         dispatch = self._dispatch
-        # A plain gevent socket: try the non-blocking recv directly and wait for readability only
-        # when it has nothing (gevent's own recv does the same, one Python call further away).
-        raw = getattr(sock, "_sock", None) if self._raw_send is not None else None
-        raw_recv = raw.recv if raw is not None and hasattr(sock, "_wait") and hasattr(sock, "_read_event") else None
+        raw_recv = self._raw_recv
         try:
             while True:
                 lines = self.lines
@@ -155,19 +185,15 @@ class Connection:
                     self._wait_drained()
                     continue
                 if raw_recv is not None:
-                    while True:
-                        try:
-                            data = raw_recv(RECV_SIZE)
-                            break
-                        except BlockingIOError:
-                            pass
-                        # Wait outside the except block: a handled exception stays referenced
-                        # (with its traceback) for as long as the block runs, 0.7 KB per idle connection.
-                        self.receiving = True
-                        try:
-                            sock._wait(sock._read_event)
-                        finally:
-                            self.receiving = False
+                    try:
+                        data = raw_recv(RECV_SIZE)
+                    except BlockingIOError:
+                        data = None
+                    if data is None:
+                        # Park outside the except block: a handled exception stays referenced (with
+                        # its traceback) while the block runs. The greenlet is free from here on.
+                        self._park()
+                        return
                 else:
                     self.receiving = True
                     try:
@@ -364,7 +390,8 @@ class Connection:
             timer.start(self.reader.throw, DeadlineReached)
             req._timer = timer
         self.handlers.add(self.reader)
-        self.reader = spawn(self._read_loop)
+        self.reader = None
+        server.readers.run(self._read_loop)
 
     # -- writing ---------------------------------------------------------------------------------
 
@@ -482,6 +509,9 @@ class Connection:
         self._release()
 
     def _release(self) -> None:
+        if self.parked:  # closing a socket under a started watcher would throw into its callback's owner
+            self.parked = False
+            self._read_watcher.stop()
         try:
             self.sock.close()
         finally:
@@ -506,5 +536,8 @@ class Connection:
         if not fatal and self.goaway is None:
             self.goaway = reason
         reader = self.reader
-        if self.receiving and reader is not None and (fatal or not self.buffer.pending):
-            reader.throw(Stop(reason))
+        if self.receiving and (fatal or not self.buffer.pending):
+            if self.parked:
+                self._unpark(reason)
+            elif reader is not None:
+                reader.throw(Stop(reason))

@@ -22,6 +22,7 @@ from .config import Config
 from .connection import Connection
 from .errors import Code
 from .protocol import Request, encode_error, encode_goaway
+from .readers import ReaderPool
 from .security import check_listen_addresses, is_loopback, is_protected, load_token
 from .sockets import create_listener, format_address, send_and_linger, unsent_bytes
 from .stats import Stats
@@ -40,6 +41,16 @@ class _AcceptBackoff(GreenletExit):  # type: ignore[misc]
 
 #: accept() errors that mean "out of resources": retried with back-off, logged at most every 10 s.
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def _kill_all(glets: list[Any]) -> None:
+    """Hub callback: raise GreenletExit in each greenlet still alive (handlers cut off by close)."""
+    for glet in glets:
+        if not glet.dead:
+            try:
+                glet.throw(GreenletExit)
+            except BaseException:  # an exception the handler raised instead: log it, kill the rest
+                log.exception("killing a handler greenlet failed")
 
 
 class _Acceptor(StreamServer):  # type: ignore[misc]
@@ -105,6 +116,7 @@ class Server:
         self.preauth_calls: dict[int, Callable[[Request], Any]] = {}
         self.peers: dict[str, int] = {}  # open connections per peer IP
         self.connections: set[Connection] = set()
+        self.readers = ReaderPool()  # greenlets shared by parked (idle) connections
         self.inflight = 0
         self.tick = 0
         self.draining = False
@@ -201,8 +213,8 @@ class Server:
         for conn in list(self.connections):
             doomed.extend(conn.handlers)
             conn.abort()
-        if doomed:
-            gevent.killall(doomed, block=False)
+        if doomed:  # raw reader greenlets: gevent.killall(block=False) wants gevent Greenlets
+            self.loop.run_callback(_kill_all, doomed)
         if self._watchdog is not None:
             self._watchdog.kill(block=False)
             self._watchdog = None
