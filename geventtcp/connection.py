@@ -8,8 +8,8 @@ while the connection goes on reading. Replies therefore stay in request order, s
 concurrently, and nothing is spawned for requests that never block.
 
 An idle connection holds no greenlet: when ``recv`` finds nothing, the reader *parks* the connection
-on its socket's read watcher and returns its greenlet to the :class:`~geventtcp.readers.ReaderPool`;
-input (or a stop: idle timeout, drain) resumes it in a pooled greenlet. TLS connections keep their
+on its socket's read watcher and lets its greenlet end; input (or a stop: idle timeout, drain)
+resumes it in a new greenlet (:mod:`geventtcp.readers`). TLS connections keep their
 greenlet (an SSL socket can hold decrypted bytes the watcher cannot see).
 
 Who closes what: the :class:`Connection` owns its socket and closes it once the reader has stopped
@@ -22,10 +22,11 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from gevent import getcurrent
+from gevent import GreenletExit, getcurrent
 
 from .errors import Code, HandlerError, ProtocolError
 from .protocol import LineBuffer, Request, encode_error, encode_goaway, encode_reply, parse_request
+from .readers import start_reader
 from .security import PREAUTH_MAX_LINE_BYTES
 from .sockets import linger, unsent_bytes
 
@@ -144,9 +145,9 @@ class Connection:
         self.parked = False
         self.receiving = False
         if stop is None:
-            self.server.readers.run(self._read_loop)
+            start_reader(self._read_loop)
         else:
-            self.server.readers.run(self._stop_parked, stop)
+            start_reader(self._stop_parked, stop)
 
     def _stop_parked(self, reason: str) -> None:
         self.reader = getcurrent()
@@ -183,6 +184,8 @@ class Connection:
                     break
                 if len(self.out) > MAX_QUEUED_REPLIES:
                     self._wait_drained()
+                    if self.closed:
+                        return
                     continue
                 if raw_recv is not None:
                     try:
@@ -322,7 +325,10 @@ class Connection:
         except HandlerError as exc:
             reply = encode_error(codec, exc.code, exc.msg, cmdid, req.id, req.has_id)
             code = exc.code
-        except (Exception, SystemExit, KeyboardInterrupt):  # sys.exit() in a handler must not end the worker
+        except BaseException as exc:  # sys.exit(), an escaped gevent.Timeout: a 500, never the connection
+            if isinstance(exc, GreenletExit) and self.closed:  # killed by Server.close: nobody to answer
+                self._drop_slot(req, me)
+                raise
             log.exception("handler for cmdid %d raised (peer %s, id %r)", cmdid, self.address, req.id)
             reply = encode_error(codec, Code.INTERNAL, "internal error", cmdid, req.id, req.has_id)
             code = Code.INTERNAL
@@ -350,14 +356,19 @@ class Connection:
                 self._flush()
             return True
         # Handed off while the handler blocked: fill the reserved place and leave.
-        self.handlers.discard(me)
+        self._drop_slot(req, me)
         slot.data = reply
-        self.inflight -= 1
-        server.inflight -= 1
         if not self.closed:
             self._flush()
             self._maybe_close()
         return False
+
+    def _drop_slot(self, req: Request, me: Any) -> None:
+        """A handed-off request is over: it no longer counts in flight (its slot stays in ``out``)."""
+        if req._slot is not None:
+            self.handlers.discard(me)
+            self.inflight -= 1
+            self.server.inflight -= 1
 
     def _refuse_unknown(self, req: Request) -> bool:
         """Answer a cmdid this connection may not call: 401 before AUTH, else 404."""
@@ -391,7 +402,7 @@ class Connection:
             req._timer = timer
         self.handlers.add(self.reader)
         self.reader = None
-        server.readers.run(self._read_loop)
+        start_reader(self._read_loop)
 
     # -- writing ---------------------------------------------------------------------------------
 

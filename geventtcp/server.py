@@ -22,7 +22,6 @@ from .config import Config
 from .connection import Connection
 from .errors import Code
 from .protocol import Request, encode_error, encode_goaway
-from .readers import ReaderPool
 from .security import check_listen_addresses, is_loopback, is_protected, load_token
 from .sockets import create_listener, format_address, send_and_linger, unsent_bytes
 from .stats import Stats
@@ -116,7 +115,6 @@ class Server:
         self.preauth_calls: dict[int, Callable[[Request], Any]] = {}
         self.peers: dict[str, int] = {}  # open connections per peer IP
         self.connections: set[Connection] = set()
-        self.readers = ReaderPool()  # greenlets shared by parked (idle) connections
         self.inflight = 0
         self.tick = 0
         self.draining = False
@@ -212,6 +210,8 @@ class Server:
         doomed: list[Any] = []
         for conn in list(self.connections):
             doomed.extend(conn.handlers)
+            if conn.running is not None and conn.reader is not None:
+                doomed.append(conn.reader)  # an inline handler that yielded before its handoff ran
             conn.abort()
         if doomed:  # raw reader greenlets: gevent.killall(block=False) wants gevent Greenlets
             self.loop.run_callback(_kill_all, doomed)

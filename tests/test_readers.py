@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import contextvars
 import gc
 import logging
 from collections.abc import Callable
 from typing import Any
 
 import gevent
+import gevent.local
 import pytest
-from greenlet import greenlet
+from greenlet import GreenletExit, greenlet
 
-from geventtcp import Server
-from geventtcp.readers import ReaderPool
+from geventtcp import Registry, Server
+from geventtcp.readers import start_reader
 
 from .helpers import RawConn, wait_until
 
@@ -32,8 +34,7 @@ def test_idle_connections_hold_no_greenlet(serve: Callable[..., Server]) -> None
         assert all(c.line()["data"] == {"n": 1} for c in conns)
         wait_until(lambda: len(server.connections) == 200 and all(c.parked for c in server.connections))
         assert all(c.reader is None for c in server.connections)
-        # Greenlets that stay: the free readers (bounded by ``keep``), not one per connection.
-        assert live_greenlets() - before <= server.readers.keep < 200
+        assert live_greenlets() - before < 10  # not one per connection
         for c in conns:  # every parked connection resumes on input
             assert c.call(1, {"again": True})["data"] == {"again": True}
     finally:
@@ -88,56 +89,90 @@ def test_drain_answers_a_parked_connection_and_sends_goaway(serve: Callable[...,
         stopper.get(timeout=10)
 
 
-def test_a_failing_target_is_logged_and_its_connection_aborted(caplog: pytest.LogCaptureFixture) -> None:
-    pool = ReaderPool()
-
+def test_a_failing_read_loop_is_logged_and_its_connection_aborted(caplog: pytest.LogCaptureFixture) -> None:
     class Conn:
-        aborted = False
+        closed = False
+        aborted = 0
 
         def boom(self) -> None:
             raise RuntimeError("bug in the read loop")
 
+        def killed(self) -> None:
+            raise GreenletExit
+
         def abort(self) -> None:
-            self.aborted = True
+            self.aborted += 1
 
     conn = Conn()
     with caplog.at_level(logging.ERROR, logger="geventtcp.server"):
-        gevent.get_hub().loop.run_callback(pool.run, conn.boom)
-        wait_until(lambda: conn.aborted)
-    assert "reader greenlet failed" in caplog.text and pool.free == []  # that greenlet is gone
+        gevent.get_hub().loop.run_callback(start_reader, conn.boom)
+        wait_until(lambda: conn.aborted == 1)
+    assert "reader greenlet failed" in caplog.text
+    # GreenletExit from a connection that is not closed (not a kill by Server.close) aborts it too:
+    # otherwise it would sit with no reader, never answered and never timed out.
+    gevent.get_hub().loop.run_callback(start_reader, conn.killed)
+    wait_until(lambda: conn.aborted == 2)
+    conn.closed = True
+    gevent.get_hub().loop.run_callback(start_reader, conn.killed)
+    gevent.sleep(0.05)
+    assert conn.aborted == 2  # already closed: nothing to abort
 
 
-def test_free_greenlets_are_reused_and_bounded() -> None:
-    pool = ReaderPool(keep=4)
-    done: list[Any] = []
-    gate = gevent.event.Event()
-
-    def work(i: int) -> None:
-        gate.wait()
-        done.append((i, gevent.getcurrent()))
-
-    run = gevent.get_hub().loop.run_callback
-    for i in range(10):
-        run(pool.run, work, i)
-    wait_until(lambda: pool.created == 10)
-    gate.set()
-    wait_until(lambda: len(done) == 10)
-    assert len(pool.free) == 4  # the other six ended
-    for i in range(3):
-        run(pool.run, work, 10 + i)
-    wait_until(lambda: len(done) == 13)
-    assert pool.created == 10  # reused, not created
-    assert {id(g) for _, g in done[10:]} <= {id(g) for _, g in done[:10]}
+user_var: contextvars.ContextVar[Any] = contextvars.ContextVar("user", default=None)
+local_state = gevent.local.local()
 
 
-def test_a_stray_throw_into_a_free_greenlet_takes_it_off_the_list() -> None:
-    pool = ReaderPool()
-    gevent.get_hub().loop.run_callback(pool.run, lambda: None)
-    wait_until(lambda: len(pool.free) == 1)
-    stray = pool.free[0]
-    gevent.get_hub().loop.run_callback(stray.throw, gevent.Timeout())
-    wait_until(lambda: stray.dead)
-    assert pool.free == []
+def test_greenlet_local_state_never_reaches_another_client(serve: Callable[..., Server]) -> None:
+    reg = Registry()
+
+    def who(req: Any) -> Any:
+        seen = {"ctx": user_var.get(), "local": getattr(local_state, "user", None)}
+        if "set" in req.params:
+            user_var.set(req.params["set"])
+            local_state.user = req.params["set"]
+        return seen
+
+    reg.add(1, who, name="who")
+    server = serve(reg)
+
+    def all_parked() -> bool:
+        return bool(server.connections) and all(c.parked for c in server.connections)
+
+    with RawConn(server.address) as a:
+        a.call(1, {})
+        wait_until(all_parked)
+        assert a.call(1, {"set": "alice"})["data"] == {"ctx": None, "local": None}  # a resumed greenlet
+        wait_until(all_parked)
+        with RawConn(server.address) as b:
+            b.call(1, {})
+            wait_until(all_parked)
+            assert b.call(1, {})["data"] == {"ctx": None, "local": None}
+
+
+@pytest.mark.parametrize("blocks_first", [False, True], ids=["inline", "handed-off"])
+@pytest.mark.parametrize("escape", ["timeout", "greenletexit"])
+def test_a_base_exception_from_a_handler_is_a_500_and_frees_its_slot(
+        serve: Callable[..., Server], escape: str, blocks_first: bool) -> None:
+    reg = Registry()
+
+    def escaping(req: Any) -> Any:
+        if blocks_first:
+            gevent.sleep(0.01)  # the handler blocks: it is handed off to its own greenlet first
+        if escape == "timeout":
+            with gevent.Timeout(0.001):
+                gevent.sleep(1)
+        raise GreenletExit
+
+    reg.add(1, escaping, name="escaping")
+    reg.add(2, lambda req: req.params, name="echo")
+    server = serve(reg, max_inflight=2)
+    with RawConn(server.address) as c:
+        for i in range(4):  # more than max_inflight: a leaked in-flight count would give 503s
+            c.send(b'{"cmdid":1,"id":%d}\n{"cmdid":2,"id":%d,"params":{"n":%d}}\n' % (2 * i, 2 * i + 1, i))
+            first, second = c.line(), c.line()
+            assert (first["id"], first["code"]) == (2 * i, 500), first
+            assert (second["id"], second["code"], second["data"]) == (2 * i + 1, 0, {"n": i}), second
+    wait_until(lambda: server.inflight == 0)
 
 
 def test_close_kills_handlers_running_in_reader_greenlets(serve: Callable[..., Server],
