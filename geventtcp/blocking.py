@@ -108,8 +108,8 @@ class BlockingDetector:
                 reported = False
             elif not reported and self.running:
                 reported = True
-                self.stalls += 1
                 self._report(sys._current_frames().get(self._hub_thread))
+                self.stalls += 1  # after the report: a waiter on ``stalls`` finds it logged
 
     def _report(self, frame: FrameType | None) -> None:
         req = request_in_stack(frame)  # first: the handler may return any moment

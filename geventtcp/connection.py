@@ -8,8 +8,9 @@ while the connection goes on reading. Replies therefore stay in request order, s
 concurrently, and nothing is spawned for requests that never block.
 
 An idle connection holds no greenlet: when ``recv`` finds nothing, the reader *parks* the connection
-on its socket's read watcher and lets its greenlet end; input (or a stop: idle timeout, drain)
-resumes it in a new greenlet (:mod:`geventtcp.readers`). TLS connections keep their
+on its socket's read watcher and returns its greenlet to the server's
+:class:`~geventtcp.readers.ReaderPool`; input (or a stop: idle timeout, drain) resumes it in a
+free greenlet. TLS connections keep their
 greenlet (an SSL socket can hold decrypted bytes the watcher cannot see).
 
 Who closes what: the :class:`Connection` owns its socket and closes it once the reader has stopped
@@ -26,7 +27,6 @@ from gevent import GreenletExit, getcurrent
 
 from .errors import Code, HandlerError, ProtocolError
 from .protocol import LineBuffer, Request, encode_error, encode_goaway, encode_reply, parse_request
-from .readers import start_reader
 from .security import PREAUTH_MAX_LINE_BYTES
 from .sockets import linger, unsent_bytes
 
@@ -145,9 +145,9 @@ class Connection:
         self.parked = False
         self.receiving = False
         if stop is None:
-            start_reader(self._read_loop)
+            self.server.readers.run(self._read_loop)
         else:
-            start_reader(self._stop_parked, stop)
+            self.server.readers.run(self._stop_parked, stop)
 
     def _stop_parked(self, reason: str) -> None:
         self.reader = getcurrent()
@@ -402,7 +402,7 @@ class Connection:
             req._timer = timer
         self.handlers.add(self.reader)
         self.reader = None
-        start_reader(self._read_loop)
+        self.server.readers.run(self._read_loop)
 
     # -- writing ---------------------------------------------------------------------------------
 

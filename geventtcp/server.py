@@ -22,6 +22,7 @@ from .config import Config
 from .connection import Connection
 from .errors import Code
 from .protocol import Request, encode_error, encode_goaway
+from .readers import ReaderPool
 from .security import check_listen_addresses, is_loopback, is_protected, load_token
 from .sockets import create_listener, format_address, send_and_linger, unsent_bytes
 from .stats import Stats
@@ -115,6 +116,7 @@ class Server:
         self.preauth_calls: dict[int, Callable[[Request], Any]] = {}
         self.peers: dict[str, int] = {}  # open connections per peer IP
         self.connections: set[Connection] = set()
+        self.readers = ReaderPool()  # greenlets shared by parked (idle) connections
         self.inflight = 0
         self.tick = 0
         self.draining = False

@@ -9,12 +9,12 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
-import gevent.local
+import gevent.event
 import pytest
 from greenlet import GreenletExit, greenlet
 
 from geventtcp import Registry, Server
-from geventtcp.readers import start_reader
+from geventtcp.readers import ReaderPool
 
 from .helpers import RawConn, wait_until
 
@@ -34,7 +34,8 @@ def test_idle_connections_hold_no_greenlet(serve: Callable[..., Server]) -> None
         assert all(c.line()["data"] == {"n": 1} for c in conns)
         wait_until(lambda: len(server.connections) == 200 and all(c.parked for c in server.connections))
         assert all(c.reader is None for c in server.connections)
-        assert live_greenlets() - before < 10  # not one per connection
+        # Greenlets that stay: the free readers (bounded by ``keep``), not one per connection.
+        assert live_greenlets() - before <= server.readers.keep < 200
         for c in conns:  # every parked connection resumes on input
             assert c.call(1, {"again": True})["data"] == {"again": True}
     finally:
@@ -104,32 +105,32 @@ def test_a_failing_read_loop_is_logged_and_its_connection_aborted(caplog: pytest
             self.aborted += 1
 
     conn = Conn()
+    pool = ReaderPool()
     with caplog.at_level(logging.ERROR, logger="geventtcp.server"):
-        gevent.get_hub().loop.run_callback(start_reader, conn.boom)
+        gevent.get_hub().loop.run_callback(pool.run, conn.boom)
         wait_until(lambda: conn.aborted == 1)
     assert "reader greenlet failed" in caplog.text
     # GreenletExit from a connection that is not closed (not a kill by Server.close) aborts it too:
     # otherwise it would sit with no reader, never answered and never timed out.
-    gevent.get_hub().loop.run_callback(start_reader, conn.killed)
+    gevent.get_hub().loop.run_callback(pool.run, conn.killed)
     wait_until(lambda: conn.aborted == 2)
     conn.closed = True
-    gevent.get_hub().loop.run_callback(start_reader, conn.killed)
+    gevent.get_hub().loop.run_callback(pool.run, conn.killed)
+    wait_until(lambda: pool.created == 3)
     gevent.sleep(0.05)
-    assert conn.aborted == 2  # already closed: nothing to abort
+    assert conn.aborted == 2 and pool.free == []  # already closed: nothing to abort; no greenlet kept
 
 
 user_var: contextvars.ContextVar[Any] = contextvars.ContextVar("user", default=None)
-local_state = gevent.local.local()
 
 
-def test_greenlet_local_state_never_reaches_another_client(serve: Callable[..., Server]) -> None:
+def test_each_resumed_run_starts_with_empty_contextvars(serve: Callable[..., Server]) -> None:
     reg = Registry()
 
     def who(req: Any) -> Any:
-        seen = {"ctx": user_var.get(), "local": getattr(local_state, "user", None)}
+        seen = user_var.get()
         if "set" in req.params:
             user_var.set(req.params["set"])
-            local_state.user = req.params["set"]
         return seen
 
     reg.add(1, who, name="who")
@@ -141,12 +142,47 @@ def test_greenlet_local_state_never_reaches_another_client(serve: Callable[..., 
     with RawConn(server.address) as a:
         a.call(1, {})
         wait_until(all_parked)
-        assert a.call(1, {"set": "alice"})["data"] == {"ctx": None, "local": None}  # a resumed greenlet
+        assert a.call(1, {"set": "alice"})["data"] is None  # runs in a pooled greenlet, sets the var
         wait_until(all_parked)
+        assert len(server.readers.free) == 1
         with RawConn(server.address) as b:
             b.call(1, {})
             wait_until(all_parked)
-            assert b.call(1, {})["data"] == {"ctx": None, "local": None}
+            assert b.call(1, {})["data"] is None  # the same pooled greenlet, a fresh context
+        assert server.readers.created == 1
+
+
+def test_free_greenlets_are_reused_and_bounded() -> None:
+    pool = ReaderPool(keep=4)
+    done: list[Any] = []
+    gate = gevent.event.Event()
+
+    def work(i: int) -> None:
+        gate.wait()
+        done.append((i, gevent.getcurrent()))
+
+    run = gevent.get_hub().loop.run_callback
+    for i in range(10):
+        run(pool.run, work, i)
+    wait_until(lambda: pool.created == 10)
+    gate.set()
+    wait_until(lambda: len(done) == 10)
+    assert len(pool.free) == 4  # the other six ended
+    for i in range(3):
+        run(pool.run, work, 10 + i)
+    wait_until(lambda: len(done) == 13)
+    assert pool.created == 10  # reused, not created
+    assert {id(g) for _, g in done[10:]} <= {id(g) for _, g in done[:10]}
+
+
+def test_a_stray_throw_into_a_free_greenlet_takes_it_off_the_list() -> None:
+    pool = ReaderPool()
+    gevent.get_hub().loop.run_callback(pool.run, lambda: None)
+    wait_until(lambda: len(pool.free) == 1)
+    stray = pool.free[0]
+    gevent.get_hub().loop.run_callback(stray.throw, gevent.Timeout())
+    wait_until(lambda: stray.dead)
+    assert pool.free == []
 
 
 @pytest.mark.parametrize("blocks_first", [False, True], ids=["inline", "handed-off"])
