@@ -9,9 +9,9 @@ concurrently, and nothing is spawned for requests that never block.
 
 An idle connection holds no greenlet: when ``recv`` finds nothing, the reader *parks* the connection
 on its socket's read watcher and returns its greenlet to the server's
-:class:`~geventtcp.readers.ReaderPool`; input (or a stop: idle timeout, drain) resumes it in a
-free greenlet. TLS connections keep their
-greenlet (an SSL socket can hold decrypted bytes the watcher cannot see).
+:class:`~geventtcp.readers.ReaderPool`; input (or a stop: idle timeout, drain) resumes it in a free
+greenlet. TLS connections keep their greenlet (an SSL socket can hold decrypted bytes the watcher
+cannot see).
 
 Who closes what: the :class:`Connection` owns its socket and closes it once the reader has stopped
 and the last request in flight has been answered (or the peer is gone).
