@@ -79,7 +79,7 @@ class Connection:
         "flushing", "queued_bytes", "inflight", "reader", "handlers", "running", "watch_armed", "receiving",
         "reading_done", "closed", "goaway", "error_line", "active_tick", "partial_tick", "writer", "write_tick",
         "requests", "created_tick", "drained", "_raw_send", "close_pending", "received", "write_unsent",
-        "parked", "_raw_recv", "_read_watcher", "__dict__", "__weakref__",
+        "parked", "eager", "_raw_recv", "_read_watcher", "__dict__", "__weakref__",
     )
 
     def __init__(self, server: Server, sock: Any, address: Any) -> None:
@@ -119,6 +119,10 @@ class Connection:
         self.close_pending = False  # reading is done and nothing is in flight, but a send is under way
         self.received = 0.0  # clock() when the current batch of lines was read (deadlines count from it)
         self.parked = False  # waiting for input with no greenlet: the read watcher will resume it
+        # Whether to try ``recv`` before parking: more input is likely waiting (a new connection,
+        # a resume by the watcher, or a last read that filled the buffer). Otherwise the read would
+        # almost always fail with EAGAIN, whose exception costs more than the read itself.
+        self.eager = True
         raw = getattr(sock, "_sock", None) if server.plain_sockets else None
         self._raw_send: Callable[[Any], int] | None = raw.send if raw is not None else None
         # A plain gevent socket: recv without blocking, and park on its read watcher when empty.
@@ -188,13 +192,16 @@ class Connection:
                         return
                     continue
                 if raw_recv is not None:
-                    try:
-                        data = raw_recv(RECV_SIZE)
-                    except BlockingIOError:
-                        data = None
+                    data = None
+                    if self.eager:
+                        try:
+                            data = raw_recv(RECV_SIZE)
+                        except BlockingIOError:
+                            pass
                     if data is None:
                         # Park outside the except block: a handled exception stays referenced (with
                         # its traceback) while the block runs. The greenlet is free from here on.
+                        self.eager = True  # the watcher resumes it only when there is input
                         self._park()
                         return
                 else:
@@ -209,6 +216,7 @@ class Connection:
                 self.active_tick = server.tick
                 self.lines = buffer.feed(data)
                 self.pos = 0
+                self.eager = len(data) == RECV_SIZE
                 if buffer.incomplete:
                     if self.partial_tick < 0:
                         self.partial_tick = server.tick

@@ -52,6 +52,29 @@ def test_a_partial_line_survives_parking(serve: Callable[..., Server]) -> None:
         assert c.line()["data"] == {"half": 1}
 
 
+def test_a_lone_request_costs_one_recv(serve: Callable[..., Server]) -> None:
+    """After a read that did not fill the buffer the reader parks at once: the second ``recv``, which
+    would almost always fail with EAGAIN (and pay for its exception), is skipped."""
+    server = serve()
+    with RawConn(server.address) as c:
+        assert c.call(1, {})["code"] == 0
+        wait_until(lambda: len(server.connections) == 1 and all(conn.parked for conn in server.connections))
+        (conn,) = server.connections
+        sizes: list[int] = []
+        real_recv = conn._raw_recv
+        assert real_recv is not None
+
+        def counting_recv(n: int) -> bytes:
+            sizes.append(n)
+            return real_recv(n)
+
+        conn._raw_recv = counting_recv  # read again by each resumed reader
+        for i in range(20):
+            assert c.call(1, {"i": i})["data"] == {"i": i}
+        wait_until(lambda: conn.parked)
+        assert len(sizes) == 20
+
+
 def test_idle_timeout_closes_a_parked_connection_with_a_goaway(serve: Callable[..., Server]) -> None:
     server = serve(idle_timeout=0.3)
     with RawConn(server.address) as c:
