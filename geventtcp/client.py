@@ -177,7 +177,9 @@ class Client:
         """The deadline of a call or send and where its first attempt goes; NotSent when the deadline
         fixed at submission (``call_async``) passed while the call waited to start."""
         if deadline is None:
-            deadline = time.monotonic() + min(_MAX_TIMEOUT, self.timeout if timeout is None else timeout)
+            if timeout is None:
+                timeout = self.timeout
+            deadline = time.monotonic() + (timeout if timeout < _MAX_TIMEOUT else _MAX_TIMEOUT)
         elif deadline <= time.monotonic():
             raise NotSent("the call's timeout expired while it waited to start; it was never sent")
         balancer, world = self._balancer()

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from time import time as _time
 from typing import Any
 
 from .codec import Codec
 from .errors import NotSent
-from .protocol import encode_request
 
 __all__ = ["Call", "DEADLINE_MARGIN", "request_line"]
 
@@ -40,15 +40,41 @@ def request_line(codec: Codec, cmdid: int, params: Any, call: Call, rid: int, no
     """Number ``call`` as ``rid``, stamp it sent at ``now`` (and its size) and encode its request line, whose
     ``timeout_ms`` is the call's remaining time less :data:`DEADLINE_MARGIN`.
 
+    The line is byte for byte what :func:`geventtcp.protocol.encode_request` writes, built from a
+    prefix cached per cmdid and one formatting step (``%d`` truncates floats as ``int()`` does).
     Raises :class:`NotSent` when the deadline already passed (nothing is numbered then), and
-    ``TypeError``/``ValueError`` when ``params`` has no JSON form.
+    ``TypeError``/``ValueError`` when ``cmdid`` is not an integer or ``params`` has no JSON form.
     """
     remaining = call.deadline - now
     if remaining <= 0:
         raise NotSent(f"deadline passed before the request to {address} was written")
+    prefix = _PREFIXES.get(cmdid) if type(cmdid) is int else None
+    if prefix is None:
+        prefix = _prefix(cmdid)
+    body = b"{}" if params is None or (type(params) is dict and not params) else codec.dumps(params)
+    margin = remaining * 0.1
+    if margin > DEADLINE_MARGIN:
+        margin = DEADLINE_MARGIN
+    timeout_ms = (remaining - margin) * 1000
+    if timeout_ms < 1:
+        timeout_ms = 1
+    line = _FORMAT % (prefix, _time(), body, rid, timeout_ms)
     call.id = rid
     call.sent = now
-    timeout_ms = int((remaining - min(DEADLINE_MARGIN, remaining * 0.1)) * 1000) or 1
-    line = encode_request(codec, cmdid, params, rid, timeout_ms)
     call.size = len(line)
     return line
+
+
+_FORMAT = b'%b%d,"params":%b,"id":%d,"timeout_ms":%d}\n'
+#: ``{"cmdid":N,"timestamp":`` per cmdid seen (bounded: an application has few cmdids).
+_PREFIXES: dict[int, bytes] = {}
+
+
+def _prefix(cmdid: Any) -> bytes:
+    """The cached line prefix for ``cmdid``; TypeError when it is not an integer (``bool`` included)."""
+    if type(cmdid) is not int and not (isinstance(cmdid, int) and not isinstance(cmdid, bool)):
+        raise TypeError(f"cmdid must be an integer, not {type(cmdid).__name__}")
+    prefix = b'{"cmdid":%d,"timestamp":' % cmdid
+    if type(cmdid) is int and len(_PREFIXES) < 1024:
+        _PREFIXES[cmdid] = prefix
+    return prefix

@@ -12,7 +12,7 @@ from .clientio import shutdown
 from .codec import Codec
 from .concurrency import World, fork_generation, real_lock
 from .errors import CallTimeout, MaybeExecuted, NotSent, ProtocolError, TransportError
-from .protocol import LineBuffer, decode_reply
+from .protocol import LineBuffer
 from .replycodec import ReplyCodec, answers_too_long, unsolicited
 
 __all__ = ["ClientConnection", "STUCK_GRACE"]
@@ -91,7 +91,8 @@ class ClientConnection:
         if detached:
             self.poll()
             return None
-        self._wait(call, deadline)
+        if not call.done:  # ``done`` is set last, after ``reply``/``error``: true means both are final
+            self._wait(call, deadline)
         if call.error is not None:
             raise call.error
         return call.reply
@@ -103,8 +104,10 @@ class ClientConnection:
         With ``claim``, also take the reader role if it is free; True when it was taken (and the
         line written): the caller must then :meth:`_lead`, which hands the role on."""
         wlock = self.wlock
-        if not wlock.acquire(True, max(0.0, deadline - time.monotonic())):
-            raise NotSent(f"timed out waiting to write to {self.address}")
+        if not wlock.acquire(False):  # free (the common case): no clock reading, no timed wait
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not wlock.acquire(True, remaining):
+                raise NotSent(f"timed out waiting to write to {self.address}")
         try:
             line = request_line(self.codec, cmdid, params, call, next(self._ids), time.monotonic(), self.address)
             rid = call.id
@@ -129,14 +132,19 @@ class ClientConnection:
                 if led:
                     self._release_reader()
                 raise
-            with self.state:
-                call.written = True
-                self.writing = False
-                if self.closed:  # failed by a reader while we wrote: the line is out, its reply is not
+            # No lock for these two stores (the GIL orders them): a concurrent ``_fail_locked`` either
+            # saw ``written`` false and left this call to us (we then see ``closed`` below) or saw it
+            # true and failed it MaybeExecuted; and it left the socket open while ``writing`` was set,
+            # which the ``closed`` check below then closes.
+            call.written = True
+            self.writing = False
+            if self.closed:  # failed by a reader while we wrote: the line is out, its reply is not
+                with self.state:
                     self.calls.pop(rid, None)
                     if led:
                         self.reading = False
                     self._close_socket_if_unused()
+                if not call.done:
                     raise MaybeExecuted(f"{self.address}: {self.reason}")
             self.last_active = call.sent
             return led
@@ -226,6 +234,13 @@ class ClientConnection:
             self._release_reader()
 
     def _release_reader(self) -> None:
+        # Only the holder of the role clears ``reading`` (others set it only under ``state``, when
+        # false), so the store needs no lock. With no call left to hand the role to, nothing else
+        # is needed: a caller registering later (under ``state``) sees ``reading`` false and leads.
+        # A call present now takes the locked path, which wakes it or lets it lead.
+        self.reading = False
+        if not self.calls and not self.closed:
+            return
         with self.state:
             self.reading = False
             if self.closed:
@@ -262,7 +277,7 @@ class ClientConnection:
         if not line or line.isspace():
             return
         try:
-            reply = decode_reply(self.codec, line)
+            reply = self.codec.reply(line)
         except ProtocolError as exc:
             self._fail(exc.msg)
             return

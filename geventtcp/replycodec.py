@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .codec import Codec
-from .errors import Code, MaybeExecuted, TransportError, Unprocessed
+from .errors import Code, MaybeExecuted, ProtocolError, TransportError, Unprocessed
 
 __all__ = ["ReplyCodec", "unsolicited", "answers_too_long"]
 
@@ -21,26 +21,46 @@ def _reject_constant(name: str) -> Any:
 
 class ReplyCodec(Codec):
     """Requests are encoded by the client's codec; replies, which come from a geventtcp server and
-    are pure ASCII JSON, are parsed by the stdlib's C decoder: strict UTF-8, no NaN/Infinity,
+    are pure ASCII JSON, are parsed by the stdlib's C scanner: strict UTF-8, no NaN/Infinity,
     integers exact, but without the per-object duplicate-key hook the server needs against hostile
     input (a third of a small call's cost). Anything unreadable is a ``ValueError``, which
-    :func:`geventtcp.protocol.decode_reply` turns into a ProtocolError."""
+    :meth:`reply` turns into a ProtocolError."""
 
     def __init__(self, codec: Codec) -> None:
         self.name = codec.name
         self.dumps = codec.dumps  # type: ignore[method-assign]
-        self._raw_decode: Callable[[str], tuple[Any, int]] = json.JSONDecoder(
-            parse_constant=_reject_constant).raw_decode
+        decoder = json.JSONDecoder(parse_constant=_reject_constant)
+        self._raw_decode: Callable[[str], tuple[Any, int]] = decoder.raw_decode
+        # The C scanner itself: ``raw_decode`` adds a Python frame and a regex match per line.
+        self._scan: Callable[[str, int], tuple[Any, int]] = decoder.scan_once  # type: ignore[attr-defined]
 
     def loads(self, line: bytes) -> Any:
         try:
             text = line.decode("utf-8")
+            if text[:1] == "{":  # what a server writes: scan from 0, nothing to skip
+                try:
+                    value, end = self._scan(text, 0)
+                except StopIteration:  # cannot happen after "{"; the full path words the error
+                    end = -1
+                if end == len(text):
+                    return value
             value, end = self._raw_decode(text)
         except RecursionError:
             raise ValueError("JSON nesting too deep") from None
         if end != len(text) and not text[end:].isspace():
             raise ValueError(f"extra data after the JSON value at {end}")
         return value
+
+    def reply(self, line: bytes) -> dict[str, Any]:
+        """Parse a reply line, as :func:`geventtcp.protocol.decode_reply` does (without its extra call):
+        :class:`ProtocolError` if it is not a JSON object with an integer ``code``."""
+        try:
+            reply = self.loads(line)
+        except ValueError as exc:
+            raise ProtocolError(f"invalid reply from server: {exc}", fatal=True) from None
+        if type(reply) is not dict or type(reply.get("code")) is not int:
+            raise ProtocolError("invalid reply from server: not an object with an integer code", fatal=True)
+        return reply
 
 
 def unsolicited(reply: dict[str, Any]) -> tuple[str, type[TransportError]]:
