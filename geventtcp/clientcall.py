@@ -40,17 +40,22 @@ def request_line(codec: Codec, cmdid: int, params: Any, call: Call, rid: int, no
     """Number ``call`` as ``rid``, stamp it sent at ``now`` (and its size) and encode its request line, whose
     ``timeout_ms`` is the call's remaining time less :data:`DEADLINE_MARGIN`.
 
-    The line is byte for byte what :func:`geventtcp.protocol.encode_request` writes, built from a
-    prefix cached per cmdid and one formatting step (``%d`` truncates floats as ``int()`` does).
+    The line is byte for byte what :func:`geventtcp.protocol.encode_request` writes; its head
+    (``{"cmdid":N,"timestamp":T,"params":``) is cached per cmdid for the current second, so a call
+    formats only its id and ``timeout_ms`` (``%d`` truncates a float as ``int()`` does).
     Raises :class:`NotSent` when the deadline already passed (nothing is numbered then), and
     ``TypeError``/``ValueError`` when ``cmdid`` is not an integer or ``params`` has no JSON form.
     """
     remaining = call.deadline - now
     if remaining <= 0:
         raise NotSent(f"deadline passed before the request to {address} was written")
-    prefix = _PREFIXES.get(cmdid) if type(cmdid) is int else None
-    if prefix is None:
-        prefix = _prefix(cmdid)
+    heads = _heads
+    stamp = _time()
+    if not heads.start <= stamp < heads.end:
+        heads = _turn(stamp)
+    head = heads.get(cmdid) if type(cmdid) is int else None
+    if head is None:
+        head = heads.add(cmdid)
     body = b"{}" if params is None or (type(params) is dict and not params) else codec.dumps(params)
     margin = remaining * 0.1
     if margin > DEADLINE_MARGIN:
@@ -58,23 +63,38 @@ def request_line(codec: Codec, cmdid: int, params: Any, call: Call, rid: int, no
     timeout_ms = (remaining - margin) * 1000
     if timeout_ms < 1:
         timeout_ms = 1
-    line = _FORMAT % (prefix, _time(), body, rid, timeout_ms)
+    line = b'%b%b,"id":%d,"timeout_ms":%d}\n' % (head, body, rid, timeout_ms)
     call.id = rid
     call.sent = now
     call.size = len(line)
     return line
 
 
-_FORMAT = b'%b%d,"params":%b,"id":%d,"timeout_ms":%d}\n'
-#: ``{"cmdid":N,"timestamp":`` per cmdid seen (bounded: an application has few cmdids).
-_PREFIXES: dict[int, bytes] = {}
+class _Heads(dict[int, bytes]):
+    """Request-line heads by cmdid for the wall-clock second ``[start, end)`` (bounded: an
+    application has few cmdids). Never changes second: a new second gets a new table (so threads
+    racing at the turn only build the same bytes twice, never file one under the wrong second)."""
+
+    def __init__(self, second: int) -> None:
+        super().__init__()
+        self.second = second
+        self.start, self.end = float(second), float(second + 1)
+
+    def add(self, cmdid: Any) -> bytes:
+        """The head for ``cmdid``; TypeError when it is not an integer (``bool`` included)."""
+        if type(cmdid) is not int and not (isinstance(cmdid, int) and not isinstance(cmdid, bool)):
+            raise TypeError(f"cmdid must be an integer, not {type(cmdid).__name__}")
+        head = b'{"cmdid":%d,"timestamp":%d,"params":' % (cmdid, self.second)
+        if type(cmdid) is int and len(self) < 1024:
+            self[cmdid] = head
+        return head
 
 
-def _prefix(cmdid: Any) -> bytes:
-    """The cached line prefix for ``cmdid``; TypeError when it is not an integer (``bool`` included)."""
-    if type(cmdid) is not int and not (isinstance(cmdid, int) and not isinstance(cmdid, bool)):
-        raise TypeError(f"cmdid must be an integer, not {type(cmdid).__name__}")
-    prefix = b'{"cmdid":%d,"timestamp":' % cmdid
-    if type(cmdid) is int and len(_PREFIXES) < 1024:
-        _PREFIXES[cmdid] = prefix
-    return prefix
+_heads = _Heads(0)
+
+
+def _turn(stamp: float) -> _Heads:
+    """The table for the second ``stamp`` falls in (the clock moved on, or back), now the current one."""
+    global _heads
+    _heads = _Heads(int(stamp))
+    return _heads

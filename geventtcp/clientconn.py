@@ -112,7 +112,10 @@ class ClientConnection:
             line = request_line(self.codec, cmdid, params, call, next(self._ids), time.monotonic(), self.address)
             rid = call.id
             with self.state:
-                self._register_locked(call)
+                if self.closed:  # as in _register_locked, inlined on this path
+                    raise NotSent(f"connection to {self.address} closed: {self.reason}")
+                self.calls[rid] = call
+                self.orphans += call.abandoned
                 self.writing = True
                 led = claim and not self.reading
                 if led:

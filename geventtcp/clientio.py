@@ -56,7 +56,13 @@ class ThreadsIO:
 
     def send_all(self, data: bytes, deadline: float) -> None:
         sock = self.sock
-        view = memoryview(data)
+        try:  # the kernel usually takes a request line whole: no view, no loop
+            sent = sock.send(data, _DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        if sent == len(data):
+            return
+        view = memoryview(data)[sent:]
         while view:
             try:
                 sent = sock.send(view, _DONTWAIT)
@@ -78,7 +84,7 @@ class ThreadsIO:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError("timed out waiting for the reply")
-            if poll(math.ceil(remaining * 1000)):
+            if poll(int(remaining * 1000) + 1):  # rounded up (a whole ms more at worst)
                 data: bytes = self.sock.recv(RECV_SIZE)
                 return data
 

@@ -55,7 +55,16 @@ class ReplyCodec(Codec):
         """Parse a reply line, as :func:`geventtcp.protocol.decode_reply` does (without its extra call):
         :class:`ProtocolError` if it is not a JSON object with an integer ``code``."""
         try:
-            reply = self.loads(line)
+            if line[:1] == b"{":  # the common case of :meth:`loads`, one call less
+                try:
+                    text = line.decode("utf-8")
+                    reply, end = self._scan(text, 0)
+                    if end != len(text):
+                        reply = self.loads(line)
+                except (StopIteration, RecursionError):
+                    reply = self.loads(line)
+            else:
+                reply = self.loads(line)
         except ValueError as exc:
             raise ProtocolError(f"invalid reply from server: {exc}", fatal=True) from None
         if type(reply) is not dict or type(reply.get("code")) is not int:

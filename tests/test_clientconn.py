@@ -1,6 +1,7 @@
 """One multiplexed connection against servers that misbehave on purpose (raw fake servers and a fault proxy)."""
 
 import json
+import threading
 import time
 
 import gevent
@@ -9,9 +10,9 @@ from gevent import socket as gsocket
 
 from geventtcp import clientconn
 from geventtcp.client import Client
-from geventtcp.errors import CallTimeout, MaybeExecuted, NotSent, RemoteError, Unprocessed
+from geventtcp.errors import CallTimeout, DeadlineExceeded, MaybeExecuted, NotSent, RemoteError, Unprocessed
 from tests import client_app
-from tests.clientutil import FakeServer, Proxy, addr, inprocess_server
+from tests.clientutil import FakeServer, Proxy, ServerProcess, addr, inprocess_server
 from tests.helpers import wait_until
 
 
@@ -378,3 +379,102 @@ def test_both_connection_kinds_keep_back_the_same_deadline_margin(monkeypatch, m
         assert 9400 <= json.loads(fake.lines[-1])["timeout_ms"] <= 9500
     finally:
         fake.close()
+
+
+# -- the lone caller's short path (threads world): lock-free stores that must never lose a caller --
+
+def _thread(fn, *args):
+    out: dict = {}
+
+    def run():
+        started = time.monotonic()
+        try:
+            out["value"] = fn(*args)
+        except BaseException as exc:  # handed to the test
+            out["error"] = exc
+        out["elapsed"] = time.monotonic() - started
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, out
+
+
+def _wait_reading_written(conn):
+    """Until a caller holds the reader role and a request is out whole (not merely registered)."""
+    wait_until(lambda: conn.reading and any(call.written for call in list(conn.calls.values())), timeout=5)
+
+
+def _threads_conn(client):
+    conns = client._balancers["threads"].pools[0].conns
+    return conns[0] if conns else None
+
+
+@pytest.fixture(scope="module")
+def subprocess_server():
+    proc = ServerProcess()
+    yield proc
+    proc.close()
+
+
+def test_caller_arriving_behind_a_lone_reader_is_handed_the_role(subprocess_server):
+    """A lone caller reads its slow reply; a second caller arrives meanwhile on the same connection
+    and waits for a reply that comes later. When the first finishes it must hand the reader role to
+    the second (or the second would sit out its whole timeout): every round, the second returns in time."""
+    with Client(subprocess_server.address, timeout=5, pool_size=1, mode="threads") as client:
+        client.call(client_app.ECHO, {})
+        for round_ in range(6):
+            first, out1 = _thread(client.call, client_app.SLEEP, {"seconds": 0.1, "r": round_})
+            conn = _threads_conn(client)
+            _wait_reading_written(conn)
+            gevent.sleep(0.002 * round_)
+            # Its reply comes well after the first's (the server runs both at once, answers in order).
+            second, out2 = _thread(client.call, client_app.SLEEP, {"seconds": 0.2, "second": round_})
+            first.join(10)
+            second.join(10)
+            assert out1.get("value") == {"seconds": 0.1, "r": round_}, out1
+            assert out2.get("value") == {"seconds": 0.2, "second": round_}, out2
+            assert out2["elapsed"] < 1.5, out2  # never waited out its 5 s timeout
+        assert len(client._balancers["threads"].pools[0].conns) == 1
+        assert not _threads_conn(client).calls and not _threads_conn(client).reading
+
+
+def test_lone_call_when_the_client_is_closed_meanwhile_fails_fast_and_closes_the_socket(subprocess_server):
+    with Client(subprocess_server.address, timeout=5, pool_size=1, mode="threads") as client:
+        client.call(client_app.ECHO, {})
+        conn = _threads_conn(client)
+        t, out = _thread(client.call, client_app.RECORD, {"tag": "closed-meanwhile", "seconds": 1})
+        _wait_reading_written(conn)
+        client.close()
+        t.join(10)
+        assert isinstance(out.get("error"), MaybeExecuted), out
+        assert out["elapsed"] < 0.9
+        wait_until(lambda: conn.sock_closed, timeout=5)
+        with pytest.raises(NotSent):
+            client.call(client_app.ECHO, {})
+
+
+def test_lone_call_timeout_then_the_next_lone_call_gets_its_own_reply(subprocess_server):
+    with Client(subprocess_server.address, timeout=5, pool_size=1, mode="threads", retries=0) as client:
+        for round_ in range(3):
+            with pytest.raises((CallTimeout, DeadlineExceeded)):  # the server's 504 or our own timeout
+                client.call(client_app.SLEEP, {"seconds": 0.2, "r": round_}, timeout=0.05)
+            assert client.call(client_app.ECHO, {"after": round_}) == {"after": round_}
+        assert len(client._balancers["threads"].pools[0].conns) == 1
+
+
+def test_server_killed_during_a_lone_call_is_maybe_executed():
+    proc = ServerProcess()
+    try:
+        with Client(proc.address, timeout=5, pool_size=1, mode="threads") as client:
+            client.call(client_app.ECHO, {})
+            conn = _threads_conn(client)
+            t, out = _thread(client.call, client_app.RECORD, {"tag": "killed", "seconds": 2})
+            _wait_reading_written(conn)
+            proc.kill()
+            t.join(10)
+            assert isinstance(out.get("error"), MaybeExecuted), out
+            assert out["elapsed"] < 1.9
+            assert conn.closed and not conn.reading
+            wait_until(lambda: conn.sock_closed, timeout=5)
+    finally:
+        proc.close()
