@@ -137,21 +137,19 @@ class Connection:
         self._read_loop()
 
     def _park(self) -> None:
-        """Wait for input without a greenlet: the socket's read watcher calls :meth:`_unpark`."""
+        """Wait for input without a greenlet: on input the socket's read watcher has the hub start
+        :meth:`_read_loop` in a free reader greenlet (which first stops the watcher)."""
         self.reader = None
         self.parked = True
         self.receiving = True
-        self._read_watcher.start(self._unpark)
+        self._read_watcher.start(self.server.readers.run, self._read_loop)
 
-    def _unpark(self, stop: str | None = None) -> None:
-        """Hub-side: input arrived (or ``stop``): stop watching and go on in a reader greenlet."""
+    def _unpark(self, stop: str) -> None:
+        """Hub-side: end a parked connection's reading for ``stop``, in a reader greenlet."""
         self._read_watcher.stop()
         self.parked = False
         self.receiving = False
-        if stop is None:
-            self.server.readers.run(self._read_loop)
-        else:
-            self.server.readers.run(self._stop_parked, stop)
+        self.server.readers.run(self._stop_parked, stop)
 
     def _stop_parked(self, reason: str) -> None:
         self.reader = getcurrent()
@@ -162,6 +160,10 @@ class Connection:
     def _read_loop(self) -> None:
         """Read and dispatch until EOF, a stop, a handoff (this greenlet keeps its request) or a park."""
         self.reader = me = getcurrent()
+        if self.parked:  # resumed by the read watcher
+            self._read_watcher.stop()
+            self.parked = False
+            self.receiving = False
         server = self.server
         sock = self.sock
         buffer = self.buffer
@@ -310,7 +312,10 @@ class Connection:
         req.connection = self
         if not self.watch_armed:
             self.watch_armed = True
-            server.loop.run_callback(self._watch)
+            watching = server.watching
+            if not watching:
+                server.loop.run_callback(server._watch_all)
+            watching.append(self)
         self.running = req
         clock = server.clock
         started = clock()
@@ -390,7 +395,8 @@ class Connection:
         return True
 
     def _watch(self) -> None:
-        """Hub callback: runs when the reader yielded; if it is inside a handler, hand off."""
+        """Runs in the hub once the reader yielded (``Server._watch_all``): if it is inside a handler,
+        hand off."""
         self.watch_armed = False
         req = self.running
         if req is None or self.closed:

@@ -117,6 +117,9 @@ class Server:
         self.peers: dict[str, int] = {}  # open connections per peer IP
         self.connections: set[Connection] = set()
         self.readers = ReaderPool()  # greenlets shared by parked (idle) connections
+        #: Connections that started a handler since the hub last ran :meth:`_watch_all`: one hub
+        #: callback checks them all, instead of one callback per request.
+        self.watching: list[Connection] = []
         self.inflight = 0
         self.tick = 0
         self.draining = False
@@ -343,6 +346,20 @@ class Server:
         if self.inflight >= self.max_inflight:
             return Code.UNAVAILABLE, "too many requests in flight on this server"
         return None
+
+    def _watch_all(self) -> None:
+        """Hub callback: let each connection in :attr:`watching` hand off a handler that yielded."""
+        conns = self.watching
+        self.watching = []
+        for conn in conns:
+            if conn.running is None:  # the handler returned before the hub ran: nothing to hand off
+                conn.watch_armed = False
+                continue
+            try:
+                conn._watch()
+            except Exception:  # one connection's failure must not leave the others unwatched
+                log.exception("connection %s: handoff failed", conn.address)
+                conn.abort()
 
     def deadline_for(self, req: Request) -> float | None:
         """The monotonic time at which ``req``'s handler is stopped: its own deadline or the default."""

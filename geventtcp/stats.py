@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from typing import Any
 
 __all__ = ["Stats", "CommandStats"]
 
 #: Histogram buckets are powers of two of a microsecond: bucket k holds durations < 2**k us.
 _BUCKETS = 32
+#: The bucket bounds in seconds: ``bisect_right`` over them finds a duration's bucket in one C call.
+_BOUNDS = [2**k / 1e6 for k in range(_BUCKETS - 1)]
 
 
 class CommandStats:
@@ -72,9 +75,7 @@ class Stats:
         if code:
             entry.errors += 1
         entry.total += seconds
-        # The bucket is the bit length of the whole microseconds: frexp's exponent, without a float call.
-        k = int(seconds * 1e6).bit_length() if seconds > 0.0 else 0
-        entry.hist[k if k < _BUCKETS else _BUCKETS - 1] += 1
+        entry.hist[bisect_right(_BOUNDS, seconds)] += 1  # the last bucket takes everything longer
 
     def as_dict(self) -> dict[str, Any]:
         return {

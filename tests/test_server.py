@@ -421,3 +421,32 @@ def test_a_hook_that_yields_after_the_handler_cannot_trigger_a_stray_deadline(
         assert c.call({"cmdid": 1, "id": "after"})["id"] == "after"
     assert server.inflight == 0
     assert errors == [], f"stray exceptions in the hub: {errors!r}"
+
+
+def test_one_hub_callback_hands_off_each_blocked_connection(serve: Callable[..., Server],
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """Handlers that block in the same hub turn are handed off by one callback; a handoff that fails
+    costs only its own connection (closed), never the others'."""
+    server = serve()
+    conns = [RawConn(server.address) for _ in range(3)]
+    try:
+        for c in conns:
+            assert c.call(1, {})["code"] == 0
+        wait_until(lambda: len(server.connections) == 3)
+        doomed_peer = conns[0].sock.getsockname()
+        doomed = next(conn for conn in server.connections if conn.address == doomed_peer)
+
+        def broken_watch() -> None:
+            raise RuntimeError("handoff bug")
+
+        doomed._watch = broken_watch  # type: ignore[method-assign]
+        for c in conns:  # all three lines arrive before the server runs: one hub turn
+            c.send(b'{"cmdid":2,"id":1,"params":{"seconds":0.3}}\n{"cmdid":1,"id":2,"params":{}}\n')
+        wait_until(lambda: server.inflight == 2)  # both healthy sleeps handed off at once
+        for c in conns[1:]:
+            assert [c.line()["id"], c.line()["id"]] == [1, 2]
+        conns[0].expect_eof()
+        assert "handoff failed" in caplog.text
+    finally:
+        for c in conns:
+            c.close()
