@@ -119,9 +119,10 @@ class Connection:
         self.close_pending = False  # reading is done and nothing is in flight, but a send is under way
         self.received = 0.0  # clock() when the current batch of lines was read (deadlines count from it)
         self.parked = False  # waiting for input with no greenlet: the read watcher will resume it
-        # Whether to try ``recv`` before parking: more input is likely waiting (a new connection,
-        # a resume by the watcher, or a last read that filled the buffer). Otherwise the read would
-        # almost always fail with EAGAIN, whose exception costs more than the read itself.
+        # Whether to ``recv`` before parking: only on a new connection and when the watcher resumed
+        # it. After a batch the reader parks at once: a lone request's next read would almost
+        # always fail with EAGAIN (whose exception costs more than the read), and a peer that keeps
+        # the buffer full still lets the hub serve the other connections between two reads.
         self.eager = True
         raw = getattr(sock, "_sock", None) if server.plain_sockets else None
         self._raw_send: Callable[[Any], int] | None = raw.send if raw is not None else None
@@ -218,7 +219,7 @@ class Connection:
                 self.active_tick = server.tick
                 self.lines = buffer.feed(data)
                 self.pos = 0
-                self.eager = len(data) == RECV_SIZE
+                self.eager = False
                 if buffer.incomplete:
                     if self.partial_tick < 0:
                         self.partial_tick = server.tick

@@ -14,6 +14,7 @@ import pytest
 from greenlet import GreenletExit, greenlet
 
 from geventtcp import Registry, Server
+from geventtcp.connection import RECV_SIZE
 from geventtcp.readers import ReaderPool
 
 from .helpers import RawConn, wait_until
@@ -73,6 +74,30 @@ def test_a_lone_request_costs_one_recv(serve: Callable[..., Server]) -> None:
             assert c.call(1, {"i": i})["data"] == {"i": i}
         wait_until(lambda: conn.parked)
         assert len(sizes) == 20
+
+
+def test_a_flooding_peer_lets_the_hub_run_between_reads(serve: Callable[..., Server]) -> None:
+    """A peer that keeps the receive buffer full is still read one buffer at a time through the
+    hub (the reader parks after each batch), so it cannot hold the other connections off."""
+    server = serve()
+    with RawConn(server.address) as c:
+        assert c.call(1, {})["code"] == 0
+        wait_until(lambda: len(server.connections) == 1 and all(conn.parked for conn in server.connections))
+        (conn,) = server.connections
+        parks = []
+        real_park = conn._park
+
+        def counting_park() -> None:
+            parks.append(1)
+            real_park()
+
+        conn._park = counting_park  # type: ignore[method-assign]
+        line = b'{"cmdid":1,"params":{"pad":"' + b"x" * 200 + b'"}}\n'
+        count = 5 * RECV_SIZE // len(line) + 1
+        c.send(line * count)
+        for _ in range(count):
+            assert c.line()["code"] == 0
+        assert len(parks) >= 5
 
 
 def test_idle_timeout_closes_a_parked_connection_with_a_goaway(serve: Callable[..., Server]) -> None:
