@@ -21,10 +21,13 @@ from .clientio import GeventIO, ThreadsIO, ThreadsTLSIO
 from .errors import ConnectError
 from .sockets import parse_address
 
-__all__ = ["World", "ThreadsWorld", "GeventWorld", "THREADS", "current_world", "fork_generation", "real_lock"]
+__all__ = ["World", "ThreadsWorld", "GeventWorld", "GeventSignal", "THREADS", "current_world", "fork_generation",
+           "real_lock"]
 
 # The real (never patched) primitives, whatever was patched before this import.
 _allocate_lock: Callable[[], Any] = _monkey.get_original("_thread", "allocate_lock")
+_get_ident: Callable[[], int] = _monkey.get_original("_thread", "get_ident")
+_Waiter: Any = importlib.import_module("gevent.hub").Waiter
 _real_socket: Any = _monkey.get_original("socket", "socket")
 _StdSSLSocket: Any = _monkey.get_original("ssl", "SSLSocket")
 
@@ -186,7 +189,7 @@ class GeventWorld(World):
         return self._semaphore(1)
 
     def signal(self) -> Any:
-        return self._semaphore(0)
+        return GeventSignal(self.key)
 
     def event(self) -> Any:
         from gevent.event import Event
@@ -222,6 +225,65 @@ class GeventWorld(World):
 
         self._gevent.spawn(run)
         return result
+
+
+class GeventSignal:
+    """The gevent world's wake-up for one waiting caller: what ``Semaphore(0)`` offers here
+    (``acquire(True, timeout) -> bool``, ``acquire(False)``, ``release()``; at most one waiter,
+    released at most once per wait), for a fraction of its cost: a libev timer and a
+    :class:`gevent.hub.Waiter` per wait instead of a :class:`gevent.Timeout` and link lists.
+
+    A wake-up and the timer may both fire in one loop turn: the waiter takes whichever switches it
+    first, and a late switch finds the waiter finished (it then just stores its value, harmlessly;
+    each wait has a waiter of its own). ``release()`` from another thread (``Client.close()``
+    there) goes through the hub's thread-safe callback queue. A greenlet killed or timed out while
+    waiting leaves with its exception; the flag set by a later ``release()`` stays for the next
+    ``acquire``.
+    """
+
+    __slots__ = ("_hub", "_loop", "_flag", "_waiter")
+
+    def __init__(self, hub: Any) -> None:
+        self._hub = hub
+        self._loop = hub.loop
+        self._flag = False
+        self._waiter: Any = None
+
+    def release(self) -> None:
+        self._flag = True
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if _get_ident() == self._hub.thread_ident:
+                self._loop.run_callback(waiter.switch, True)
+            else:
+                self._loop.run_callback_threadsafe(waiter.switch, True)
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        if self._flag:
+            self._flag = False
+            return True
+        if not blocking or (timeout is not None and timeout <= 0):
+            return False
+        waiter = self._waiter = _Waiter(self._hub)
+        if self._flag:  # released from another thread after the check above, before it saw a waiter
+            self._waiter = None
+            self._flag = False
+            return True
+        timer = None
+        if timeout is not None:
+            timer = self._loop.timer(timeout)
+            timer.start(waiter.switch, False)
+        try:
+            woken: bool = waiter.get()
+        finally:
+            if self._waiter is waiter:
+                self._waiter = None
+            if timer is not None:
+                timer.close()
+        if woken:
+            self._flag = False
+        return woken
 
 
 #: The one threads world of this process.

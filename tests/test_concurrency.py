@@ -1,5 +1,8 @@
 """The three worlds: plain threads (never patched), gevent monkey-patched, greenlets without patching."""
 
+import threading
+import time
+
 import gevent
 import pytest
 
@@ -176,3 +179,81 @@ def test_one_client_shared_by_greenlets_and_real_threads_at_once():
         gevent.joinall(greenlets, raise_error=True, timeout=10)
         assert [t.get(timeout=10) for t in threads] == [[{"t": k, "i": i} for i in range(10)] for k in range(4)]
         assert {"threads"} < set(client.describe())
+
+
+# -- GeventSignal: the gevent world's per-caller wake-up --------------------------------------------
+
+def _signal():
+    return current_world("gevent").signal()
+
+
+def test_gevent_signal_times_out_and_a_release_before_the_wait_is_kept():
+    sig = _signal()
+    started = time.monotonic()
+    assert sig.acquire(True, 0.05) is False
+    assert 0.04 < time.monotonic() - started < 1.0
+    assert sig.acquire(False) is False and sig.acquire(True, 0) is False
+    sig.release()
+    assert sig.acquire(True, 5) is True  # at once: the release came first
+    assert sig.acquire(False) is False  # consumed
+
+
+def test_gevent_signal_release_wakes_the_waiter_at_once():
+    sig = _signal()
+    waiter = gevent.spawn(lambda: (sig.acquire(True, 5), time.monotonic()))
+    gevent.sleep(0.02)
+    released = time.monotonic()
+    sig.release()
+    woken, at = waiter.get(timeout=5)
+    assert woken is True and at - released < 1.0
+    assert sig.acquire(False) is False
+
+
+@pytest.mark.parametrize("first", ["release", "timer"])
+def test_gevent_signal_release_and_timer_in_one_turn_never_wake_a_later_wait(first):
+    """The wait's timer and a release come due in the same loop turn, in either order: the wait
+    reports one of them, a release is never lost, and the stray second wake-up never cuts short
+    what the greenlet blocks on next (here a sleep)."""
+    sig = _signal()
+
+    def waiter():
+        woken = sig.acquire(True, 0.001)
+        consumed = woken or sig.acquire(False)
+        started = time.monotonic()
+        gevent.sleep(0.1)
+        return consumed, time.monotonic() - started
+
+    g = gevent.spawn(waiter)
+    gevent.sleep(0)  # the waiter is now waiting
+    if first == "timer":  # a release from a timer due just before the wait's own (same loop time):
+        # the release queues its wake-up callback, then the wait's timer wakes the greenlet first
+        releaser = gevent.get_hub().loop.timer(0.0005)
+        releaser.start(sig.release)
+    time.sleep(0.01)  # block the hub past both deadlines: everything fires in the next turn
+    if first == "release":
+        sig.release()
+    consumed, slept = g.get(timeout=5)
+    assert slept >= 0.09
+    if first == "release":
+        assert consumed is True
+    else:
+        assert consumed is True
+        releaser.close()
+
+
+def test_gevent_signal_released_from_another_thread_wakes_the_greenlet_promptly():
+    sig = _signal()
+    threading.Timer(0.05, sig.release).start()
+    started = time.monotonic()
+    assert sig.acquire(True, 10) is True
+    assert time.monotonic() - started < 2.0
+
+
+def test_gevent_signal_killed_waiter_leaves_and_a_later_release_is_kept():
+    sig = _signal()
+    g = gevent.spawn(sig.acquire, True, 10)
+    gevent.sleep(0.01)
+    g.kill(block=True, timeout=5)
+    assert g.dead and isinstance(g.value, gevent.GreenletExit)
+    sig.release()
+    assert sig.acquire(False) is True
