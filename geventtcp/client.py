@@ -182,8 +182,14 @@ class Client:
             deadline = time.monotonic() + (timeout if timeout < _MAX_TIMEOUT else _MAX_TIMEOUT)
         elif deadline <= time.monotonic():
             raise NotSent("the call's timeout expired while it waited to start; it was never sent")
-        balancer, world = self._balancer()
-        return deadline, balancer, world, balancer.pick()
+        world = current_world(self.mode)
+        if self._generation != fork_generation():
+            self._after_fork()
+        balancer = self._balancers.get(world.key)
+        if balancer is None:
+            balancer = self._new_balancer(world)
+        pools = balancer.pools
+        return deadline, balancer, world, pools[0] if len(pools) == 1 else balancer.pick()
 
     def _retry(self, attempt: int, error: GeventTCPError, deadline: float, world: World, balancer: Balancer,
                failed: Pool) -> Pool:
@@ -240,15 +246,6 @@ class Client:
         return self.call(-1, None, timeout)
 
     # -- connections -----------------------------------------------------------------------------
-
-    def _balancer(self) -> tuple[Balancer, World]:
-        world = current_world(self.mode)
-        if self._generation != fork_generation():
-            self._after_fork()
-        balancer = self._balancers.get(world.key)
-        if balancer is None:
-            balancer = self._new_balancer(world)
-        return balancer, world
 
     def _new_balancer(self, world: World) -> Balancer:
         if self.closed:

@@ -39,9 +39,7 @@ class BatchingConnection(ClientConnection):
         self._raw_send = sock._sock.send  # the OS socket is non-blocking under gevent
         self._loop = world.key.loop
 
-    def request(self, cmdid: int, params: Any, deadline: float, detached: bool = False) -> dict[str, Any] | None:
-        if not detached:
-            return super().request(cmdid, params, deadline)
+    def _send(self, cmdid: int, params: Any, deadline: float) -> None:
         # ``send`` promises the line was written when it returns: flush now rather than next turn.
         call = Call(0, deadline, True)
         self._write(cmdid, params, call, deadline)
@@ -55,14 +53,16 @@ class BatchingConnection(ClientConnection):
         if not call.written:
             raise NotSent(f"request to {self.address} not sent: {self.reason or 'connection closed'}")
         self.poll()
-        return None
 
     def _write(self, cmdid: int, params: Any, call: Call, deadline: float, claim: bool = False) -> bool:
         """Queue the line (the reader role is never claimed here: the line leaves on the next turn)."""
         now = time.monotonic()
         line = request_line(self.codec, cmdid, params, call, next(self._ids), now, self.address)
         with self.state:
-            self._register_locked(call)
+            if self.closed:  # as in _register_locked, inlined on this path
+                raise NotSent(f"connection to {self.address} closed: {self.reason}")
+            self.calls[call.id] = call
+            self.orphans += call.abandoned
             call.queued = True
             self.out.append(line)
             self.out_calls.append(call)

@@ -85,17 +85,22 @@ class ClientConnection:
         as described on the class; ``TypeError``/``ValueError`` if ``params`` has no JSON form.
         A ``detached`` request is written and its reply dropped when it comes.
         """
-        call = Call(0, deadline, detached)
-        if self._write(cmdid, params, call, deadline, not detached):
-            self._lead(call, deadline)  # nobody was reading: go straight to reading (the lone caller)
         if detached:
-            self.poll()
+            self._send(cmdid, params, deadline)
             return None
+        call = Call(0, deadline, False)
+        if self._write(cmdid, params, call, deadline, True):
+            self._lead(call, deadline)  # nobody was reading: go straight to reading (the lone caller)
         if not call.done:  # ``done`` is set last, after ``reply``/``error``: true means both are final
             self._wait(call, deadline)
         if call.error is not None:
             raise call.error
         return call.reply
+
+    def _send(self, cmdid: int, params: Any, deadline: float) -> None:
+        """The ``detached`` request: written whole when this returns, its reply dropped when it comes."""
+        self._write(cmdid, params, Call(0, deadline, True), deadline)
+        self.poll()
 
     def _write(self, cmdid: int, params: Any, call: Call, deadline: float, claim: bool = False) -> bool:
         """Number, encode and write the request; ids are taken under the write lock so that the order
@@ -189,6 +194,8 @@ class ClientConnection:
             except BaseException:
                 self._abandon(call)
                 raise
+            if woken and call.done:  # the usual wake-up: the reply came (``done`` is set last)
+                return
             with state:
                 if woken or call.signaled:
                     if not woken:
