@@ -6,7 +6,7 @@ import gevent
 import pytest
 
 from geventtcp.client import Client
-from geventtcp.clientbatch import BatchingConnection
+from geventtcp.clientbatch import FLUSH_LINES, BatchingConnection
 from geventtcp.errors import NotSent
 from tests.clientutil import FakeServer
 from tests.helpers import wait_until
@@ -41,7 +41,31 @@ def test_requests_of_many_greenlets_leave_in_one_send():
             conn = next(iter(client._balancers.values())).pools[0].conns[0]
             assert isinstance(conn, BatchingConnection)
         assert fake.reads[0] == 1 and sum(fake.reads) == 51
-        assert len(fake.reads) <= 4  # 50 requests arrived in very few reads, not 50
+        assert len(fake.reads) <= 5  # 50 requests arrived in very few reads (parts of FLUSH_LINES), not 50
+    finally:
+        fake.close()
+
+
+def test_a_big_batch_leaves_in_parts_of_flush_lines_within_the_turn():
+    """40 greenlets queue in one loop turn: every FLUSH_LINES lines go out at once (the server starts
+    on them while the rest queue), the remainder at the end of the turn; replies still match."""
+    fake = FakeServer(echo_counting_reads)
+    try:
+        with Client(fake.address, timeout=5, pool_size=1) as client:
+            client.call(1, {"warm": 1})
+            conn = next(iter(client._balancers.values())).pools[0].conns[0]
+            sends = []
+            raw_send = conn._raw_send
+
+            def counting_send(data):
+                sends.append(bytes(data).count(b"\n"))
+                return raw_send(data)
+
+            conn._raw_send = counting_send
+            jobs = [gevent.spawn(client.call, 1, {"i": i}) for i in range(2 * FLUSH_LINES + 8)]
+            gevent.joinall(jobs, raise_error=True)
+            assert [j.value for j in jobs] == [{"i": i} for i in range(2 * FLUSH_LINES + 8)]
+        assert sends == [FLUSH_LINES, FLUSH_LINES, 8]
     finally:
         fake.close()
 
