@@ -122,7 +122,7 @@ def test_close_aborts_parked_connections_without_hub_errors(serve: Callable[...,
     for c in conns:
         c.expect_eof()
         c.close()
-    gevent.sleep(0.05)  # callbacks the close scheduled have run
+    gevent.idle()  # the loop has nothing pending: the callbacks the close scheduled have run
     assert "Traceback" not in capfd.readouterr().err
     assert not server.connections
 
@@ -165,7 +165,7 @@ def test_a_failing_read_loop_is_logged_and_its_connection_aborted(caplog: pytest
     conn.closed = True
     gevent.get_hub().loop.run_callback(pool.run, conn.killed)
     wait_until(lambda: pool.created == 3)
-    gevent.sleep(0.05)
+    gevent.idle()  # the third run has finished (nothing pending in the loop)
     assert conn.aborted == 2 and pool.free == []  # already closed: nothing to abort; no greenlet kept
 
 
