@@ -445,6 +445,7 @@ class Connection:
         if self.flushing or not self.out:
             return
         self.flushing = True
+        raw_send = self._raw_send
         try:
             self.queued_bytes = 0
             while self.out and not self.closed:
@@ -456,7 +457,15 @@ class Connection:
                     out = self.out
                     data = out[0] if len(out) == 1 else b"".join(out)
                     self.out = []
-                self._send(data)
+                sent = 0
+                if raw_send is not None:  # the kernel usually takes it all: no wait, no switch
+                    try:
+                        sent = raw_send(data)
+                    except BlockingIOError:
+                        pass
+                    if sent == len(data):
+                        continue
+                self._send_rest(data, sent)
         except OSError as exc:
             log.debug("connection %s: send failed: %s", self.address, exc)
             self.abort()
@@ -471,16 +480,9 @@ class Connection:
             self.close_pending = False
             self._maybe_close()
 
-    def _send(self, data: bytes) -> None:
-        sent = 0
-        raw_send = self._raw_send
-        if raw_send is not None:
-            try:
-                sent = raw_send(data)
-            except BlockingIOError:
-                sent = 0
-            if sent == len(data):
-                return
+    def _send_rest(self, data: bytes, sent: int) -> None:
+        """Send ``data`` from byte ``sent`` on, waiting for the socket (the watchdog's write timeout
+        interrupts a peer that stops reading: ``Stop`` or ``OSError``, which the caller handles)."""
         self.writer = getcurrent()
         self.write_tick = self.server.tick
         self.write_unsent = unsent_bytes(self.sock)  # the watchdog measures progress from here

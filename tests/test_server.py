@@ -111,13 +111,20 @@ def test_10000_pipelined_requests_in_one_write_come_back_in_order_in_batches(
     serve: Serve, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sends: list[int] = []
-    original = Connection._send
+    original_init = Connection.__init__
 
-    def counting_send(self: Connection, data: bytes) -> None:
-        sends.append(len(data))
-        original(self, data)
+    def counting_init(self: Connection, *args: Any) -> None:
+        original_init(self, *args)
+        raw_send = self._raw_send
+        assert raw_send is not None
 
-    monkeypatch.setattr(Connection, "_send", counting_send)
+        def counting_send(data: Any) -> int:
+            sends.append(len(data))
+            return raw_send(data)
+
+        self._raw_send = counting_send
+
+    monkeypatch.setattr(Connection, "__init__", counting_init)
     server = serve()
     n = 10000
     payload = b"".join(json.dumps({"cmdid": 1, "id": i, "params": {"i": i}}).encode() + b"\n" for i in range(n))
