@@ -117,7 +117,7 @@ class ClientConnection:
             line = request_line(self.codec, cmdid, params, call, next(self._ids), time.monotonic(), self.address)
             rid = call.id
             with self.state:
-                if self.closed:  # as in _register_locked, inlined on this path
+                if self.closed:  # register the numbered call, unless the connection closed
                     raise NotSent(f"connection to {self.address} closed: {self.reason}")
                 self.calls[rid] = call
                 self.orphans += call.abandoned
@@ -140,10 +140,9 @@ class ClientConnection:
                 if led:
                     self._release_reader()
                 raise
-            # No lock for these two stores (the GIL orders them): a concurrent ``_fail_locked`` either
-            # saw ``written`` false and left this call to us (we then see ``closed`` below) or saw it
-            # true and failed it MaybeExecuted; and it left the socket open while ``writing`` was set,
-            # which the ``closed`` check below then closes.
+            # Lock-free stores (the GIL orders them): a concurrent _fail_locked saw ``written`` false
+            # and left the call to us, or true and failed it; either way ``closed`` is seen below,
+            # which also closes the socket it left open for us (``writing``).
             call.written = True
             self.writing = False
             if self.closed:  # failed by a reader while we wrote: the line is out, its reply is not
@@ -154,6 +153,7 @@ class ClientConnection:
                     self._close_socket_if_unused()
                 if not call.done:
                     raise MaybeExecuted(f"{self.address}: {self.reason}")
+                return False  # its reply came just before the close; the reader role is given up
             self.last_active = call.sent
             return led
         finally:
@@ -162,13 +162,6 @@ class ClientConnection:
                     self.writing = False
                     self._close_socket_if_unused()
             wlock.release()
-
-    def _register_locked(self, call: Call) -> None:
-        """Enter a numbered call in ``calls`` (under ``state``); NotSent if the connection closed."""
-        if self.closed:
-            raise NotSent(f"connection to {self.address} closed: {self.reason}")
-        self.calls[call.id] = call
-        self.orphans += call.abandoned
 
     def _wait(self, call: Call, deadline: float) -> None:
         """Return once ``call`` is done (reply or error); raise CallTimeout at the deadline."""
@@ -244,10 +237,9 @@ class ClientConnection:
             self._release_reader()
 
     def _release_reader(self) -> None:
-        # Only the holder of the role clears ``reading`` (others set it only under ``state``, when
-        # false), so the store needs no lock. With no call left to hand the role to, nothing else
-        # is needed: a caller registering later (under ``state``) sees ``reading`` false and leads.
-        # A call present now takes the locked path, which wakes it or lets it lead.
+        # Only the role's holder clears ``reading`` (others set it under ``state`` when false): no
+        # lock needed. With no call to hand the role to, that is all (a later caller, registering
+        # under ``state``, sees it false and leads); a call present takes the locked path.
         self.reading = False
         if not self.calls and not self.closed:
             return
