@@ -6,6 +6,7 @@
 Rows (each the median of ``--rounds`` interleaved runs of ``--seconds``):
 
 * geventtcp Client, 1 plain thread (no gevent hub, no patching), sync ping (builtin cmdid -1)
+* the same with ``codec="orjson"`` (the ``[fast]`` extra; skipped if orjson is not installed)
 * geventtcp Client, 100 greenlets sharing one Client (gevent sockets, not patched)
 * geventtcp Client, 20 plain threads sharing one Client
 * a raw blocking socket doing the same ping (the server's own round-trip floor, no client at all)
@@ -97,11 +98,11 @@ def grpc_server(port: int) -> None:
 
 # -- rows -----------------------------------------------------------------------------------------
 
-def bench_threads(address: str, seconds: float) -> Result:
+def bench_threads(address: str, seconds: float, codec: str = "simplejson") -> Result:
     from geventtcp.client import Client
     from geventtcp.concurrency import THREADS, current_world
 
-    with Client(address, timeout=10) as client:
+    with Client(address, timeout=10, codec=codec) as client:
         assert current_world() is THREADS
         client.call(-1)
         return rate(lambda: client.call(-1), seconds)
@@ -209,11 +210,17 @@ def main() -> int:
         address = f"127.0.0.1:{ours}"
         rows: dict[str, Callable[[], Result]] = {
             "geventtcp Client, 1 thread, sync ping": lambda: bench_threads(address, args.seconds),
+            "geventtcp Client, 1 thread, sync ping, orjson codec":
+                lambda: bench_threads(address, args.seconds, "orjson"),
             "geventtcp Client, 100 greenlets, one Client": lambda: bench_greenlets(address, args.seconds),
             "geventtcp Client, 20 threads, one Client": lambda: bench_20_threads(address, args.seconds),
             "raw socket, 1 thread (server round-trip floor)": lambda: bench_raw(ours, args.seconds),
             "grpcio sync unary, 1 thread": lambda: bench_grpc(grpc_port, args.seconds),
         }
+        try:
+            import orjson  # noqa: F401
+        except ImportError:
+            del rows["geventtcp Client, 1 thread, sync ping, orjson codec"]
         if redis_port:
             rows["redis-py PING, 1 thread (redis-server)"] = lambda: bench_redis(redis_port, args.seconds)
         results: dict[str, list[Result]] = {name: [] for name in rows}

@@ -8,7 +8,10 @@ from geventtcp.codec import get_codec
 from geventtcp.errors import ProtocolError
 from geventtcp.replycodec import ReplyCodec
 
-CODEC = ReplyCodec(get_codec("simplejson"))
+
+@pytest.fixture(params=["simplejson", "orjson"])
+def codec(request):
+    return ReplyCodec(get_codec(request.param))
 
 
 @pytest.mark.parametrize("line", [
@@ -18,9 +21,11 @@ CODEC = ReplyCodec(get_codec("simplejson"))
     b'{"code":0}  \t',  # trailing whitespace: the full path, still accepted
     b'{"code":0,"a":{"b":{"c":[[[]]]}}}',
 ])
-def test_valid_lines_parse_as_the_stdlib_does(line):
-    assert CODEC.loads(line) == json.loads(line)
-    assert CODEC.reply(line) == json.loads(line)
+def test_valid_lines_parse_as_the_stdlib_does(codec, line):
+    assert codec.loads(line) == json.loads(line)
+    reply = codec.reply(line)
+    assert reply == json.loads(line)
+    assert [type(v) for v in reply.values()] == [type(v) for v in json.loads(line).values()]
 
 
 @pytest.mark.parametrize("line", [
@@ -30,15 +35,35 @@ def test_valid_lines_parse_as_the_stdlib_does(line):
     b'{"code":0,"data":' + b"[" * 100000 + b"]" * 100000 + b"}",
     b" {\"code\":0} x", b"", b"nope",
 ])
-def test_invalid_lines_are_value_errors_and_protocol_errors(line):
+def test_invalid_lines_are_value_errors_and_protocol_errors(codec, line):
     with pytest.raises(ValueError):
-        CODEC.loads(line)
+        codec.loads(line)
     with pytest.raises(ProtocolError):
-        CODEC.reply(line)
+        codec.reply(line)
 
 
 @pytest.mark.parametrize("line", [b"[1]", b'"x"', b'{"data":1}', b'{"code":"0"}', b'{"code":1.0}', b'{"code":true}'])
-def test_reply_needs_an_object_with_an_integer_code(line):
-    CODEC.loads(line)  # valid JSON
+def test_reply_needs_an_object_with_an_integer_code(codec, line):
+    codec.loads(line)  # valid JSON
     with pytest.raises(ProtocolError):
-        CODEC.reply(line)
+        codec.reply(line)
+
+
+@pytest.mark.parametrize("line", [
+    b'{"code":0,"id":1,"data":123456789012345678901234567890}',  # orjson alone: a float
+    b'{"code":0,"id":1,"data":-9223372036854775809}',
+    b'{"code":0,"id":1,"data":[1.5,1e16,0.1,-0.0]}',
+    b'{"code":0,"id":1,"data":"\\ud800"}',  # a lone surrogate escape: refused by both
+    b'{"code":0,"id":1,"data":"\\ud83d\\ude00 \\n"}',  # a valid pair and other escapes: kept by both
+    b'{"code":0,"id":1,"data":' + b"[" * 900 + b"]" * 900 + b"}",  # deep, but within the stdlib's reach
+])
+def test_orjson_replies_are_exactly_the_default_codecs(line):
+    exact, fast = ReplyCodec(get_codec("simplejson")), ReplyCodec(get_codec("orjson"))
+    try:
+        expected = exact.reply(line)
+    except ProtocolError:
+        with pytest.raises(ProtocolError):
+            fast.reply(line)
+        return
+    got = fast.reply(line)
+    assert got == expected and type(got["data"]) is type(expected["data"])
