@@ -202,6 +202,35 @@ def test_close_while_a_watch_pass_is_pending(serve: Serve, hub_errors: list[Any]
     assert hub_errors == []
 
 
+def test_close_from_a_handoff_that_runs_inside_the_watch_pass(serve: Serve, hub_errors: list[Any]) -> None:
+    """The reader a handoff starts runs inside ``_watch_all``; if its next line closes the server,
+    the connections still in that pass are closed ones: skipped, their blocked readers killed."""
+    registry = make_registry()
+    holder: dict[str, Server] = {}
+
+    def close_now(req: Any) -> Any:
+        holder["server"].close()
+        return "closed"
+
+    registry.add(44, close_now)
+    server = holder["server"] = serve(registry)
+    conns = [RawConn(server.address) for _ in range(6)]
+    try:
+        for c in conns:  # every connection parked first, so the lines below arrive in one hub turn
+            assert c.call(1, {})["code"] == 0
+        wait_until(lambda: sum(conn.parked for conn in server.connections) == 6)
+        conns[0].send(b'{"cmdid":2,"id":1,"params":{"seconds":5}}\n{"cmdid":44,"id":2}\n')
+        for c in conns[1:]:
+            c.send(b'{"cmdid":2,"id":1,"params":{"seconds":5}}\n{"cmdid":1,"id":2}\n')
+        for c in conns:
+            c.expect_eof()
+        wait_until(lambda: not server.connections and server.inflight == 0 and not server.watching)
+    finally:
+        for c in conns:
+            c.close()
+    assert hub_errors == []
+
+
 # -- interrupts and closes of parked / handed-off connections ------------------------------------
 
 
