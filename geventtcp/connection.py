@@ -119,10 +119,11 @@ class Connection:
         self.close_pending = False  # reading is done and nothing is in flight, but a send is under way
         self.received = 0.0  # clock() when the current batch of lines was read (deadlines count from it)
         self.parked = False  # waiting for input with no greenlet: the read watcher will resume it
-        # Whether to ``recv`` before parking: only on a new connection and when the watcher resumed
-        # it. After a batch the reader parks at once: a lone request's next read would almost
-        # always fail with EAGAIN (whose exception costs more than the read), and a peer that keeps
-        # the buffer full still lets the hub serve the other connections between two reads.
+        # Whether input is waiting, to be read before parking or stopping: on a new connection and
+        # when the watcher resumed it. After a batch the reader parks at once: a lone request's next
+        # read would almost always fail with EAGAIN (whose exception costs more than the read), and
+        # a peer that keeps the buffer full still lets the hub serve the other connections between
+        # two reads.
         self.eager = True
         raw = getattr(sock, "_sock", None) if server.plain_sockets else None
         self._raw_send: Callable[[Any], int] | None = raw.send if raw is not None else None
@@ -186,7 +187,9 @@ class Connection:
                     self._flush()
                     if self.closed:
                         return
-                if server.draining or self.goaway is not None:
+                # Input that resumed a parked reader is read first: a drain leaves a connection with
+                # half a line parked until the rest comes, and that line is then answered.
+                if (server.draining or self.goaway is not None) and not self.eager:
                     self.goaway = self.goaway or server.drain_reason
                     break
                 if len(self.out) > MAX_QUEUED_REPLIES:
@@ -221,7 +224,7 @@ class Connection:
                 self.pos = 0
                 self.eager = False
                 if buffer.incomplete:
-                    if self.partial_tick < 0:
+                    if self.partial_tick < 0 or self.lines:  # the unfinished line began in this read
                         self.partial_tick = server.tick
                 else:
                     self.partial_tick = -1

@@ -33,6 +33,11 @@ __all__ = ["Server"]
 
 log = logging.getLogger("geventtcp.server")
 
+#: Handoffs one watch pass makes before it checks whether the hub should poll (gevent's own
+#: callback runner checks after every 50 callbacks whether the switch interval has passed).
+_WATCH_SLICE = 50
+_SWITCH_INTERVAL = 0.005
+
 
 class _AcceptBackoff(GreenletExit):  # type: ignore[misc]
     """Raised from ``do_read`` when descriptors run out: gevent's accept loop backs off (10 ms, doubling
@@ -348,18 +353,35 @@ class Server:
         return None
 
     def _watch_all(self) -> None:
-        """Hub callback: let each connection in :attr:`watching` hand off a handler that yielded."""
+        """Hub callback: let each connection in :attr:`watching` hand off a handler that yielded.
+
+        Each handoff goes on with its connection's batch before returning here, so after
+        ``_WATCH_SLICE`` of them past the switch interval the rest wait for the next hub turn (as
+        gevent's own callback runner lets the loop poll). Connections not reached, the pass cut
+        short or an exception escaping it, are put back: none keeps a watch armed unwatched.
+        """
         conns = self.watching
         self.watching = []
-        for conn in conns:
-            if conn.running is None:  # the handler returned before the hub ran: nothing to hand off
-                conn.watch_armed = False
-                continue
-            try:
-                conn._watch()
-            except Exception:  # one connection's failure must not leave the others unwatched
-                log.exception("connection %s: handoff failed", conn.address)
-                conn.abort()
+        started = self.clock()
+        done = 0
+        try:
+            for conn in conns:
+                done += 1
+                if conn.running is None:  # the handler returned before the hub ran: no handoff
+                    conn.watch_armed = False
+                    continue
+                try:
+                    conn._watch()
+                except Exception:  # one connection's failure must not leave the others unwatched
+                    log.exception("connection %s: handoff failed", conn.address)
+                    conn.abort()
+                if done % _WATCH_SLICE == 0 and self.clock() - started > _SWITCH_INTERVAL:
+                    break
+        finally:
+            if done < len(conns):
+                if not self.watching:
+                    self.loop.run_callback(self._watch_all)
+                self.watching[:0] = conns[done:]
 
     def deadline_for(self, req: Request) -> float | None:
         """The monotonic time at which ``req``'s handler is stopped: its own deadline or the default."""

@@ -416,3 +416,55 @@ def test_stress_every_line_gets_one_reply_in_order() -> None:
         server.proc.terminate()
         output = server.rest_of_output()
     assert "Traceback" not in output and " ERROR " not in output, output[-3000:]
+
+
+# -- drain and slowloris timing of lines that span reads -------------------------------------
+
+
+def test_drain_answers_a_line_a_parked_connection_had_half_received(serve: Serve) -> None:
+    """A drain leaves a parked connection with half a line parked; when the rest arrives the resumed
+    reader reads it before it stops: the line is answered, then the goaway comes (as on TLS, whose
+    reader waits in ``recv``)."""
+    server = serve(graceful_timeout=5)
+    with RawConn(server.address) as half:
+        half.send(b'{"cmdid":1,"id":"h"')
+        wait_until(lambda: any(c.buffer.pending and c.parked for c in server.connections))
+        stopper = gevent.spawn(server.stop, 5)
+        wait_until(lambda: all(c.goaway for c in server.connections))
+        half.send(b',"params":{}}\n')
+        first = half.line()
+        assert first.get("id") == "h", first
+        assert half.line()["goaway"] == "shutdown"
+        stopper.get(timeout=5)
+
+
+def test_a_steady_pipeline_is_not_taken_for_a_slowloris(serve: Serve) -> None:
+    """Every line completes within milliseconds, but no read ends exactly at a newline: the slowloris
+    clock counts from the start of the unfinished line, not from the first read that left one."""
+    server = serve(request_timeout=0.5)
+    line = b'{"cmdid":1,"id":%d,"params":{"pad":"abcdefghijklmnopqrstuvwxyz"}}\n'
+    with RawConn(server.address) as c:
+        c.sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
+        stream = b"".join(line % i for i in range(3000))
+        sent = 0
+        answered = 0
+
+        def reader() -> None:
+            nonlocal answered
+            while True:
+                reply = c.line(timeout=5)
+                assert reply.get("id") == answered, reply
+                answered += 1
+
+        reading = gevent.spawn(reader)
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end and sent < len(stream) and not reading.dead:
+            step = 3 * len(line % sent) // 2  # always ends inside a line
+            c.send(stream[sent:sent + step])
+            sent += step
+            gevent.sleep(0.01)
+        wait_until(lambda: reading.dead or answered >= stream[:sent].count(b"\n"), timeout=5)
+        reading.kill()
+        assert reading.exception is None or isinstance(reading.exception, gevent.GreenletExit), \
+            f"after {answered} replies: {reading.exception!r}"
+        assert server.stats.slow_request_disconnections == 0

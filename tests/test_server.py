@@ -457,3 +457,56 @@ def test_one_hub_callback_hands_off_each_blocked_connection(serve: Callable[...,
     finally:
         for c in conns:
             c.close()
+
+
+class _FakeWatched:
+    """Stands in for a Connection in ``Server.watching``: ``_watch`` runs ``action``."""
+
+    def __init__(self, action: Callable[[], None], running: Any = True) -> None:
+        self.address = ("127.0.0.1", 0)
+        self.running = running
+        self.watch_armed = True
+        self.action = action
+        self.aborted = False
+
+    def _watch(self) -> None:
+        self.watch_armed = False
+        self.action()
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def test_a_watch_pass_cut_short_by_an_exception_puts_the_rest_back(serve: Callable[..., Server]) -> None:
+    class Boom(BaseException):
+        pass
+
+    def boom() -> None:
+        raise Boom
+
+    server = serve()
+    first, rest = _FakeWatched(boom), _FakeWatched(lambda: None)
+    server.watching = [first, rest]  # type: ignore[list-item]
+    with pytest.raises(Boom):
+        server._watch_all()
+    assert server.watching == [rest]  # not dropped with its watch armed: a new pass is queued
+    wait_until(lambda: not server.watching and not rest.watch_armed)
+
+
+def test_a_long_watch_pass_lets_the_hub_poll(serve: Callable[..., Server]) -> None:
+    """Past the switch interval, a pass stops every 50 handoffs and leaves the rest to the next turn."""
+    calls: list[int] = []
+
+    def slow_handoff() -> None:
+        calls.append(1)
+        end = time.monotonic() + 0.0005  # 50 of these: past the 5 ms switch interval
+        while time.monotonic() < end:
+            pass
+
+    server = serve()
+    fakes = [_FakeWatched(slow_handoff) for _ in range(120)]
+    server.watching = list(fakes)  # type: ignore[arg-type]
+    server._watch_all()
+    assert len(calls) == 50 and server.watching == fakes[50:]
+    wait_until(lambda: len(calls) == 120 and not server.watching)
+    assert not any(f.watch_armed for f in fakes)
