@@ -186,6 +186,9 @@ class ClientConnection:
                 woken = call.signal.acquire(True, remaining) if remaining > 0 else False
             except BaseException:
                 self._abandon(call)
+                with state:  # the role may have been handed to us just before: pass it on
+                    if not self.reading and not self.closed:
+                        self._hand_on_locked()
                 raise
             if woken and call.done:  # the usual wake-up: the reply came (``done`` is set last)
                 return
@@ -244,15 +247,20 @@ class ClientConnection:
         if not self.calls and not self.closed:
             return
         with self.state:
-            self.reading = False
             if self.closed:
                 self._close_socket_if_unused()
                 return
-            for other in self.calls.values():
-                if other.signal is not None and not other.signaled and not other.done and not other.abandoned:
-                    other.signaled = True
-                    other.signal.release()
-                    break
+            if self.reading:  # taken meanwhile (after the store above) by a caller that hands it on itself
+                return
+            self._hand_on_locked()
+
+    def _hand_on_locked(self) -> None:
+        """Wake one caller still waiting, to take the free reader role (holds ``state``)."""
+        for other in self.calls.values():
+            if other.signal is not None and not other.signaled and not other.done and not other.abandoned:
+                other.signaled = True
+                other.signal.release()
+                break
 
     def _abandon(self, call: Call) -> bool:
         """Give up waiting on ``call``; True unless it was completed meanwhile."""
@@ -336,9 +344,9 @@ class ClientConnection:
         load replies keep coming, and the connection keeps its callers, which batch better)."""
         if now - self.last_reply <= STALL_AFTER:
             return False
-        for call in self.calls.values():
-            return now - call.sent > STALL_AFTER
-        return False
+        with self.state:  # other threads add and remove calls meanwhile
+            oldest = next(iter(self.calls.values()), None)
+        return oldest is not None and now - oldest.sent > STALL_AFTER
 
     def usable(self, now: float, validate_after: float) -> bool:
         """Checkout check: False once closed, forked, or stuck (a reply overdue past its deadline).
@@ -352,7 +360,8 @@ class ClientConnection:
             return False
         calls = self.calls
         if calls:
-            oldest = next(iter(calls.values()), None)
+            with self.state:  # other threads add and remove calls meanwhile
+                oldest = next(iter(calls.values()), None)
             if oldest is not None and oldest.deadline + STUCK_GRACE < now:
                 self._fail("no reply long past the request's deadline: connection presumed dead")
                 return False

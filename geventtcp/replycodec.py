@@ -7,7 +7,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from .codec import Codec
+from .codec import Codec, _finite_float
 from .errors import Code, MaybeExecuted, ProtocolError, TransportError, Unprocessed
 
 __all__ = ["ReplyCodec", "unsolicited", "answers_too_long"]
@@ -30,7 +30,7 @@ class ReplyCodec(Codec):
     def __init__(self, codec: Codec) -> None:
         self.name = codec.name
         self.dumps = codec.dumps  # type: ignore[method-assign]
-        decoder = json.JSONDecoder(parse_constant=_reject_constant)
+        decoder = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
         self._raw_decode: Callable[[str], tuple[Any, int]] = decoder.raw_decode
         # The C scanner itself: ``raw_decode`` adds a Python frame and a regex match per line.
         self._scan: Callable[[str, int], tuple[Any, int]] = decoder.scan_once  # type: ignore[attr-defined]
