@@ -1,4 +1,4 @@
-"""Review 4 reproductions that FAIL on main (run explicitly: ``pytest tests/repro_review4.py``).
+"""Client races and edge cases found in review, each fixed; these tests failed before the fix.
 
 F1  threads world: ``_release_reader`` clears ``reading`` without the lock, then again under it, so a
     caller that took the free role in between loses it and a second reader starts (two threads in
