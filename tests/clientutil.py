@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -66,8 +67,6 @@ class ServerProcess:
             if found:
                 self.port = int(found.group(1))
                 # Keep draining stderr so the server never blocks on a full pipe.
-                import threading
-
                 threading.Thread(target=_drain, args=(self.proc.stderr,), daemon=True).start()
                 return
         raise RuntimeError("server did not start in time")
@@ -248,3 +247,20 @@ class Proxy:
         gevent.killall(self.greenlets)
         self.close_clients()
         self.listener.close()
+
+
+def in_thread(fn: Any, *args: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    """Run ``fn(*args)`` in a new OS thread; the dict gets ``value`` or ``error``, and ``elapsed``."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        started = time.monotonic()
+        try:
+            out["value"] = fn(*args)
+        except BaseException as exc:  # handed to the test
+            out["error"] = exc
+        out["elapsed"] = time.monotonic() - started
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, out

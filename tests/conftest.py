@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -68,3 +69,20 @@ def serve() -> Iterator[Callable[..., Server]]:
     yield start
     for server in servers:
         server.close()
+
+
+@pytest.fixture
+def hub_errors(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> Iterator[list[Any]]:
+    """Exceptions that reach the hub, plus ERROR records of the server (a reader or handoff bug)."""
+    hub = gevent.get_hub()
+    errors: list[Any] = []
+    original = hub.handle_error
+
+    def record(context: Any, kind: Any, value: Any, tb: Any) -> None:
+        errors.append(value)
+        original(context, kind, value, tb)
+
+    monkeypatch.setattr(hub, "handle_error", record)
+    caplog.set_level(logging.ERROR, logger="geventtcp")
+    yield errors
+    errors.extend(r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)

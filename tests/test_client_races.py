@@ -15,7 +15,7 @@ from geventtcp.codec import get_codec
 from geventtcp.errors import MaybeExecuted, NotSent
 from geventtcp.protocol import encode_request
 from tests import client_app
-from tests.clientutil import REPO, FakeServer, ServerProcess, env
+from tests.clientutil import REPO, FakeServer, ServerProcess, env, in_thread
 from tests.helpers import wait_until
 
 
@@ -24,22 +24,6 @@ def server():
     proc = ServerProcess()
     yield proc
     proc.close()
-
-
-def _thread(fn, *args):
-    out: dict = {}
-
-    def run():
-        started = time.monotonic()
-        try:
-            out["value"] = fn(*args)
-        except BaseException as exc:  # handed to the test
-            out["error"] = exc
-        out["elapsed"] = time.monotonic() - started
-
-    t = threading.Thread(target=run)
-    t.start()
-    return t, out
 
 
 def test_stress_threads_and_greenlets_share_one_client(server):
@@ -122,9 +106,9 @@ def test_close_from_a_thread_while_threads_and_greenlets_wait(server):
     client = Client(server.address, timeout=5, pool_size=1, retries=0)
     client.call(client_app.ECHO, {})
     greenlets = [gevent.spawn(client.call, client_app.SLEEP, {"seconds": 3, "g": k}) for k in range(5)]
-    threads = [_thread(client.call, client_app.SLEEP, {"seconds": 3, "t": k}) for k in range(5)]
+    threads = [in_thread(client.call, client_app.SLEEP, {"seconds": 3, "t": k}) for k in range(5)]
     wait_until(lambda: sum(p["inflight"] for pools in client.describe().values() for p in pools) >= 10, timeout=10)
-    closer, _ = _thread(client.close)
+    closer, _ = in_thread(client.close)
     started = time.monotonic()
     gevent.joinall(greenlets, timeout=5)
     wait_until(lambda: all(not t.is_alive() for t, _ in threads), timeout=5)
@@ -142,7 +126,7 @@ def test_server_killed_while_threads_and_greenlets_wait_on_shared_connections():
         client = Client(proc.address, timeout=5, pool_size=1, retries=0)
         client.call(client_app.ECHO, {})
         greenlets = [gevent.spawn(client.call, client_app.RECORD, {"tag": f"g{k}", "seconds": 3}) for k in range(5)]
-        threads = [_thread(client.call, client_app.RECORD, {"tag": f"t{k}", "seconds": 3}) for k in range(5)]
+        threads = [in_thread(client.call, client_app.RECORD, {"tag": f"t{k}", "seconds": 3}) for k in range(5)]
         wait_until(lambda: sum(p["inflight"] for pools in client.describe().values() for p in pools) >= 10,
                    timeout=10)
         started = time.monotonic()
@@ -154,7 +138,7 @@ def test_server_killed_while_threads_and_greenlets_wait_on_shared_connections():
         assert all(isinstance(out.get("error"), MaybeExecuted) for _, out in threads), threads
         proc.start()  # a new server on the same port: both worlds reconnect
         assert client.call(client_app.ECHO, {"again": 1}) == {"again": 1}
-        t, out = _thread(client.call, client_app.ECHO, {"again": 2})
+        t, out = in_thread(client.call, client_app.ECHO, {"again": 2})
         wait_until(lambda: not t.is_alive(), timeout=10)
         assert out.get("value") == {"again": 2}, out
         client.close()

@@ -1,7 +1,6 @@
 """One multiplexed connection against servers that misbehave on purpose (raw fake servers and a fault proxy)."""
 
 import json
-import threading
 import time
 
 import gevent
@@ -12,7 +11,7 @@ from geventtcp import clientconn
 from geventtcp.client import Client
 from geventtcp.errors import CallTimeout, DeadlineExceeded, MaybeExecuted, NotSent, RemoteError, Unprocessed
 from tests import client_app
-from tests.clientutil import FakeServer, Proxy, ServerProcess, addr, inprocess_server
+from tests.clientutil import FakeServer, Proxy, ServerProcess, addr, in_thread, inprocess_server
 from tests.helpers import wait_until
 
 
@@ -383,22 +382,6 @@ def test_both_connection_kinds_keep_back_the_same_deadline_margin(monkeypatch, m
 
 # -- the lone caller's short path (threads world): lock-free stores that must never lose a caller --
 
-def _thread(fn, *args):
-    out: dict = {}
-
-    def run():
-        started = time.monotonic()
-        try:
-            out["value"] = fn(*args)
-        except BaseException as exc:  # handed to the test
-            out["error"] = exc
-        out["elapsed"] = time.monotonic() - started
-
-    t = threading.Thread(target=run)
-    t.start()
-    return t, out
-
-
 def _wait_reading_written(conn):
     """Until a caller holds the reader role and a request is out whole (not merely registered)."""
     wait_until(lambda: conn.reading and any(call.written for call in list(conn.calls.values())), timeout=5)
@@ -423,12 +406,12 @@ def test_caller_arriving_behind_a_lone_reader_is_handed_the_role(subprocess_serv
     with Client(subprocess_server.address, timeout=5, pool_size=1, mode="threads") as client:
         client.call(client_app.ECHO, {})
         for round_ in range(6):
-            first, out1 = _thread(client.call, client_app.SLEEP, {"seconds": 0.1, "r": round_})
+            first, out1 = in_thread(client.call, client_app.SLEEP, {"seconds": 0.1, "r": round_})
             conn = _threads_conn(client)
             _wait_reading_written(conn)
             gevent.sleep(0.002 * round_)
             # Its reply comes well after the first's (the server runs both at once, answers in order).
-            second, out2 = _thread(client.call, client_app.SLEEP, {"seconds": 0.2, "second": round_})
+            second, out2 = in_thread(client.call, client_app.SLEEP, {"seconds": 0.2, "second": round_})
             first.join(10)
             second.join(10)
             assert out1.get("value") == {"seconds": 0.1, "r": round_}, out1
@@ -442,7 +425,7 @@ def test_lone_call_when_the_client_is_closed_meanwhile_fails_fast_and_closes_the
     with Client(subprocess_server.address, timeout=5, pool_size=1, mode="threads") as client:
         client.call(client_app.ECHO, {})
         conn = _threads_conn(client)
-        t, out = _thread(client.call, client_app.RECORD, {"tag": "closed-meanwhile", "seconds": 1})
+        t, out = in_thread(client.call, client_app.RECORD, {"tag": "closed-meanwhile", "seconds": 1})
         _wait_reading_written(conn)
         client.close()
         t.join(10)
@@ -468,7 +451,7 @@ def test_server_killed_during_a_lone_call_is_maybe_executed():
         with Client(proc.address, timeout=5, pool_size=1, mode="threads") as client:
             client.call(client_app.ECHO, {})
             conn = _threads_conn(client)
-            t, out = _thread(client.call, client_app.RECORD, {"tag": "killed", "seconds": 2})
+            t, out = in_thread(client.call, client_app.RECORD, {"tag": "killed", "seconds": 2})
             _wait_reading_written(conn)
             proc.kill()
             t.join(10)

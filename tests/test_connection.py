@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 import socket as stdsocket
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import gevent
-import pytest
 
 from geventtcp import Server
 from geventtcp.connection import RECV_SIZE
@@ -19,23 +17,6 @@ from .conftest import make_registry
 from .helpers import CliServer, RawConn, python_cmd, wait_until
 
 Serve = Callable[..., Server]
-
-
-@pytest.fixture
-def hub_errors(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> Iterator[list[Any]]:
-    """Exceptions that reach the hub, plus ERROR records of the server (a reader or handoff bug)."""
-    hub = gevent.get_hub()
-    errors: list[Any] = []
-    original = hub.handle_error
-
-    def record(context: Any, kind: Any, value: Any, tb: Any) -> None:
-        errors.append(value)
-        original(context, kind, value, tb)
-
-    monkeypatch.setattr(hub, "handle_error", record)
-    caplog.set_level(logging.ERROR, logger="geventtcp")
-    yield errors
-    errors.extend(r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
 
 
 def settled(server: Server) -> bool:

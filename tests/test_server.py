@@ -405,18 +405,9 @@ def test_handler_calling_sys_exit_gets_500_and_the_server_lives(serve: Serve) ->
 
 
 def test_a_hook_that_yields_after_the_handler_cannot_trigger_a_stray_deadline(
-    serve: Serve, monkeypatch: pytest.MonkeyPatch
+    serve: Serve, hub_errors: list[Any]
 ) -> None:
     """Once the handler returned, no handoff or deadline timer may attach to the reader any more."""
-    hub = gevent.get_hub()
-    errors: list[Any] = []
-    original = hub.handle_error
-
-    def record(context: Any, kind: Any, value: Any, tb: Any) -> None:
-        errors.append(value)
-        original(context, kind, value, tb)
-
-    monkeypatch.setattr(hub, "handle_error", record)
     server = serve(handler_timeout=0.05)
     server.access_log = lambda conn, req, code, seconds: gevent.sleep(0.01)  # e.g. a network log handler
     with RawConn(server.address) as c:
@@ -427,7 +418,7 @@ def test_a_hook_that_yields_after_the_handler_cannot_trigger_a_stray_deadline(
         gevent.sleep(0.2)
         assert c.call({"cmdid": 1, "id": "after"})["id"] == "after"
     assert server.inflight == 0
-    assert errors == [], f"stray exceptions in the hub: {errors!r}"
+    assert hub_errors == [], f"stray exceptions in the hub: {hub_errors!r}"
 
 
 def test_one_hub_callback_hands_off_each_blocked_connection(serve: Callable[..., Server],
