@@ -8,7 +8,8 @@ from collections.abc import Callable
 from typing import Any
 
 from .codec import Codec, _finite_float
-from .errors import Code, MaybeExecuted, ProtocolError, TransportError, Unprocessed
+from .errors import Code, MaybeExecuted, TransportError, Unprocessed
+from .protocol import decode_reply
 
 __all__ = ["ReplyCodec", "unsolicited", "answers_too_long"]
 
@@ -39,6 +40,8 @@ class ReplyCodec(Codec):
         self._fast: Callable[[bytes], Any] | None = codec.loads if codec.name == "orjson" else None
 
     def loads(self, line: bytes) -> Any:
+        if self._fast is not None:
+            return self._fast(line)
         try:
             text = line.decode("utf-8")
             if text[:1] == "{":  # what a server writes: scan from 0, nothing to skip
@@ -56,28 +59,9 @@ class ReplyCodec(Codec):
         return self._post_check(line, value) if 92 in line else value
 
     def reply(self, line: bytes) -> dict[str, Any]:
-        """Parse a reply line, as :func:`geventtcp.protocol.decode_reply` does (without its extra call):
-        :class:`ProtocolError` if it is not a JSON object with an integer ``code``."""
-        try:
-            if self._fast is not None:
-                reply = self._fast(line)
-            elif line[:1] == b"{":  # the common case of :meth:`loads`, one call less
-                try:
-                    text = line.decode("utf-8")
-                    reply, end = self._scan(text, 0)
-                    if end != len(text):
-                        reply = self.loads(line)
-                    elif 92 in line:  # a backslash: any escaped lone surrogate is refused, as loads() does
-                        self._post_check(line, reply)
-                except (StopIteration, RecursionError):
-                    reply = self.loads(line)
-            else:
-                reply = self.loads(line)
-        except ValueError as exc:
-            raise ProtocolError(f"invalid reply from server: {exc}", fatal=True) from None
-        if type(reply) is not dict or type(reply.get("code")) is not int:
-            raise ProtocolError("invalid reply from server: not an object with an integer code", fatal=True)
-        return reply
+        """:func:`geventtcp.protocol.decode_reply` with this codec: the reply, or :class:`ProtocolError`
+        if the line is not a JSON object with an integer ``code``."""
+        return decode_reply(self, line)
 
 
 def unsolicited(reply: dict[str, Any]) -> tuple[str, type[TransportError]]:
