@@ -6,6 +6,7 @@ import errno
 import logging
 import math
 import resource
+import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -36,7 +37,6 @@ log = logging.getLogger("geventtcp.server")
 #: Handoffs one watch pass makes before it checks whether the hub should poll (gevent's own
 #: callback runner checks after every 50 callbacks whether the switch interval has passed).
 _WATCH_SLICE = 50
-_SWITCH_INTERVAL = 0.005
 
 
 class _AcceptBackoff(GreenletExit):  # type: ignore[misc]
@@ -375,7 +375,7 @@ class Server:
                 except Exception:  # one connection's failure must not leave the others unwatched
                     log.exception("connection %s: handoff failed", conn.address)
                     conn.abort()
-                if done % _WATCH_SLICE == 0 and self.clock() - started > _SWITCH_INTERVAL:
+                if done % _WATCH_SLICE == 0 and self.clock() - started > sys.getswitchinterval():
                     break
         finally:
             if done < len(conns):
