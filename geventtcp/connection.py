@@ -187,9 +187,9 @@ class Connection:
                     self._flush()
                     if self.closed:
                         return
-                # Input that resumed a parked reader is read first: a drain leaves a connection with
-                # half a line parked until the rest comes, and that line is then answered.
-                if (server.draining or self.goaway is not None) and not self.eager:
+                # Input that resumed a reader parked on half a line is read first: a drain leaves
+                # such a connection parked until the rest comes, and that line is then answered.
+                if (server.draining or self.goaway is not None) and not (self.eager and buffer.pending):
                     self.goaway = self.goaway or server.drain_reason
                     break
                 if len(self.out) > MAX_QUEUED_REPLIES:
