@@ -66,10 +66,7 @@ class BatchingConnection(ClientConnection):
         now = time.monotonic()
         line = request_line(self.codec, cmdid, params, call, next(self._ids), now, self.address)
         with self.state:
-            if self.closed:  # register the numbered call, unless the connection closed
-                raise NotSent(f"connection to {self.address} closed: {self.reason}")
-            self.calls[call.id] = call
-            self.orphans += call.abandoned
+            self._register_locked(call)
             call.queued = True
             self.out.append(line)
             self.out_calls.append(call)

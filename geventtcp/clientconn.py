@@ -117,10 +117,7 @@ class ClientConnection:
             line = request_line(self.codec, cmdid, params, call, next(self._ids), time.monotonic(), self.address)
             rid = call.id
             with self.state:
-                if self.closed:  # register the numbered call, unless the connection closed
-                    raise NotSent(f"connection to {self.address} closed: {self.reason}")
-                self.calls[rid] = call
-                self.orphans += call.abandoned
+                self._register_locked(call)
                 self.writing = True
                 led = claim and not self.reading
                 if led:
@@ -162,6 +159,13 @@ class ClientConnection:
                     self.writing = False
                     self._close_socket_if_unused()
             wlock.release()
+
+    def _register_locked(self, call: Call) -> None:
+        """Enter a numbered call in ``calls`` (under ``state``); NotSent if the connection closed."""
+        if self.closed:
+            raise NotSent(f"connection to {self.address} closed: {self.reason}")
+        self.calls[call.id] = call
+        self.orphans += call.abandoned
 
     def _wait(self, call: Call, deadline: float) -> None:
         """Return once ``call`` is done (reply or error); raise CallTimeout at the deadline."""
