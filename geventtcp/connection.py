@@ -146,11 +146,15 @@ class Connection:
         self.receiving = True
         self._read_watcher.start(self.server.readers.run, self._read_loop)
 
-    def _unpark(self, stop: str) -> None:
-        """Hub-side: end a parked connection's reading for ``stop``, in a reader greenlet."""
+    def _unwatch(self) -> None:
+        """Stop waiting on the read watcher: the connection is resumed, stopped or closed."""
         self._read_watcher.stop()
         self.parked = False
         self.receiving = False
+
+    def _unpark(self, stop: str) -> None:
+        """Hub-side: end a parked connection's reading for ``stop``, in a reader greenlet."""
+        self._unwatch()
         self.server.readers.run(self._stop_parked, stop)
 
     def _stop_parked(self, reason: str) -> None:
@@ -162,7 +166,7 @@ class Connection:
     def _read_loop(self) -> None:
         """Read and dispatch until EOF, a stop, a handoff (this greenlet keeps its request) or a park."""
         self.reader = me = getcurrent()
-        if self.parked:  # resumed by the read watcher
+        if self.parked:  # resumed by the read watcher: _unwatch() inline (once per request)
             self._read_watcher.stop()
             self.parked = False
             self.receiving = False
@@ -541,8 +545,7 @@ class Connection:
 
     def _release(self) -> None:
         if self.parked:  # closing a socket under a started watcher would throw into its callback's owner
-            self.parked = False
-            self._read_watcher.stop()
+            self._unwatch()
         try:
             self.sock.close()
         finally:
