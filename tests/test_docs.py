@@ -74,11 +74,11 @@ def test_protocol_page_reply_codes_table_matches_errors() -> None:
         assert exception == expected
 
 
-@pytest.mark.parametrize("page", ["quickstart.md", "handlers.md"])
+@pytest.mark.parametrize("page", ["README.md", "docs/quickstart.md", "docs/handlers.md"])
 def test_page_code_runs_against_a_real_server(page: str, tmp_path: Path) -> None:
     """The page's app blocks are served by ``geventtcp serve`` on port 0; each client block runs
     against it (its 127.0.0.1:PORT replaced by the real address) and prints the output block."""
-    blocks = marked_blocks(DOCS / page)
+    blocks = marked_blocks(Path(ROOT) / page)
     kinds = [kind for kind, _ in blocks]
     assert "app" in kinds and "client" in kinds, f"{page} has no runnable app and client blocks"
     (tmp_path / "docapp.py").write_text("\n\n".join(code for kind, code in blocks if kind == "app") + "\n")
@@ -109,7 +109,7 @@ def _commands(text: str) -> list[str]:
 
 def test_commands_name_only_files_a_clone_has() -> None:
     """Every command in the README and the docs works from a clone of this repository alone."""
-    pages = sorted(DOCS.rglob("*.md"))
+    pages = [README, *sorted(DOCS.rglob("*.md"))]
     missing = []
     for page in pages:
         text = page.read_text(encoding="utf-8")
@@ -120,6 +120,19 @@ def test_commands_name_only_files_a_clone_has() -> None:
                 if not (Path(ROOT) / path).exists():
                     missing.append(f"{page.name}: {path}")
     assert not missing, missing
+
+
+def test_readme_is_short_and_starts_with_the_two_commands() -> None:
+    """The README is the front page (at most ~6 KB); its first blocks run the example and the tests
+    exactly as the quickstart shows, and its test command is the one .ci/run runs."""
+    text = README.read_text(encoding="utf-8")
+    assert len(text.encode()) <= 6 * 1024
+    blocks = re.findall(r"```sh\n(.*?)\n```", text, re.S)
+    assert blocks[0] == "python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/python manage.py"
+    assert blocks[1].endswith(".venv/bin/python -m pytest")
+    assert "-m pytest" in (Path(ROOT) / ".ci" / "run").read_text()
+    quickstart = (DOCS / "quickstart.md").read_text(encoding="utf-8")
+    assert blocks[0] in quickstart and blocks[1] in quickstart
 
 
 def test_mkdocs_nav_lists_every_page() -> None:
