@@ -161,7 +161,7 @@ def render_cli() -> str:
         _GENERATED.format(source="the argparse parser in geventtcp/cli.py"),
         "",
         f"`geventtcp COMMAND ...` (also `python -m geventtcp COMMAND ...`): {parser.description}",
-        "`geventtcp --help` and `geventtcp COMMAND --help` print the same as this page.",
+        "`geventtcp --help` and `geventtcp COMMAND --help` print the same arguments.",
         "",
         "| command | what it does |",
         "|---|---|",
