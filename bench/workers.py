@@ -1,6 +1,6 @@
 """``--workers N`` against ``--workers 1`` in the 50x1 shape, in alternating pairs, with where the CPU goes.
 
-    gcc -O2 -o /tmp/geventtcp-lg ../shared/bench/lg.c
+    gcc -O2 -o /tmp/geventtcp-lg bench/lg.c
     python bench/workers.py [--workers 2] [--pairs 5] [--seconds 5]
 
 Each pair starts ``geventtcp serve handlers --workers 1`` and then ``--workers N`` on a fresh port,
@@ -77,7 +77,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args()
     if not os.access(LG, os.X_OK):
-        print(f"no load generator at {LG}: gcc -O2 -o {LG} ../shared/bench/lg.c (or set LG)", file=sys.stderr)
+        print(f"no load generator at {LG}: gcc -O2 -o {LG} bench/lg.c (or set LG)", file=sys.stderr)
         return 2
     print(f"{os.cpu_count()} CPUs; 50 connections, 1 in flight; {args.pairs} pairs of {args.seconds:g} s\n")
     print("| workers | req/s | server CPU us/req | server cores | load generator cores | sleeps/req |")

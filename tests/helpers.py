@@ -150,9 +150,10 @@ _LISTENING = re.compile(r"listening on (\S+?)[ ,]")
 class CliServer:
     """``python -m geventtcp serve ...`` (or manage.py) as a subprocess; learns its port from the log."""
 
-    def __init__(self, argv: list[str], env: dict[str, str] | None = None, timeout: float = 20.0) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None, timeout: float = 20.0,
+                 cwd: str | os.PathLike[str] | None = None) -> None:
         self.proc = subprocess.Popen(
-            argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            argv, cwd=cwd or ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, **(env or {})}, text=True,
         )
         self.output: list[str] = []
