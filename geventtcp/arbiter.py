@@ -17,7 +17,8 @@ CHLD        reap: a worker that died (even ``kill -9``) is replaced
 
 A worker whose heartbeat stops for ``timeout`` seconds is sent SIGABRT, then SIGKILL, and replaced.
 Workers that fail to import the application :data:`BOOT_FAILURE_LIMIT` times in a row halt the
-master with exit status 3, except during a reload, which is abandoned (the old workers keep serving).
+master with exit status 3, except during a reload, which is abandoned: the workers that served
+before it keep serving, and any other (also those of an earlier reload it overtook) is stopped.
 That bookkeeping (reaping, heartbeats, kills) lives in :mod:`geventtcp.supervisor`.
 """
 
@@ -77,6 +78,7 @@ class Arbiter(WorkerSupervisor):
         self.listeners: ListenerSet | None = None
         self.boot_failures = 0
         self.stopping = False
+        self.fallback: set[int] = set()
         self.tmpdir = ""
         self.stats_dir = ""
         self.signals: SignalQueue | None = None
@@ -209,6 +211,10 @@ class Arbiter(WorkerSupervisor):
                     config.values["bind"] = self.config.bind
                 self.config = config
                 self.num_workers = config.workers or os.cpu_count() or 1
+        if not any(w.retiring and not w.signalled for w in self.workers.values()):
+            # No reload pending: what serves now is what a failed reload falls back to. A HUP that
+            # overtakes a pending reload keeps the workers that served before that one.
+            self.fallback = {w.pid for w in self.workers.values() if not w.retiring}
         self.generation += 1
         self._reload_started = time.monotonic()
         for worker in self.workers.values():
