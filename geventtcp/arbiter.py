@@ -17,7 +17,8 @@ CHLD        reap: a worker that died (even ``kill -9``) is replaced
 
 A worker whose heartbeat stops for ``timeout`` seconds is sent SIGABRT, then SIGKILL, and replaced.
 Workers that fail to import the application :data:`BOOT_FAILURE_LIMIT` times in a row halt the
-master with exit status 3, except during a reload, which is abandoned (the old workers keep serving).
+master with exit status 3, except during a reload, which is abandoned: the workers that served
+before it keep serving, and any other (also those of an earlier reload it overtook) is stopped.
 That bookkeeping (reaping, heartbeats, kills) lives in :mod:`geventtcp.supervisor`.
 """
 
@@ -30,7 +31,7 @@ import signal
 import tempfile
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .config import Config
 from .errors import GeventTCPError
@@ -39,6 +40,9 @@ from .log import reopen_log_files
 from .signals import SignalQueue
 from .supervisor import BOOT_FAILURE_LIMIT, STOP_MARGIN, HaltServerError, WorkerProcess, WorkerSupervisor
 from .worker import MASTER_SIGNALS, WorkerSpec, run_worker
+
+if TYPE_CHECKING:
+    from .metrics_http import MetricsEndpoint
 
 __all__ = ["Arbiter", "HaltServerError", "BOOT_FAILURE_LIMIT"]
 
@@ -74,30 +78,31 @@ class Arbiter(WorkerSupervisor):
         self.listeners: ListenerSet | None = None
         self.boot_failures = 0
         self.stopping = False
+        self.fallback: set[int] = set()
         self.tmpdir = ""
         self.stats_dir = ""
         self.signals: SignalQueue | None = None
         self._pidfile_written = False
         self._reload_started = 0.0
-        self._metrics: Any = None
+        self._metrics: MetricsEndpoint | None = None
 
     # -- setup -----------------------------------------------------------------------------------
 
     def _setup(self) -> None:
         cfg = self.config
         self.listeners = ListenerSet(list(cfg.bind), cfg.backlog, cfg.reuse_port)
-        self._preflight()
         self.tmpdir = tempfile.mkdtemp(prefix="geventtcp-")
         self.stats_dir = os.path.join(self.tmpdir, "stats")
         os.mkdir(self.stats_dir)
+        if cfg.metrics_bind:
+            from .metrics_http import MetricsEndpoint
+
+            self._metrics = MetricsEndpoint(cfg.metrics_bind, self.stats_dir, bool(cfg.protected_mode))
+        self._preflight()
         if cfg.pidfile:
             with open(cfg.pidfile, "w", encoding="ascii") as fh:
                 fh.write(f"{self.pid}\n")
             self._pidfile_written = True
-        if cfg.metrics_bind:
-            from .metrics_http import MetricsEndpoint
-
-            self._metrics = MetricsEndpoint(cfg.metrics_bind, self.stats_dir)
         self.signals = SignalQueue(self.SIGNALS)
         addresses = ", ".join(self._listeners().bound)
         log.info("master %d bound %s; starting %d worker(s)", self.pid, addresses, self.num_workers)
@@ -106,7 +111,8 @@ class Arbiter(WorkerSupervisor):
         """Fail here, once, with a clear message, on what would make every worker fail to start."""
         from .security import check_serving_settings
 
-        check_serving_settings(self.config, [sock.getsockname() for sock in self._listeners().all()])
+        metrics = [self._metrics.address()] if self._metrics is not None else []
+        check_serving_settings(self.config, [sock.getsockname() for sock in self._listeners().all()], metrics)
 
     def _signal_fds(self) -> tuple[int, ...]:
         return self.signals.fds if self.signals is not None else ()
@@ -175,8 +181,7 @@ class Arbiter(WorkerSupervisor):
     def _wait(self, timeout: float) -> list[int]:
         """Sleep until a signal arrives or ``timeout`` passes (serving metrics meanwhile); the signals."""
         assert self.signals is not None, "installed in _setup"
-        metrics = self._metrics
-        return self.signals.wait(timeout, metrics, metrics.serve_one if metrics is not None else None)
+        return self.signals.wait(timeout, self._metrics)
 
     # -- signal handlers -------------------------------------------------------------------------
 
@@ -206,6 +211,10 @@ class Arbiter(WorkerSupervisor):
                     config.values["bind"] = self.config.bind
                 self.config = config
                 self.num_workers = config.workers or os.cpu_count() or 1
+        if not any(w.retiring and not w.signalled for w in self.workers.values()):
+            # No reload pending: what serves now is what a failed reload falls back to. A HUP that
+            # overtakes a pending reload keeps the workers that served before that one.
+            self.fallback = {w.pid for w in self.workers.values() if not w.retiring}
         self.generation += 1
         self._reload_started = time.monotonic()
         for worker in self.workers.values():

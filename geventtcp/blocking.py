@@ -3,9 +3,14 @@
 A handler that spins the CPU or makes an unpatched blocking call freezes every connection of its
 worker. The hub refreshes a heartbeat from a timer every quarter of ``blocking_time``; a plain OS
 thread checks it at the same pace, and when the heartbeat is older than ``blocking_time`` plus one
-tick (so the loop has been stuck for at least ``blocking_time``) it logs one warning per stall on
+tick (so the loop has been stuck for at least ``blocking_time``) it logs a warning on
 ``geventtcp.blocking`` with the cmdid, id and peer of the request that was running, found by walking
 the hub thread's stack to the connection's dispatch frame at that moment.
+
+One stall can span several requests: lines read together are dispatched back to back without a
+hub turn. The watcher keeps sampling the stack while the stall lasts, and a request that starts
+inside it and itself holds the loop ``blocking_time`` gets its own warning; so the handler that
+caused most of a stall is named even when another one was running when the stall was noticed.
 
 Why not gevent's own monitor thread: its ``EventLoopBlocked`` event comes only after it has formatted
 every thread and greenlet (``gc.get_objects()``), which under GIL contention with the spinning handler
@@ -22,22 +27,22 @@ from time import perf_counter
 from types import FrameType
 from typing import Any
 
+from .connection import Connection
 from .protocol import Request
 
 __all__ = ["BlockingDetector", "enable_blocking_detector", "request_in_stack", "running_requests"]
 
 log = logging.getLogger("geventtcp.blocking")
 
-#: The function of geventtcp.connection whose ``req`` local is the request a handler serves.
-_DISPATCH_CODE_NAME = "_dispatch"
-_DISPATCH_FILE = "connection.py"
+#: The code of the function whose ``req`` local is the request a handler serves: compared by
+#: identity, so an application's own ``_dispatch`` (in its own ``connection.py``) is never taken for it.
+_DISPATCH_CODE = Connection._dispatch.__code__
 
 
 def request_in_stack(frame: FrameType | None) -> Request | None:
     """The request whose handler runs in the stack ending at ``frame`` (innermost dispatch), or ``None``."""
     while frame is not None:
-        code = frame.f_code
-        if code.co_name == _DISPATCH_CODE_NAME and code.co_filename.endswith(_DISPATCH_FILE):
+        if frame.f_code is _DISPATCH_CODE:
             req = frame.f_locals.get("req")
             if isinstance(req, Request):
                 return req
@@ -84,7 +89,7 @@ class BlockingDetector:
 
         self.threshold = threshold
         self.tick = threshold / 4
-        self.stalls = 0
+        self.stalls = 0  # warnings logged (one per stall, plus one per further request holding it)
         self.running = True
         self.beat = perf_counter()
         # The OS id of this (the hub's) thread: threading's own ident is patched to a greenlet's.
@@ -101,18 +106,32 @@ class BlockingDetector:
         # The last beat is at most one tick old while the loop turns, so an age beyond
         # threshold + tick means the loop has been stuck for more than ``threshold``.
         limit = self.threshold + self.tick
-        reported = False
+        stalled = False
+        named: Request | None = None  # the request the last warning of this stall named
+        seen: Request | None = None  # the request running at the last sample, and since when
+        seen_at = 0.0
         while self.running:
             self._sleep(self.tick)
-            if perf_counter() - self.beat <= limit:
-                reported = False
-            elif not reported and self.running:
-                reported = True
-                self._report(sys._current_frames().get(self._hub_thread))
+            now = perf_counter()
+            if now - self.beat <= limit:
+                stalled = False
+                named = seen = None
+                continue
+            if not self.running:
+                return
+            frame = sys._current_frames().get(self._hub_thread)
+            req = request_in_stack(frame)  # first: the handler may return any moment
+            if req is not seen:
+                seen, seen_at = req, now
+            # The stall's first warning names whatever runs now; a later request in the same stall
+            # is named once it has held the loop ``threshold`` by itself.
+            if not stalled or (req is not None and req is not named and now - seen_at >= self.threshold):
+                stalled = True
+                named = req
+                self._report(req, frame)
                 self.stalls += 1  # after the report: a waiter on ``stalls`` finds it logged
 
-    def _report(self, frame: FrameType | None) -> None:
-        req = request_in_stack(frame)  # first: the handler may return any moment
+    def _report(self, req: Request | None, frame: FrameType | None) -> None:
         log.warning("event loop blocked for more than %.3gs by %s", self.threshold, _describe(req))
         if frame is not None and log.isEnabledFor(logging.DEBUG):
             log.debug("blocked stack:\n%s", "".join(traceback.format_stack(frame)))

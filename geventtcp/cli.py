@@ -103,7 +103,8 @@ def _check_config(app: str, config: Any) -> int:
     from .urls import load_registry
 
     try:
-        check_serving_settings(config, _bind_addresses(config.bind))
+        metrics = _bind_addresses([config.metrics_bind]) if config.metrics_bind else []
+        check_serving_settings(config, _bind_addresses(config.bind), metrics)
         if config.log_config:
             apply_log_config(config.log_config)
         if os.getcwd() not in sys.path and "" not in sys.path:

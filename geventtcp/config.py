@@ -140,7 +140,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("auth_token_file", "", "Read the shared secret from this file (surrounding whitespace stripped).",
             section="security"),
     Setting("protected_mode", True, "Without auth_token or TLS client certificates, refuse to listen on a "
-            "non-loopback address and deny non-loopback peers (--no-protected-mode to allow).",
+            "non-loopback address and deny non-loopback peers (--no-protected-mode to allow); the metrics listener, "
+            "which has no authentication, is held to loopback whatever the auth settings.",
             section="security", convert=parse_bool, flag=True),
     Setting("log_level", "info", "Level of the geventtcp loggers.", section="logging",
             convert=lambda v: str(v).lower(), choices=("debug", "info", "warning", "error", "critical")),

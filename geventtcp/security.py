@@ -21,6 +21,7 @@ __all__ = [
     "load_token",
     "is_protected",
     "check_listen_addresses",
+    "check_metrics_addresses",
     "check_serving_settings",
     "make_auth",
 ]
@@ -87,12 +88,31 @@ def check_listen_addresses(addresses: Iterable[Any]) -> None:
             )
 
 
-def check_serving_settings(settings: Any, addresses: Iterable[Any]) -> None:
+def check_metrics_addresses(settings: Any, addresses: Iterable[Any]) -> None:
+    """Protected mode for the metrics listener: raise :class:`ConfigError` for a non-loopback address.
+
+    The metrics endpoint has no authentication of its own (a token or client certificate guards
+    the protocol, not scrapes), so only ``protected_mode`` off lets it listen beyond loopback.
+    """
+    if not settings.protected_mode:
+        return
+    for address in addresses:
+        if not is_loopback(address):
+            host, port = address[0], address[1]
+            raise ConfigError(
+                f"protected mode: refusing to serve metrics on {host}:{port}: the metrics endpoint has no "
+                "authentication (auth_token does not cover it). Bind metrics_bind to a loopback address, or "
+                "pass --no-protected-mode (GEVENTTCP_PROTECTED_MODE=0) if every peer that can reach it is trusted."
+            )
+
+
+def check_serving_settings(settings: Any, addresses: Iterable[Any], metrics_addresses: Iterable[Any] = ()) -> None:
     """The checks every server start makes, for the launcher's preflight and ``serve --check-config``.
 
     Loads the auth token, builds the TLS server context (certificate files readable and matching)
     and, in protected mode, refuses non-loopback ``addresses`` (``getsockname()``-style tuples or
-    unix paths). Raises :class:`ConfigError` (or ``OSError``/``ssl.SSLError`` from the TLS files).
+    unix paths) and ``metrics_addresses`` (see :func:`check_metrics_addresses`). Raises
+    :class:`ConfigError` (or ``OSError``/``ssl.SSLError`` from the TLS files).
     """
     from .tls import server_context_from_settings
 
@@ -100,6 +120,7 @@ def check_serving_settings(settings: Any, addresses: Iterable[Any]) -> None:
     server_context_from_settings(settings)
     if is_protected(settings, token):
         check_listen_addresses(addresses)
+    check_metrics_addresses(settings, metrics_addresses)
 
 
 def make_auth(server: Server, token: str | None) -> Callable[[Request], Any]:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 import select
 import signal
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Protocol
 
-__all__ = ["SignalQueue"]
+__all__ = ["SignalQueue", "Pollable"]
 
 #: Signals whose every occurrence counts; any other repeated within one batch counts once.
 COUNTED = (signal.SIGTTIN, signal.SIGTTOU)
@@ -21,6 +21,16 @@ COUNTED = (signal.SIGTTIN, signal.SIGTTOU)
 
 def _record(signum: int, frame: Any) -> None:
     """Nothing to do here: the wakeup fd already queued ``signum``."""
+
+
+class Pollable(Protocol):
+    """Something else the master's loop serves between signals (the metrics endpoint), never blocking."""
+
+    def watch(self) -> tuple[list[int], list[int], float | None]:
+        """Descriptors to wait on for reading and for writing, and seconds until it must run anyway."""
+
+    def ready(self, readable: list[int], writable: list[int]) -> None:
+        """Act on the ready descriptors (maybe none: a deadline passed); must not block."""
 
 
 class SignalQueue:
@@ -36,20 +46,26 @@ class SignalQueue:
         for sig in self.signals:
             signal.signal(sig, _record)
 
-    def wait(self, timeout: float, extra: Any = None, on_extra: Callable[[], None] | None = None) -> list[int]:
+    def wait(self, timeout: float, extra: Pollable | None = None) -> list[int]:
         """Block until a signal arrives or ``timeout`` passes; the signals received, in order.
 
-        ``extra`` is another readable object to watch (the metrics listener); when it is readable,
-        ``on_extra()`` runs before the signals are returned.
+        ``extra`` (the metrics endpoint) is served meanwhile: its descriptors are watched too, the
+        wait ends by its next deadline, and its ``ready()`` runs before the signals are returned.
         """
         read_fd = self.fds[0]
-        watched: list[Any] = [read_fd] + ([extra] if extra is not None else [])
+        readers: list[int] = [read_fd]
+        writers: list[int] = []
+        if extra is not None:
+            more, writers, due = extra.watch()
+            readers.extend(more)
+            if due is not None:
+                timeout = min(timeout, due)
         try:
-            ready, _, _ = select.select(watched, [], [], timeout)
+            ready, writable, _ = select.select(readers, writers, [], timeout)
         except InterruptedError:
-            ready = [read_fd]
-        if extra is not None and extra in ready and on_extra is not None:
-            on_extra()
+            ready, writable = [read_fd], []
+        if extra is not None:
+            extra.ready(ready, writable)
         received: list[int] = []
         while True:
             try:

@@ -65,6 +65,8 @@ class WorkerSupervisor:
     stats_dir: str
     boot_failures: int
     stopping: bool
+    #: Pids of the workers that served when the pending reload (or chain of reloads) began.
+    fallback: set[int]
 
     def _retire(self, worker: WorkerProcess, sig: int) -> None:
         worker.retiring = worker.signalled = True
@@ -109,18 +111,20 @@ class WorkerSupervisor:
     def _abort_reload(self) -> bool:
         """A new generation that cannot boot must not take the serving one down: keep the old workers.
 
-        True when a reload was pending (old workers not yet told to drain): they are current again
-        and the new generation's other workers are stopped.
+        True when a reload was pending (old workers not yet told to drain): the workers that served
+        before the first pending HUP (:attr:`fallback`) are current again, and every other worker
+        is stopped: the failed generation's, and those of an earlier reload it overtook before they
+        booted (restoring them too would leave two code versions, twice the workers, running).
         """
         waiting = [w for w in self.workers.values() if w.retiring and not w.signalled]
         if not waiting or self.stopping:
             return False
         log.error("reload failed: the new application cannot boot; the previous workers keep serving")
         for worker in list(self.workers.values()):
-            if not worker.retiring:
+            if worker.pid in self.fallback and not worker.signalled:
+                worker.retiring = False
+            elif not worker.signalled:
                 self._retire(worker, signal.SIGTERM)
-        for worker in waiting:
-            worker.retiring = False
         self.boot_failures = 0
         return True
 

@@ -14,7 +14,7 @@ import gevent
 import pytest
 
 from .helpers import ROOT, wait_until
-from .opstools import Caller, Launcher, call_once, wait_inflight, write_app
+from .opstools import APP_SOURCE, Caller, Launcher, call_once, wait_inflight, write_app
 
 
 @pytest.fixture
@@ -290,5 +290,34 @@ def test_a_reload_that_cannot_boot_keeps_the_previous_workers_serving(app_dir: P
         launcher.signal(signal.SIGHUP)
         launcher.wait_workers(2, exclude=old)
         assert call_once(launcher.address, 9)["version"] == "v3"
+    finally:
+        launcher.close()
+
+
+def test_a_failed_reload_overtaking_a_slow_one_restores_only_the_serving_generation(app_dir: Path) -> None:
+    launcher = Launcher(app_dir, "--workers", "2", "--graceful-timeout", "5")
+    try:
+        old = launcher.wait_workers(2)
+        # v2 boots slowly: each worker marks that it has read the module, then imports for 4 s more.
+        slow = "import os, time\nopen(f'importing-{os.getpid()}', 'w').close()\ntime.sleep(4)\n"
+        (app_dir / "opsapp.py").write_text(slow + APP_SOURCE.format(version="v2"))
+        launcher.signal(signal.SIGHUP)
+        wait_until(lambda: len(list(app_dir.glob("importing-*"))) == 2, 20)
+        # Overtaken while v2 still imports: v3 cannot boot at all.
+        (app_dir / "opsapp.py").write_text("raise ImportError('half-deployed release')\n")
+        launcher.signal(signal.SIGHUP)
+        launcher.wait_log("reload failed: the new application cannot boot")
+        # Once things settle, only the generation that served before the reloads is left: N
+        # workers of one code version, not N of v1 plus N of the abandoned v2.
+        wait_until(lambda: _children(launcher.master) == old, 30)
+        assert launcher.wait_workers(2) == old
+        for _ in range(20):
+            reply = call_once(launcher.address, 9)
+            assert reply["version"] == "v1" and reply["pid"] in old
+        assert _children(launcher.master) == old
+        write_app(app_dir, version="v4")  # the fixed release reloads normally
+        launcher.signal(signal.SIGHUP)
+        launcher.wait_workers(2, exclude=old)
+        assert call_once(launcher.address, 9)["version"] == "v4"
     finally:
         launcher.close()

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from geventtcp import Server
-from geventtcp.blocking import BlockingDetector, enable_blocking_detector
+from geventtcp.blocking import BlockingDetector, enable_blocking_detector, request_in_stack
 
 from .helpers import RawConn, wait_until
 
@@ -44,6 +44,40 @@ def test_a_spinning_handler_is_named_once_per_stall(serve: Callable[..., Server]
     for row, ident in zip(rows, (41, 42), strict=True):
         assert re.fullmatch(rf"event loop blocked for more than 0\.05s by cmdid 6 \(id {ident}, "
                             r"peer 127\.0\.0\.1:\d+\)", row), row
+
+
+def test_each_request_that_holds_one_stall_is_named(serve: Callable[..., Server], detector: BlockingDetector,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    # One read, three lines, no hub turn in between: a single stall. The report made when it is
+    # noticed names the request running then (id 2: it spins five thresholds, so a watcher slowed by
+    # a loaded host still finds it running); the spin after it (id 3) held the loop four times
+    # longer and must be named too, not hidden behind the first report.
+    server = serve()
+    with caplog.at_level(logging.WARNING, logger="geventtcp.blocking"), RawConn(server.address) as c:
+        c.send(b'{"cmdid":1,"id":1,"params":{}}\n'
+               b'{"cmdid":6,"id":2,"params":{"seconds":0.25}}\n'
+               b'{"cmdid":6,"id":3,"params":{"seconds":1.0}}\n')
+        assert [c.line()["id"] for _ in range(3)] == [1, 2, 3]
+        wait_until(lambda: detector.stalls >= 2)
+        assert c.call(1, {"after": 1})["code"] == 0  # the loop turned: the stall is over
+    rows = reports(caplog)
+    assert [re.search(r"\(id (\d+),", row).group(1) for row in rows] == ["2", "3"], rows  # type: ignore[union-attr]
+    assert all("by cmdid 6 " in row for row in rows), rows
+
+
+def test_only_the_servers_dispatch_frame_names_a_request() -> None:
+    # An application's own ``_dispatch`` in its own ``connection.py`` holding a ``req`` is not the
+    # server's dispatch frame: matching by name and file would report that object as the request.
+    import sys
+
+    from geventtcp.codec import get_codec
+    from geventtcp.protocol import parse_request
+
+    source = "def _dispatch(req):\n    return sys._getframe()\n"
+    scope: dict[str, Any] = {"sys": sys}
+    exec(compile(source, "/srv/myapp/connection.py", "exec"), scope)  # noqa: S102 - a look-alike frame
+    req = parse_request(b'{"cmdid":1,"id":5,"params":{}}', get_codec("simplejson"), ("127.0.0.1", 1))
+    assert request_in_stack(scope["_dispatch"](req)) is None
 
 
 def test_a_cooperative_sleep_is_no_stall(serve: Callable[..., Server], detector: BlockingDetector,

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import gevent
 import pytest
 from gevent import socket
 
 from geventtcp.config import render_markdown
+from geventtcp.metrics_http import SCRAPE_TIMEOUT
 
 from .helpers import ROOT, wait_until
 from .opstools import Launcher, call_once, write_app
+from .test_security import non_loopback_ip
 
 
 @pytest.fixture
@@ -85,6 +90,94 @@ def test_metrics_endpoint_serves_prometheus_text_aggregated_over_workers(app_dir
         assert 'geventtcp_request_duration_seconds_bucket{cmdid="1",le="+Inf"} 4' in body
         assert "geventtcp_workers 2" in body
         assert body.count("geventtcp_worker_uptime_seconds{pid=") == 2
+    finally:
+        launcher.close()
+
+
+def _metrics_address(launcher: Launcher) -> tuple[str, int]:
+    host, _, port = launcher.wait_log(r"metrics on http://(\S+)/metrics").group(1).rpartition(":")
+    return host, int(port)
+
+
+def _scrape(address: tuple[str, int], source: str | None = None) -> str:
+    """One HTTP/1.0 scrape; the whole response."""
+    with socket.create_connection(address, timeout=5, source_address=(source, 0) if source else None) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data.decode()
+
+
+def test_a_trickling_metrics_client_does_not_stop_the_master_supervising(app_dir: Path) -> None:
+    launcher = Launcher(app_dir, "--workers", "2", "--metrics-bind", "127.0.0.1:0")
+    try:
+        address = _metrics_address(launcher)
+        pids = launcher.wait_workers(2)
+        trickler = socket.create_connection(address, timeout=30)
+        sent = [0]
+        closed_after: list[float] = []
+        start = time.monotonic()
+
+        def trickle() -> None:  # one byte of a never-ending header every 0.5 s, until the master hangs up
+            try:
+                while True:
+                    trickler.sendall(b"x")
+                    sent[0] += 1
+                    gevent.sleep(0.5)
+            except OSError:
+                closed_after.append(time.monotonic() - start)
+
+        trickling = gevent.spawn(trickle)
+        try:
+            wait_until(lambda: sent[0] >= 3, 10)  # the master has had the connection for a second
+            victim = min(pids)
+            os.kill(victim, signal.SIGKILL)
+            killed = time.monotonic()
+            # Reaped and replaced as without the trickler (the master's loop turns every second at most).
+            launcher.wait_log(rf"Worker \(pid:{victim}\) was sent SIGKILL", timeout=5)
+            launcher.wait_workers(2, exclude={victim}, timeout=15)
+            assert time.monotonic() - killed < 15
+            # A normal scrape is answered while the trickler is still connected.
+            assert not closed_after
+            response = _scrape(address)
+            assert response.startswith("HTTP/1.0 200 OK") and "geventtcp_workers 2" in response
+            # The trickler's whole scrape is bounded: the master (and no worker forked meanwhile)
+            # holds it past the deadline; its next sends fail.
+            wait_until(lambda: closed_after, 20)
+            assert closed_after[0] < SCRAPE_TIMEOUT + 5
+        finally:
+            trickling.kill()
+            trickler.close()
+    finally:
+        launcher.close()
+
+
+def test_protected_mode_applies_to_the_metrics_listener(app_dir: Path) -> None:
+    public = ("serve", "opsapp", "--bind", "127.0.0.1:0", "--metrics-bind", "0.0.0.0:0")
+    served = _cli(*public, cwd=app_dir)
+    assert served.returncode == 2 and "protected mode" in served.stderr and "0.0.0.0" in served.stderr
+    checked = _cli(*public, "--check-config", cwd=app_dir)
+    assert checked.returncode == 1 and "protected mode" in checked.stderr
+    # A token guards the protocol, not scrapes: it does not open the metrics listener.
+    tokened = _cli(*public, "--auth-token", "s3cret", "--check-config", cwd=app_dir)
+    assert tokened.returncode == 1 and "metrics" in tokened.stderr
+    assert _cli(*public, "--no-protected-mode", "--check-config", cwd=app_dir).returncode == 0
+    # A loopback bind reached from a non-loopback source (port forwarding) is answered 403.
+    source = non_loopback_ip()
+    assert source is not None, "no non-loopback IPv4 address on this host"
+    launcher = Launcher(app_dir, "--metrics-bind", "127.0.0.1:0")
+    try:
+        address = _metrics_address(launcher)
+        launcher.wait_workers(1)
+        assert _scrape(address, source).startswith("HTTP/1.0 403 Forbidden")
+        assert _scrape(address).startswith("HTTP/1.0 200 OK")
+    finally:
+        launcher.close()
+    launcher = Launcher(app_dir, "--metrics-bind", "127.0.0.1:0", "--no-protected-mode")
+    try:
+        launcher.wait_workers(1)
+        assert _scrape(_metrics_address(launcher), source).startswith("HTTP/1.0 200 OK")
     finally:
         launcher.close()
 
