@@ -102,7 +102,7 @@ SETTINGS: tuple[Setting, ...] = (
             cli=("-w", "--workers"), validate=_positive),
     Setting("max_connections", 10000, "Connections per worker; one over the limit gets a 503 line and is closed.",
             convert=int, validate=_positive),
-    Setting("max_connections_per_peer", 256, "Connections per worker from one peer IP address; one over gets a "
+    Setting("max_connections_per_peer", 0, "Connections per worker from one peer IP address; one over gets a "
             "503 line and is closed (0: no limit).", convert=int, validate=_positive),
     Setting("max_line_bytes", 1 << 20, "Longest request line (newline included); longer lines get 413.",
             convert=parse_size, validate=_positive),
