@@ -7,6 +7,7 @@ assignments like gunicorn's) < ``GEVENTTCP_<NAME>`` environment variable < comma
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import runpy
 import tomllib
@@ -59,6 +60,16 @@ def _str_list(value: Any) -> list[str]:
     return [str(part) for part in value]
 
 
+def _networks(value: Any) -> list[str]:
+    """Comma-separated addresses or CIDR networks (``*``: any peer), each checked here."""
+    items = [part.strip() for item in ([value] if isinstance(value, str) else value)
+             for part in str(item).split(",") if part.strip()]
+    for item in items:
+        if item != "*":
+            ipaddress.ip_network(item, strict=False)  # ValueError names the bad entry
+    return items
+
+
 @dataclass(frozen=True)
 class Setting:
     """One setting: its name is the config-file key; ``cli`` its flags; the env var is derived."""
@@ -102,8 +113,9 @@ SETTINGS: tuple[Setting, ...] = (
             cli=("-w", "--workers"), validate=_positive),
     Setting("max_connections", 10000, "Connections per worker; one over the limit gets a 503 line and is closed.",
             convert=int, validate=_positive),
-    Setting("max_connections_per_peer", 256, "Connections per worker from one peer IP address; one over gets a "
-            "503 line and is closed (0: no limit).", convert=int, validate=_positive),
+    Setting("max_connections_per_peer", 0, "Connections per worker from one peer IP address; one over gets a "
+            "503 line and is closed (0: no limit). Behind a proxy, turn on proxy_protocol so the peer is the "
+            "real client.", convert=int, validate=_positive),
     Setting("max_line_bytes", 1 << 20, "Longest request line (newline included); longer lines get 413.",
             convert=parse_size, validate=_positive),
     Setting("max_reply_bytes", 16 << 20, "Longest reply line; a larger result is replaced by a 413 reply.",
@@ -143,6 +155,15 @@ SETTINGS: tuple[Setting, ...] = (
             "non-loopback address and deny non-loopback peers (--no-protected-mode to allow); the metrics listener, "
             "which has no authentication, is held to loopback whatever the auth settings.",
             section="security", convert=parse_bool, flag=True),
+    Setting("proxy_protocol", False, "Every connection starts with a PROXY protocol header (v1 or v2: HAProxy "
+            "send-proxy, send-proxy-v2) giving the real client address for limits, protected mode and logs; a "
+            "connection from a peer outside proxy_allow_from, or without a valid header, is closed.",
+            section="security", convert=parse_bool, flag=True),
+    Setting("proxy_allow_from", ["127.0.0.1", "::1"], "Peers (addresses or CIDR networks, comma-separated; * for "
+            "any) trusted to send the PROXY header; unix-socket peers are always trusted.", section="security",
+            convert=_networks, metavar="NETWORKS"),
+    Setting("proxy_protocol_timeout", 5.0, "Seconds a connection has to send its whole PROXY header (0: no limit).",
+            section="security", convert=float, validate=_positive),
     Setting("log_level", "info", "Level of the geventtcp loggers.", section="logging",
             convert=lambda v: str(v).lower(), choices=("debug", "info", "warning", "error", "critical")),
     # -- operations (launcher, logging, introspection) ---------------------------------------

@@ -24,6 +24,7 @@ __all__ = ["snapshot", "write_snapshot", "read_snapshots", "merge", "prometheus_
 LIMIT_COUNTERS: tuple[tuple[str, str], ...] = (
     ("auth_failures", "AUTH attempts with a wrong or missing token."),
     ("tls_failures", "TLS handshakes that failed or timed out."),
+    ("proxy_header_failures", "Connections closed for an untrusted peer or a bad PROXY protocol header."),
     ("slow_request_disconnections", "Connections closed because a request line was not finished in time."),
     ("write_timeout_disconnections", "Connections dropped because the peer read nothing for write_timeout."),
     ("unknown_commands", "Requests for a cmdid with no handler (or not allowed before AUTH)."),

@@ -6,13 +6,14 @@ import errno
 import logging
 import math
 import resource
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import gevent
-from gevent import GreenletExit
+from gevent import GreenletExit, Timeout
 from gevent.event import Event
 from gevent.hub import get_hub
 from gevent.server import StreamServer
@@ -23,6 +24,7 @@ from .config import Config
 from .connection import Connection
 from .errors import Code
 from .protocol import Request, encode_error, encode_goaway
+from .proxyproto import MAX_HEADER_BYTES, ProxyHeader, ProxyHeaderError, is_trusted, parse, trusted_networks
 from .readers import ReaderPool
 from .security import check_listen_addresses, is_loopback, is_protected, load_token
 from .sockets import create_listener, format_address, send_and_linger, unsent_bytes
@@ -46,6 +48,31 @@ class _AcceptBackoff(GreenletExit):  # type: ignore[misc]
 
 #: accept() errors that mean "out of resources": retried with back-off, logged at most every 10 s.
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def _recv_proxy_header(sock: Any) -> ProxyHeader:
+    """Read exactly the PROXY header from ``sock``: whatever follows stays in the kernel's buffer.
+
+    Bytes are peeked first and only header bytes are taken, so the client's first request line, or
+    its TLS ClientHello, is read afterwards by the connection (or the handshake) as usual. A header
+    split over several segments is taken piece by piece (every byte of an unfinished header is
+    header), so a peek never spins on bytes already seen.
+    """
+    taken = b""
+    while True:
+        peeked = sock.recv(MAX_HEADER_BYTES - len(taken), socket.MSG_PEEK)
+        if not peeked:
+            raise ProxyHeaderError("connection closed before the PROXY header was complete")
+        header = parse(taken + peeked)
+        want = len(peeked) if header is None else header.length - len(taken)
+        while want > 0:  # peeked bytes are queued: recv returns them at once
+            chunk = sock.recv(want)
+            if not chunk:
+                raise ProxyHeaderError("connection closed inside the PROXY header")
+            taken += chunk
+            want -= len(chunk)
+        if header is not None:
+            return header
 
 
 def _kill_all(glets: list[Any]) -> None:
@@ -114,6 +141,8 @@ class Server:
         self.codec = get_codec(self.settings.codec)
         self.token = load_token(self.settings)
         self.protected = is_protected(self.settings, self.token)
+        #: Peers trusted to send a PROXY header (``None``: any); unused unless proxy_protocol is on.
+        self.proxy_from = trusted_networks(self.settings.proxy_allow_from)
         self.ssl_context = ssl_context if ssl_context is not None else server_context_from_settings(self.settings)
         self.plain_sockets = self.ssl_context is None
         self.stats = Stats()
@@ -252,6 +281,10 @@ class Server:
     # -- per connection and request --------------------------------------------------------------
 
     def _handle(self, sock: Any, address: Any) -> None:
+        if self.proxy_protocol:
+            address = self._proxy_address(sock, address)
+            if address is None:
+                return
         if self.draining:
             self._refuse(sock, encode_goaway(self.codec, self.drain_reason), linger=True)
             return
@@ -292,6 +325,25 @@ class Server:
         except BaseException:
             conn.abort()
             raise
+
+    def _proxy_address(self, sock: Any, address: Any) -> Any:
+        """The client address the PROXY header gives, or the socket's own for a LOCAL header (the
+        proxy's health check); ``None`` after closing a connection from an untrusted peer or with a
+        missing, malformed or late header (such a peer is never served as a plain client)."""
+        if not is_trusted(address, self.proxy_from):
+            why: Any = "peer not in proxy_allow_from"
+        else:
+            timeout = self.settings.proxy_protocol_timeout
+            try:
+                with Timeout(timeout or None, TimeoutError(f"no PROXY header within {timeout:g}s")):
+                    header = _recv_proxy_header(sock)
+                return header.source or address
+            except (OSError, TimeoutError, ProxyHeaderError) as exc:
+                why = exc
+        self.stats.proxy_header_failures += 1
+        log.warning("PROXY protocol: closed connection from %r: %s", address, why)
+        sock.close()
+        return None
 
     def _refuse(self, sock: Any, line: bytes, linger: bool = False) -> None:
         """Best-effort final line, then close: a refused peer never waits in the backlog.
@@ -341,6 +393,7 @@ class Server:
         self.max_inflight: int = s.max_inflight
         self.max_inflight_per_connection: int = s.max_inflight_per_connection
         self.max_reply_bytes: int = s.max_reply_bytes
+        self.proxy_protocol: bool = s.proxy_protocol  # read per accepted connection
 
     def admit(self, conn: Connection, req: Request) -> tuple[int, str] | None:
         """Why ``req`` must not run now (code, message), or ``None``; a refused handler never runs."""

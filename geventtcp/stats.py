@@ -58,6 +58,8 @@ class Stats:
         self.connections_rejected = 0
         self.auth_failures = 0
         self.tls_failures = 0
+        #: Connections closed on a proxy_protocol listener: untrusted peer, bad, late or missing header.
+        self.proxy_header_failures = 0
         #: Connections closed for a request line not finished within request_timeout (slowloris).
         self.slow_request_disconnections = 0
         #: Connections dropped after write_timeout without write progress (a peer that reads nothing).
@@ -85,6 +87,7 @@ class Stats:
             "connections_rejected": self.connections_rejected,
             "auth_failures": self.auth_failures,
             "tls_failures": self.tls_failures,
+            "proxy_header_failures": self.proxy_header_failures,
             "slow_request_disconnections": self.slow_request_disconnections,
             "write_timeout_disconnections": self.write_timeout_disconnections,
             "unknown_commands": self.unknown_commands,

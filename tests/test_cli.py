@@ -104,3 +104,19 @@ def test_sigterm_drains_in_flight_requests_before_exit() -> None:
         assert server.proc.wait(timeout=10) == 0
     finally:
         server.stop()
+
+
+def test_proxy_protocol_flags() -> None:
+    """--proxy-protocol and --proxy-allow-from (comma-separated networks) from the command line and env."""
+    out = subprocess.run(python_cmd("-m", "geventtcp", "serve", "handlers", "--proxy-protocol",
+                                    "--proxy-allow-from", "10.0.0.0/8, 127.0.0.1", "--print-config"),
+                         cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "GEVENTTCP_PROXY_PROTOCOL_TIMEOUT": "2"})
+    assert out.returncode == 0, out.stderr
+    shown = dict(line.split(None, 1) for line in out.stdout.splitlines())
+    assert shown["proxy_protocol"] == "= True  # command line"
+    assert shown["proxy_allow_from"] == "= ['10.0.0.0/8', '127.0.0.1']  # command line"
+    assert shown["proxy_protocol_timeout"] == "= 2.0  # env GEVENTTCP_PROXY_PROTOCOL_TIMEOUT"
+    bad = subprocess.run(python_cmd("-m", "geventtcp", "serve", "handlers", "--proxy-allow-from", "10.0.0.300"),
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "proxy_allow_from (command line): invalid value" in bad.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -28,12 +29,16 @@ def _free_port() -> int:
 
 
 def _haproxy_config(ports: list[int], front: int, stats_sock: str) -> str:
+    """deploy/haproxy.cfg with our ports; servers beyond ``len(ports)`` are left out."""
     with open(os.path.join(ROOT, "deploy", "haproxy.cfg")) as fh:
         text = fh.read()
     text = text.replace("bind 127.0.0.1:8889", f"bind 127.0.0.1:{front}")
     text = text.replace("/tmp/haproxy-geventtcp.sock", stats_sock)
     for n, port in enumerate(ports, 1):
         text, count = re.subn(rf"server app{n} 127\.0\.0\.1:\d+", f"server app{n} 127.0.0.1:{port}", text)
+        assert count == 1
+    for n in range(len(ports) + 1, 4):
+        text, count = re.subn(rf"\n *server app{n} .*", "", text)
         assert count == 1
     return text
 
@@ -50,7 +55,8 @@ def family(pid: int) -> set[int]:
     return pids
 
 
-def _server_states(stats_sock: str) -> dict[str, str]:
+def _server_stats(stats_sock: str) -> dict[str, dict[str, str]]:
+    """HAProxy's ``show stat`` row of each backend server, by column name (status, chkfail, ...)."""
     s = socket.socket(socket.AF_UNIX)
     s.settimeout(2)
     s.connect(stats_sock)
@@ -59,12 +65,18 @@ def _server_states(stats_sock: str) -> dict[str, str]:
     while chunk := s.recv(65536):
         data += chunk
     s.close()
-    states = {}
-    for row in data.decode().splitlines():
+    rows = data.decode().splitlines()
+    names = rows[0].lstrip("# ").split(",")
+    servers = {}
+    for row in rows[1:]:
         cols = row.split(",")
         if len(cols) > 17 and cols[0] == "geventtcp" and cols[1].startswith("app"):
-            states[cols[1]] = cols[17]
-    return states
+            servers[cols[1]] = dict(zip(names, cols, strict=True))
+    return servers
+
+
+def _server_states(stats_sock: str) -> dict[str, str]:
+    return {name: row["status"] for name, row in _server_stats(stats_sock).items()}
 
 
 # A developer machine without HAProxy skips these; CI (CI=true, where .ci/run installs Debian's
@@ -73,15 +85,15 @@ if HAPROXY is None and os.environ.get("CI"):
     raise RuntimeError("CI=true but haproxy is not installed: .ci/run must apt-get install haproxy")
 needs_haproxy = pytest.mark.skipif(HAPROXY is None,
                                    reason="haproxy is not installed (.ci/run installs Debian's package)")
-ALL_UP = dict.fromkeys(("app1", "app2", "app3"), "UP")
 
 
 class Cluster:
     """Three ``geventtcp serve`` servers behind HAProxy (deploy/haproxy.cfg, ports rewritten)."""
 
-    def __init__(self, tmp_path: str, master_worker: bool = False) -> None:
-        self.servers = [CliServer([sys.executable, "-m", "geventtcp", "serve", "handlers", "-b", "127.0.0.1:0"])
-                        for _ in range(3)]
+    def __init__(self, tmp_path: str, master_worker: bool = False, n: int = 3, args: tuple[str, ...] = ()) -> None:
+        # deploy/haproxy.cfg sends a PROXY v2 header on every connection (checks included).
+        self.servers = [CliServer([sys.executable, "-m", "geventtcp", "serve", "handlers", "-b", "127.0.0.1:0",
+                                   "--proxy-protocol", *args]) for _ in range(n)]
         self.stats_sock = os.path.join(tmp_path, "haproxy.sock")
         self.pidfile = os.path.join(tmp_path, "haproxy.pid")
         cfg = os.path.join(tmp_path, "haproxy.cfg")
@@ -91,7 +103,8 @@ class Cluster:
         argv = [HAPROXY, "-db", "-f", cfg] if not master_worker else [HAPROXY, "-W", "-db", "-f", cfg,
                                                                       "-p", self.pidfile]
         self.proxy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_until(lambda: os.path.exists(self.stats_sock) and _server_states(self.stats_sock) == ALL_UP,
+        all_up = {f"app{i}": "UP" for i in range(1, n + 1)}
+        wait_until(lambda: os.path.exists(self.stats_sock) and _server_states(self.stats_sock) == all_up,
                    timeout=15, interval=0.1)
 
     @property
@@ -256,4 +269,57 @@ def test_haproxy_reload_under_load_breaks_no_call(tmp_path: object) -> None:
     finally:
         if load is not None:
             load.stop = True
+        cluster.close()
+
+
+_ACCESS = re.compile(r"(\d+\.\d+\.\d+\.\d+):(\d+) cmdid=(-?\d+) ")
+
+
+def _access_log(path: str) -> list[tuple[str, int, int]]:
+    """(client ip, client port, cmdid) of each access-log line the server wrote so far."""
+    with open(path) as fh:
+        return [(m[1], int(m[2]), int(m[3])) for m in _ACCESS.finditer(fh.read())]
+
+
+@needs_haproxy
+def test_300_clients_through_haproxy_to_one_server(tmp_path: object) -> None:
+    """Every connection reaches the server from HAProxy's address: with the old default per-peer
+    limit of 256, client 257 got a 503, then the health check was refused, the server marked DOWN
+    and new clients got a bare EOF. With default settings all are served, the check stays UP, and
+    the PROXY header gives the server each client's own address (clients bind 127.0.0.2..51)."""
+    log_file = os.path.join(str(tmp_path), "access.log")
+    log_config = os.path.join(str(tmp_path), "logging.json")
+    with open(log_config, "w") as fh:  # the access log to a file (stdout is a pipe nobody drains)
+        json.dump({"handlers": {"file": {"class": "logging.FileHandler", "filename": log_file}},
+                   "loggers": {"geventtcp.access": {"handlers": ["file"], "propagate": False}}}, fh)
+    cluster = Cluster(str(tmp_path), n=1, args=("--access-log", "--log-config", log_config))
+    conns: list[RawConn] = []
+    try:
+        for i in range(320):
+            conn = RawConn(cluster.address, source=f"127.0.0.{2 + i % 50}", timeout=10)
+            conns.append(conn)
+            conn.request(1, {"client": i}, id=i)
+        replies = [conn.line() for conn in conns]
+        assert replies == [{"code": 0, "cmdid": 1, "id": i, "data": {"client": i}} for i in range(320)]
+        # Health checks go on while the 320 connections stay open: wait for three more, then
+        # the server is still UP, no check failed, and fresh clients are still served.
+        def checks() -> int:  # PINGs from HAProxy itself (a LOCAL header keeps 127.0.0.1)
+            return sum(ip == "127.0.0.1" and cmdid == -1 for ip, _, cmdid in _access_log(log_file))
+
+        seen = checks()
+        wait_until(lambda: checks() >= seen + 3, timeout=15, interval=0.1)
+        row = _server_stats(cluster.stats_sock)["app1"]
+        assert row["status"] == "UP" and row["chkfail"] == "0" and row["scur"] == "320", row
+        for j in range(20):
+            with RawConn(cluster.address, timeout=10) as fresh:
+                assert fresh.call(1, {"fresh": j}, id=j)["code"] == 0
+        assert all(conn.call(1, {"again": True})["code"] == 0 for conn in conns)
+        # The server saw each client's own address and port, not HAProxy's.
+        seen_clients = {(ip, port) for ip, port, cmdid in _access_log(log_file) if cmdid == 1}
+        clients = {conn.sock.getsockname()[:2] for conn in conns}
+        assert clients <= seen_clients and not any(ip == "127.0.0.1" for ip, _ in clients)
+        assert len({ip for ip, _ in clients}) == 50
+    finally:
+        for conn in conns:
+            conn.close()
         cluster.close()

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import ssl
 import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from gevent import socket
 
 from geventtcp.errors import ConfigError
+from geventtcp.proxyproto import build_v2
 from geventtcp.server import Server
 from geventtcp.tls import client_context, server_context
 
@@ -128,3 +132,41 @@ def test_silent_handshakes_count_against_the_per_peer_limit(pki: Pki) -> None:
         wait_until(lambda: not server.peers)  # released when the handshakes fail
         with RawConn.tls(server.address, client_context(ca_certs=pki.ca)) as conn:
             assert conn.call(-1)["code"] == 0
+
+
+def _bio_exchange(sock: socket.socket, tls: ssl.SSLObject, outgoing: ssl.MemoryBIO, incoming: ssl.MemoryBIO,
+                  step: Callable[[], Any]) -> Any:
+    """Run ``step`` (a handshake or a read) on a memory-BIO TLS object over ``sock`` until it is done."""
+    while True:
+        try:
+            result = step()
+        except ssl.SSLWantReadError:
+            if outgoing.pending:
+                sock.sendall(outgoing.read())
+            data = sock.recv(65536)
+            assert data, "server closed the connection"
+            incoming.write(data)
+            continue
+        if outgoing.pending:
+            sock.sendall(outgoing.read())
+        return result
+
+
+def test_proxy_header_comes_before_the_tls_handshake(pki: Pki) -> None:
+    """HAProxy sends the PROXY header, then relays the client's ClientHello, maybe in one segment:
+    the server takes exactly the header and hands the rest to the handshake."""
+    registry = make_registry()
+    registry.add(8, lambda req: {"address": list(req.address)})
+    with serve(registry, certfile=pki.server_cert, keyfile=pki.server_key, proxy_protocol=True,
+               protected_mode=False) as server:
+        with socket.create_connection(server.address, timeout=5) as sock:
+            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            tls = client_context(ca_certs=pki.ca).wrap_bio(incoming, outgoing, server_hostname="localhost")
+            with pytest.raises(ssl.SSLWantReadError):
+                tls.do_handshake()
+            sock.sendall(build_v2(("198.51.100.4", 5555)) + outgoing.read())  # header + ClientHello together
+            _bio_exchange(sock, tls, outgoing, incoming, tls.do_handshake)
+            tls.write(b'{"cmdid":8,"id":1}\n')
+            reply = _bio_exchange(sock, tls, outgoing, incoming, lambda: tls.read(65536))
+            assert json.loads(reply)["data"]["address"] == ["198.51.100.4", 5555]
+        assert server.stats.tls_failures == 0 and server.stats.proxy_header_failures == 0
