@@ -185,25 +185,25 @@ class _Worker:
         gevent.spawn(self.server.stop, self.config.graceful_timeout, reason)
 
     def _refuse_backlog(self, reason: str) -> None:
-        """Accept what waits in the listen backlog and answer it with a goaway before the listeners close.
+        """Accept what waits in the listen backlog, answer it with a goaway, and close the listeners.
 
         On a stop nobody may accept those connections again (a slot retired by TTOU, the last
         worker stopping); closing the listener would reset them, and a peer that already wrote a
         request could not tell whether it ran. The goaway says it did not: reconnect and resend.
+        The close follows the last accept without yielding to the hub: an SO_REUSEPORT socket gets
+        new connections until it is closed, and each one queued at the close would be reset.
         """
+        self.server.stop_accepting()
         line = encode_goaway(self.server.codec, reason)
         for listener in self.sockets:
-            previous = listener.gettimeout()
             listener.settimeout(0.0)  # accept what is queued now, never wait
-            try:
-                while True:
-                    try:
-                        conn, _ = listener.accept()
-                    except OSError:  # BlockingIOError: the backlog is empty
-                        break
-                    gevent.spawn(send_and_linger, conn, line)
-            finally:
-                listener.settimeout(previous)
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:  # BlockingIOError: the backlog is empty
+                    break
+                gevent.spawn(send_and_linger, conn, line)
+            listener.close()  # this process's copy; a shared socket stays open in the other workers
 
     @staticmethod
     def _reopen_logs() -> None:

@@ -231,10 +231,12 @@ def test_ttin_and_ttou_change_the_number_of_workers(app_dir: Path) -> None:
         launcher.close()
 
 
-def test_ttin_ttou_storm_under_connection_churn_resets_no_connection(app_dir: Path) -> None:
-    # The default: one listener shared by all workers. On main the default was reuse_port, where TTOU
-    # closed the retired slot's own listener and reset the connections queued on it.
-    launcher = Launcher(app_dir, "--workers", "2")
+@pytest.mark.parametrize("mode", ["default", "--reuse-port"])
+def test_ttin_ttou_storm_under_connection_churn_resets_no_connection(app_dir: Path, mode: str) -> None:
+    # default: one listener shared by all workers, which TTOU leaves open. --reuse-port (the default
+    # before): TTOU closes the retired slot's own socket, which gets new connections until it is
+    # closed; they were reset when it closed while some still waited in its backlog.
+    launcher = Launcher(app_dir, "--workers", "2", *([] if mode == "default" else [mode]))
     try:
         launcher.wait_workers(2)
         load = Load(launcher.address, 40, fresh=True)
