@@ -284,7 +284,9 @@ class Arbiter(WorkerSupervisor):
                 self._spawn(slot)
         for worker in current:
             if worker.slot >= self.num_workers:  # TTOU (or a reload with fewer workers)
-                self._retire(worker, signal.SIGTERM)
+                # TERM: its own SO_REUSEPORT listener closes with it, so it answers its backlog with a
+                # goaway; USR2: shared listeners stay open, the other workers accept what is queued.
+                self._retire(worker, signal.SIGTERM if self._listeners().slots else signal.SIGUSR2)
         self._listeners().close_slots_from(self.num_workers)
         pending = [w for w in self.workers.values() if w.retiring and not w.signalled]
         if pending:

@@ -170,9 +170,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("timeout", 30.0, "Heartbeat timeout: a worker whose event loop is stuck this many seconds is killed "
             "(SIGABRT, then SIGKILL) and replaced (0: never).", section="process", convert=float,
             validate=_positive),
-    Setting("reuse_port", True, "Give each worker its own SO_REUSEPORT listener per TCP address, so the kernel "
-            "spreads connections evenly (off: all workers accept from one shared socket).", section="process",
-            convert=parse_bool, flag=True),
+    Setting("reuse_port", False, "Give each worker its own SO_REUSEPORT listener per TCP address, so the kernel "
+            "spreads connections evenly; but a worker stuck in CPU work strands the connections hashed to it "
+            "(off: all workers accept from one shared socket).", section="process", convert=parse_bool, flag=True),
     Setting("max_requests", 0, "Requests a worker serves before it drains and is replaced (0: never).",
             section="process", convert=int, validate=_positive),
     Setting("max_requests_jitter", 0, "Random 0..N added to max_requests per worker, so workers do not restart "

@@ -2,11 +2,15 @@
 
 When all workers accept from one shared socket, every new connection wakes every worker and the
 first to call ``accept`` wins: an idle worker can be starved while a busy one takes a whole burst
-(the thundering-herd imbalance gunicorn's gevent workers show). With ``reuse_port`` (the default,
-on platforms that have it), the master binds one socket per TCP address *per worker slot*, all on
-the same port; the kernel hashes each new connection to one socket of the group, so connections
-spread evenly. A slot's socket outlives its worker: a replacement (after a crash, ``max_requests``
-or a HUP) inherits the same socket and accepts whatever queued meanwhile, so nothing is refused.
+(the thundering-herd imbalance gunicorn's gevent workers show). With ``reuse_port`` (opt-in, on
+platforms that have it), the master binds one socket per TCP address *per worker slot*, all on the
+same port; the kernel hashes each new connection to one socket of the group, so connections spread
+evenly. A slot's socket outlives its worker: a replacement (after a crash, ``max_requests`` or a
+HUP) inherits the same socket and accepts whatever queued meanwhile, so nothing is refused. The
+price, and why it is not the default: the kernel hashes blindly, so a worker stuck in CPU work
+strands every connection hashed to its socket until it recovers or the heartbeat kills it; and
+closing a retired slot's socket (TTOU) resets connections still in its handshake unless
+``net.ipv4.tcp_migrate_req`` is 1. A shared socket is served by whichever worker is free.
 Unix sockets are always shared.
 """
 

@@ -237,6 +237,11 @@ class Server:
                         len(self.connections))
         self.close()
 
+    def stop_accepting(self) -> None:
+        """Accept no new connection from now on; the listeners stay open (and queue) until stop or close."""
+        for acceptor in self._acceptors:
+            acceptor.stop_accepting()
+
     def close(self) -> None:
         """Stop at once: close listeners and connections, kill running handlers."""
         self.draining = True

@@ -10,6 +10,7 @@ heartbeat file:
   a state change also sends the master SIGCHLD, which only wakes its loop.
 
 Signals (from the master): TERM drains with goaway ``shutdown``, HUP drains with goaway ``reload``,
+USR2 (TTOU with shared listeners) drains with goaway ``shutdown`` leaving the backlog to the others,
 INT/QUIT stop at once, USR1 reopens log files. SIGABRT (the master's heartbeat kill) dumps every
 thread's stack through :mod:`faulthandler` before the process dies.
 """
@@ -96,12 +97,15 @@ class _Worker:
         self.server: Any = None
         self.state = STATE_BOOTING
         self.requests = 0
-        self.pending_stop = ""
+        self.pending_stop: tuple[str, bool] | None = None
 
     def run(self) -> int:
         cfg = self.config
-        gevent.signal_handler(signal.SIGTERM, self.drain, "shutdown")
-        gevent.signal_handler(signal.SIGHUP, self.drain, "reload")
+        # TERM: the listeners close with this worker (a stop, a slot retired by TTOU); HUP: a replacement
+        # serves them on.
+        gevent.signal_handler(signal.SIGTERM, self.drain, "shutdown", True)
+        gevent.signal_handler(signal.SIGHUP, self.drain, "reload", False)
+        gevent.signal_handler(signal.SIGUSR2, self.drain, "shutdown", False)  # TTOU: the shared listener stays
         gevent.signal_handler(signal.SIGINT, self.quit)
         gevent.signal_handler(signal.SIGQUIT, self.quit)
         gevent.signal_handler(signal.SIGUSR1, self._reopen_logs)
@@ -125,8 +129,8 @@ class _Worker:
         enable_blocking_detector(cfg.blocking_time)
         self._set_state(STATE_SERVING)
         self._write_stats()  # STATS on any worker lists this one from now on
-        if self.pending_stop:
-            self.drain(self.pending_stop)
+        if self.pending_stop is not None:
+            self.drain(*self.pending_stop)
         server.serve_forever()
         heartbeat.kill(block=False)
         self._write_stats(final=True)
@@ -145,7 +149,7 @@ class _Worker:
                 access(conn, req, code, seconds)
             if self.requests == limit:
                 log.info("autorestarting worker after %d requests (max_requests)", limit)
-                self.drain("max_requests")
+                self.drain("max_requests", False)  # the replacement serves the same listeners
 
         return hook
 
@@ -156,10 +160,15 @@ class _Worker:
         merged["pid"] = os.getpid()
         return merged
 
-    def drain(self, reason: str) -> None:
-        """Stop accepting, answer what was read, goaway idle connections, exit (graceful_timeout at most)."""
+    def drain(self, reason: str, listeners_close: bool) -> None:
+        """Stop accepting, answer what was read, goaway idle connections, exit (graceful_timeout at most).
+
+        ``listeners_close``: nobody accepts from this worker's listeners after it (a stop, or its
+        SO_REUSEPORT slot retired), so what waits in their backlog gets a goaway. Otherwise (a restart:
+        max_requests, HUP) the backlog is left to the worker that serves them next.
+        """
         if self.server is None:
-            self.pending_stop = reason  # the hub ran while the app was importing: drain once it serves
+            self.pending_stop = (reason, listeners_close)  # the hub ran while the app was importing
             return
         if self.state == STATE_DRAINING:
             return
@@ -169,29 +178,32 @@ class _Worker:
         # the meantime then sends its goaway instead of reading the next request.
         self.server.draining = True
         self.server.drain_reason = reason
-        self._refuse_backlog(reason)
+        if listeners_close:
+            self._refuse_backlog(reason)
+        else:
+            self.server.stop_accepting()  # now: an accept before the stop greenlet runs would get a goaway
         gevent.spawn(self.server.stop, self.config.graceful_timeout, reason)
 
     def _refuse_backlog(self, reason: str) -> None:
-        """Accept what waits in the listen backlog and answer it with a goaway before the listeners close.
+        """Accept what waits in the listen backlog, answer it with a goaway, and close the listeners.
 
         On a stop nobody may accept those connections again (a slot retired by TTOU, the last
         worker stopping); closing the listener would reset them, and a peer that already wrote a
         request could not tell whether it ran. The goaway says it did not: reconnect and resend.
+        The close follows the last accept without yielding to the hub: an SO_REUSEPORT socket gets
+        new connections until it is closed, and each one queued at the close would be reset.
         """
+        self.server.stop_accepting()
         line = encode_goaway(self.server.codec, reason)
         for listener in self.sockets:
-            previous = listener.gettimeout()
             listener.settimeout(0.0)  # accept what is queued now, never wait
-            try:
-                while True:
-                    try:
-                        conn, _ = listener.accept()
-                    except OSError:  # BlockingIOError: the backlog is empty
-                        break
-                    gevent.spawn(send_and_linger, conn, line)
-            finally:
-                listener.settimeout(previous)
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:  # BlockingIOError: the backlog is empty
+                    break
+                gevent.spawn(send_and_linger, conn, line)
+            listener.close()  # this process's copy; a shared socket stays open in the other workers
 
     @staticmethod
     def _reopen_logs() -> None:
@@ -226,7 +238,7 @@ class _Worker:
                 pass
             if os.getppid() != self.spec.master_pid:
                 log.warning("master (pid %d) is gone: shutting down", self.spec.master_pid)
-                self.drain("shutdown")
+                self.drain("shutdown", True)
             self._write_stats()
             gevent.sleep(period)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from .helpers import ROOT, RawConn, terminate, wait_until
 
-__all__ = ["APP_SOURCE", "write_app", "Launcher", "Caller", "call_once", "wait_inflight"]
+__all__ = ["APP_SOURCE", "write_app", "Launcher", "Caller", "call_once", "wait_inflight", "cpu_seconds"]
 
 #: The test application: echo, sleep, CPU spin (blocks the hub), and whoami (the serving pid and
 #: the module's VERSION, which a test rewrites to prove that HUP re-imports the application).
@@ -200,11 +200,19 @@ def wait_inflight(address: Any, cmdid: int, count: int, timeout: float = 30.0) -
     return result
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) process ``pid`` has used: how a test knows a worker is spinning, not idle."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Caller:
     """A client with one persistent connection and one request at a time, as a pooled client has.
 
     ``call`` returns the reply. A goaway (the server read nothing more) makes it reconnect and resend;
-    an EOF after sending raises :class:`MaybeExecutedError`; a refused connect is counted in ``refused``.
+    an EOF after sending raises :class:`MaybeExecutedError`; a refused connect is counted in ``refused``,
+    a connect reset in ``reset_at_connect`` (both re-raised).
     """
 
     class MaybeExecutedError(Exception):
@@ -215,6 +223,7 @@ class Caller:
         self.timeout = timeout
         self.conn: RawConn | None = None
         self.refused = 0
+        self.reset_at_connect = 0
         self.goaways: list[str] = []
         self.resent = 0
 
@@ -223,6 +232,9 @@ class Caller:
             self.conn = RawConn(self.address, timeout=self.timeout)
         except ConnectionRefusedError:
             self.refused += 1
+            raise
+        except ConnectionResetError:  # reset in the handshake (its listener closed): nothing was sent
+            self.reset_at_connect += 1
             raise
         return self.conn
 

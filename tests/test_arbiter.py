@@ -39,16 +39,20 @@ def _children(pid: int) -> set[int]:
 
 
 class Load:
-    """``n`` callers calling ``cmdid`` back to back until stopped; tallies every outcome."""
+    """``n`` callers calling ``cmdid`` back to back until stopped; tallies every outcome.
 
-    def __init__(self, address: Any, n: int, cmdid: int = 9, params: dict[str, Any] | None = None) -> None:
+    ``fresh``: a new connection for every call (connection churn), so some always wait in a listen backlog.
+    """
+
+    def __init__(self, address: Any, n: int, cmdid: int = 9, params: dict[str, Any] | None = None,
+                 fresh: bool = False) -> None:
         self.callers = [Caller(address) for _ in range(n)]
         self.ok = 0
         self.errors: list[Any] = []
         self.maybe_executed = 0
         self.pids: dict[int, int] = {}
         self.running = True
-        self.cmdid, self.params = cmdid, params
+        self.cmdid, self.params, self.fresh = cmdid, params, fresh
         self.greenlets = [gevent.spawn(self._run, c, i) for i, c in enumerate(self.callers)]
 
     def _run(self, caller: Caller, index: int) -> None:
@@ -62,6 +66,10 @@ class Load:
                 continue
             except ConnectionRefusedError:
                 return  # the server is gone (after a stop): nothing was sent
+            except ConnectionResetError:
+                continue  # reset before anything was sent: counted by the caller, try again
+            if self.fresh:
+                caller.close()
             if reply.get("code") == 0 and reply.get("id") == seq:
                 self.ok += 1
                 pid = reply["data"].get("pid")
@@ -219,6 +227,33 @@ def test_ttin_and_ttou_change_the_number_of_workers(app_dir: Path) -> None:
         # The retired slot's socket is closed everywhere: new connections all reach a live worker.
         for _ in range(30):
             assert call_once(launcher.address, 9, timeout=3)["pid"] in two
+    finally:
+        launcher.close()
+
+
+@pytest.mark.parametrize("mode", ["default", "--reuse-port"])
+def test_ttin_ttou_storm_under_connection_churn_resets_no_connection(app_dir: Path, mode: str) -> None:
+    # default: one listener shared by all workers, which TTOU leaves open. --reuse-port (the default
+    # before): TTOU closes the retired slot's own socket, which gets new connections until it is
+    # closed; they were reset when it closed while some still waited in its backlog.
+    launcher = Launcher(app_dir, "--workers", "2", *([] if mode == "default" else [mode]))
+    try:
+        launcher.wait_workers(2)
+        load = Load(launcher.address, 40, fresh=True)
+        wait_until(lambda: load.ok > 200, 30)
+        for _ in range(10):
+            launcher.signal(signal.SIGTTIN)
+            launcher.wait_workers(3)
+            launcher.signal(signal.SIGTTOU)
+            wait_until(lambda: len(_children(launcher.master)) == 2, 30)  # the retired worker exited
+        ok_before = load.ok
+        wait_until(lambda: load.ok > ok_before + 100, 30)
+        load.stop()
+        assert load.errors == [] and load.refused == 0
+        # A reset connection: in the handshake (the caller retries), or after the request was written,
+        # when the caller cannot tell whether it ran (maybe_executed).
+        assert sum(c.reset_at_connect for c in load.callers) == 0
+        assert load.maybe_executed == 0
     finally:
         launcher.close()
 

@@ -7,10 +7,11 @@ import os
 import signal
 from pathlib import Path
 
+import gevent
 import pytest
 
-from .helpers import wait_until
-from .opstools import Caller, Launcher, call_once, write_app
+from .helpers import RawConn, wait_until
+from .opstools import Caller, Launcher, call_once, cpu_seconds, write_app
 
 
 @pytest.fixture
@@ -38,6 +39,53 @@ def test_max_requests_with_jitter_restarts_workers_gracefully(app_dir: Path) -> 
             assert 20 <= served[pid] <= 25, served
         assert set(caller.goaways) == {"max_requests"}
         launcher.wait_log("autorestarting worker after")
+    finally:
+        launcher.close()
+
+
+@pytest.mark.parametrize("reuse_port", ["--reuse-port", "--no-reuse-port"])
+def test_a_max_requests_restart_leaves_queued_connections_to_the_replacement(app_dir: Path, reuse_port: str) -> None:
+    launcher = Launcher(app_dir, "--workers", "1", "--max-requests", "10", "--blocking-time", "0", reuse_port)
+    try:
+        first = int(launcher.wait_log(r"booting worker with pid (\d+)").group(1))
+        launcher.wait_log(rf"listening on .*\(pid {first}\)")  # no STATS call: every request counts
+        caller = Caller(launcher.address)
+        for i in range(9):
+            assert caller.call(9, request_id=i)["data"]["pid"] == first
+        before = cpu_seconds(first)
+        spin = gevent.spawn(caller.call, 7, {"seconds": 2})  # the 10th request: the worker restarts after it
+        wait_until(lambda: cpu_seconds(first) > before + 0.3, 20)  # its event loop is blocked: nothing is accepted
+        queued = [RawConn(launcher.address, timeout=30) for _ in range(5)]
+        for i, conn in enumerate(queued):
+            conn.request(9, id=i)
+        assert not spin.ready(), "the connections must wait in the listen backlog while the worker restarts"
+        assert spin.get(timeout=30)["data"] == "spun"
+        for i, conn in enumerate(queued):  # the replacement serves them: no goaway for a restart
+            reply = conn.line()
+            assert reply["code"] == 0 and reply["id"] == i and "goaway" not in reply, reply
+            assert reply["data"]["pid"] != first
+            conn.close()
+        assert caller.goaways == [] and caller.conn is not None
+        assert caller.conn.line()["goaway"] == "max_requests"  # the retiring worker's own
+    finally:
+        launcher.close()
+
+
+def test_a_worker_stuck_in_cpu_work_strands_no_new_connection_by_default(app_dir: Path) -> None:
+    launcher = Launcher(app_dir, "--workers", "2", "--blocking-time", "0")
+    try:
+        pids = launcher.wait_workers(2)
+        caller = Caller(launcher.address)
+        stuck = caller.call(9)["data"]["pid"]
+        before = cpu_seconds(stuck)
+        spin = gevent.spawn(caller.call, 7, {"seconds": 8})
+        wait_until(lambda: cpu_seconds(stuck) > before + 0.5, 20)  # it spins: its event loop is blocked
+        # Fresh connections: with one listener per worker (SO_REUSEPORT) about half would be hashed to
+        # the stuck worker's socket and wait there for the spin (or the heartbeat kill) to end.
+        served = [call_once(launcher.address, 9, timeout=2)["pid"] for _ in range(20)]
+        assert not spin.ready(), "the calls must be made while the worker spins"
+        assert set(served) == pids - {stuck}
+        assert spin.get(timeout=30)["data"] == "spun"
     finally:
         launcher.close()
 
