@@ -417,6 +417,8 @@ class Connection:
         self.open_slots += 1
         self.inflight += 1
         server.inflight += 1
+        if req.cmdid >= 0:  # an application command that blocks: refused at a full limit from now on
+            server.blocking.add(req.cmdid)
         deadline = server.deadline_for(req)
         if deadline is not None:
             timer = server.loop.timer(max(0.0, deadline - server.clock()))
