@@ -119,6 +119,8 @@ class Server:
         self.stats = Stats()
         self.calls: dict[int, Callable[[Request], Any]] = {}
         self.preauth_calls: dict[int, Callable[[Request], Any]] = {}
+        #: cmdids registered with ``cancel_on_disconnect``: RequestCancelled is thrown into them.
+        self.cancel_on_disconnect: frozenset[int] = frozenset()
         self.peers: dict[str, int] = {}  # open connections per peer IP
         self.connections: set[Connection] = set()
         self.readers = ReaderPool()  # greenlets shared by parked (idle) connections
@@ -163,6 +165,7 @@ class Server:
         self.draining = False
         self._copy_limits()
         self.calls = dict(self.registry.calls)
+        self.cancel_on_disconnect = frozenset(info.cmdid for info in self.registry if info.cancel_on_disconnect)
         self.calls.update(make_builtins(self))
         self.preauth_calls = {cmdid: self.calls[cmdid] for cmdid in (Builtin.AUTH, Builtin.PING)}
         self._raise_fd_limit()
@@ -225,7 +228,7 @@ class Server:
             doomed.extend(conn.handlers)
             if conn.running is not None and conn.reader is not None:
                 doomed.append(conn.reader)  # an inline handler that yielded before its handoff ran
-            conn.abort()
+            conn.abort(cancel=False)  # the handlers are killed below instead
         if doomed:  # raw reader greenlets: gevent.killall(block=False) wants gevent Greenlets
             self.loop.run_callback(_kill_all, doomed)
         if self._watchdog is not None:
