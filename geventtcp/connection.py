@@ -14,7 +14,9 @@ greenlet. TLS connections keep their greenlet (an SSL socket can hold decrypted 
 cannot see).
 
 Who closes what: the :class:`Connection` owns its socket and closes it once the reader has stopped
-and the last request in flight has been answered (or the peer is gone).
+and the last request in flight has been answered (or the peer is gone). When it is aborted (reset,
+failed send, write timeout), handlers still running see ``request.cancelled``; those registered
+with ``cancel_on_disconnect`` get :class:`~geventtcp.errors.RequestCancelled` at their next yield.
 """
 
 from __future__ import annotations
