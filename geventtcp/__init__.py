@@ -20,6 +20,7 @@ from .errors import (
     ProtocolError,
     RegistryError,
     RemoteError,
+    RequestCancelled,
     RequestTimeout,
     RequestTooLarge,
     ServiceUnavailable,
@@ -51,6 +52,7 @@ __all__ = [
     "RegistryError",
     "ProtocolError",
     "HandlerError",
+    "RequestCancelled",
     "RemoteError",
     # What a Client caller catches: transport failures (did the request run?) ...
     "TransportError",

@@ -130,9 +130,11 @@ SETTINGS: tuple[Setting, ...] = (
             "dropped.", section="timeouts", convert=float, validate=_positive),
     Setting("graceful_timeout", 30.0, "Seconds a draining server waits for requests in flight before stopping "
             "them.", section="timeouts", convert=float, validate=_positive),
-    Setting("max_inflight_per_connection", 128, "Blocked requests in flight on one connection; more get a "
-            "retryable 503.", convert=int, validate=_positive),
-    Setting("max_inflight", 10000, "Blocked requests in flight per worker; more get a retryable 503.",
+    Setting("max_inflight_per_connection", 128, "Blocked requests in flight on one connection; at the limit a "
+            "command that has blocked before gets a retryable 503 (built-ins and inline commands still run).",
+            convert=int, validate=_positive),
+    Setting("max_inflight", 10000, "Blocked requests in flight per worker; at the limit a command that has "
+            "blocked before gets a retryable 503 (built-ins and inline commands still run).",
             convert=int, validate=_positive),
     Setting("backlog", 2048, "Listen backlog.", convert=int, validate=_positive),
     Setting("codec", "simplejson", "JSON codec: simplejson, or orjson when installed (geventtcp[fast]).",

@@ -14,7 +14,9 @@ greenlet. TLS connections keep their greenlet (an SSL socket can hold decrypted 
 cannot see).
 
 Who closes what: the :class:`Connection` owns its socket and closes it once the reader has stopped
-and the last request in flight has been answered (or the peer is gone).
+and the last request in flight has been answered (or the peer is gone). When it is aborted (reset,
+failed send, write timeout), handlers still running see ``request.cancelled``; those registered
+with ``cancel_on_disconnect`` get :class:`~geventtcp.errors.RequestCancelled` at their next yield.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from gevent import GreenletExit, getcurrent
 
-from .errors import Code, HandlerError, ProtocolError
+from .errors import Code, HandlerError, ProtocolError, RequestCancelled
 from .protocol import LineBuffer, Request, encode_error, encode_goaway, encode_reply, parse_request
 from .security import PREAUTH_MAX_LINE_BYTES
 from .sockets import linger, unsent_bytes
@@ -100,7 +102,7 @@ class Connection:
         self.queued_bytes = 0  # bytes of inline replies appended since the last flush
         self.inflight = 0  # requests handed off to their own greenlet, not yet answered
         self.reader: Any = None
-        self.handlers: set[Any] = set()  # greenlets running handed-off requests
+        self.handlers: dict[Any, Request] = {}  # greenlets running handed-off requests, and those requests
         self.running: Request | None = None
         self.watch_armed = False
         self.receiving = False
@@ -337,7 +339,8 @@ class Connection:
                 if self.running is req:
                     self.running = None
                 timer = req._timer
-                if timer is not None:
+                if timer is not None:  # handed off: no deadline or cancel may land from here on
+                    req._timer = None
                     timer.stop()
                     timer.close()
         except DeadlineReached:
@@ -347,9 +350,11 @@ class Connection:
             reply = encode_error(codec, exc.code, exc.msg, cmdid, req.id, req.has_id)
             code = exc.code
         except BaseException as exc:  # sys.exit(), an escaped gevent.Timeout: a 500, never the connection
-            if isinstance(exc, GreenletExit) and self.closed:  # killed by Server.close: nobody to answer
+            if self.closed and isinstance(exc, (GreenletExit, RequestCancelled)):  # nobody to answer
                 self._drop_slot(req, me)
-                raise
+                if isinstance(exc, GreenletExit):  # killed by Server.close
+                    raise
+                return False  # this greenlet is done (an inline reader finds the connection closed)
             log.exception("handler for cmdid %d raised (peer %s, id %r)", cmdid, self.address, req.id)
             reply = encode_error(codec, Code.INTERNAL, "internal error", cmdid, req.id, req.has_id)
             code = Code.INTERNAL
@@ -387,7 +392,7 @@ class Connection:
     def _drop_slot(self, req: Request, me: Any) -> None:
         """A handed-off request is over: it no longer counts in flight (its slot stays in ``out``)."""
         if req._slot is not None:
-            self.handlers.discard(me)
+            self.handlers.pop(me, None)
             self.inflight -= 1
             self.server.inflight -= 1
 
@@ -417,12 +422,16 @@ class Connection:
         self.open_slots += 1
         self.inflight += 1
         server.inflight += 1
+        if req.cmdid >= 0:  # an application command that blocks: refused at a full limit from now on
+            server.blocking.add(req.cmdid)
         deadline = server.deadline_for(req)
         if deadline is not None:
             timer = server.loop.timer(max(0.0, deadline - server.clock()))
             timer.start(self.reader.throw, DeadlineReached)
             req._timer = timer
-        self.handlers.add(self.reader)
+        elif req.cmdid in server.cancel_on_disconnect:
+            req._timer = server.loop.timer(0)  # never started: marks "handler still running" for a cancel
+        self.handlers[self.reader] = req
         self.reader = None
         self.server.readers.run(self._read_loop)
 
@@ -535,13 +544,38 @@ class Connection:
         finally:
             self._release()
 
-    def abort(self) -> None:
-        """Close at once: replies not yet sent are dropped (the peer is gone or too slow)."""
+    def abort(self, cancel: bool = True) -> None:
+        """Close at once: replies not yet sent are dropped (the peer is gone or too slow).
+
+        Running handlers now see ``request.cancelled``; with ``cancel``, those registered with
+        ``cancel_on_disconnect`` also get :class:`RequestCancelled` (``Server.close`` kills instead).
+        """
         self.closed = True
         self.reading_done = True
         if self.drained is not None:
             self.drained.set()  # a reader waiting for the output queue must see the close
+        if cancel and self.server.cancel_on_disconnect and (self.handlers or self.running is not None):
+            self._cancel_handlers()
         self._release()
+
+    def _cancel_handlers(self) -> None:
+        """Schedule :class:`RequestCancelled` for each running handler that asked for it."""
+        wanted = self.server.cancel_on_disconnect
+        run = self.server.loop.run_callback
+        for glet, req in list(self.handlers.items()):
+            if req.cmdid in wanted:
+                run(self._throw_cancel, glet, req)
+        inline = self.running  # an inline handler that yielded before its handoff ran
+        if inline is not None and self.reader is not None and inline.cmdid in wanted:
+            run(self._throw_cancel, self.reader, inline)
+
+    def _throw_cancel(self, glet: Any, req: Request) -> None:
+        """Hub callback: throw into ``glet`` only if it is still inside ``req``'s handler (a handed-off
+        handler's ``_timer`` is cleared as it returns; an inline one's ``running``), never into a
+        greenlet that has moved on to other work."""
+        handed_off = self.handlers.get(glet) is req and req._timer is not None
+        if handed_off or (self.running is req and self.reader is glet):
+            glet.throw(RequestCancelled)
 
     def _release(self) -> None:
         if self.parked:  # closing a socket under a started watcher would throw into its callback's owner

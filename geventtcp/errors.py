@@ -11,6 +11,7 @@ __all__ = [
     "GeventTCPError",
     "ConfigError",
     "RegistryError",
+    "RequestCancelled",
     "ProtocolError",
     "HandlerError",
     "TransportError",
@@ -78,6 +79,15 @@ class ConfigError(GeventTCPError):
 
 class RegistryError(GeventTCPError):
     """A cmdid was registered twice, or a handler is not usable."""
+
+
+class RequestCancelled(BaseException):
+    """Thrown into a handler registered with ``cancel_on_disconnect=True`` when its connection is gone.
+
+    A BaseException, like ``GreenletExit``, so ``except Exception`` in the handler cannot eat it. A
+    handler may also raise it after seeing ``request.cancelled``: on a closed connection it ends the
+    request quietly (nobody is left to answer), elsewhere it is a 500 like any other exception.
+    """
 
 
 class ProtocolError(GeventTCPError):

@@ -30,6 +30,9 @@ class BaseHandler:
     #: Declare True when running the command twice has the same effect as once; clients may then
     #: retry it after a connection loss.
     idempotent: bool = False
+    #: Declare True to have :class:`geventtcp.RequestCancelled` thrown into ``process`` when the
+    #: client is gone (see ``Request.cancelled``); the default lets it run to the end.
+    cancel_on_disconnect: bool = False
 
     def process(self, request: Request) -> Any:
         """Handle one request and return the reply data (or set ``self.res``)."""

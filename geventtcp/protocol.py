@@ -134,7 +134,8 @@ class Request:
     """One request as handlers see it (the seed's fields, plus ``id`` and a deadline).
 
     ``rawBody`` is the line as received (without its line ending), decoded as text; ``raw`` is
-    the same as bytes. ``deadline`` is a ``time.monotonic()`` value or ``None``.
+    the same as bytes. ``deadline`` is a ``time.monotonic()`` value or ``None``. ``cancelled``
+    turns true when the client is gone (the reply can no longer be delivered).
     """
 
     __slots__ = ("address", "raw", "cmdid", "timestamp", "params", "id", "has_id", "deadline", "timeout_ms",
@@ -167,6 +168,16 @@ class Request:
         self.connection: Any = None
         self._slot: Any = None
         self._timer: Any = None
+
+    @property
+    def cancelled(self) -> bool:
+        """True once nobody can receive the reply: the connection was reset, failed or was closed.
+
+        A peer that only half-closed (sent EOF) still gets its replies, so this stays false for it.
+        Computed from the connection on access, so it costs the request path nothing.
+        """
+        conn = self.connection
+        return conn is not None and bool(conn.closed)
 
     @property
     def rawBody(self) -> str:  # noqa: N802 - the seed's name

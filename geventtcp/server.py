@@ -148,6 +148,8 @@ class Server:
         self.stats = Stats()
         self.calls: dict[int, Callable[[Request], Any]] = {}
         self.preauth_calls: dict[int, Callable[[Request], Any]] = {}
+        #: cmdids registered with ``cancel_on_disconnect``: RequestCancelled is thrown into them.
+        self.cancel_on_disconnect: frozenset[int] = frozenset()
         self.peers: dict[str, int] = {}  # open connections per peer IP
         self.connections: set[Connection] = set()
         self.readers = ReaderPool()  # greenlets shared by parked (idle) connections
@@ -155,6 +157,9 @@ class Server:
         #: callback checks them all, instead of one callback per request.
         self.watching: list[Connection] = []
         self.inflight = 0
+        #: Application cmdids whose handler has blocked (been handed off) in this process: only
+        #: these are refused at a full in-flight limit (see :meth:`admit`).
+        self.blocking: set[int] = set()
         self.tick = 0
         self.draining = False
         self.drain_reason = "shutdown"
@@ -189,6 +194,7 @@ class Server:
         self.draining = False
         self._copy_limits()
         self.calls = dict(self.registry.calls)
+        self.cancel_on_disconnect = frozenset(info.cmdid for info in self.registry if info.cancel_on_disconnect)
         self.calls.update(make_builtins(self))
         self.preauth_calls = {cmdid: self.calls[cmdid] for cmdid in (Builtin.AUTH, Builtin.PING)}
         self._raise_fd_limit()
@@ -256,7 +262,7 @@ class Server:
             doomed.extend(conn.handlers)
             if conn.running is not None and conn.reader is not None:
                 doomed.append(conn.reader)  # an inline handler that yielded before its handoff ran
-            conn.abort()
+            conn.abort(cancel=False)  # the handlers are killed below instead
         if doomed:  # raw reader greenlets: gevent.killall(block=False) wants gevent Greenlets
             self.loop.run_callback(_kill_all, doomed)
         if self._watchdog is not None:
@@ -401,14 +407,25 @@ class Server:
         self.proxy_protocol: bool = s.proxy_protocol  # read per accepted connection
 
     def admit(self, conn: Connection, req: Request) -> tuple[int, str] | None:
-        """Why ``req`` must not run now (code, message), or ``None``; a refused handler never runs."""
+        """Why ``req`` must not run now (code, message), or ``None``; a refused handler never runs.
+
+        The in-flight limits count handed-off (blocked) requests. A full limit refuses only a
+        command that has blocked before in this process (:attr:`blocking`): built-ins and commands
+        that answer inline always run, so PING and STATS work on a full worker. A command not yet
+        seen blocking is admitted and, if it blocks, counted past the limit (once: from then on it
+        is known), so the limit can be exceeded by one request per connection per new command.
+        """
         if req.deadline is not None and req.deadline <= self.clock():
             return Code.DEADLINE_EXCEEDED, "deadline passed before the request started"
+        if (conn.inflight >= self.max_inflight_per_connection or self.inflight >= self.max_inflight) \
+                and req.cmdid in self.blocking:
+            return self._refuse_inflight(conn)
+        return None
+
+    def _refuse_inflight(self, conn: Connection) -> tuple[int, str]:
         if conn.inflight >= self.max_inflight_per_connection:
             return Code.UNAVAILABLE, "too many requests in flight on this connection"
-        if self.inflight >= self.max_inflight:
-            return Code.UNAVAILABLE, "too many requests in flight on this server"
-        return None
+        return Code.UNAVAILABLE, "too many requests in flight on this server"
 
     def _watch_all(self) -> None:
         """Hub callback: let each connection in :attr:`watching` hand off a handler that yielded.

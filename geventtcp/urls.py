@@ -28,6 +28,7 @@ class HandlerInfo:
     doc: str
     idempotent: bool
     target: Any
+    cancel_on_disconnect: bool = False
 
 
 def _class_call(cls: type[BaseHandler]) -> Call:
@@ -50,8 +51,14 @@ class Registry:
         self._calls: dict[int, Call] = {}
         self._info: dict[int, HandlerInfo] = {}
 
-    def add(self, cmdid: int, target: Any, *, name: str | None = None, idempotent: bool | None = None) -> None:
-        """Register a ``BaseHandler`` subclass or a function ``f(request) -> data`` under ``cmdid``."""
+    def add(self, cmdid: int, target: Any, *, name: str | None = None, idempotent: bool | None = None,
+            cancel_on_disconnect: bool | None = None) -> None:
+        """Register a ``BaseHandler`` subclass or a function ``f(request) -> data`` under ``cmdid``.
+
+        ``cancel_on_disconnect=True`` (default: the class's or function's attribute of that name,
+        else False) has :class:`~geventtcp.errors.RequestCancelled` thrown into the handler when
+        its client is gone.
+        """
         if not isinstance(cmdid, int) or isinstance(cmdid, bool):
             raise RegistryError(f"cmdid must be an int, not {type(cmdid).__name__}")
         cmdid = int(cmdid)  # an IntEnum member is stored as its plain value
@@ -70,15 +77,19 @@ class Registry:
         else:
             raise RegistryError(f"{target!r} is neither a handler class nor a callable")
         label = name or f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', repr(target))}"
+        if cancel_on_disconnect is None:
+            cancel_on_disconnect = bool(getattr(target, "cancel_on_disconnect", False))
         doc = inspect.getdoc(target) or ""
         self._calls[cmdid] = call
-        self._info[cmdid] = HandlerInfo(cmdid, label, doc.strip().split("\n\n")[0], idem, target)
+        self._info[cmdid] = HandlerInfo(cmdid, label, doc.strip().split("\n\n")[0], idem, target,
+                                        cancel_on_disconnect)
 
-    def handler(self, cmdid: int, *, name: str | None = None, idempotent: bool | None = None) -> Callable[[T], T]:
+    def handler(self, cmdid: int, *, name: str | None = None, idempotent: bool | None = None,
+                cancel_on_disconnect: bool | None = None) -> Callable[[T], T]:
         """Decorator form of :meth:`add`; returns the class or function unchanged."""
 
         def decorate(target: T) -> T:
-            self.add(cmdid, target, name=name, idempotent=idempotent)
+            self.add(cmdid, target, name=name, idempotent=idempotent, cancel_on_disconnect=cancel_on_disconnect)
             return target
 
         return decorate
