@@ -7,9 +7,11 @@ assignments like gunicorn's) < ``GEVENTTCP_<NAME>`` environment variable < comma
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import runpy
 import tomllib
+import types
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -192,7 +194,7 @@ class Config:
     def set(self, name: str, value: Any, source: str) -> None:
         setting = _BY_NAME.get(name)
         if setting is None:
-            raise ConfigError(f"unknown setting {name!r} ({source})")
+            raise ConfigError(f"unknown setting {name!r} ({source}){_did_you_mean(name)}")
         self.values[name] = setting.coerce(value, source)
         self.sources[name] = source
 
@@ -231,7 +233,7 @@ def read_file(path: str) -> dict[str, Any]:
                 data = tomllib.load(fh)
             data = data.get("geventtcp", data)
         else:
-            data = {k: v for k, v in runpy.run_path(path).items() if not k.startswith("_") and k in _BY_NAME}
+            data = _python_settings(runpy.run_path(path))
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except (OSError, tomllib.TOMLDecodeError, SyntaxError) as exc:
@@ -240,8 +242,21 @@ def read_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"config file {path} does not hold a table of settings")
     unknown = sorted(set(data) - set(_BY_NAME))
     if unknown:
-        raise ConfigError(f"unknown setting(s) in {path}: {', '.join(unknown)}")
+        raise ConfigError(f"unknown setting(s) in {path}: {', '.join(n + _did_you_mean(n) for n in unknown)}")
     return data
+
+
+def _python_settings(namespace: Mapping[str, Any]) -> dict[str, Any]:
+    """The assignments of a Python config file: private names, modules, functions and classes are its
+    own machinery (``import os``, ``def helper()``, ``_base = ...``); every other name must be a setting."""
+    return {name: value for name, value in namespace.items()
+            if not name.startswith("_") and not isinstance(value, types.ModuleType) and not callable(value)}
+
+
+def _did_you_mean(name: str) -> str:
+    """`` (did you mean 'workers'?)`` for a typo such as ``worker``; empty when nothing is close."""
+    close = difflib.get_close_matches(name, _BY_NAME, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def load(cli: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,

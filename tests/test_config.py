@@ -87,3 +87,20 @@ def test_settings_table_is_generated_from_the_declarations() -> None:
     end = text.index("<!-- settings-table:end -->")
     assert text[start:end].strip() == render_markdown().strip(), (
         "docs/reference/settings.md is stale: regenerate it with python -m geventtcp.docgen")
+
+
+def test_unknown_name_in_a_python_config_file_is_an_error(tmp_path: Path) -> None:
+    """A typo in a Python config file fails like one in TOML, naming it and the closest setting."""
+    py = tmp_path / "geventtcp.conf.py"
+    py.write_text("import os\nfrom pathlib import Path\n_base = 2\n\n\ndef helper() -> int:\n    return 1\n\n\n"
+                  "worker = 4\n")
+    with pytest.raises(ConfigError, match=r"unknown setting\(s\) in .*: worker \(did you mean 'workers'\?\)"):
+        load({}, env={}, config_file=str(py))
+    py.write_text("import os\nfrom pathlib import Path\n_base = 2\n\n\ndef helper() -> int:\n    return 1\n\n\n"
+                  "workers = helper() + _base\n")
+    assert load({}, env={}, config_file=str(py)).values["workers"] == 3
+
+
+def test_unknown_keyword_suggests_the_setting() -> None:
+    with pytest.raises(ConfigError, match=r"'max_inflght' \(argument\) \(did you mean 'max_inflight'\?\)"):
+        Config.from_kwargs(max_inflght=5)
