@@ -8,7 +8,6 @@ assignments like gunicorn's) < ``GEVENTTCP_<NAME>`` environment variable < comma
 from __future__ import annotations
 
 import argparse
-import difflib
 import os
 import runpy
 import tomllib
@@ -66,7 +65,8 @@ def _str_list(value: Any) -> list[str]:
 
 @dataclass(frozen=True)
 class Setting:
-    """One setting: its name is the config-file key; ``cli`` its flags; the env var is derived."""
+    """One setting's declaration, read from a :class:`Settings` field (:data:`SETTINGS`): its name is
+    the config-file key; ``cli`` its flags; the env var is derived."""
 
     name: str
     default: Any
@@ -266,10 +266,10 @@ class Config:
         return Settings(**values)
 
     def set(self, name: str, value: Any, source: str) -> None:
-        setting = _BY_NAME.get(name)
-        if setting is None:
+        declared = _BY_NAME.get(name)
+        if declared is None:
             raise ConfigError(f"unknown setting {name!r} ({source}){_did_you_mean(name)}")
-        self.values[name] = setting.coerce(value, source)
+        self.values[name] = declared.coerce(value, source)
         self.sources[name] = source
 
     def update(self, items: Mapping[str, Any], source: str) -> None:
@@ -329,6 +329,8 @@ def _python_settings(namespace: Mapping[str, Any]) -> dict[str, Any]:
 
 def _did_you_mean(name: str) -> str:
     """`` (did you mean 'workers'?)`` for a typo such as ``worker``; empty when nothing is close."""
+    import difflib  # only on this error path: importing the package stays as cheap as it was
+
     close = difflib.get_close_matches(name, _BY_NAME, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
