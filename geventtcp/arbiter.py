@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .config import Config
+from .config import Config, Settings
 from .errors import GeventTCPError
 from .listeners import ListenerSet
 from .log import reopen_log_files
@@ -69,11 +69,12 @@ class Arbiter(WorkerSupervisor):
 
     def __init__(self, app: str, config: Config, reload_config: Callable[[], Config] | None = None) -> None:
         self.app = app
-        self.config = config
+        self.config = config  # handed to each worker (its Server keeps the sources)
+        self.settings: Settings = config.freeze()
         self.reload_config = reload_config
         self.pid = os.getpid()
         self.workers: dict[int, WorkerProcess] = {}
-        self.num_workers = config.workers or os.cpu_count() or 1
+        self.num_workers = self.settings.workers or os.cpu_count() or 1
         self.generation = 0
         self.listeners: ListenerSet | None = None
         self.boot_failures = 0
@@ -89,7 +90,7 @@ class Arbiter(WorkerSupervisor):
     # -- setup -----------------------------------------------------------------------------------
 
     def _setup(self) -> None:
-        cfg = self.config
+        cfg = self.settings
         self.listeners = ListenerSet(list(cfg.bind), cfg.backlog, cfg.reuse_port)
         self.tmpdir = tempfile.mkdtemp(prefix="geventtcp-")
         self.stats_dir = os.path.join(self.tmpdir, "stats")
@@ -112,7 +113,7 @@ class Arbiter(WorkerSupervisor):
         from .security import check_serving_settings
 
         metrics = [self._metrics.address()] if self._metrics is not None else []
-        check_serving_settings(self.config, [sock.getsockname() for sock in self._listeners().all()], metrics)
+        check_serving_settings(self.settings, [sock.getsockname() for sock in self._listeners().all()], metrics)
 
     def _signal_fds(self) -> tuple[int, ...]:
         return self.signals.fds if self.signals is not None else ()
@@ -131,7 +132,7 @@ class Arbiter(WorkerSupervisor):
             self._metrics.close()
         if self._pidfile_written:  # never another instance's file (a start that failed to bind)
             try:
-                os.unlink(self.config.pidfile)
+                os.unlink(self.settings.pidfile)
             except OSError:
                 pass
         if self.tmpdir:
@@ -206,11 +207,12 @@ class Arbiter(WorkerSupervisor):
             except GeventTCPError as exc:
                 log.error("reload: configuration not reloaded: %s", exc)
             else:
-                if list(config.bind) != list(self.config.bind):
+                if config.values["bind"] != self.settings.bind:
                     log.warning("reload: bind changed; listeners are kept as they are until a restart")
-                    config.values["bind"] = self.config.bind
+                    config.values["bind"] = list(self.settings.bind)
                 self.config = config
-                self.num_workers = config.workers or os.cpu_count() or 1
+                self.settings = config.freeze()
+                self.num_workers = self.settings.workers or os.cpu_count() or 1
         if not any(w.retiring and not w.signalled for w in self.workers.values()):
             # No reload pending: what serves now is what a failed reload falls back to. A HUP that
             # overtakes a pending reload keeps the workers that served before that one.
@@ -304,7 +306,7 @@ class Arbiter(WorkerSupervisor):
         if self.listeners is not None:  # workers hold their own copies until they stop accepting
             self.listeners.close()
         # A worker stops what still runs at graceful_timeout itself; give it a moment past that.
-        limit = self.config.graceful_timeout + STOP_MARGIN if graceful else 2.0
+        limit = self.settings.graceful_timeout + STOP_MARGIN if graceful else 2.0
         self._signal_all(signal.SIGTERM if graceful else signal.SIGQUIT)
         deadline = time.monotonic() + limit
         while self.workers and time.monotonic() < deadline:

@@ -6,7 +6,10 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import Settings
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
@@ -60,13 +63,14 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"{name:<{width}} = {shown}  # {config.sources[name]}")
         return 0
     if args.check_config:
-        return _check_config(args.app, config)
+        return _check_config(args.app, config.freeze())
     from .log import apply_log_config, configure_logging
 
-    configure_logging(config.log_level, config.log_file or None)
+    settings = config.freeze()
+    configure_logging(settings.log_level, settings.log_file or None)
     try:
-        if config.log_config:
-            apply_log_config(config.log_config)
+        if settings.log_config:
+            apply_log_config(settings.log_config)
         from .arbiter import Arbiter
 
         return Arbiter(args.app, config, reload_config=resolve).run()
@@ -92,7 +96,7 @@ def _bind_addresses(binds: list[str]) -> list[Any]:
     return addresses
 
 
-def _check_config(app: str, config: Any) -> int:
+def _check_config(app: str, settings: Settings) -> int:
     """Validate as ``serve`` would (addresses, auth, TLS, protected mode), then import the application
     as a worker would (patched first) and report what it registers. Binds nothing."""
     from gevent import monkey
@@ -103,10 +107,10 @@ def _check_config(app: str, config: Any) -> int:
     from .urls import load_registry
 
     try:
-        metrics = _bind_addresses([config.metrics_bind]) if config.metrics_bind else []
-        check_serving_settings(config, _bind_addresses(config.bind), metrics)
-        if config.log_config:
-            apply_log_config(config.log_config)
+        metrics = _bind_addresses([settings.metrics_bind]) if settings.metrics_bind else []
+        check_serving_settings(settings, _bind_addresses(settings.bind), metrics)
+        if settings.log_config:
+            apply_log_config(settings.log_config)
         if os.getcwd() not in sys.path and "" not in sys.path:
             sys.path.insert(0, os.getcwd())
         registry = load_registry(app)

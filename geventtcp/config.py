@@ -1,4 +1,5 @@
-"""Settings, each declared once: the declaration drives the CLI flag, config-file key, env var and docs.
+"""Settings, each declared once as a field of :class:`Settings`: the declaration drives the CLI flag,
+config-file key, env var, docs and the field's type.
 
 Precedence, lowest to highest: built-in default < config file (``-c``: TOML, or a Python file of
 assignments like gunicorn's) < ``GEVENTTCP_<NAME>`` environment variable < command-line flag.
@@ -11,15 +12,18 @@ import ipaddress
 import os
 import runpy
 import tomllib
+import types
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import MISSING, Field, dataclass, field, fields
+from typing import Any, TypeVar, cast
 
 from .errors import ConfigError
 
-__all__ = ["Setting", "SETTINGS", "Config", "add_arguments", "load", "render_markdown", "parse_size", "parse_bool"]
+__all__ = ["Settings", "setting", "Setting", "SETTINGS", "Config", "add_arguments", "load", "render_markdown",
+           "parse_size", "parse_bool"]
 
 ENV_PREFIX = "GEVENTTCP_"
+T = TypeVar("T")
 
 
 def parse_bool(value: Any) -> bool:
@@ -72,7 +76,8 @@ def _networks(value: Any) -> list[str]:
 
 @dataclass(frozen=True)
 class Setting:
-    """One setting: its name is the config-file key; ``cli`` its flags; the env var is derived."""
+    """One setting's declaration, read from a :class:`Settings` field (:data:`SETTINGS`): its name is
+    the config-file key; ``cli`` its flags; the env var is derived."""
 
     name: str
     default: Any
@@ -106,118 +111,193 @@ class Setting:
         return result
 
 
-SETTINGS: tuple[Setting, ...] = (
-    Setting("bind", ["127.0.0.1:8889"], "Address to listen on: HOST:PORT, [IPv6]:PORT or unix:PATH; repeat for more.",
-            convert=_str_list, cli=("-b", "--bind"), metavar="ADDRESS", append=True),
-    Setting("workers", 1, "Worker processes; 0 or 'auto' for one per CPU.", section="process", convert=_workers,
-            cli=("-w", "--workers"), validate=_positive),
-    Setting("max_connections", 10000, "Connections per worker; one over the limit gets a 503 line and is closed.",
-            convert=int, validate=_positive),
-    Setting("max_connections_per_peer", 0, "Connections per worker from one peer IP address; one over gets a "
-            "503 line and is closed (0: no limit). Behind a proxy, turn on proxy_protocol so the peer is the "
-            "real client.", convert=int, validate=_positive),
-    Setting("max_line_bytes", 1 << 20, "Longest request line (newline included); longer lines get 413.",
-            convert=parse_size, validate=_positive),
-    Setting("max_reply_bytes", 16 << 20, "Longest reply line; a larger result is replaced by a 413 reply.",
-            convert=parse_size, validate=_positive),
-    Setting("idle_timeout", 300.0, "Seconds a connection may sit with nothing in flight before a goaway closes it "
-            "(0: never).", section="timeouts", convert=float, validate=_positive),
-    Setting("request_timeout", 10.0, "Seconds a started request line has to arrive whole (slowloris guard).",
-            section="timeouts", convert=float, validate=_positive),
-    Setting("handler_timeout", 30.0, "Default deadline of a handler when the request carries no timeout_ms "
-            "(0: none).", section="timeouts", convert=float, validate=_positive),
-    Setting("write_timeout", 30.0, "Seconds without write progress to a peer that reads nothing before it is "
-            "dropped.", section="timeouts", convert=float, validate=_positive),
-    Setting("graceful_timeout", 30.0, "Seconds a draining server waits for requests in flight before stopping "
-            "them.", section="timeouts", convert=float, validate=_positive),
-    Setting("max_inflight_per_connection", 128, "Blocked requests in flight on one connection; at the limit a "
-            "command that has blocked before gets a retryable 503 (built-ins and inline commands still run).",
-            convert=int, validate=_positive),
-    Setting("max_inflight", 10000, "Blocked requests in flight per worker; at the limit a command that has "
-            "blocked before gets a retryable 503 (built-ins and inline commands still run).",
-            convert=int, validate=_positive),
-    Setting("backlog", 2048, "Listen backlog.", convert=int, validate=_positive),
-    Setting("codec", "simplejson", "JSON codec: simplejson, or orjson when installed (geventtcp[fast]).",
-            choices=("simplejson", "orjson")),
-    Setting("certfile", "", "TLS: PEM certificate chain of the server; enables TLS on every listener.",
-            section="security"),
-    Setting("keyfile", "", "TLS: PEM private key of the server (default: inside certfile).", section="security"),
-    Setting("ca_certs", "", "TLS: PEM CA bundle used to verify client certificates.", section="security"),
-    Setting("tls_require_client_cert", False, "TLS: refuse clients without a certificate signed by ca_certs.",
-            section="security", convert=parse_bool, flag=True),
-    Setting("tls_handshake_timeout", 10.0, "Seconds a TLS handshake may take before the connection is dropped.",
-            section="security", convert=float, validate=_positive),
-    Setting("auth_token", "", "Shared secret: when set, a connection must send AUTH (cmdid -4) with it first "
-            "(prefer the env var or auth_token_file: flags show in ps).", section="security"),
-    Setting("auth_timeout", 10.0, "Seconds a connection has to authenticate when auth is on; then it gets a 401 "
-            "line and is closed (0: no limit).", section="security", convert=float, validate=_positive),
-    Setting("auth_token_file", "", "Read the shared secret from this file (surrounding whitespace stripped).",
-            section="security"),
-    Setting("protected_mode", True, "Without auth_token or TLS client certificates, refuse to listen on a "
-            "non-loopback address and deny non-loopback peers (--no-protected-mode to allow); the metrics listener, "
-            "which has no authentication, is held to loopback whatever the auth settings.",
-            section="security", convert=parse_bool, flag=True),
-    Setting("proxy_protocol", False, "Every connection starts with a PROXY protocol header (v1 or v2: HAProxy "
-            "send-proxy, send-proxy-v2) giving the real client address for limits, protected mode and logs; a "
-            "connection from a peer outside proxy_allow_from, or without a valid header, is closed.",
-            section="security", convert=parse_bool, flag=True),
-    Setting("proxy_allow_from", ["127.0.0.1", "::1"], "Peers (addresses or CIDR networks, comma-separated; * for "
-            "any) trusted to send the PROXY header; unix-socket peers are always trusted.", section="security",
-            convert=_networks, metavar="NETWORKS"),
-    Setting("proxy_protocol_timeout", 5.0, "Seconds a connection has to send its whole PROXY header (0: no limit).",
-            section="security", convert=float, validate=_positive),
-    Setting("log_level", "info", "Level of the geventtcp loggers.", section="logging",
-            convert=lambda v: str(v).lower(), choices=("debug", "info", "warning", "error", "critical")),
+def setting(default: T, help: str, *, section: str = "server", convert: Callable[[Any], T] | None = None,
+            cli: tuple[str, ...] = (), metavar: str | None = None, validate: Callable[[Any], None] | None = None,
+            append: bool = False, flag: bool = False, choices: tuple[str, ...] | None = None) -> T:
+    """Declare one field of :class:`Settings`: the arguments are those of :class:`Setting` (``convert``
+    defaults to ``str``); typed as the default, so mypy checks the field's annotation against it."""
+    metadata = {"help": help, "section": section, "convert": convert or str, "cli": cli, "metavar": metavar,
+                "validate": validate, "append": append, "flag": flag, "choices": choices}
+    if isinstance(default, list):  # a mutable default: each Settings gets its own copy
+        return cast(T, field(default_factory=default.copy, metadata=metadata))
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every setting, declared once: the field is the setting (name, type, default), its :func:`setting`
+    metadata makes the flag, the config-file key, the env var and the docs row (see :data:`SETTINGS`).
+
+    An instance is the resolved, typed, frozen value the server, workers and launcher read
+    (:meth:`Config.freeze`); a read is a plain slot load, cheap enough for the request path.
+    """
+
+    bind: list[str] = setting(
+        ["127.0.0.1:8889"], "Address to listen on: HOST:PORT, [IPv6]:PORT or unix:PATH; repeat for more.",
+        convert=_str_list, cli=("-b", "--bind"), metavar="ADDRESS", append=True)
+    workers: int = setting(
+        1, "Worker processes; 0 or 'auto' for one per CPU.",
+        section="process", convert=_workers, cli=("-w", "--workers"), validate=_positive)
+    max_connections: int = setting(
+        10000, "Connections per worker; one over the limit gets a 503 line and is closed.",
+        convert=int, validate=_positive)
+    max_connections_per_peer: int = setting(
+        0, "Connections per worker from one peer IP address; one over gets a 503 line and is closed (0: no limit). "
+        "Behind a proxy, turn on proxy_protocol so the peer is the real client.",
+        convert=int, validate=_positive)
+    max_line_bytes: int = setting(
+        1 << 20, "Longest request line (newline included); longer lines get 413.",
+        convert=parse_size, validate=_positive)
+    max_reply_bytes: int = setting(
+        16 << 20, "Longest reply line; a larger result is replaced by a 413 reply.",
+        convert=parse_size, validate=_positive)
+    idle_timeout: float = setting(
+        300.0, "Seconds a connection may sit with nothing in flight before a goaway closes it (0: never).",
+        section="timeouts", convert=float, validate=_positive)
+    request_timeout: float = setting(
+        10.0, "Seconds a started request line has to arrive whole (slowloris guard).",
+        section="timeouts", convert=float, validate=_positive)
+    handler_timeout: float = setting(
+        30.0, "Default deadline of a handler when the request carries no timeout_ms (0: none).",
+        section="timeouts", convert=float, validate=_positive)
+    write_timeout: float = setting(
+        30.0, "Seconds without write progress to a peer that reads nothing before it is dropped.",
+        section="timeouts", convert=float, validate=_positive)
+    graceful_timeout: float = setting(
+        30.0, "Seconds a draining server waits for requests in flight before stopping them.",
+        section="timeouts", convert=float, validate=_positive)
+    max_inflight_per_connection: int = setting(
+        128, "Blocked requests in flight on one connection; at the limit a command that has blocked before gets a "
+        "retryable 503 (built-ins and inline commands still run).",
+        convert=int, validate=_positive)
+    max_inflight: int = setting(
+        10000, "Blocked requests in flight per worker; at the limit a command that has blocked before gets a "
+        "retryable 503 (built-ins and inline commands still run).",
+        convert=int, validate=_positive)
+    backlog: int = setting(2048, "Listen backlog.", convert=int, validate=_positive)
+    codec: str = setting(
+        "simplejson", "JSON codec: simplejson, or orjson when installed (geventtcp[fast]).",
+        choices=("simplejson", "orjson"))
+    certfile: str = setting(
+        "", "TLS: PEM certificate chain of the server; enables TLS on every listener.",
+        section="security")
+    keyfile: str = setting("", "TLS: PEM private key of the server (default: inside certfile).", section="security")
+    ca_certs: str = setting("", "TLS: PEM CA bundle used to verify client certificates.", section="security")
+    tls_require_client_cert: bool = setting(
+        False, "TLS: refuse clients without a certificate signed by ca_certs.",
+        section="security", convert=parse_bool, flag=True)
+    tls_handshake_timeout: float = setting(
+        10.0, "Seconds a TLS handshake may take before the connection is dropped.",
+        section="security", convert=float, validate=_positive)
+    auth_token: str = setting(
+        "", "Shared secret: when set, a connection must send AUTH (cmdid -4) with it first (prefer the env var or "
+        "auth_token_file: flags show in ps).",
+        section="security")
+    auth_timeout: float = setting(
+        10.0, "Seconds a connection has to authenticate when auth is on; then it gets a 401 line and is closed "
+        "(0: no limit).",
+        section="security", convert=float, validate=_positive)
+    auth_token_file: str = setting(
+        "", "Read the shared secret from this file (surrounding whitespace stripped).",
+        section="security")
+    protected_mode: bool = setting(
+        True, "Without auth_token or TLS client certificates, refuse to listen on a non-loopback address and deny "
+        "non-loopback peers (--no-protected-mode to allow); the metrics listener, which has no authentication, is "
+        "held to loopback whatever the auth settings.",
+        section="security", convert=parse_bool, flag=True)
+    proxy_protocol: bool = setting(
+        False, "Every connection starts with a PROXY protocol header (v1 or v2: HAProxy send-proxy, send-proxy-v2) "
+        "giving the real client address for limits, protected mode and logs; a connection from a peer outside "
+        "proxy_allow_from, or without a valid header, is closed.",
+        section="security", convert=parse_bool, flag=True)
+    proxy_allow_from: list[str] = setting(
+        ["127.0.0.1", "::1"], "Peers (addresses or CIDR networks, comma-separated; * for any) trusted to send the "
+        "PROXY header; unix-socket peers are always trusted.",
+        section="security", convert=_networks, metavar="NETWORKS")
+    proxy_protocol_timeout: float = setting(
+        5.0, "Seconds a connection has to send its whole PROXY header (0: no limit).",
+        section="security", convert=float, validate=_positive)
+    log_level: str = setting(
+        "info", "Level of the geventtcp loggers.",
+        section="logging", convert=lambda v: str(v).lower(), choices=("debug", "info", "warning", "error", "critical"))
     # -- operations (launcher, logging, introspection) ---------------------------------------
-    Setting("timeout", 30.0, "Heartbeat timeout: a worker whose event loop is stuck this many seconds is killed "
-            "(SIGABRT, then SIGKILL) and replaced (0: never).", section="process", convert=float,
-            validate=_positive),
-    Setting("reuse_port", False, "Give each worker its own SO_REUSEPORT listener per TCP address, so the kernel "
-            "spreads connections evenly; but a worker stuck in CPU work strands the connections hashed to it "
-            "(off: all workers accept from one shared socket).", section="process", convert=parse_bool, flag=True),
-    Setting("max_requests", 0, "Requests a worker serves before it drains and is replaced (0: never).",
-            section="process", convert=int, validate=_positive),
-    Setting("max_requests_jitter", 0, "Random 0..N added to max_requests per worker, so workers do not restart "
-            "together.", section="process", convert=int, validate=_positive),
-    Setting("max_connection_age", 0.0, "Seconds after which a connection gets a goaway 'max_age' once idle, so "
-            "clients move to new workers (0: never).", section="timeouts", convert=float, validate=_positive),
-    Setting("max_connection_age_jitter", 0.1, "Fraction of max_connection_age added at random per connection.",
-            section="timeouts", convert=float, validate=_positive),
-    Setting("pidfile", "", "Write the master's pid to this file (removed on exit).", section="process"),
-    Setting("log_file", "", "Log to this file instead of stderr; SIGUSR1 reopens it (log rotation).",
-            section="logging"),
-    Setting("access_log", False, "Log one line per request (peer, cmdid, id, code, duration) to the "
-            "geventtcp.access logger.", section="logging", convert=parse_bool, flag=True),
-    Setting("log_config", "", "A logging.config.dictConfig file (.json, .toml or a Python file defining "
-            "LOGGING_CONFIG); applied after the other logging settings.", section="logging"),
-    Setting("blocking_time", 0.1, "Log a warning naming the running cmdid when a handler blocks the event loop "
-            "this many seconds (a heartbeat watcher thread; 0: off).", section="logging", convert=float,
-            validate=_positive),
-    Setting("metrics_bind", "", "HOST:PORT where the master serves Prometheus text metrics aggregated over the "
-            "workers (empty: off).", section="logging"),
-)
+    timeout: float = setting(
+        30.0, "Heartbeat timeout: a worker whose event loop is stuck this many seconds is killed (SIGABRT, then "
+        "SIGKILL) and replaced (0: never).",
+        section="process", convert=float, validate=_positive)
+    reuse_port: bool = setting(
+        False, "Give each worker its own SO_REUSEPORT listener per TCP address, so the kernel spreads connections "
+        "evenly; but a worker stuck in CPU work strands the connections hashed to it (off: all workers accept from "
+        "one shared socket).",
+        section="process", convert=parse_bool, flag=True)
+    max_requests: int = setting(
+        0, "Requests a worker serves before it drains and is replaced (0: never).",
+        section="process", convert=int, validate=_positive)
+    max_requests_jitter: int = setting(
+        0, "Random 0..N added to max_requests per worker, so workers do not restart together.",
+        section="process", convert=int, validate=_positive)
+    max_connection_age: float = setting(
+        0.0, "Seconds after which a connection gets a goaway 'max_age' once idle, so clients move to new workers "
+        "(0: never).",
+        section="timeouts", convert=float, validate=_positive)
+    max_connection_age_jitter: float = setting(
+        0.1, "Fraction of max_connection_age added at random per connection.",
+        section="timeouts", convert=float, validate=_positive)
+    pidfile: str = setting("", "Write the master's pid to this file (removed on exit).", section="process")
+    log_file: str = setting(
+        "", "Log to this file instead of stderr; SIGUSR1 reopens it (log rotation).",
+        section="logging")
+    access_log: bool = setting(
+        False, "Log one line per request (peer, cmdid, id, code, duration) to the geventtcp.access logger.",
+        section="logging", convert=parse_bool, flag=True)
+    log_config: str = setting(
+        "", "A logging.config.dictConfig file (.json, .toml or a Python file defining LOGGING_CONFIG); applied after "
+        "the other logging settings.",
+        section="logging")
+    blocking_time: float = setting(
+        0.1, "Log a warning naming the running cmdid when a handler blocks the event loop this many seconds (a "
+        "heartbeat watcher thread; 0: off).",
+        section="logging", convert=float, validate=_positive)
+    metrics_bind: str = setting(
+        "", "HOST:PORT where the master serves Prometheus text metrics aggregated over the workers (empty: off).",
+        section="logging")
+
+
+def _declaration(f: Field[Any]) -> Setting:
+    factory = f.default_factory
+    default = f.default if factory is MISSING else factory()
+    return Setting(f.name, default, **f.metadata)
+
+
+SETTINGS: tuple[Setting, ...] = tuple(_declaration(f) for f in fields(Settings))
 
 _BY_NAME = {s.name: s for s in SETTINGS}
 
 
+def _own(value: Any) -> Any:
+    """A copy of a list value (``bind``), so no two Configs or Settings share one."""
+    return list(value) if isinstance(value, list) else value
+
+
 @dataclass
 class Config:
-    """Resolved settings; attribute access by setting name; ``sources`` says where each came from."""
+    """The resolver: each setting's value (``values``) and where it came from (``sources``: ``default``,
+    ``file PATH``, ``env NAME``, ``command line``, ``argument``), filled in precedence order by
+    :func:`load`; :meth:`freeze` gives the typed :class:`Settings` everything reads at run time."""
 
-    values: dict[str, Any] = field(default_factory=lambda: {s.name: s.default for s in SETTINGS})
+    values: dict[str, Any] = field(default_factory=lambda: {s.name: _own(s.default) for s in SETTINGS})
     sources: dict[str, str] = field(default_factory=lambda: {s.name: "default" for s in SETTINGS})
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self.__dict__["values"][name]
-        except KeyError:
-            raise AttributeError(name) from None
+    def freeze(self) -> Settings:
+        """The values as a :class:`Settings` (lists copied, so later changes here do not reach it)."""
+        values: dict[str, Any] = {name: _own(value) for name, value in self.values.items()}
+        return Settings(**values)
 
     def set(self, name: str, value: Any, source: str) -> None:
-        setting = _BY_NAME.get(name)
-        if setting is None:
-            raise ConfigError(f"unknown setting {name!r} ({source})")
-        self.values[name] = setting.coerce(value, source)
+        declared = _BY_NAME.get(name)
+        if declared is None:
+            raise ConfigError(f"unknown setting {name!r} ({source}){_did_you_mean(name)}")
+        self.values[name] = declared.coerce(value, source)
         self.sources[name] = source
 
     def update(self, items: Mapping[str, Any], source: str) -> None:
@@ -255,7 +335,7 @@ def read_file(path: str) -> dict[str, Any]:
                 data = tomllib.load(fh)
             data = data.get("geventtcp", data)
         else:
-            data = {k: v for k, v in runpy.run_path(path).items() if not k.startswith("_") and k in _BY_NAME}
+            data = _python_settings(runpy.run_path(path))
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except (OSError, tomllib.TOMLDecodeError, SyntaxError) as exc:
@@ -264,8 +344,23 @@ def read_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"config file {path} does not hold a table of settings")
     unknown = sorted(set(data) - set(_BY_NAME))
     if unknown:
-        raise ConfigError(f"unknown setting(s) in {path}: {', '.join(unknown)}")
+        raise ConfigError(f"unknown setting(s) in {path}: {', '.join(n + _did_you_mean(n) for n in unknown)}")
     return data
+
+
+def _python_settings(namespace: Mapping[str, Any]) -> dict[str, Any]:
+    """The assignments of a Python config file: private names, modules, functions and classes are its
+    own machinery (``import os``, ``def helper()``, ``_base = ...``); every other name must be a setting."""
+    return {name: value for name, value in namespace.items()
+            if not name.startswith("_") and not isinstance(value, types.ModuleType) and not callable(value)}
+
+
+def _did_you_mean(name: str) -> str:
+    """`` (did you mean 'workers'?)`` for a typo such as ``worker``; empty when nothing is close."""
+    import difflib  # only on this error path: importing the package stays as cheap as it was
+
+    close = difflib.get_close_matches(name, _BY_NAME, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def load(cli: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,

@@ -366,7 +366,7 @@ class Connection:
                 log.error("result of cmdid %d is not serializable: %r", cmdid, exc)
                 reply = encode_error(codec, Code.INTERNAL, "result not serializable", cmdid, req.id, req.has_id)
                 code = Code.INTERNAL
-        if len(reply) > server.max_reply_bytes:
+        if len(reply) > server.settings.max_reply_bytes:
             reply = encode_error(codec, Code.TOO_LARGE, "reply too large", cmdid, req.id, req.has_id)
             code = Code.TOO_LARGE
         elapsed = clock() - started

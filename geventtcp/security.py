@@ -12,6 +12,7 @@ from .errors import Code, ConfigError, HandlerError
 from .protocol import Request
 
 if TYPE_CHECKING:
+    from .config import Settings
     from .server import Server
 
 __all__ = [
@@ -51,7 +52,7 @@ def is_loopback(address: Any) -> bool:
     return bool(ip.is_loopback)
 
 
-def load_token(settings: Any) -> str | None:
+def load_token(settings: Settings) -> str | None:
     """The shared secret from ``auth_token`` or ``auth_token_file``; ``None`` when auth is off.
 
     Raises :class:`ConfigError` when both are set, the file cannot be read, or the token is empty.
@@ -71,9 +72,9 @@ def load_token(settings: Any) -> str | None:
     return token or None
 
 
-def is_protected(settings: Any, token: str | None) -> bool:
+def is_protected(settings: Settings, token: str | None) -> bool:
     """Protected mode is in force: enabled, and no token nor required client certificates guard us."""
-    return bool(settings.protected_mode) and token is None and not settings.tls_require_client_cert
+    return settings.protected_mode and token is None and not settings.tls_require_client_cert
 
 
 def check_listen_addresses(addresses: Iterable[Any]) -> None:
@@ -88,7 +89,7 @@ def check_listen_addresses(addresses: Iterable[Any]) -> None:
             )
 
 
-def check_metrics_addresses(settings: Any, addresses: Iterable[Any]) -> None:
+def check_metrics_addresses(settings: Settings, addresses: Iterable[Any]) -> None:
     """Protected mode for the metrics listener: raise :class:`ConfigError` for a non-loopback address.
 
     The metrics endpoint has no authentication of its own (a token or client certificate guards
@@ -106,7 +107,7 @@ def check_metrics_addresses(settings: Any, addresses: Iterable[Any]) -> None:
             )
 
 
-def check_serving_settings(settings: Any, addresses: Iterable[Any], metrics_addresses: Iterable[Any] = ()) -> None:
+def check_serving_settings(settings: Settings, addresses: Iterable[Any], metrics_addresses: Iterable[Any] = ()) -> None:
     """The checks every server start makes, for the launcher's preflight and ``serve --check-config``.
 
     Loads the auth token, builds the TLS server context (certificate files readable and matching)

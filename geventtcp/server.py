@@ -20,7 +20,7 @@ from gevent.server import StreamServer
 
 from .builtins import Builtin, make_builtins
 from .codec import get_codec
-from .config import Config
+from .config import Config, Settings
 from .connection import Connection
 from .errors import Code
 from .protocol import Request, encode_error, encode_goaway
@@ -133,10 +133,12 @@ class Server:
         ssl_context: Any = None,
         **settings: Any,
     ) -> None:
-        self.settings = Config(dict(config.values), dict(config.sources)) if config is not None else Config()
+        resolved = Config(dict(config.values), dict(config.sources)) if config is not None else Config()
         if bind is not None:
             settings["bind"] = [bind] if isinstance(bind, str) else list(bind)
-        self.settings.update(settings, "argument")
+        resolved.update(settings, "argument")
+        #: Typed and frozen: the request path reads its limits here directly (a slot load each).
+        self.settings: Settings = resolved.freeze()
         self.registry = registry if registry is not None else default_registry
         self.codec = get_codec(self.settings.codec)
         self.token = load_token(self.settings)
@@ -168,7 +170,6 @@ class Server:
         #: Connections one listener accepts per wakeup; the launcher sets 1 when several worker
         #: processes share a listener, so one worker does not take a whole burst (as gunicorn does).
         self.max_accept: int = StreamServer.max_accept
-        self._copy_limits()
         self.started_at = 0.0
         self.loop = get_hub().loop
         self._given_listeners = list(listeners) if listeners is not None else None
@@ -192,7 +193,6 @@ class Server:
             return
         self._stopped.clear()
         self.draining = False
-        self._copy_limits()
         self.calls = dict(self.registry.calls)
         self.cancel_on_disconnect = frozenset(info.cmdid for info in self.registry if info.cancel_on_disconnect)
         self.calls.update(make_builtins(self))
@@ -292,7 +292,7 @@ class Server:
     # -- per connection and request --------------------------------------------------------------
 
     def _handle(self, sock: Any, address: Any) -> None:
-        if self.proxy_protocol:
+        if self.settings.proxy_protocol:
             address = self._proxy_address(sock, address)
             if address is None:
                 return
@@ -394,18 +394,6 @@ class Server:
         else:
             self.peers.pop(peer, None)
 
-    def _copy_limits(self) -> None:
-        """Copy the settings the request path reads into plain attributes (at construction and start).
-
-        A ``Config`` attribute is found through ``__getattr__`` after a failed lookup, which costs
-        about a microsecond; per request that was a tenth of the server's CPU.
-        """
-        s = self.settings
-        self.max_inflight: int = s.max_inflight
-        self.max_inflight_per_connection: int = s.max_inflight_per_connection
-        self.max_reply_bytes: int = s.max_reply_bytes
-        self.proxy_protocol: bool = s.proxy_protocol  # read per accepted connection
-
     def admit(self, conn: Connection, req: Request) -> tuple[int, str] | None:
         """Why ``req`` must not run now (code, message), or ``None``; a refused handler never runs.
 
@@ -417,13 +405,14 @@ class Server:
         """
         if req.deadline is not None and req.deadline <= self.clock():
             return Code.DEADLINE_EXCEEDED, "deadline passed before the request started"
-        if (conn.inflight >= self.max_inflight_per_connection or self.inflight >= self.max_inflight) \
+        settings = self.settings
+        if (conn.inflight >= settings.max_inflight_per_connection or self.inflight >= settings.max_inflight) \
                 and req.cmdid in self.blocking:
             return self._refuse_inflight(conn)
         return None
 
     def _refuse_inflight(self, conn: Connection) -> tuple[int, str]:
-        if conn.inflight >= self.max_inflight_per_connection:
+        if conn.inflight >= self.settings.max_inflight_per_connection:
             return Code.UNAVAILABLE, "too many requests in flight on this connection"
         return Code.UNAVAILABLE, "too many requests in flight on this server"
 

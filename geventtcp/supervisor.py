@@ -9,7 +9,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 
-from .config import Config
+from .config import Settings
 from .errors import GeventTCPError
 from .worker import STATE_DRAINING, STATE_SERVING, WORKER_BOOT_ERROR
 
@@ -60,7 +60,7 @@ class WorkerSupervisor:
     iteration. Raises :class:`HaltServerError` when workers keep failing to boot.
     """
 
-    config: Config
+    settings: Settings
     workers: dict[int, WorkerProcess]
     stats_dir: str
     boot_failures: int
@@ -70,7 +70,7 @@ class WorkerSupervisor:
 
     def _retire(self, worker: WorkerProcess, sig: int) -> None:
         worker.retiring = worker.signalled = True
-        worker.stop_deadline = time.monotonic() + self.config.graceful_timeout + STOP_MARGIN
+        worker.stop_deadline = time.monotonic() + self.settings.graceful_timeout + STOP_MARGIN
         self._kill(worker.pid, sig)
 
     def _reap(self) -> None:
@@ -138,7 +138,7 @@ class WorkerSupervisor:
 
     def _murder(self) -> None:
         """Read every worker's heartbeat file: state changes, missed heartbeats, overdue drains."""
-        timeout = self.config.timeout
+        timeout = self.settings.timeout
         now_wall = time.time()
         now = time.monotonic()
         for worker in list(self.workers.values()):
@@ -151,7 +151,7 @@ class WorkerSupervisor:
                 self.boot_failures = 0
             if st.st_size >= STATE_DRAINING and not worker.retiring:
                 worker.retiring = worker.signalled = True  # it drains on its own (max_requests): replace it
-                worker.stop_deadline = now + self.config.graceful_timeout + STOP_MARGIN
+                worker.stop_deadline = now + self.settings.graceful_timeout + STOP_MARGIN
             if worker.aborted_at:
                 if now - worker.aborted_at > ABORT_GRACE:
                     self._kill(worker.pid, signal.SIGKILL)

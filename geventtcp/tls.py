@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import ssl
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gevent import Timeout
 from gevent import ssl as gssl
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .config import Settings
 
 __all__ = ["server_context", "client_context", "server_context_from_settings", "handshake"]
 
@@ -39,7 +42,7 @@ def server_context(
     return ctx
 
 
-def server_context_from_settings(settings: Any) -> ssl.SSLContext | None:
+def server_context_from_settings(settings: Settings) -> ssl.SSLContext | None:
     """The server context the ``certfile``/``keyfile``/``ca_certs`` settings describe, or ``None``."""
     if not settings.certfile:
         if settings.keyfile or settings.tls_require_client_cert:

@@ -31,6 +31,7 @@ from gevent import socket as gsocket
 
 from .blocking import enable_blocking_detector
 from .builtins import Builtin
+from .config import Config
 from .log import make_access_hook, reopen_log_files
 from .metrics import merge, read_snapshots, snapshot, write_snapshot
 from .protocol import encode_goaway
@@ -55,7 +56,7 @@ class WorkerSpec:
     """What a worker needs from the master; everything here is inherited across ``fork``."""
 
     app: str
-    config: Any
+    config: Config
     listeners: list[socket.socket]
     heartbeat_fd: int
     stats_dir: str
@@ -93,6 +94,7 @@ class _Worker:
     def __init__(self, spec: WorkerSpec, sockets: list[Any]) -> None:
         self.spec = spec
         self.config = spec.config
+        self.settings = spec.config.freeze()
         self.sockets = sockets
         self.server: Any = None
         self.state = STATE_BOOTING
@@ -100,7 +102,7 @@ class _Worker:
         self.pending_stop: tuple[str, bool] | None = None
 
     def run(self) -> int:
-        cfg = self.config
+        cfg = self.settings
         # TERM: the listeners close with this worker (a stop, a slot retired by TTOU); HUP: a replacement
         # serves them on.
         gevent.signal_handler(signal.SIGTERM, self.drain, "shutdown", True)
@@ -114,7 +116,7 @@ class _Worker:
             sys.path.insert(0, os.getcwd())
         try:
             registry = load_registry(self.spec.app)
-            server = Server(registry, config=cfg, listeners=self.sockets)
+            server = Server(registry, config=self.config, listeners=self.sockets)
             if cfg.workers != 1:
                 server.max_accept = 1  # share bursts of new connections between workers
             server.access_log = self._request_hook(make_access_hook() if cfg.access_log else None)
@@ -138,7 +140,7 @@ class _Worker:
 
     def _request_hook(self, access: Any) -> Any:
         """The per-request hook: access log and/or the max_requests countdown; None (free) when both are off."""
-        cfg = self.config
+        cfg = self.settings
         limit = cfg.max_requests + random.randint(0, cfg.max_requests_jitter) if cfg.max_requests else 0
         if not limit:
             return access
@@ -182,7 +184,7 @@ class _Worker:
             self._refuse_backlog(reason)
         else:
             self.server.stop_accepting()  # now: an accept before the stop greenlet runs would get a goaway
-        gevent.spawn(self.server.stop, self.config.graceful_timeout, reason)
+        gevent.spawn(self.server.stop, self.settings.graceful_timeout, reason)
 
     def _refuse_backlog(self, reason: str) -> None:
         """Accept what waits in the listen backlog, answer it with a goaway, and close the listeners.
@@ -228,7 +230,7 @@ class _Worker:
 
     def _heartbeat(self) -> None:
         """Touch the heartbeat file and publish stats; runs as a greenlet, so it stops when the hub is stuck."""
-        timeout = self.config.timeout
+        timeout = self.settings.timeout
         period = max(0.05, min(1.0, timeout / 4)) if timeout else 1.0
         fd = self.spec.heartbeat_fd
         while True:
