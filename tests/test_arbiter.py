@@ -407,3 +407,39 @@ def test_term_right_after_a_retire_answers_the_backlog_a_busy_retiring_worker_ho
         assert launcher.wait_exit(30) == 0
     finally:
         launcher.close()
+
+
+def test_a_reload_to_fewer_workers_answers_the_backlog_of_a_retired_reuse_port_slot(app_dir: Path) -> None:
+    # --reuse-port, a reload from 2 workers to 1: slot 1's socket is closed in the master at once and
+    # closes for good with its old worker. That worker was told HUP, which leaves the backlog to a
+    # replacement (there is none for slot 1): connections queued in its socket while it was busy were
+    # reset when it closed. It must answer them with a goaway, as a TTOU-retired slot does.
+    conf = app_dir / "geventtcp.conf.py"
+    conf.write_text("workers = 2\n")
+    launcher = Launcher(app_dir, "-c", str(conf), "--reuse-port", "--blocking-time", "0")
+    try:
+        launcher.wait_workers(2)
+        busy = int(launcher.wait_log(r"booting worker with pid (\d+) \(slot 1").group(1))
+        other = int(launcher.wait_log(r"booting worker with pid (\d+) \(slot 0").group(1))
+        caller = _caller_on(launcher.address, busy)
+        before = cpu_seconds(busy)
+        spin = gevent.spawn(caller.call, 7, {"seconds": 4})
+        wait_until(lambda: cpu_seconds(busy) > before + 0.3, 20)  # its event loop is blocked
+        conf.write_text("workers = 1\n")
+        launcher.signal(signal.SIGHUP)
+        launcher.wait_log(rf"Worker \(pid:{other}\) exited")  # the new worker serves: the old ones were told
+        # The kernel hashes each connection to slot 0's socket (the new worker) or slot 1's (busy):
+        # about half of them wait in the busy worker's backlog.
+        conns = [RawConn(launcher.address, timeout=30) for _ in range(12)]
+        for i, conn in enumerate(conns):
+            conn.request(9, id=i)
+        assert not spin.ready(), "the connections must be made while the retiring worker is busy"
+        for conn in conns:
+            line = conn.readline()
+            assert line.endswith(b"\n"), f"connection closed without a goaway ({line!r})"
+            reply = json.loads(line)
+            assert reply.get("goaway") or reply.get("code") == 0, reply
+            conn.close()
+        assert spin.get(timeout=30)["data"] == "spun"
+    finally:
+        launcher.close()
