@@ -296,7 +296,13 @@ class Arbiter(WorkerSupervisor):
             waited = time.monotonic() - self._reload_started
             if all(w.booted for w in fresh) or waited > RELOAD_BOOT_WAIT:
                 for worker in pending:
-                    self._retire(worker, signal.SIGHUP)
+                    self._retire(worker, self._reload_signal(worker))
+
+    def _reload_signal(self, worker: WorkerProcess) -> int:
+        """HUP: a new worker serves the old one's listeners on. TERM when its own SO_REUSEPORT slot is gone
+        (a reload to fewer workers, a TTOU during a reload): that socket closes with it, so it answers
+        what waits there with a goaway instead of leaving it to be reset."""
+        return signal.SIGTERM if self._listeners().slots and worker.slot >= self.num_workers else signal.SIGHUP
 
     # -- stopping --------------------------------------------------------------------------------
 

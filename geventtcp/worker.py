@@ -100,6 +100,7 @@ class _Worker:
         self.state = STATE_BOOTING
         self.requests = 0
         self.pending_stop: tuple[str, bool] | None = None
+        self.backlog_refused = False
 
     def run(self) -> int:
         cfg = self.settings
@@ -169,10 +170,13 @@ class _Worker:
         SO_REUSEPORT slot retired), so what waits in their backlog gets a goaway. Otherwise (a restart:
         max_requests, HUP) the backlog is left to the worker that serves them next.
         """
-        if self.server is None:
-            self.pending_stop = (reason, listeners_close)  # the hub ran while the app was importing
+        if self.server is None:  # the hub ran while the app was importing: drain once it serves
+            closing = listeners_close or (self.pending_stop is not None and self.pending_stop[1])
+            self.pending_stop = (reason, closing)
             return
         if self.state == STATE_DRAINING:
+            if listeners_close and not self.backlog_refused:
+                self._refuse_backlog(reason)  # a stop during a restart's drain: see _refuse_backlog
             return
         self._set_state(STATE_DRAINING)
         log.info("worker draining (%s)", reason)
@@ -194,7 +198,12 @@ class _Worker:
         request could not tell whether it ran. The goaway says it did not: reconnect and resend.
         The close follows the last accept without yielding to the hub: an SO_REUSEPORT socket gets
         new connections until it is closed, and each one queued at the close would be reset.
+
+        Also run when the stop comes during a drain that left the backlog to others (USR2, HUP,
+        max_requests) if this worker's hub was busy meanwhile: its copies may still be open, and
+        once the other workers have stopped they are the last ones (already closed ones accept nothing).
         """
+        self.backlog_refused = True
         self.server.stop_accepting()
         line = encode_goaway(self.server.codec, reason)
         for listener in self.sockets:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,8 +14,8 @@ from typing import Any
 import gevent
 import pytest
 
-from .helpers import ROOT, wait_until
-from .opstools import APP_SOURCE, Caller, Launcher, call_once, wait_inflight, write_app
+from .helpers import ROOT, RawConn, wait_until
+from .opstools import APP_SOURCE, Caller, Launcher, call_once, cpu_seconds, wait_inflight, write_app
 
 
 @pytest.fixture
@@ -354,5 +355,91 @@ def test_a_failed_reload_overtaking_a_slow_one_restores_only_the_serving_generat
         launcher.signal(signal.SIGHUP)
         launcher.wait_workers(2, exclude=old)
         assert call_once(launcher.address, 9)["version"] == "v4"
+    finally:
+        launcher.close()
+
+
+def _caller_on(address: Any, pid: int) -> Caller:
+    """A caller whose connection is served by worker ``pid`` (a shared listener: try until it lands there)."""
+    for _ in range(200):
+        caller = Caller(address)
+        if caller.call(9)["data"]["pid"] == pid:
+            return caller
+        caller.close()
+    raise AssertionError(f"no connection reached worker {pid} in 200 tries")
+
+
+@pytest.mark.parametrize("retire", ["ttou", "hup"])
+def test_term_right_after_a_retire_answers_the_backlog_a_busy_retiring_worker_holds(app_dir: Path,
+                                                                                     retire: str) -> None:
+    # Shared listener. The retiring worker is told USR2 (TTOU) or HUP (a reload), which leave its backlog to
+    # the other workers, while its event loop is blocked; the master's TERM follows at once. The other
+    # worker answers its backlog and closes its copy of the listener; the busy worker then holds the only
+    # copy, and connections made meanwhile wait in it. Its TERM must answer them with a goaway: it used to
+    # find the worker already draining (from USR2/HUP) and do nothing, and closing the listener reset them.
+    launcher = Launcher(app_dir, "--workers", "2", "--blocking-time", "0")
+    try:
+        launcher.wait_workers(2)
+        busy = int(launcher.wait_log(r"booting worker with pid (\d+) \(slot 1").group(1))
+        other = int(launcher.wait_log(r"booting worker with pid (\d+) \(slot 0").group(1))
+        caller = _caller_on(launcher.address, busy)
+        before = cpu_seconds(busy)
+        spin = gevent.spawn(caller.call, 7, {"seconds": 4})
+        wait_until(lambda: cpu_seconds(busy) > before + 0.3, 20)  # its event loop is blocked
+        if retire == "ttou":
+            launcher.signal(signal.SIGTTOU)
+            launcher.wait_log(r"workers: 1")
+        else:  # the old workers are told HUP once the new generation serves: the idle one exits at once
+            launcher.signal(signal.SIGHUP)
+            launcher.wait_log(rf"Worker \(pid:{other}\) exited")
+        launcher.signal(signal.SIGTERM)
+        wait_until(lambda: _children(launcher.master) == {busy}, 20)  # every other worker has stopped
+        queued = [RawConn(launcher.address, timeout=30) for _ in range(3)]
+        for i, conn in enumerate(queued):
+            conn.request(9, id=i)
+        assert not spin.ready(), "the connections must be made while the retiring worker is busy"
+        for conn in queued:
+            line = conn.readline()
+            assert line.endswith(b"\n"), f"connection closed without a goaway ({line!r})"
+            reply = json.loads(line)
+            assert reply.get("goaway") == "shutdown" or reply.get("code") == 0, reply
+            conn.close()
+        assert launcher.wait_exit(30) == 0
+    finally:
+        launcher.close()
+
+
+def test_a_reload_to_fewer_workers_answers_the_backlog_of_a_retired_reuse_port_slot(app_dir: Path) -> None:
+    # --reuse-port, a reload from 2 workers to 1: slot 1's socket is closed in the master at once and
+    # closes for good with its old worker. That worker was told HUP, which leaves the backlog to a
+    # replacement (there is none for slot 1): connections queued in its socket while it was busy were
+    # reset when it closed. It must answer them with a goaway, as a TTOU-retired slot does.
+    conf = app_dir / "geventtcp.conf.py"
+    conf.write_text("workers = 2\n")
+    launcher = Launcher(app_dir, "-c", str(conf), "--reuse-port", "--blocking-time", "0")
+    try:
+        launcher.wait_workers(2)
+        busy = int(launcher.wait_log(r"booting worker with pid (\d+) \(slot 1").group(1))
+        other = int(launcher.wait_log(r"booting worker with pid (\d+) \(slot 0").group(1))
+        caller = _caller_on(launcher.address, busy)
+        before = cpu_seconds(busy)
+        spin = gevent.spawn(caller.call, 7, {"seconds": 4})
+        wait_until(lambda: cpu_seconds(busy) > before + 0.3, 20)  # its event loop is blocked
+        conf.write_text("workers = 1\n")
+        launcher.signal(signal.SIGHUP)
+        launcher.wait_log(rf"Worker \(pid:{other}\) exited")  # the new worker serves: the old ones were told
+        # The kernel hashes each connection to slot 0's socket (the new worker) or slot 1's (busy):
+        # about half of them wait in the busy worker's backlog.
+        conns = [RawConn(launcher.address, timeout=30) for _ in range(12)]
+        for i, conn in enumerate(conns):
+            conn.request(9, id=i)
+        assert not spin.ready(), "the connections must be made while the retiring worker is busy"
+        for conn in conns:
+            line = conn.readline()
+            assert line.endswith(b"\n"), f"connection closed without a goaway ({line!r})"
+            reply = json.loads(line)
+            assert reply.get("goaway") or reply.get("code") == 0, reply
+            conn.close()
+        assert spin.get(timeout=30)["data"] == "spun"
     finally:
         launcher.close()
