@@ -280,3 +280,24 @@ def test_a_connection_waiting_for_its_header_when_the_worker_drains_gets_a_goawa
         assert launcher.wait_exit(15) == 0
     finally:
         launcher.close()
+
+
+def test_connections_waiting_for_their_header_count_against_max_connections(serve: Callable[..., Server]) -> None:
+    # A silent connection from a trusted peer holds a descriptor until proxy_protocol_timeout; those
+    # waits must not take the worker past max_connections (one over gets its 503 line at once).
+    server = serve(proxy_protocol=True, max_connections=2, proxy_protocol_timeout=60, protected_mode=False)
+    waiting = [RawConn(server.address) for _ in range(2)]
+    try:
+        for conn in waiting:
+            conn.send(b"PROXY ")
+        with RawConn(server.address) as over:
+            reply = over.line(timeout=5)
+            assert reply["code"] == 503 and "max number of connections" in reply["msg"]
+            over.expect_eof()
+        assert server.stats.connections_rejected == 1
+        for conn, client in zip(waiting, (CLIENT4, ("203.0.113.8", 2)), strict=True):  # the two are served
+            conn.send(build_v1(client)[6:] + b'{"cmdid":8}\n')
+            assert conn.line()["data"]["address"] == list(client)
+    finally:
+        for conn in waiting:
+            conn.close()
