@@ -355,6 +355,12 @@ class Server:
         """See :meth:`_proxy_address`: the header's client address, or ``None`` once closed."""
         if not is_trusted(address, self.proxy_from):
             why: Any = "peer not in proxy_allow_from"
+        elif len(self.connections) + self.proxy_pending > self.settings.max_connections:
+            # Counted before the wait (proxy_pending includes this one): a silent header must not
+            # hold a descriptor past the limit for proxy_protocol_timeout.
+            self.stats.connections_rejected += 1
+            self._refuse(sock, encode_error(self.codec, Code.UNAVAILABLE, "max number of connections reached"))
+            return None
         else:
             timeout = self.settings.proxy_protocol_timeout
             try:
