@@ -162,6 +162,9 @@ class Server:
         #: Application cmdids whose handler has blocked (been handed off) in this process: only
         #: these are refused at a full in-flight limit (see :meth:`admit`).
         self.blocking: set[int] = set()
+        #: Accepted connections still reading their PROXY header: not yet in ``connections``, but
+        #: ``stop()`` waits for them too, so each gets its goaway before the process exits.
+        self.proxy_pending = 0
         self.tick = 0
         self.draining = False
         self.drain_reason = "shutdown"
@@ -339,10 +342,36 @@ class Server:
 
     def _proxy_address(self, sock: Any, address: Any) -> Any:
         """The client address the PROXY header gives, or the socket's own for a LOCAL header (the
-        proxy's health check); ``None`` after closing a connection from an untrusted peer or with a
-        missing, malformed or late header (such a peer is never served as a plain client)."""
+        proxy's health check); ``None`` after closing the connection: from an untrusted peer, with a
+        missing, malformed or late header (such a peer is never served as a plain client), or with
+        a drain begun while the header arrived (answered with a goaway, as any connection is).
+
+        The wait counts in :attr:`proxy_pending`, so ``stop()`` does not return (and a worker does
+        not exit) under a connection it accepted before draining: that peer would see a bare close.
+        """
+        self.proxy_pending += 1
+        self._all_closed.clear()
+        try:
+            address = self._read_proxy_header(sock, address)
+            if address is not None and self.draining:
+                self._refuse(sock, encode_goaway(self.codec, self.drain_reason), linger=True)
+                return None
+            return address
+        finally:
+            self.proxy_pending -= 1
+            if not self.proxy_pending and not self.connections:
+                self._all_closed.set()
+
+    def _read_proxy_header(self, sock: Any, address: Any) -> Any:
+        """See :meth:`_proxy_address`: the header's client address, or ``None`` once closed."""
         if not is_trusted(address, self.proxy_from):
             why: Any = "peer not in proxy_allow_from"
+        elif len(self.connections) + self.proxy_pending > self.settings.max_connections:
+            # Counted before the wait (proxy_pending includes this one): a silent header must not
+            # hold a descriptor past the limit for proxy_protocol_timeout.
+            self.stats.connections_rejected += 1
+            self._refuse(sock, encode_error(self.codec, Code.UNAVAILABLE, "max number of connections reached"))
+            return None
         else:
             timeout = self.settings.proxy_protocol_timeout
             try:
@@ -382,7 +411,7 @@ class Server:
             self.connections.discard(conn)
             if isinstance(conn.address, tuple):
                 self._release_peer(conn.address[0])
-        if not self.connections:
+        if not self.connections and not self.proxy_pending:
             self._all_closed.set()
 
     def _release_peer(self, peer: str | None) -> None:

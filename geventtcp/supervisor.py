@@ -95,7 +95,12 @@ class WorkerSupervisor:
                     log.error("Worker (pid:%d) was killed by %s", pid, signal.Signals(sig).name)
             else:
                 code = os.WEXITSTATUS(status)
-                if code == WORKER_BOOT_ERROR:
+                if code == WORKER_BOOT_ERROR and worker.retiring:
+                    # Replaced before it served: stopped by an abort (a TERM waits while it imports,
+                    # so it fails like the first one did) or overtaken by a later HUP. Not a new
+                    # failure of what the master runs now: it neither counts nor aborts anything.
+                    log.warning("Worker (pid:%d) of a superseded generation failed to boot", pid)
+                elif code == WORKER_BOOT_ERROR:
                     self.boot_failures += 1
                     log.error("Worker (pid:%d) failed to boot (%d in a row)", pid, self.boot_failures)
                     if self._abort_reload():

@@ -14,6 +14,8 @@ from typing import Any
 import gevent
 import pytest
 
+from geventtcp.supervisor import BOOT_FAILURE_LIMIT
+
 from .helpers import ROOT, RawConn, wait_until
 from .opstools import APP_SOURCE, Caller, Launcher, call_once, cpu_seconds, wait_inflight, write_app
 
@@ -441,5 +443,26 @@ def test_a_reload_to_fewer_workers_answers_the_backlog_of_a_retired_reuse_port_s
             assert reply.get("goaway") or reply.get("code") == 0, reply
             conn.close()
         assert spin.get(timeout=30)["data"] == "spun"
+    finally:
+        launcher.close()
+
+
+def test_a_reload_that_cannot_boot_keeps_more_workers_than_the_boot_failure_limit_serving(app_dir: Path) -> None:
+    # Every worker of the failed generation fails to import, not only the first: those the abort
+    # stops are already importing (a TERM waits for the hub), so they exit with the boot error too.
+    # Those are not a new failure (the reload is already abandoned) and must not halt the master.
+    workers = BOOT_FAILURE_LIMIT + 1
+    launcher = Launcher(app_dir, "--workers", str(workers))
+    try:
+        old = launcher.wait_workers(workers)
+        (app_dir / "opsapp.py").write_text("import time\ntime.sleep(1)\nraise ImportError('half-deployed release')\n")
+        launcher.signal(signal.SIGHUP)
+        launcher.wait_log("reload failed: the new application cannot boot")
+        wait_until(lambda: _children(launcher.master) == old or launcher.proc.poll() is not None, 30)
+        assert launcher.proc.poll() is None, launcher.output[-3000:]
+        assert launcher.wait_workers(workers) == old
+        for _ in range(10):
+            reply = call_once(launcher.address, 9)
+            assert reply["version"] == "v1" and reply["pid"] in old
     finally:
         launcher.close()

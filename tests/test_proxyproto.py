@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import signal
 import struct
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import gevent
@@ -28,6 +31,7 @@ from geventtcp.proxyproto import (
 from geventtcp.server import Server
 
 from .helpers import RawConn, wait_until
+from .opstools import Launcher, write_app
 
 CLIENT4 = ("203.0.113.7", 40001)
 CLIENT6 = ("2001:db8::7", 40002, 0, 0)
@@ -244,3 +248,56 @@ def test_without_the_setting_a_header_is_just_a_bad_line(serve: Callable[..., Se
 def test_build_helpers_round_trip() -> None:
     assert proxyproto.parse(build_v1(CLIENT4, ("127.0.0.1", 8889))) == ProxyHeader(
         1, len(build_v1(CLIENT4, ("127.0.0.1", 8889))), CLIENT4, ("127.0.0.1", 8889))
+
+
+def _accepted(server_port: int, client_port: int) -> bool:
+    """Has some process accept()ed this loopback TCP connection? (/proc/net/tcp gives it an inode then)"""
+    with open("/proc/net/tcp", encoding="ascii") as fh:
+        for row in fh.readlines()[1:]:
+            fields = row.split()
+            local, remote, inode = fields[1], fields[2], fields[9]
+            if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == client_port:
+                return inode != "0"
+    return False
+
+
+def test_a_connection_waiting_for_its_header_when_the_worker_drains_gets_a_goaway(tmp_path: Path) -> None:
+    # A proxied connection the worker accepted just before a drain, whose header is still on its
+    # way, is a connection like any other: it gets a goaway (not processed: resend), not a close.
+    write_app(tmp_path)
+    launcher = Launcher(tmp_path, "--workers", "1", "--proxy-protocol")
+    try:
+        with RawConn(launcher.address) as conn:
+            header = build_v1(CLIENT4)
+            conn.send(header[:6])
+            port = conn.sock.getsockname()[1]
+            wait_until(lambda: _accepted(launcher.address[1], port))  # the worker waits for the rest
+            launcher.signal(signal.SIGTERM)
+            launcher.wait_log("worker draining")
+            conn.send(header[6:] + b'{"cmdid":1,"id":1}\n')
+            line = conn.readline()
+            assert line.endswith(b"\n") and json.loads(line)["goaway"] == "shutdown", line
+        assert launcher.wait_exit(15) == 0
+    finally:
+        launcher.close()
+
+
+def test_connections_waiting_for_their_header_count_against_max_connections(serve: Callable[..., Server]) -> None:
+    # A silent connection from a trusted peer holds a descriptor until proxy_protocol_timeout; those
+    # waits must not take the worker past max_connections (one over gets its 503 line at once).
+    server = serve(proxy_protocol=True, max_connections=2, proxy_protocol_timeout=60, protected_mode=False)
+    waiting = [RawConn(server.address) for _ in range(2)]
+    try:
+        for conn in waiting:
+            conn.send(b"PROXY ")
+        with RawConn(server.address) as over:
+            reply = over.line(timeout=5)
+            assert reply["code"] == 503 and "max number of connections" in reply["msg"]
+            over.expect_eof()
+        assert server.stats.connections_rejected == 1
+        for conn, client in zip(waiting, (CLIENT4, ("203.0.113.8", 2)), strict=True):  # the two are served
+            conn.send(build_v1(client)[6:] + b'{"cmdid":8}\n')
+            assert conn.line()["data"]["address"] == list(client)
+    finally:
+        for conn in waiting:
+            conn.close()
