@@ -90,6 +90,13 @@ class Codec:
     def dumps(self, value: Any) -> bytes:
         raise NotImplementedError
 
+    def check_surrogates(self, line: bytes) -> None:
+        """``ValueError`` when ``line``, JSON this process encoded, escapes a lone surrogate: the
+        encoders write one as ``\\udXXX`` without complaint, and a strict reader (the client's
+        reply codec) refuses the line. Only a line holding a surrogate escape is parsed again."""
+        if _SURROGATE_ESCAPE.search(line) is not None:
+            self.loads(line)
+
     @staticmethod
     def _post_check(line: bytes, value: Any) -> Any:
         if _SURROGATE_ESCAPE.search(line) is not None:
