@@ -264,7 +264,7 @@ def encode_reply(codec: Codec, cmdid: int, data: Any, id: Any = None, has_id: bo
     else:
         line = codec.dumps({"code": 0, "cmdid": cmdid, "data": data}) + b"\n"
     if 92 in line:  # a backslash (memchr): only then can a surrogate escape be in the line
-        codec.check_surrogates(line)
+        codec.check_surrogates(line, data)
     return line
 
 

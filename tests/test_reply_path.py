@@ -96,6 +96,16 @@ class _Poison:
         raise RuntimeError("working outside of request context")
 
 
+class _Row:
+    """Encoded through its ``_asdict`` (as a namedtuple-like record): strings a value walk cannot see."""
+
+    def __init__(self, s: str) -> None:
+        self.s = s
+
+    def _asdict(self) -> dict[str, Any]:
+        return {"s": self.s}
+
+
 def _poison_registry() -> Registry:
     reg = make_registry()
     reg.add(30, lambda req: _Poison(), name="poison")
@@ -107,6 +117,7 @@ def _poison_registry() -> Registry:
     reg.add(31, poison_later, name="poison_later")
     reg.add(32, lambda req: {"s": "\ud800"} if req.params.get("lone") else {"s": "\ud83d\ude00"}, name="surrogate")
     reg.add(33, lambda req: [("\udc00",)], name="surrogate_in_tuple")
+    reg.add(34, lambda req: _Row("\ud800" if req.params.get("lone") else "\ud83d\ude00"), name="surrogate_in_asdict")
     return reg
 
 
@@ -143,6 +154,9 @@ def test_lone_surrogate_in_a_result_is_a_500_and_a_pair_goes_through(serve: Call
             "code": 500, "cmdid": 32, "id": "a", "msg": "result not serializable"}
         assert conn.call(33, id=2) == {"code": 500, "cmdid": 33, "id": 2, "msg": "result not serializable"}
         assert conn.call(32, id=3) == {"code": 0, "cmdid": 32, "id": 3, "data": {"s": "\U0001f600"}}
+        assert conn.call(34, {"lone": True}, id=4) == {
+            "code": 500, "cmdid": 34, "id": 4, "msg": "result not serializable"}
+        assert conn.call(34, id=5) == {"code": 0, "cmdid": 34, "id": 5, "data": {"s": "\U0001f600"}}
 
 
 def test_aborted_connection_releases_the_counts_of_its_running_handlers(serve: Callable[..., Server]) -> None:
