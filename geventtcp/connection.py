@@ -45,8 +45,12 @@ RECV_SIZE = 65536
 MAX_QUEUED_REPLIES = 1024
 #: Reply bytes a pipelined batch may queue before the reader sends them (and so, with a peer that
 #: reads nothing, blocks instead of reading on): one 64 KiB read of tiny requests could otherwise
-#: queue thousands of large replies.
+#: queue thousands of large replies. Also the most one ``send`` joins: larger queues go in chunks.
 FLUSH_BYTES = 1 << 20
+#: Reply bytes queued (inline replies and filled slots behind a blocked request) past which the
+#: reader stops reading until the queue drains to half: with a blocked first request and a peer
+#: that reads nothing, the worker holds about this much plus one reply per request in flight.
+MAX_QUEUED_BYTES = FLUSH_BYTES
 
 
 class DeadlineReached(BaseException):
@@ -99,7 +103,7 @@ class Connection:
         self.out: list[Any] = []  # reply bytes and _Slots, in request order
         self.open_slots = 0  # _Slots in ``out``, filled or not
         self.flushing = False
-        self.queued_bytes = 0  # bytes of inline replies appended since the last flush
+        self.queued_bytes = 0  # reply bytes in ``out`` (inline replies and filled slots) not yet taken to send
         self.inflight = 0  # requests handed off to their own greenlet, not yet answered
         self.reader: Any = None
         self.handlers: dict[Any, Request] = {}  # greenlets running handed-off requests, and those requests
@@ -198,7 +202,7 @@ class Connection:
                 if (server.draining or self.goaway is not None) and not (self.eager and buffer.pending):
                     self.goaway = self.goaway or server.drain_reason
                     break
-                if len(self.out) > MAX_QUEUED_REPLIES:
+                if len(self.out) > MAX_QUEUED_REPLIES or self.queued_bytes > MAX_QUEUED_BYTES:
                     self._wait_drained()
                     if self.closed:
                         return
@@ -332,15 +336,17 @@ class Connection:
         code: int
         try:
             try:
-                data = call(req)
+                # Each request runs in a fresh copy of the worker's base context: pipelined requests
+                # share this greenlet, and one caller's contextvars must not leak to the next.
+                data = server.new_context().run(call, req)
             finally:
                 # Before anything that could yield (logging, encoding): once the handler has
                 # returned, no handoff and no deadline may land on this greenlet any more.
                 if self.running is req:
                     self.running = None
                 timer = req._timer
-                if timer is not None:  # handed off: no deadline or cancel may land from here on
-                    req._timer = None
+                if timer is not None:  # no deadline or cancel may land from here on
+                    req._timer = None  # also tells the deadline callback the handler has returned
                     timer.stop()
                     timer.close()
         except DeadlineReached:
@@ -362,10 +368,12 @@ class Connection:
             try:
                 reply = encode_reply(codec, cmdid, data, req.id, req.has_id)
                 code = 0
-            except (ValueError, TypeError, OverflowError) as exc:
-                log.error("result of cmdid %d is not serializable: %r", cmdid, exc)
-                reply = encode_error(codec, Code.INTERNAL, "result not serializable", cmdid, req.id, req.has_id)
+            except Exception as exc:  # anything (a LocalProxy out of context, MemoryError): this request's 500
+                reply = self._not_serializable(req, exc)
                 code = Code.INTERNAL
+        slot = req._slot
+        if slot is not None:  # handed off while the handler blocked
+            return self._finish_handoff(req, slot, reply, code, clock() - started, me)
         if len(reply) > server.settings.max_reply_bytes:
             reply = encode_error(codec, Code.TOO_LARGE, "reply too large", cmdid, req.id, req.has_id)
             code = Code.TOO_LARGE
@@ -374,25 +382,56 @@ class Connection:
         access_log = server.access_log
         if access_log is not None:
             access_log(self, req, code, elapsed)
-        slot = req._slot
-        if slot is None:
-            self.out.append(reply)
+        self.out.append(reply)
+        self.queued_bytes += len(reply)
+        if self.queued_bytes > FLUSH_BYTES:
+            self._flush_or_wait()
+        return True
+
+    def _not_serializable(self, req: Request, exc: BaseException) -> bytes:
+        log.error("result of cmdid %d is not serializable: %r", req.cmdid, exc)
+        return encode_error(self.server.codec, Code.INTERNAL, "result not serializable", req.cmdid, req.id,
+                            req.has_id)
+
+    def _flush_or_wait(self) -> None:
+        """Inline replies passed FLUSH_BYTES: send them; if they stay queued (behind a blocked
+        request, or another greenlet is sending), stop reading until the queue drains."""
+        self._flush()
+        if self.queued_bytes > MAX_QUEUED_BYTES and not self.closed:
+            self._wait_drained()
+
+    def _finish_handoff(self, req: Request, slot: _Slot, reply: bytes, code: int, elapsed: float, me: Any) -> bool:
+        """A handed-off request is done: fill its slot and release its counts whatever fails on the
+        way, then send what is ready. Returns False: this greenlet no longer reads."""
+        if slot.data is not None:  # answered 504 at its deadline; the handler had swallowed DeadlineReached
+            self._deadline_answered(req, me, elapsed)
+            return False
+        server = self.server
+        try:
+            if len(reply) > server.settings.max_reply_bytes:
+                reply = encode_error(server.codec, Code.TOO_LARGE, "reply too large", req.cmdid, req.id, req.has_id)
+                code = Code.TOO_LARGE
+            server.stats.record(req.cmdid, code, elapsed)
+            access_log = server.access_log
+            if access_log is not None:
+                access_log(self, req, code, elapsed)
+        finally:
+            slot.data = reply
             self.queued_bytes += len(reply)
-            if self.queued_bytes > FLUSH_BYTES:
-                self._flush()
-            return True
-        # Handed off while the handler blocked: fill the reserved place and leave.
-        self._drop_slot(req, me)
-        slot.data = reply
+            self._drop_slot(req, me)
         if not self.closed:
             self._flush()
             self._maybe_close()
         return False
 
     def _drop_slot(self, req: Request, me: Any) -> None:
-        """A handed-off request is over: it no longer counts in flight (its slot stays in ``out``)."""
-        if req._slot is not None:
-            self.handlers.pop(me, None)
+        """A handed-off request is over: it no longer counts in flight (its slot stays in ``out``).
+
+        Only once: the counts of a request answered at its deadline, or of a connection aborted,
+        were released then (``me`` left :attr:`handlers`).
+        """
+        if req._slot is not None and me in self.handlers:
+            del self.handlers[me]
             self.inflight -= 1
             self.server.inflight -= 1
 
@@ -426,8 +465,9 @@ class Connection:
             server.blocking.add(req.cmdid)
         deadline = server.deadline_for(req)
         if deadline is not None:
-            timer = server.loop.timer(max(0.0, deadline - server.clock()))
-            timer.start(self.reader.throw, DeadlineReached)
+            now = server.clock()
+            timer = server.loop.timer(max(0.0, deadline - now))
+            timer.start(self._on_deadline, req, self.reader, now)
             req._timer = timer
         elif req.cmdid in server.cancel_on_disconnect:
             req._timer = server.loop.timer(0)  # never started: marks "handler still running" for a cancel
@@ -435,26 +475,73 @@ class Connection:
         self.reader = None
         self.server.readers.run(self._read_loop)
 
+    def _on_deadline(self, req: Request, glet: Any, handed_off: float) -> None:
+        """Hub-side, at a handed-off request's deadline: its reply becomes the 504 now, whatever the
+        handler does with the DeadlineReached thrown into it.
+
+        A handler that catches BaseException would otherwise go on and answer whenever it likes.
+        Its slot is filled before the throw, so a result it returns is discarded; if it is still
+        running after the throw, a reader greenlet sends the 504 and releases the request's counts
+        (the handler runs on unaccounted, to its end, and its result is dropped with a warning).
+        """
+        slot = req._slot
+        if slot is None or slot.data is not None:
+            return
+        if not self.closed:
+            slot.data = encode_error(self.server.codec, Code.DEADLINE_EXCEEDED, "deadline exceeded", req.cmdid,
+                                     req.id, req.has_id)
+            self.queued_bytes += len(slot.data)
+        glet.throw(DeadlineReached)
+        if req._timer is not None and not self.closed:  # it swallowed the exception and runs on
+            self.server.readers.run(self._deadline_answered, req, glet, self.server.clock() - handed_off)
+
+    def _deadline_answered(self, req: Request, glet: Any, elapsed: float) -> None:
+        """Count and send the 504 of a request answered at its deadline, once: from the handler's
+        own completion, or (it swallowed DeadlineReached) from a reader greenlet at the deadline."""
+        if glet not in self.handlers:  # the handler finishing after its 504 was sent
+            if not self.closed:
+                log.warning("handler for cmdid %d returned after its deadline (it caught DeadlineReached); "
+                            "its result was dropped (peer %s, id %r)", req.cmdid, self.address, req.id)
+            return
+        self._drop_slot(req, glet)
+        server = self.server
+        server.stats.record(req.cmdid, Code.DEADLINE_EXCEEDED, elapsed)
+        access_log = server.access_log
+        if access_log is not None:
+            access_log(self, req, Code.DEADLINE_EXCEEDED, elapsed)
+        if not self.closed:
+            self._flush()
+            self._maybe_close()
+
     # -- writing ---------------------------------------------------------------------------------
 
     def _take_ready(self) -> bytes:
+        """Take the ready replies at the head of ``out`` (up to the first unfilled slot), at most about
+        FLUSH_BYTES of them joined; a larger reply goes alone, without a copy."""
         out = self.out
-        if not self.open_slots:
-            self.out = []
-            return out[0] if len(out) == 1 else b"".join(out)
         ready: list[bytes] = []
+        size = 0
         taken = 0
+        slots = 0
         for item in out:
             if type(item) is bytes:
-                ready.append(item)
-            elif item.data is not None:
-                ready.append(item.data)
-                self.open_slots -= 1
+                data = item
             else:
+                data = item.data
+                if data is None:
+                    break
+            if size + len(data) > FLUSH_BYTES and ready:
                 break
+            if data is not item:
+                slots += 1
+            ready.append(data)
+            size += len(data)
             taken += 1
         del out[:taken]
-        return b"".join(ready)
+        self.open_slots -= slots
+        # max(): a few small error lines are queued without being counted
+        self.queued_bytes = max(0, self.queued_bytes - size) if out else 0
+        return ready[0] if len(ready) == 1 else b"".join(ready)
 
     def _flush(self) -> None:
         """Send every reply that is ready, in order; one greenlet at a time does the sending."""
@@ -463,16 +550,16 @@ class Connection:
         self.flushing = True
         raw_send = self._raw_send
         try:
-            self.queued_bytes = 0
             while self.out and not self.closed:
-                if self.open_slots:
+                if self.open_slots or self.queued_bytes > FLUSH_BYTES:
                     data = self._take_ready()
                     if not data:
                         break
-                else:  # every queued reply is ready (no handoff pending): take them all
+                else:  # a few ready replies (no handoff pending): take them all
                     out = self.out
                     data = out[0] if len(out) == 1 else b"".join(out)
                     self.out = []
+                    self.queued_bytes = 0
                 sent = 0
                 if raw_send is not None:  # the kernel usually takes it all: no wait, no switch
                     try:
@@ -490,7 +577,8 @@ class Connection:
         finally:
             self.flushing = False
             drained = self.drained
-            if drained is not None and len(self.out) <= MAX_QUEUED_REPLIES // 2:
+            if drained is not None and len(self.out) <= MAX_QUEUED_REPLIES // 2 \
+                    and self.queued_bytes <= MAX_QUEUED_BYTES // 2:
                 drained.set()
         if self.close_pending:
             self.close_pending = False
@@ -549,13 +637,19 @@ class Connection:
 
         Running handlers now see ``request.cancelled``; with ``cancel``, those registered with
         ``cancel_on_disconnect`` also get :class:`RequestCancelled` (``Server.close`` kills instead).
+        Handlers still running for it no longer count in flight: their results have nowhere to go,
+        and a handler that never ends must not hold the worker's ``max_inflight`` forever.
         """
         self.closed = True
         self.reading_done = True
+        if cancel and self.server.cancel_on_disconnect and (self.handlers or self.running is not None):
+            self._cancel_handlers()  # before the handlers are forgotten below
+        if self.inflight:
+            self.server.inflight -= self.inflight
+            self.inflight = 0
+            self.handlers.clear()
         if self.drained is not None:
             self.drained.set()  # a reader waiting for the output queue must see the close
-        if cancel and self.server.cancel_on_disconnect and (self.handlers or self.running is not None):
-            self._cancel_handlers()
         self._release()
 
     def _cancel_handlers(self) -> None:
@@ -573,7 +667,7 @@ class Connection:
         """Hub callback: throw into ``glet`` only if it is still inside ``req``'s handler (a handed-off
         handler's ``_timer`` is cleared as it returns; an inline one's ``running``), never into a
         greenlet that has moved on to other work."""
-        handed_off = self.handlers.get(glet) is req and req._timer is not None
+        handed_off = req._slot is not None and req._timer is not None  # abort() forgot ``handlers``
         if handed_off or (self.running is req and self.reader is glet):
             glet.throw(RequestCancelled)
 

@@ -253,7 +253,8 @@ _REPLY_HEADS: dict[int, bytes] = {}
 
 
 def encode_reply(codec: Codec, cmdid: int, data: Any, id: Any = None, has_id: bool = False) -> bytes:
-    """Encode a success reply line; ``ValueError``/``TypeError`` if ``data`` has no JSON form."""
+    """Encode a success reply line; ``ValueError``/``TypeError`` if ``data`` has no JSON form
+    (a lone surrogate included: the client's strict codec would refuse the line)."""
     if type(cmdid) is int:
         if not has_id:
             head = _REPLY_HEADS.get(cmdid)
@@ -261,15 +262,21 @@ def encode_reply(codec: Codec, cmdid: int, data: Any, id: Any = None, has_id: bo
                 head = b'{"code":0,"cmdid":%d,"data":' % cmdid
                 if len(_REPLY_HEADS) < 4096:
                     _REPLY_HEADS[cmdid] = head
-            return head + codec.dumps(data) + b"}\n"
-        if type(id) is int:
-            return b'{"code":0,"cmdid":%d,"id":%d,"data":' % (cmdid, id) + codec.dumps(data) + b"}\n"
-        if type(id) is str:
-            return (b'{"code":0,"cmdid":%d,"id":' % cmdid + codec.dumps(id) + b',"data":' + codec.dumps(data)
+            line = head + codec.dumps(data) + b"}\n"
+        elif type(id) is int:
+            line = b'{"code":0,"cmdid":%d,"id":%d,"data":' % (cmdid, id) + codec.dumps(data) + b"}\n"
+        elif type(id) is str:
+            line = (b'{"code":0,"cmdid":%d,"id":' % cmdid + codec.dumps(id) + b',"data":' + codec.dumps(data)
                     + b"}\n")
-    if has_id:
-        return codec.dumps({"code": 0, "cmdid": cmdid, "id": id, "data": data}) + b"\n"
-    return codec.dumps({"code": 0, "cmdid": cmdid, "data": data}) + b"\n"
+        else:
+            line = codec.dumps({"code": 0, "cmdid": cmdid, "id": id, "data": data}) + b"\n"
+    elif has_id:
+        line = codec.dumps({"code": 0, "cmdid": cmdid, "id": id, "data": data}) + b"\n"
+    else:
+        line = codec.dumps({"code": 0, "cmdid": cmdid, "data": data}) + b"\n"
+    if 92 in line:  # a backslash (memchr): only then can a surrogate escape be in the line
+        codec.check_surrogates(line, data)
+    return line
 
 
 def encode_error(codec: Codec, code: int, msg: str, cmdid: Any = None, id: Any = None, has_id: bool = False) -> bytes:

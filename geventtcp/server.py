@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import logging
 import math
@@ -170,6 +171,9 @@ class Server:
         self.drain_reason = "shutdown"
         self.access_log: Callable[[Connection, Request, int, float], None] | None = None
         self.clock = time.monotonic
+        #: A fresh copy of the worker's base context (the one :meth:`start` ran in) per request: a
+        #: contextvar one request sets (a "current user") is never seen by the next.
+        self.new_context: Callable[[], contextvars.Context] = contextvars.Context
         #: Connections one listener accepts per wakeup; the launcher sets 1 when several worker
         #: processes share a listener, so one worker does not take a whole burst (as gunicorn does).
         self.max_accept: int = StreamServer.max_accept
@@ -196,6 +200,7 @@ class Server:
             return
         self._stopped.clear()
         self.draining = False
+        self.new_context = contextvars.copy_context().copy
         self.calls = dict(self.registry.calls)
         self.cancel_on_disconnect = frozenset(info.cmdid for info in self.registry if info.cancel_on_disconnect)
         self.calls.update(make_builtins(self))

@@ -165,8 +165,12 @@ def test_reply_line_shapes() -> None:
 
 
 def test_reply_never_contains_a_raw_newline_and_escapes_surrogates() -> None:
-    line = encode_reply(CODEC, 1, {"s": "a\nb\u2028\ud800"})
+    line = encode_reply(CODEC, 1, {"s": "a\nb\u2028\U0001f600", "t": "\\ud800"})
     assert line.count(b"\n") == 1 and line.isascii()
+    assert json.loads(line)["data"] == {"s": "a\nb\u2028\U0001f600", "t": "\\ud800"}
+    for lone in ("\ud800", "x\udfff", "\ude00\ud83d"):  # the client's strict reply codec would refuse these
+        with pytest.raises(ValueError):
+            encode_reply(CODEC, 1, {"s": lone}, "id", True)
 
 
 def test_unserializable_results_raise() -> None:
