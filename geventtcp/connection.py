@@ -289,18 +289,18 @@ class Connection:
         """
         server = self.server
         codec = server.codec
-        if line is None:
-            limit = server.settings.max_line_bytes
+        if line is None:  # the limit this line was cut at (64 KiB before AUTH), not necessarily today's
+            limit = self.buffer.cut_limit
             self.out.append(encode_error(codec, Code.TOO_LARGE, f"request line longer than {limit} bytes"))
             server.stats.protocol_errors += 1
             return True
         try:
             req = parse_request(line, codec, self.address, self.received)
         except ProtocolError as exc:
-            if not line.strip():
-                return True  # blank lines are ignored
+            if not line.strip(b" \t\r"):  # blank: only JSON whitespace (\v and \f are not)
+                return True
             server.stats.protocol_errors += 1
-            self.out.append(encode_error(codec, exc.code, exc.msg, exc.cmdid, exc.id, exc.id is not None))
+            self.out.append(encode_error(codec, exc.code, exc.msg, exc.cmdid, exc.id, exc.has_id))
             return True
         except Exception:  # a parser bug must cost one 400, never the connection
             log.exception("request line from %s could not be parsed", self.address)

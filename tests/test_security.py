@@ -76,10 +76,13 @@ def test_preauth_line_limit_is_small() -> None:
     big = b'{"cmdid":1,"params":{"s":"' + b"x" * 100_000 + b'"}}\n'
     with serve(auth_token=TOKEN) as server, RawConn(server.address) as conn:
         conn.send(big)
-        assert conn.line()["code"] == 413  # 64 KiB before auth
+        # 64 KiB before auth, and the 413 says so (item 18: it stated the 1 MiB limit)
+        assert conn.line() == {"code": 413, "cmdid": None, "msg": "request line longer than 65536 bytes"}
         assert conn.call(Builtin.AUTH, {"token": TOKEN})["code"] == 0
         conn.send(big)
         assert conn.line()["code"] == 0  # the normal 1 MiB limit after
+        conn.send(b'{"cmdid":1,"params":{"s":"' + b"x" * (1 << 20) + b'"}}\n')
+        assert conn.line() == {"code": 413, "cmdid": None, "msg": "request line longer than 1048576 bytes"}
 
 
 def test_token_file(tmp_path: pytest.TempPathFactory) -> None:
