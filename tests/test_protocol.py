@@ -93,6 +93,29 @@ def test_long_line_split_across_chunks_reports_once() -> None:
     assert out == [None, b"z"]
 
 
+def test_skip_blank_drops_and_counts_blank_lines() -> None:
+    """Item 3: blank lines (only space, tab, CR) never become list items on the request side; \\v and \\f
+    are not JSON whitespace, so such a line stays a line (and gets its 400)."""
+    buf = LineBuffer(skip_blank=True)
+    assert buf.feed(b"\n\r\n \t \r\n" + b'{"cmdid":1}\r\n' + b"\x0b\n\x0c\n\n") == [b'{"cmdid":1}\r', b"\x0b", b"\x0c"]
+    assert (buf.blank_lines, buf.blank_run) == (4, 1)
+    assert buf.feed(b"\n" * 70000) == [] and (buf.blank_lines, buf.blank_run) == (70004, 70001)
+    long_line = b'{"cmdid":1,"params":{"pad":"xxxxxxxxxxxx"}}'
+    assert buf.feed(long_line + b"\n") == [long_line]
+    assert buf.blank_run == 0  # a read of long lines: not searched, and no blank run goes on
+    assert buf.feed(b"\n" * 5) == [] and buf.blank_run == 5
+    assert buf.feed(b"  \n" + b"x\n" + b"\r\n\r\n") == [b"x"]
+    assert buf.blank_run == 2 and buf.blank_lines == 70004 + 5 + 3
+    assert LineBuffer().feed(b"\n \n") == [b"", b" "]  # the client side keeps every line
+
+
+def test_too_long_line_states_the_limit_it_was_cut_at() -> None:
+    buf = LineBuffer(16, skip_blank=True)
+    assert buf.feed(b"x" * 40 + b"\n") == [None]
+    buf.max_line_bytes = 1024  # raised after the feed (AUTH): the answer is still about 16
+    assert buf.cut_limit == 16
+
+
 def test_parse_seed_format_request() -> None:
     req = parse_request(b'{"cmdid":10000,"timestamp":1700000000,"params":{"a":1}}', CODEC, ("1.2.3.4", 5))
     assert (req.cmdid, req.timestamp, req.params, req.id, req.has_id) == (10000, 1700000000, {"a": 1}, None, False)
