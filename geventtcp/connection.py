@@ -196,7 +196,8 @@ class Connection:
                     self.pos = pos  # a handoff inside dispatch continues from here
                     if not dispatch(lines[pos - 1], me):
                         return  # handed off: this greenlet now only answers its own request
-                    if self.closed:
+                    if self.reading_done:  # closed, or told to answer no further line
+                        self._maybe_close()
                         return
                 if pos < len(lines):  # a long batch: every _BATCH_SLICE lines, is the hub due a turn?
                     turn = self._take_turn(turn)
@@ -314,10 +315,12 @@ class Connection:
         self.buffer.max_line_bytes = self.server.settings.max_line_bytes
 
     def close_after_replies(self) -> None:
-        """Stop reading after the lines already received; answer them, then close (no goaway line)."""
+        """Dispatch no further line, not even one already received: close once the requests answered
+        so far are sent (no goaway line). Called by a handler (AUTH at its failure limit)."""
         self.error_line = b""
         if self.goaway is None:
             self.goaway = "closing"
+        self.reading_done = True
 
     def _wait_drained(self) -> None:
         from gevent.event import Event
