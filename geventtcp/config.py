@@ -135,8 +135,9 @@ SETTINGS: tuple[Setting, ...] = (
             section="security", convert=float, validate=_positive),
     Setting("auth_token", "", "Shared secret: when set, a connection must send AUTH (cmdid -4) with it first "
             "(prefer the env var or auth_token_file: flags show in ps).", section="security"),
-    Setting("auth_timeout", 10.0, "Seconds a connection has to authenticate when auth is on; then it gets a 401 "
-            "line and is closed (0: no limit).", section="security", convert=float, validate=_positive),
+    Setting("auth_timeout", 10.0, "Seconds from connect a connection has to authenticate when auth is on; then "
+            "it gets a 401 line and is closed, or is dropped if it is not reading its replies (0: no limit).",
+            section="security", convert=float, validate=_positive),
     Setting("auth_token_file", "", "Read the shared secret from this file (surrounding whitespace stripped).",
             section="security"),
     Setting("protected_mode", True, "Without auth_token or TLS client certificates, refuse to listen on a "

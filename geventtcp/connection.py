@@ -608,7 +608,8 @@ class Connection:
         """Hub-side: end a wait of this connection's greenlets for ``reason``.
 
         ``slow`` and the goaway reasons stop a reader parked in ``recv`` (a goaway only when no
-        request line is half received); ``write`` stops a writer stuck on a peer that reads nothing.
+        request line is half received); ``write`` stops a writer stuck on a peer that reads nothing;
+        ``auth`` does the one or the other (a connection busy otherwise is asked again next tick).
         Call it from a hub callback (``loop.run_callback``) so that the state checked here is the
         state the greenlet is in when the exception lands.
         """
@@ -618,6 +619,9 @@ class Connection:
             if self.writer is not None:
                 self.server.stats.write_timeout_disconnections += 1
                 self.writer.throw(Stop(reason))
+            return
+        if reason == "auth" and self.writer is not None:  # not authenticated in time and reading slowly:
+            self.writer.throw(Stop(reason))  # no 401 line can get through a full send queue: drop
             return
         fatal = reason in ("slow", "auth")  # an error line and close, even with half a line received
         if not fatal and self.goaway is None:
