@@ -194,8 +194,8 @@ class Settings:
         "auth_token_file: flags show in ps).",
         section="security")
     auth_timeout: float = setting(
-        10.0, "Seconds a connection has to authenticate when auth is on; then it gets a 401 line and is closed "
-        "(0: no limit).",
+        10.0, "Seconds from connect a connection has to authenticate when auth is on; then it gets a 401 line and "
+        "is closed, or is dropped if it is not reading its replies (0: no limit).",
         section="security", convert=float, validate=_positive)
     auth_token_file: str = setting(
         "", "Read the shared secret from this file (surrounding whitespace stripped).",

@@ -22,13 +22,14 @@ with ``cancel_on_disconnect`` get :class:`~geventtcp.errors.RequestCancelled` at
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from gevent import GreenletExit, getcurrent
+from gevent import GreenletExit, get_hub, getcurrent
 
 from .errors import Code, HandlerError, ProtocolError, RequestCancelled
-from .protocol import LineBuffer, Request, encode_error, encode_goaway, encode_reply, parse_request
+from .protocol import BLANK, LineBuffer, Request, encode_error, encode_goaway, encode_reply, parse_request
 from .security import PREAUTH_MAX_LINE_BYTES
 from .sockets import linger, unsent_bytes
 
@@ -51,6 +52,13 @@ FLUSH_BYTES = 1 << 20
 #: reader stops reading until the queue drains to half: with a blocked first request and a peer
 #: that reads nothing, the worker holds about this much plus one reply per request in flight.
 MAX_QUEUED_BYTES = FLUSH_BYTES
+#: Blank lines in a row (no request line among them) after which a connection is answered 400 and
+#: closed: a peer that sends nothing else is broken or hostile (Redis closes on protocol errors).
+MAX_BLANK_LINES = 1024
+#: Lines a batch handles between two looks at the clock: past the interpreter's switch interval
+#: the reader lets the hub serve other connections (as ``Server._watch_all`` does), while a batch
+#: that is quick pays one comparison per ``_BATCH_SLICE`` lines.
+_BATCH_SLICE = 64
 
 
 class DeadlineReached(BaseException):
@@ -97,7 +105,7 @@ class Connection:
         self.calls: dict[int, Callable[[Request], Any]] = server.calls if server.token is None else server.preauth_calls
         self.auth_failures = 0
         self.buffer = LineBuffer(server.settings.max_line_bytes if server.token is None
-                                 else min(server.settings.max_line_bytes, PREAUTH_MAX_LINE_BYTES))
+                                 else min(server.settings.max_line_bytes, PREAUTH_MAX_LINE_BYTES), skip_blank=True)
         self.lines: list[bytes | None] = []
         self.pos = 0
         self.out: list[Any] = []  # reply bytes and _Slots, in request order
@@ -181,18 +189,27 @@ class Connection:
         buffer = self.buffer
         dispatch = self._dispatch
         raw_recv = self._raw_recv
+        turn = 0.0  # when the current batch last gave the hub a turn
         try:
             while True:
                 lines = self.lines
                 pos = self.pos
                 end = len(lines)
+                if end - pos > _BATCH_SLICE:
+                    end = pos + _BATCH_SLICE
                 while pos < end:
                     pos += 1
                     self.pos = pos  # a handoff inside dispatch continues from here
                     if not dispatch(lines[pos - 1], me):
                         return  # handed off: this greenlet now only answers its own request
+                    if self.reading_done:  # closed, or told to answer no further line
+                        self._maybe_close()
+                        return
+                if pos < len(lines):  # a long batch: every _BATCH_SLICE lines, is the hub due a turn?
+                    turn = self._take_turn(turn)
                     if self.closed:
                         return
+                    continue
                 if self.out:
                     self._flush()
                     if self.closed:
@@ -232,6 +249,8 @@ class Connection:
                 self.active_tick = server.tick
                 self.lines = buffer.feed(data)
                 self.pos = 0
+                if buffer.blank_lines:  # rare: this read brought blank lines
+                    self._count_blank_lines()
                 self.eager = False
                 if buffer.incomplete:
                     if self.partial_tick < 0 or self.lines:  # the unfinished line began in this read
@@ -246,6 +265,37 @@ class Connection:
             return
         self.reading_done = True
         self._maybe_close()
+
+    def _take_turn(self, since: float) -> float:
+        """A long batch in the middle: past the switch interval (counted from the read, or from the
+        last turn), send the replies so far and let the hub run the other connections once; returns
+        the time of the last turn."""
+        server = self.server
+        now = server.clock()
+        if now - max(since, self.received) < sys.getswitchinterval():
+            return since
+        if self.out:
+            self._flush()
+            if self.closed:
+                return now
+        timer = server.loop.timer(0.0)  # fires after the loop has polled: other input is read first
+        try:
+            get_hub().wait(timer)
+        finally:
+            timer.close()
+        return server.clock()
+
+    def _count_blank_lines(self) -> None:
+        """Count the blank lines the last read brought; too many in a row: answer what came before, then
+        a 400 and close."""
+        buffer = self.buffer
+        self.server.stats.blank_lines += buffer.blank_lines
+        buffer.blank_lines = 0
+        if buffer.blank_run > MAX_BLANK_LINES and self.error_line is None:
+            self.error_line = encode_error(self.server.codec, Code.BAD_REQUEST,
+                                           f"more than {MAX_BLANK_LINES} blank lines in a row")
+            if self.goaway is None:
+                self.goaway = "closing"  # stop reading once the lines of this read are answered
 
     def _on_stop(self, reason: str) -> None:
         codec = self.server.codec
@@ -271,10 +321,12 @@ class Connection:
         self.buffer.max_line_bytes = self.server.settings.max_line_bytes
 
     def close_after_replies(self) -> None:
-        """Stop reading after the lines already received; answer them, then close (no goaway line)."""
+        """Dispatch no further line, not even one already received: close once the requests answered
+        so far are sent (no goaway line). Called by a handler (AUTH at its failure limit)."""
         self.error_line = b""
         if self.goaway is None:
             self.goaway = "closing"
+        self.reading_done = True
 
     def _wait_drained(self) -> None:
         from gevent.event import Event
@@ -295,18 +347,19 @@ class Connection:
         """
         server = self.server
         codec = server.codec
-        if line is None:
-            limit = server.settings.max_line_bytes
+        if line is None:  # the limit this line was cut at (64 KiB before AUTH), not necessarily today's
+            limit = self.buffer.cut_limit
             self.out.append(encode_error(codec, Code.TOO_LARGE, f"request line longer than {limit} bytes"))
             server.stats.protocol_errors += 1
             return True
         try:
             req = parse_request(line, codec, self.address, self.received)
         except ProtocolError as exc:
-            if not line.strip():
-                return True  # blank lines are ignored
+            if not line.strip(BLANK):  # blank, in a read of long lines (LineBuffer dropped the others)
+                server.stats.blank_lines += 1
+                return True
             server.stats.protocol_errors += 1
-            self.out.append(encode_error(codec, exc.code, exc.msg, exc.cmdid, exc.id, exc.id is not None))
+            self.out.append(encode_error(codec, exc.code, exc.msg, exc.cmdid, exc.id, exc.has_id))
             return True
         except Exception:  # a parser bug must cost one 400, never the connection
             log.exception("request line from %s could not be parsed", self.address)
@@ -683,7 +736,8 @@ class Connection:
         """Hub-side: end a wait of this connection's greenlets for ``reason``.
 
         ``slow`` and the goaway reasons stop a reader parked in ``recv`` (a goaway only when no
-        request line is half received); ``write`` stops a writer stuck on a peer that reads nothing.
+        request line is half received); ``write`` stops a writer stuck on a peer that reads nothing;
+        ``auth`` does the one or the other (a connection busy otherwise is asked again next tick).
         Call it from a hub callback (``loop.run_callback``) so that the state checked here is the
         state the greenlet is in when the exception lands.
         """
@@ -693,6 +747,9 @@ class Connection:
             if self.writer is not None:
                 self.server.stats.write_timeout_disconnections += 1
                 self.writer.throw(Stop(reason))
+            return
+        if reason == "auth" and self.writer is not None:  # not authenticated in time and reading slowly:
+            self.writer.throw(Stop(reason))  # no 401 line can get through a full send queue: drop
             return
         fatal = reason in ("slow", "auth")  # an error line and close, even with half a line received
         if not fatal and self.goaway is None:

@@ -93,16 +93,19 @@ class RequestCancelled(BaseException):
 class ProtocolError(GeventTCPError):
     """A line broke the wire protocol; ``code`` is the reply code and ``fatal`` says the framing is lost.
 
-    ``id`` is the request's id when it could be recovered, so the error reply can still echo it.
+    ``id`` is the request's id when it could be recovered, so the error reply can still echo it;
+    ``has_id`` says whether there is one to echo (an ``"id": null`` the request carried counts).
     """
 
     def __init__(
-        self, msg: str, code: int = Code.BAD_REQUEST, *, id: Any = None, cmdid: Any = None, fatal: bool = False
+        self, msg: str, code: int = Code.BAD_REQUEST, *, id: Any = None, cmdid: Any = None, fatal: bool = False,
+        has_id: bool | None = None,
     ) -> None:
         super().__init__(msg)
         self.msg = msg
         self.code = int(code)
         self.id = id
+        self.has_id = id is not None if has_id is None else has_id
         self.cmdid = cmdid
         self.fatal = fatal
 

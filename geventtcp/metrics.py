@@ -28,6 +28,7 @@ LIMIT_COUNTERS: tuple[tuple[str, str], ...] = (
     ("slow_request_disconnections", "Connections closed because a request line was not finished in time."),
     ("write_timeout_disconnections", "Connections dropped because the peer read nothing for write_timeout."),
     ("unknown_commands", "Requests for a cmdid with no handler (or not allowed before AUTH)."),
+    ("blank_lines", "Blank request lines received (ignored; a connection sending only them is closed)."),
 )
 
 

@@ -5,10 +5,14 @@ so every framing edge case is a plain unit test. Server and client share this mo
 
 Framing
     A message is one UTF-8 JSON object on one line ending in ``\\n``; ``\\r\\n`` is accepted.
-    Lines that are empty or only whitespace are ignored (no reply). A line longer than
-    ``max_line_bytes`` (default 1 MiB, the newline included) is never buffered whole: the receiver
-    discards it up to the next newline and answers it with one ``413`` reply, so the connection
-    stays usable.
+    Blank lines (empty, or only spaces, tabs and carriage returns: JSON's whitespace) are ignored
+    (no reply); a line with any other byte, ``\\v`` and ``\\f`` included, is a request and gets a
+    reply (400 if it is not valid). Blank lines are counted (the ``blank_lines`` counter); after
+    1024 in a row with no other line the server answers what came before, sends a 400 line with
+    ``"cmdid": null`` and closes. A line longer than ``max_line_bytes`` (default 1 MiB, the
+    newline included; 64 KiB before AUTH) is never buffered whole: the receiver discards it up to
+    the next newline and answers it with one ``413`` reply stating the limit it broke, so the
+    connection stays usable.
 
 Request (client to server)::
 
@@ -17,8 +21,9 @@ Request (client to server)::
     cmdid       integer (a string of digits is accepted, as the seed did ``int()``); required
     params      object; default ``{}``
     timestamp   integer seconds; default: the time the server received the line
-    id          optional integer or string; echoed in the reply, which is how a client matches
-                replies to requests when it has several in flight
+    id          optional integer, string or null; echoed in every reply to the line, error
+                replies included, which is how a client matches replies to requests when it has
+                several in flight. An id of another type is refused (400) and not echoed.
     timeout_ms  optional integer from 1 to 2**31-1: the caller's deadline, counted from when the
                 server read the line. The server does not start a
                 request whose deadline has passed and stops waiting on the handler when it does,
@@ -30,9 +35,13 @@ Reply (server to client), exactly one per request line, in the order the request
     {"code": 0, "cmdid": 10000, "id": 7, "data": <the handler's result>}
     {"code": 404, "cmdid": 99, "id": 7, "msg": "unknown cmdid 99"}
 
-    ``id`` is present exactly when the request carried one. ``cmdid`` is null when the request's
-    could not be read. ``code`` is 0 for success, otherwise one of :class:`geventtcp.errors.Code`
-    and the reply has ``msg`` (text for a human, never a traceback) instead of ``data``.
+    ``id`` is present exactly when the request carried a valid one (``null`` included), in success
+    and error replies alike. A line that is JSON but refused by the strict parse (duplicate keys,
+    lone surrogates, numbers out of range) still gets its id and cmdid in the 400 when each appears
+    once at the top level and is valid. ``cmdid`` is null when the request's could not be read or
+    is not an integer (never the invalid value as sent). ``code`` is 0 for success, otherwise one of
+    :class:`geventtcp.errors.Code` and the reply has ``msg`` (text for a human, never a traceback)
+    instead of ``data``.
 
 Going away (server to client, not a reply)::
 
@@ -49,6 +58,7 @@ way as a reply with ``"cmdid": null`` and then the connection is closed.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -59,6 +69,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "DEFAULT_MAX_LINE_BYTES",
     "MAX_TIMEOUT_MS",
+    "BLANK",
     "LineBuffer",
     "Request",
     "parse_request",
@@ -77,6 +88,15 @@ DEFAULT_MAX_LINE_BYTES = 1 << 20
 MAX_TIMEOUT_MS = 2**31 - 1
 
 
+#: JSON's whitespace without the newline: a line of nothing else is blank.
+BLANK = b" \t\r"
+#: A read whose lines average at least this many bytes (newline included) is not searched for blank
+#: lines: parsing it costs per byte no more than a stream of PINGs (13 bytes each) does, even if some
+#: of its lines are blank (the caller then finds those blank after their parse failed). The average
+#: is one division per read, where even the shortest line's length would be a loop over the lines.
+_BLANK_CHECK_BYTES = 16
+
+
 class LineBuffer:
     """Splits a byte stream into lines and never holds more than ``max_line_bytes`` of one line.
 
@@ -85,12 +105,26 @@ class LineBuffer:
     rest of it, up to its newline, is dropped. ``pending`` is the size of the unfinished line;
     ``incomplete`` (a plain attribute, cheap to read per ``recv``) is true while part of a line is
     held or a too-long line is being dropped.
+
+    With ``skip_blank`` (the server's request side), blank lines (only :data:`BLANK` bytes) in a
+    read of short lines (``_BLANK_CHECK_BYTES`` on average) never become list items: they are
+    dropped before anything parses them and counted in ``blank_lines`` (which the owner may read
+    and reset), and ``blank_run`` is how many came in a row since the last other line. A blank line
+    then costs the server about what splitting it off costs, instead of a JSON parse and an
+    exception each.
     """
 
-    __slots__ = ("max_line_bytes", "_partial", "_discarding", "incomplete")
+    __slots__ = ("max_line_bytes", "cut_limit", "skip_blank", "blank_lines", "blank_run", "_partial",
+                 "_discarding", "incomplete")
 
-    def __init__(self, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
+    def __init__(self, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, skip_blank: bool = False) -> None:
         self.max_line_bytes = max_line_bytes
+        #: The limit the last ``None`` was measured against (the owner may change ``max_line_bytes``
+        #: between a ``feed`` and answering its lines, as AUTH does).
+        self.cut_limit = max_line_bytes
+        self.skip_blank = skip_blank
+        self.blank_lines = 0
+        self.blank_run = 0
         self._partial = b""
         self._discarding = False
         self.incomplete = False
@@ -118,16 +152,42 @@ class LineBuffer:
         lines: list[bytes | None] = data.split(b"\n")  # type: ignore[assignment]
         rest = lines.pop()
         assert rest is not None
+        if self.skip_blank and lines:
+            if len(data) - len(rest) < _BLANK_CHECK_BYTES * len(lines):
+                lines = self._drop_blank(lines)
+            else:
+                self.blank_run = 0
         limit = self.max_line_bytes
         if len(rest) >= limit:  # the line cannot fit even with its newline
             lines.append(None)
             self._discarding = True
+            self.cut_limit = limit
             rest = b""
         self._partial = rest
         self.incomplete = self._discarding or bool(rest)
         if len(data) > limit:  # some complete line may be over the limit as well
             lines = [None if line is not None and len(line) >= limit else line for line in lines]
+            self.cut_limit = limit
         return lines
+
+    def _drop_blank(self, lines: list[bytes | None]) -> list[bytes | None]:
+        """The lines without the blank ones, which are counted (a read with a short line only)."""
+        kept = [line for line in lines if line.strip(BLANK)]  # type: ignore[union-attr]
+        dropped = len(lines) - len(kept)
+        if not dropped:
+            self.blank_run = 0
+            return lines
+        self.blank_lines += dropped
+        if not kept:
+            self.blank_run += dropped
+            return kept
+        tail = 0  # blank lines after the last other line
+        for line in reversed(lines):
+            if line.strip(BLANK):  # type: ignore[union-attr]
+                break
+            tail += 1
+        self.blank_run = tail
+        return kept
 
 
 class Request:
@@ -201,12 +261,13 @@ def parse_request(line: bytes, codec: Codec, address: Any = None, received: floa
     """Turn one line (without ``\\n``) into a :class:`Request`.
 
     Raises :class:`ProtocolError` with code 400 for anything that is not a valid request; its
-    ``id`` and ``cmdid`` carry whatever could still be recovered, for the error reply.
+    ``id``/``has_id`` and ``cmdid`` carry whatever valid values could still be recovered, for the
+    error reply (an invalid cmdid is ``None``, never the raw value; an invalid id is not echoed).
     """
     try:
         body = codec.loads(line)
     except ValueError as exc:
-        raise ProtocolError(f"invalid JSON: {exc}") from None
+        raise _refused(line, f"invalid JSON: {exc}") from None
     if type(body) is not dict:
         raise ProtocolError("a request must be a JSON object")
     get = body.get
@@ -216,17 +277,17 @@ def parse_request(line: bytes, codec: Codec, address: Any = None, received: floa
     else:
         has_id = True
         if type(rid) is not int and type(rid) is not str:
-            raise ProtocolError("id must be an integer or a string")
+            raise ProtocolError("id must be an integer or a string", cmdid=_int_field(get("cmdid")))
     raw_cmdid = get("cmdid")
     cmdid = raw_cmdid if type(raw_cmdid) is int else _int_field(raw_cmdid)
     if cmdid is None:
         what = "missing cmdid" if raw_cmdid is None else "cmdid must be an integer"
-        raise ProtocolError(what, id=rid, cmdid=raw_cmdid if type(raw_cmdid) in (int, str) else None)
+        raise ProtocolError(what, id=rid, has_id=has_id)
     params = get("params")
     if params is None:
         params = {}
     elif type(params) is not dict:
-        raise ProtocolError("params must be a JSON object", id=rid, cmdid=cmdid)
+        raise ProtocolError("params must be a JSON object", id=rid, has_id=has_id, cmdid=cmdid)
     ts = get("timestamp")
     if type(ts) is int:
         timestamp = ts
@@ -238,12 +299,68 @@ def parse_request(line: bytes, codec: Codec, address: Any = None, received: floa
             if type(ts) is float and ts == ts:
                 timestamp_or_none = int(ts)
             else:
-                raise ProtocolError("timestamp must be an integer", id=rid, cmdid=cmdid)
+                raise ProtocolError("timestamp must be an integer", id=rid, has_id=has_id, cmdid=cmdid)
         timestamp = timestamp_or_none
     timeout_ms = get("timeout_ms")
     if timeout_ms is not None and (type(timeout_ms) is not int or not 0 < timeout_ms <= MAX_TIMEOUT_MS):
-        raise ProtocolError(f"timeout_ms must be an integer from 1 to {MAX_TIMEOUT_MS}", id=rid, cmdid=cmdid)
+        raise ProtocolError(f"timeout_ms must be an integer from 1 to {MAX_TIMEOUT_MS}", id=rid, has_id=has_id,
+                            cmdid=cmdid)
     return Request(address, line, cmdid, params, timestamp, rid, has_id, timeout_ms, received)
+
+
+class _Pairs(list):  # type: ignore[type-arg]
+    """An object as the lenient parse of :func:`_refused` sees it: its key/value pairs, duplicates kept."""
+
+    __slots__ = ()
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+#: For error replies only: reads a line that is JSON but that the strict codec refuses (duplicate keys,
+#: lone surrogates, numbers out of range), to find its id and cmdid.
+_LENIENT = json.JSONDecoder(object_pairs_hook=_Pairs, parse_constant=_not_json)
+
+
+def _refused(line: bytes, msg: str) -> ProtocolError:
+    """The 400 for a line the strict codec refused, carrying its id and cmdid when they are readable.
+
+    The error path only: a second, lenient parse of a line that looks like an object, so that a
+    multiplexing client can match the 400. A value is recovered only when it is unambiguous (its
+    key appears once at the top level) and valid (an id with a lone surrogate is not echoed).
+    """
+    if line.lstrip(b" \t\r")[:1] != b"{":
+        return ProtocolError(msg)
+    try:
+        pairs = _LENIENT.decode(line.decode("utf-8"))
+    except (ValueError, RecursionError):
+        return ProtocolError(msg)
+    if type(pairs) is not _Pairs:
+        return ProtocolError(msg)
+    found: dict[str, Any] = {}
+    twice: set[str] = set()
+    for key, value in pairs:
+        if key == "id" or key == "cmdid":
+            if key in found:
+                twice.add(key)
+            found[key] = value
+    rid: Any = None
+    has_id = False
+    if "id" in found and "id" not in twice:
+        value = found["id"]
+        if value is None or type(value) is int or (type(value) is str and _encodable(value)):
+            rid, has_id = value, True
+    cmdid = _int_field(found["cmdid"]) if "cmdid" in found and "cmdid" not in twice else None
+    return ProtocolError(msg, id=rid, has_id=has_id, cmdid=cmdid)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 #: ``{"code":0,"cmdid":N,"data":`` per cmdid: a success reply is this prefix, the data's JSON and

@@ -129,7 +129,9 @@ def make_auth(server: Server, token: str | None) -> Callable[[Request], Any]:
 
     Success switches the connection to the full command table and line limit. A wrong or missing
     token is answered with 401; after :data:`MAX_AUTH_FAILURES` the connection is closed right after
-    that reply. With auth off, AUTH succeeds and says so (``required: false``).
+    that reply, and no line after it is dispatched (lines pipelined behind it get no reply). The
+    first failure of a connection is logged, every one is counted. With auth off, AUTH succeeds and
+    says so (``required: false``).
     """
     expected = token.encode("utf-8") if token is not None else None
 
@@ -143,10 +145,11 @@ def make_auth(server: Server, token: str | None) -> Callable[[Request], Any]:
             return {"authenticated": True, "required": True}
         conn.auth_failures += 1
         server.stats.auth_failures += 1
-        log.warning("connection %r: authentication failed (%d of %d)", conn.address, conn.auth_failures,
-                    MAX_AUTH_FAILURES)
+        if conn.auth_failures == 1:  # one line per connection: the rest are counted (auth_failures)
+            log.warning("connection %r: authentication failed (closed after %d failures)", conn.address,
+                        MAX_AUTH_FAILURES)
         if conn.auth_failures >= MAX_AUTH_FAILURES:
-            conn.close_after_replies()
+            conn.close_after_replies()  # no line after this one is dispatched, even from the same read
         raise HandlerError("invalid credentials", Code.UNAUTHENTICATED)
 
     auth.idempotent = True  # type: ignore[attr-defined]

@@ -521,7 +521,11 @@ class Server:
             self.tick += 1
             now = self.tick
             for conn in list(self.connections):
-                if conn.writer is not None and write and now - conn.write_tick >= write:
+                if auth and now - conn.created_tick >= auth and conn.calls is not self.calls:
+                    # Absolute from connect, whatever the connection is doing: a peer that pipelines
+                    # PINGs and reads the replies slowly keeps a writer making progress forever.
+                    run(conn.interrupt, "auth")  # a 401 line and close; a waiting send is cut
+                elif conn.writer is not None and write and now - conn.write_tick >= write:
                     # The kernel's send queue shrinking is progress (a slow but steady reader);
                     # gevent only wakes a writer once a third of the buffer is free, too coarse.
                     unsent = unsent_bytes(conn.sock)
@@ -532,8 +536,6 @@ class Server:
                         run(conn.interrupt, "write")
                 elif not conn.receiving:
                     continue
-                elif auth and conn.calls is not self.calls and now - conn.created_tick >= auth:
-                    run(conn.interrupt, "auth")  # still unauthenticated: 401 line and close
                 elif conn.partial_tick >= 0:
                     if slow and now - conn.partial_tick >= slow:
                         run(conn.interrupt, "slow")

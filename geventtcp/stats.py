@@ -67,6 +67,8 @@ class Stats:
         #: Requests for a cmdid with no handler (or one not allowed before AUTH). One counter, not an
         #: entry per cmdid: a peer sending endless distinct cmdids must not grow the worker's memory.
         self.unknown_commands = 0
+        #: Blank lines received: ignored (no reply), but counted so that a flood of them is visible.
+        self.blank_lines = 0
 
     def record(self, cmdid: int, code: int, seconds: float) -> None:
         """Count one answered request; ``seconds`` is how long its handler ran."""
@@ -91,4 +93,5 @@ class Stats:
             "slow_request_disconnections": self.slow_request_disconnections,
             "write_timeout_disconnections": self.write_timeout_disconnections,
             "unknown_commands": self.unknown_commands,
+            "blank_lines": self.blank_lines,
         }

@@ -93,6 +93,42 @@ def test_id_recovered_in_error_reply_when_valid() -> None:
         assert reply["code"] == 400 and reply["id"] == "abc"
 
 
+def test_error_replies_echo_what_was_sent_only_when_valid() -> None:
+    """Item 18: an invalid cmdid is answered with ``"cmdid": null`` (never the raw value); an ``"id": null``
+    the request carried is echoed in the error reply too; vertical tab and form feed are not blank."""
+    with serve() as server, RawConn(server.address) as conn:
+        conn.send(b'{"cmdid":"abc","id":1}\n')
+        assert conn.line() == {"code": 400, "cmdid": None, "id": 1, "msg": "cmdid must be an integer"}
+        conn.send(b'{"cmdid":{"x":1},"id":2}\n')
+        assert conn.line() == {"code": 400, "cmdid": None, "id": 2, "msg": "cmdid must be an integer"}
+        conn.send(b'{"cmdid":1,"id":null,"params":[]}\n')
+        assert conn.line() == {"code": 400, "cmdid": 1, "id": None, "msg": "params must be a JSON object"}
+        conn.send(b'{"cmdid":99,"id":null}\n')
+        assert conn.line() == {"code": 404, "cmdid": 99, "id": None, "msg": "unknown cmdid 99"}
+        conn.send(b'{"cmdid":1,"id":null}\n')
+        assert conn.line() == {"code": 0, "cmdid": 1, "id": None, "data": {}}
+        for junk in (b"\x0b", b"\x0c", b" \x0c\r"):  # not JSON whitespace: a 400, not silence
+            conn.send(junk + b"\n")
+            reply = conn.line()
+            assert reply["code"] == 400 and reply["cmdid"] is None and "id" not in reply, (junk, reply)
+        assert_alive(conn)
+
+
+def test_valid_json_refused_by_the_strict_parse_keeps_id_and_cmdid() -> None:
+    """Item 4: duplicate keys and lone surrogates get a 400 that still carries the id (and cmdid), so a
+    client with several requests in flight can tell which one was refused."""
+    with serve() as server, RawConn(server.address) as conn:
+        conn.send(b'{"cmdid":1,"id":7,"params":{"a":1,"a":2}}\n'
+                  b'{"cmdid":1,"id":"s","params":{"s":"\\ud800"}}\n'
+                  b'{"cmdid":1,"id":8,"id":9}\n')
+        first, second, third = conn.line(), conn.line(), conn.line()
+        assert (first["code"], first["cmdid"], first["id"]) == (400, 1, 7)
+        assert "duplicate key" in first["msg"]
+        assert (second["code"], second["cmdid"], second["id"]) == (400, 1, "s")
+        assert third["code"] == 400 and third["cmdid"] == 1 and "id" not in third  # two ids: neither is echoed
+        assert_alive(conn)
+
+
 def test_nesting_within_interpreter_limit_round_trips() -> None:
     """Depth 100 is accepted (we do not cap depth below what the codec can parse and re-encode)."""
     nested: object = []

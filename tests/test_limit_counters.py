@@ -41,4 +41,5 @@ def test_prometheus_text_has_every_limit_counter() -> None:
     assert "geventtcp_auth_failures_total 5" in text and "geventtcp_tls_failures_total 1" in text
     assert "geventtcp_write_timeout_disconnections_total 4" in text
     assert "geventtcp_slow_request_disconnections_total 0" in text
+    assert "geventtcp_blank_lines_total 0" in text  # issue 10, item 3: blank lines are counted
     assert merge(snaps)["auth_failures"] == 5

@@ -93,6 +93,29 @@ def test_long_line_split_across_chunks_reports_once() -> None:
     assert out == [None, b"z"]
 
 
+def test_skip_blank_drops_and_counts_blank_lines() -> None:
+    """Item 3: blank lines (only space, tab, CR) never become list items on the request side; \\v and \\f
+    are not JSON whitespace, so such a line stays a line (and gets its 400)."""
+    buf = LineBuffer(skip_blank=True)
+    assert buf.feed(b"\n\r\n \t \r\n" + b'{"cmdid":1}\r\n' + b"\x0b\n\x0c\n\n") == [b'{"cmdid":1}\r', b"\x0b", b"\x0c"]
+    assert (buf.blank_lines, buf.blank_run) == (4, 1)
+    assert buf.feed(b"\n" * 70000) == [] and (buf.blank_lines, buf.blank_run) == (70004, 70001)
+    long_line = b'{"cmdid":1,"params":{"pad":"xxxxxxxxxxxx"}}'
+    assert buf.feed(long_line + b"\n") == [long_line]
+    assert buf.blank_run == 0  # a read of long lines: not searched, and no blank run goes on
+    assert buf.feed(b"\n" * 5) == [] and buf.blank_run == 5
+    assert buf.feed(b"  \n" + b"x\n" + b"\r\n\r\n") == [b"x"]
+    assert buf.blank_run == 2 and buf.blank_lines == 70004 + 5 + 3
+    assert LineBuffer().feed(b"\n \n") == [b"", b" "]  # the client side keeps every line
+
+
+def test_too_long_line_states_the_limit_it_was_cut_at() -> None:
+    buf = LineBuffer(16, skip_blank=True)
+    assert buf.feed(b"x" * 40 + b"\n") == [None]
+    buf.max_line_bytes = 1024  # raised after the feed (AUTH): the answer is still about 16
+    assert buf.cut_limit == 16
+
+
 def test_parse_seed_format_request() -> None:
     req = parse_request(b'{"cmdid":10000,"timestamp":1700000000,"params":{"a":1}}', CODEC, ("1.2.3.4", 5))
     assert (req.cmdid, req.timestamp, req.params, req.id, req.has_id) == (10000, 1700000000, {"a": 1}, None, False)
@@ -118,11 +141,12 @@ def test_parse_keeps_id_and_ignores_unknown_fields() -> None:
         (b"[1,2]", "must be a JSON object", None, None),
         (b'"text"', "must be a JSON object", None, None),
         (b'{"params":{}}', "missing cmdid", None, None),
-        (b'{"cmdid":"abc","id":3}', "cmdid must be an integer", 3, "abc"),
+        (b'{"cmdid":"abc","id":3}', "cmdid must be an integer", 3, None),  # an invalid cmdid is never echoed
+        (b'{"cmdid":"' + b"9" * 30 + b'","id":"x"}', "cmdid must be an integer", "x", None),
         (b'{"cmdid":1.5}', "cmdid must be an integer", None, None),
         (b'{"cmdid":true}', "cmdid must be an integer", None, None),
         (b'{"cmdid":1,"params":[1],"id":9}', "params must be a JSON object", 9, 1),
-        (b'{"cmdid":1,"id":{"a":1}}', "id must be an integer or a string", None, None),
+        (b'{"cmdid":1,"id":{"a":1}}', "id must be an integer or a string", None, 1),
         (b'{"cmdid":1,"timestamp":"x"}', "timestamp must be an integer", None, 1),
         (b'{"cmdid":1,"timeout_ms":-5}', "timeout_ms must be an integer from 1", None, 1),
         (b'{"cmdid":1,"timeout_ms":2147483648}', "timeout_ms must be an integer from 1", None, 1),
@@ -131,13 +155,13 @@ def test_parse_keeps_id_and_ignores_unknown_fields() -> None:
         (b'{"cmdid":1,"params":{"s":"\xff"}}', "invalid JSON", None, None),
         (b'{"cmdid":1,"params":{"s":"\xed\xa0\x80"}}', "invalid JSON", None, None),
         ('{"cmdid":1}'.encode("utf-16"), "invalid JSON", None, None),
-        (b'{"cmdid":1,"params":{"s":"\\ud800"}}', "invalid JSON", None, None),
+        (b'{"cmdid":1,"params":{"s":"\\ud800"}}', "invalid JSON", None, 1),
         (b'{"cmdid":1,"params":{"n":NaN}}', "invalid JSON", None, None),
         (b'{"cmdid":1,"params":{"n":-Infinity}}', "invalid JSON", None, None),
-        (b'{"cmdid":1,"params":{"n":1e999}}', "out of range", None, None),
+        (b'{"cmdid":1,"params":{"n":1e999}}', "out of range", None, 1),
         (b'{"cmdid":1,"params":{"n":' + b"9" * 5000 + b"}}", "invalid JSON", None, None),
         (b'{"cmdid":1,"cmdid":2}', "duplicate key", None, None),
-        (b'{"cmdid":1,"params":{"a":1,"a":2}}', "duplicate key", None, None),
+        (b'{"cmdid":1,"params":{"a":1,"a":2}}', "duplicate key", None, 1),
         (b"[" * 100000 + b"]" * 100000, "nesting too deep", None, None),
     ],
 )
@@ -147,6 +171,38 @@ def test_invalid_requests(line: bytes, fragment: str, rid: object, cmdid: object
     assert fragment in info.value.msg
     assert info.value.code == Code.BAD_REQUEST
     assert (info.value.id, info.value.cmdid) == (rid, cmdid)
+
+
+def test_id_null_counts_as_present_in_error_replies() -> None:
+    """An ``"id": null`` the request carried is echoed by every reply to it, errors included (item 18)."""
+    with pytest.raises(ProtocolError) as info:
+        parse_request(b'{"cmdid":1,"id":null,"params":[]}', CODEC)
+    assert (info.value.id, info.value.has_id, info.value.cmdid) == (None, True, 1)
+    with pytest.raises(ProtocolError) as info:
+        parse_request(b'{"cmdid":1,"params":[]}', CODEC)
+    assert info.value.has_id is False
+
+
+@pytest.mark.parametrize(
+    ("line", "fragment", "rid", "has_id", "cmdid"),
+    [
+        (b'{"cmdid":1,"id":7,"params":{"a":1,"a":2}}', "duplicate key", 7, True, 1),
+        (b'{"cmdid":"12","id":"k","params":{"s":"\\ud800"}}', "invalid JSON", "k", True, 12),
+        (b'{"params":{"\\udc00":1},"id":null,"cmdid":5}', "invalid JSON", None, True, 5),
+        (b'{"cmdid":1,"id":1,"id":2}', "duplicate key", None, False, 1),  # which id? none is echoed
+        (b'{"cmdid":1,"cmdid":2,"id":3}', "duplicate key", 3, True, None),
+        (b'{"cmdid":1,"id":"\\ud800"}', "invalid JSON", None, False, 1),  # a lone surrogate id is unreadable
+        (b'{"cmdid":1,"id":9,"params":{"n":NaN}}', "invalid JSON", None, False, None),  # not JSON at all
+        (b'{"cmdid":1,"id":9,"params":{"a":1,"a":2}} x', "invalid JSON", None, False, None),
+    ],
+)
+def test_ids_recovered_from_valid_json_that_is_refused(line: bytes, fragment: str, rid: object, has_id: bool,
+                                                        cmdid: object) -> None:
+    """Item 4: duplicate keys or lone surrogates are refused, but the 400 still carries id and cmdid."""
+    with pytest.raises(ProtocolError) as info:
+        parse_request(line, CODEC)
+    assert fragment in info.value.msg
+    assert (info.value.id, info.value.has_id, info.value.cmdid) == (rid, has_id, cmdid)
 
 
 def test_valid_surrogate_pair_is_accepted() -> None:

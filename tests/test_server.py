@@ -50,7 +50,7 @@ ERROR_CASES = [
     (b"[1,2,3]\n", 400, None),
     (b'{"cmdid":1,"params":{"s":"\xff\xfe"}}\n', 400, None),
     (b'{"params":{}}\n', 400, None),
-    (b'{"cmdid":"one"}\n', 400, "one"),
+    (b'{"cmdid":"one"}\n', 400, None),  # an invalid cmdid is never echoed as sent (issue 10, item 18)
     (b'{"cmdid":1,"params":"x","id":5}\n', 400, 1),
     (b'{"cmdid":999,"id":6}\n', 404, 999),
     (b'{"cmdid":3,"id":8}\n', 500, 3),

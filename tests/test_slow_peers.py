@@ -185,3 +185,38 @@ def test_garbage_flood_without_newline_is_closed_by_the_line_timeout() -> None:
         assert [r["code"] for r in lines] == [413, 408]
         assert time.monotonic() - started < 3
         assert server.stats.slow_request_disconnections == 1
+
+
+def test_unauthenticated_slow_reader_is_dropped_at_the_auth_deadline() -> None:
+    """Item 12: pipeline PINGs (allowed before AUTH) and read the replies slowly. The write timeout
+    restarts on any progress and the auth deadline was only checked for a connection waiting for
+    input, so this peer stayed forever. The auth deadline is absolute from connect."""
+    with serve(auth_token="t0ken", auth_timeout=0.5) as server:
+        slow = RawConn(server.address)
+        started = time.monotonic()
+        slow.sock.setsockopt(1, 8, 4096)  # SO_RCVBUF: keep the kernel's share small, on both sides
+        conn = wait_until(lambda: next(iter(server.connections), None))
+        conn.sock.setsockopt(1, 7, 4096)  # SO_SNDBUF (else autotuned to MBs: replies would not back up)
+
+        def pipeline() -> None:
+            try:
+                slow.send(b'{"cmdid":-1}\n' * 20_000)
+            except OSError:
+                pass
+
+        def read_slowly() -> None:
+            try:
+                while slow.sock.recv(2048):
+                    gevent.sleep(0.1)
+            except OSError:
+                pass
+
+        glets = [gevent.spawn(pipeline), gevent.spawn(read_slowly)]
+        try:
+            wait_until(lambda: conn.writer is not None, timeout=5)  # the replies back up: a send waits
+            wait_until(lambda: not server.connections, timeout=8)
+            elapsed = time.monotonic() - started
+            assert elapsed < 3.0, f"dropped only after {elapsed:.2f}s"
+        finally:
+            gevent.killall(glets)
+            slow.close()
