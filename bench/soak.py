@@ -9,6 +9,12 @@ descriptors of the master and its workers. Traffic, per client loop iteration:
     ~1 %   oversized line (2 MiB): expects 413, then a good call on the same connection
     ~1 %   slow client: half a line, then silence: expects the 408 line and EOF
     ~1 %   disconnect: writes requests and closes without reading
+    ~1 %   blank lines: 1000 newlines, then a good call on the same connection; and a connection
+           that sends only newlines (4096), which expects the 400 line and EOF
+    ~1 %   blocked-head pipeline: a 0.1 s sleep, then 30 echo lines of 32 KiB in one write, then
+           every reply read back, in order
+    ~1 %   poisoned params: a lone surrogate or duplicate keys, valid JSON the server refuses:
+           expects 400 carrying the request's id, then a good call on the same connection
 
 It fails (exit 1) when a reply is wrong, a fault is not answered as documented, or after warm-up
 (the first quarter of the run) RSS grows more than ``--max-rss-growth`` percent or open fds more
@@ -34,6 +40,8 @@ from gevent import socket
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MALFORMED = [b'{"cmdid":1,', b'{"cmdid":1,"params":{"s":"\xff"}}', b'{"cmdid":1,"params":{"x":NaN}}',
              b"[" * 5000, b'{"cmdid":1} trailing', b'\xef\xbb\xbf{"cmdid":1}']
+#: Valid JSON the server refuses; each carries an id (``%d``) the 400 must echo.
+POISONED = [b'{"cmdid":1,"id":%d,"params":{"name":"\\udc80"}}', b'{"cmdid":1,"id":%d,"params":{"a":1,"a":2}}']
 
 
 def family(pid: int) -> list[int]:
@@ -108,6 +116,35 @@ def good_call(conn: Conn, n: int, tally: Tally) -> None:
     tally.add("good")
 
 
+def blank_flood(address: tuple[str, int], conn: Conn, tally: Tally) -> None:
+    """Blank lines below the server's bound cost nothing; a connection sending nothing else is closed."""
+    conn.sock.sendall(b"\n" * 1000)
+    flood = Conn(address)
+    try:
+        flood.sock.sendall(b"\n" * 4096)
+        reply = flood.line()
+        if reply is None or reply.get("code") != 400 or flood.line() is not None:
+            tally.fail(f"blank-line flood got {reply!r}")
+    except OSError as exc:  # the close is lingering (no reset expected): count it as a failure
+        tally.fail(f"blank-line flood: {exc!r}")
+    finally:
+        flood.close()
+    tally.add("blank")
+
+
+def blocked_head(conn: Conn, n: int, tally: Tally) -> None:
+    """A slow request at the head of a pipeline of large ones: every reply comes back, in order."""
+    pad = b"b" * (32 << 10)
+    lines = [b'{"cmdid":2,"id":%d,"params":{"seconds":0.1}}\n' % n]
+    lines += [b'{"cmdid":1,"id":%d,"params":{"pad":"%s"}}\n' % (n * 100 + i, pad) for i in range(30)]
+    conn.sock.sendall(b"".join(lines))
+    expected = [n] + [n * 100 + i for i in range(30)]
+    got = [reply.get("id") if reply is not None else None for reply in (conn.line() for _ in expected)]
+    if got != expected:
+        tally.fail(f"blocked-head pipeline: ids {got[:5]}... not {expected[:5]}...")
+    tally.add("blocked_head")
+
+
 def client_loop(address: tuple[str, int], until: float, tally: Tally, rng: random.Random) -> None:
     conn: Conn | None = None
     n = 0
@@ -134,6 +171,15 @@ def client_loop(address: tuple[str, int], until: float, tally: Tally, rng: rando
                 gone.sock.sendall(b'{"cmdid":2,"params":{"seconds":0.01}}\n' * 5)
                 gone.close()
                 tally.add("disconnect")
+            elif roll < 0.05:
+                blank_flood(address, conn, tally)
+            elif roll < 0.06:
+                blocked_head(conn, n, tally)
+            elif roll < 0.07:
+                reply = conn.call(POISONED[n % len(POISONED)] % n)
+                if reply is None or reply.get("code") != 400 or reply.get("id") != n:
+                    tally.fail(f"poisoned params got {reply!r}")
+                tally.add("poisoned")
             good_call(conn, n, tally)
         except (OSError, ConnectionError) as exc:
             tally.add("reconnect")
@@ -199,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                    for _ in range(args.clients)]
         samples = []
         print(f"{'t(s)':>6} {'rss_kib':>9} {'fds':>5} {'procs':>5} {'good':>8} {'bad':>5} {'big':>5} {'slow':>5} "
-              f"{'gone':>5} {'fail':>5}", flush=True)
+              f"{'gone':>5} {'blank':>5} {'head':>5} {'pois':>5} {'fail':>5}", flush=True)
         while time.monotonic() < until:
             gevent.sleep(min(args.interval, max(0.0, until - time.monotonic())))
             rss, fds, procs = sample(proc.pid)
@@ -208,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             samples.append({"t": round(t, 1), "rss_kib": rss, "fds": fds, "procs": procs})
             print(f"{t:6.1f} {rss:9d} {fds:5d} {procs:5d} {c.get('good', 0):8d} {c.get('malformed', 0):5d} "
                   f"{c.get('oversized', 0):5d} {c.get('slow', 0):5d} {c.get('disconnect', 0):5d} "
+                  f"{c.get('blank', 0):5d} {c.get('blocked_head', 0):5d} {c.get('poisoned', 0):5d} "
                   f"{len(tally.failures):5d}", flush=True)
         gevent.joinall(clients, timeout=30)
         gevent.sleep(args.request_timeout + 1)  # let the last slow clients be closed

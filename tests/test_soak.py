@@ -19,5 +19,6 @@ def test_short_soak_is_flat() -> None:
     assert summary["failures"] == 0
     counts = summary["counts"]
     assert counts["good"] > 5000
-    assert min(counts.get(k, 0) for k in ("malformed", "oversized", "slow", "disconnect")) > 20
+    assert min(counts.get(k, 0) for k in ("malformed", "oversized", "slow", "disconnect", "blank", "blocked_head",
+                                          "poisoned")) > 20
     assert summary["rss_growth_pct"] < 10 and summary["fd_growth"] <= 16
