@@ -1,29 +1,23 @@
-"""Built-in commands, on negative cmdids so they never collide with an application's (which are >= 0)."""
+"""Built-in commands, on negative cmdids so they never collide with an application's (which are >= 0).
+
+The cmdids themselves are a wire fact, :class:`geventtcp.protocol.Builtin`; ``Builtin`` stays
+importable from here for compatibility.
+"""
 
 from __future__ import annotations
 
-import enum
 import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .protocol import PROTOCOL_VERSION, Request
+from .protocol import PROTOCOL_VERSION, Builtin, Request
 from .security import make_auth
 
 if TYPE_CHECKING:
     from .server import Server
 
 __all__ = ["Builtin", "make_builtins"]
-
-
-class Builtin(enum.IntEnum):
-    """Reserved cmdids."""
-
-    PING = -1
-    LIST = -2
-    STATS = -3
-    AUTH = -4
 
 
 def make_builtins(server: Server) -> dict[int, Callable[[Request], Any]]:

@@ -6,27 +6,29 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .builtins import Builtin
 from .cli import command
 from .cli_security import add_security_arguments, client_security
 
-__all__ = ["call_builtin"]
+if TYPE_CHECKING:
+    from .client import Client
+
+__all__ = ["ask"]
 
 
-def call_builtin(address: str, cmdid: int, timeout: float = 5.0, **client_kwargs: Any) -> Any:
-    """Call a built-in command of the server at ``address`` through :class:`geventtcp.client.Client`.
+def ask(address: str, question: Callable[[Client], Any], timeout: float = 5.0, **client_kwargs: Any) -> Any:
+    """``question(client)`` (e.g. ``Client.stats``) with a :class:`geventtcp.client.Client` of ``address``.
 
-    Returns the reply's data. Raises a ``geventtcp`` transport error (an ``OSError``) when the server
-    cannot be reached, and a ``RemoteError`` when it answers with an error code; a goaway is
-    retried by the client. The connection is closed on return. ``client_kwargs`` (TLS, auth) go to
-    the Client.
+    Returns what it returns, the reply's data. Raises a ``geventtcp`` transport error (an ``OSError``)
+    when the server cannot be reached, and a ``RemoteError`` when it answers with an error code; a
+    goaway is retried by the client. The connection is closed on return. ``client_kwargs`` (TLS,
+    auth) go to the Client.
     """
     from .client import Client
 
     with Client(address, timeout=timeout, connect_timeout=timeout, mode="threads", **client_kwargs) as client:
-        return client.call(cmdid, {}, idempotent=True)
+        return question(client)
 
 
 def _address_argument(parser: argparse.ArgumentParser) -> None:
@@ -36,13 +38,15 @@ def _address_argument(parser: argparse.ArgumentParser) -> None:
     add_security_arguments(parser)
 
 
-def _verb(args: argparse.Namespace, cmdid: int, show: Callable[[Any], None], indent: int | None = 2) -> int:
-    """Call built-in ``cmdid``; print the reply's data (``show`` it, or as JSON with --json). Exit status.
+def _verb(args: argparse.Namespace, question: Callable[[Client], Any], show: Callable[[Any], None],
+          indent: int | None = 2) -> int:
+    """Ask the server ``question`` (a Client method: ping, list, stats); print the reply's data
+    (``show`` it, or as JSON with --json). Exit status.
 
     Any failure (unreachable, a transport error, a RemoteError reply) is printed on stderr: exit 1.
     """
     try:
-        data = call_builtin(args.address, cmdid, args.timeout, **client_security(args))
+        data = ask(args.address, question, args.timeout, **client_security(args))
     except Exception as exc:  # noqa: BLE001 - OSError, ValueError or RemoteError: each is the answer
         print(f"geventtcp: {args.address}: {exc}", file=sys.stderr)
         return 1
@@ -58,7 +62,7 @@ def _ping(args: argparse.Namespace) -> int:
     def show(data: Any) -> None:
         print(f"pong from pid {data.get('pid')} (draining: {data.get('draining')})")
 
-    return _verb(args, Builtin.PING, show, indent=None)
+    return _verb(args, lambda client: client.ping(), show, indent=None)
 
 
 @command("list", "list the commands a server registers (cmdid, handler, docstring)", _address_argument)
@@ -70,12 +74,12 @@ def _list(args: argparse.Namespace) -> int:
             if item.get("doc"):
                 print(f"{'':>10}{item['doc'].splitlines()[0]}")
 
-    return _verb(args, Builtin.LIST, show)
+    return _verb(args, lambda client: client.list(), show)
 
 
 @command("stats", "show a server's per-command and per-worker statistics", _address_argument)
 def _stats(args: argparse.Namespace) -> int:
-    return _verb(args, Builtin.STATS, _print_stats)
+    return _verb(args, lambda client: client.stats(), _print_stats)
 
 
 def _print_stats(data: Any) -> None:

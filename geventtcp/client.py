@@ -23,6 +23,7 @@ from .errors import (
     remote_error,
 )
 from .pool import Balancer, Pool
+from .protocol import READ_ONLY_BUILTINS, Builtin
 from .sockets import parse_address
 
 __all__ = ["Client", "DEFAULT_TIMEOUT", "DEFAULT_CONNECT_TIMEOUT"]
@@ -32,9 +33,8 @@ DEFAULT_TIMEOUT = 30.0
 #: Default time to open one connection (gRPC uses 20 s across the internet; this is for one site).
 DEFAULT_CONNECT_TIMEOUT = 5.0
 #: Longest timeout honoured (poll() and lock waits take at most ~24 days); longer ones are cut to it.
+#: Well below ``protocol.MAX_TIMEOUT_MS``, so the ``timeout_ms`` a request carries is always valid.
 _MAX_TIMEOUT = 7 * 86400.0
-#: Built-in commands (ping, list, stats) only read, so they are always safe to retry.
-_BUILTIN_IDEMPOTENT = frozenset({-1, -2, -3})
 #: Failures after which a request may be sent again whatever the command: it never reached a handler.
 _SAFE = (NotSent, ConnectError, Unprocessed)
 
@@ -103,7 +103,7 @@ class Client:
         self.pool_size = pool_size
         self.multiplex = max(1, multiplex)
         self.retries = max(0, retries)
-        self.idempotent = frozenset(idempotent) | _BUILTIN_IDEMPOTENT
+        self.idempotent = frozenset(idempotent) | READ_ONLY_BUILTINS
         self.idle_timeout = idle_timeout
         self.validate_after = validate_after
         self.backoff = backoff
@@ -242,8 +242,17 @@ class Client:
         return world.spawn(functools.partial(self.call, _deadline=deadline), cmdid, params, None, idempotent)
 
     def ping(self, timeout: float | None = None) -> Any:
-        """The server's built-in health check (cmdid -1): ``{"pong": true, "draining": ..., ...}``."""
-        return self.call(-1, None, timeout)
+        """The server's built-in health check: ``{"pong": true, "draining": ..., "pid": ..., "protocol": 1}``."""
+        return self.call(Builtin.PING, None, timeout)
+
+    def list(self, timeout: float | None = None) -> Any:
+        """The server's registered commands: ``[{"cmdid", "name", "doc", "idempotent"}, ...]``."""
+        return self.call(Builtin.LIST, None, timeout)
+
+    def stats(self, timeout: float | None = None) -> Any:
+        """The server's counters: ``{"commands": {cmdid: {...}}, "connections": ..., ...}`` (under the
+        launcher, the ``workers`` of every worker, whichever worker answers)."""
+        return self.call(Builtin.STATS, None, timeout)
 
     # -- connections -----------------------------------------------------------------------------
 

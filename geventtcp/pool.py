@@ -11,6 +11,7 @@ from .clientconn import STALL_AFTER, ClientConnection
 from .codec import Codec
 from .concurrency import World, fork_generation, real_lock
 from .errors import ConnectError, remote_error
+from .protocol import Builtin
 
 __all__ = ["Pool", "Balancer", "connect_backoff"]
 
@@ -196,8 +197,8 @@ class Pool:
         return conn
 
     def _authenticate(self, conn: ClientConnection, deadline: float) -> None:
-        """Send AUTH (builtin -4) first; its :class:`RemoteError` (401) propagates as is."""
-        reply = conn.request(-4, {"token": self.auth_token}, deadline)
+        """Send AUTH first; its :class:`RemoteError` (401) propagates as is."""
+        reply = conn.request(Builtin.AUTH, {"token": self.auth_token}, deadline)
         assert reply is not None
         if reply["code"]:
             raise remote_error(reply)

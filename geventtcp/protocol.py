@@ -54,10 +54,19 @@ Going away (server to client, not a reply)::
 
 Errors before a request is readable (too many connections, slow request line) are sent the same
 way as a reply with ``"cmdid": null`` and then the connection is closed.
+
+Reserved cmdids (:class:`Builtin`)
+    Negative cmdids are the server's built-in commands; applications register only cmdids >= 0.
+    ``-1`` ping, ``-2`` list, ``-3`` stats (these three only read: always safe to resend) and
+    ``-4`` auth (``params.token``). While a connection has not authenticated (auth on), only
+    :data:`PREAUTH_CMDIDS` are answered and lines are limited to :data:`PREAUTH_MAX_LINE_BYTES`.
+
+These wire facts are defined here once; server and client import them, never repeat the numbers.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import time
 from typing import Any
@@ -70,6 +79,11 @@ __all__ = [
     "DEFAULT_MAX_LINE_BYTES",
     "MAX_TIMEOUT_MS",
     "BLANK",
+    "PREAUTH_MAX_LINE_BYTES",
+    "GOAWAY_FIELD",
+    "Builtin",
+    "PREAUTH_CMDIDS",
+    "READ_ONLY_BUILTINS",
     "LineBuffer",
     "Request",
     "parse_request",
@@ -86,6 +100,27 @@ PROTOCOL_VERSION = 1
 DEFAULT_MAX_LINE_BYTES = 1 << 20
 #: Largest ``timeout_ms`` accepted (2**31 - 1 ms, about 24.8 days, the usual 32-bit timer bound).
 MAX_TIMEOUT_MS = 2**31 - 1
+#: Longest line accepted before a connection has authenticated (Redis caps unauthenticated
+#: requests the same way), so an anonymous peer cannot make the server parse megabytes.
+PREAUTH_MAX_LINE_BYTES = 64 * 1024
+#: The key that marks a going-away line (its value is the reason), as opposed to a reply.
+GOAWAY_FIELD = "goaway"
+
+
+class Builtin(enum.IntEnum):
+    """The reserved cmdids: the server's built-in commands (applications use cmdids >= 0)."""
+
+    PING = -1
+    LIST = -2
+    STATS = -3
+    AUTH = -4
+
+
+#: Answered before a connection has authenticated: AUTH itself, and PING for health checks.
+PREAUTH_CMDIDS = (Builtin.AUTH, Builtin.PING)
+#: Built-ins that only read, so a client may always send them again (plain ints: a set lookup
+#: with an application's cmdid never goes through the enum).
+READ_ONLY_BUILTINS = frozenset(int(cmdid) for cmdid in (Builtin.PING, Builtin.LIST, Builtin.STATS))
 
 
 #: JSON's whitespace without the newline: a line of nothing else is blank.
@@ -414,7 +449,7 @@ def encode_error(codec: Codec, code: int, msg: str, cmdid: Any = None, id: Any =
 def encode_goaway(codec: Codec, reason: str) -> bytes:
     """Encode the going-away line sent before the server closes an idle connection."""
     return codec.dumps(
-        {"code": int(Code.UNAVAILABLE), "cmdid": None, "goaway": reason, "msg": f"server is going away ({reason})"}
+        {"code": int(Code.UNAVAILABLE), "cmdid": None, GOAWAY_FIELD: reason, "msg": f"server is going away ({reason})"}
     ) + b"\n"
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from .codec import Codec, _finite_float
 from .errors import Code, MaybeExecuted, TransportError, Unprocessed
-from .protocol import decode_reply
+from .protocol import GOAWAY_FIELD, decode_reply
 
 __all__ = ["ReplyCodec", "unsolicited", "answers_too_long"]
 
@@ -78,7 +78,7 @@ def unsolicited(reply: dict[str, Any]) -> tuple[str, type[TransportError]]:
     """
     code = reply["code"]
     if code == Code.UNAVAILABLE:
-        goaway = reply.get("goaway")
+        goaway = reply.get(GOAWAY_FIELD)
         if goaway is not None:
             return f"server is going away ({goaway})", Unprocessed
         return f"server refused the connection: [503] {reply.get('msg')}", Unprocessed

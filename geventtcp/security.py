@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from .errors import Code, ConfigError, HandlerError
-from .protocol import Request
+from .protocol import PREAUTH_MAX_LINE_BYTES, Request
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -31,9 +31,7 @@ log = logging.getLogger("geventtcp.server")
 
 #: Wrong tokens tolerated on one connection; the last failure's reply is followed by a close.
 MAX_AUTH_FAILURES = 3
-#: Longest line accepted before a connection has authenticated (Redis caps unauthenticated
-#: requests the same way), so an anonymous peer cannot make us parse megabytes.
-PREAUTH_MAX_LINE_BYTES = 64 * 1024
+# PREAUTH_MAX_LINE_BYTES, a wire fact, is defined in protocol.py and re-exported here.
 
 
 def is_loopback(address: Any) -> bool:

@@ -19,12 +19,12 @@ from gevent.event import Event
 from gevent.hub import get_hub
 from gevent.server import StreamServer
 
-from .builtins import Builtin, make_builtins
+from .builtins import make_builtins
 from .codec import get_codec
 from .config import Config, Settings
 from .connection import Connection
 from .errors import Code
-from .protocol import Request, encode_error, encode_goaway
+from .protocol import PREAUTH_CMDIDS, Request, encode_error, encode_goaway
 from .proxyproto import MAX_HEADER_BYTES, ProxyHeader, ProxyHeaderError, is_trusted, parse, trusted_networks
 from .readers import ReaderPool
 from .security import check_listen_addresses, is_loopback, is_protected, load_token
@@ -204,7 +204,7 @@ class Server:
         self.calls = dict(self.registry.calls)
         self.cancel_on_disconnect = frozenset(info.cmdid for info in self.registry if info.cancel_on_disconnect)
         self.calls.update(make_builtins(self))
-        self.preauth_calls = {cmdid: self.calls[cmdid] for cmdid in (Builtin.AUTH, Builtin.PING)}
+        self.preauth_calls = {cmdid: self.calls[cmdid] for cmdid in PREAUTH_CMDIDS}
         self._raise_fd_limit()
         listeners = self._given_listeners
         if listeners is None:

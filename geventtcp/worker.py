@@ -30,11 +30,10 @@ import gevent
 from gevent import socket as gsocket
 
 from .blocking import enable_blocking_detector
-from .builtins import Builtin
 from .config import Config
 from .log import make_access_hook, reopen_log_files
 from .metrics import merge, read_snapshots, snapshot, write_snapshot
-from .protocol import encode_goaway
+from .protocol import Builtin, encode_goaway
 from .server import Server
 from .sockets import send_and_linger
 from .urls import load_registry

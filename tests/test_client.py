@@ -9,6 +9,7 @@ from collections import Counter
 import gevent
 import pytest
 
+from geventtcp import client as client_module
 from geventtcp import errors
 from geventtcp.client import Client
 from geventtcp.errors import (
@@ -21,6 +22,7 @@ from geventtcp.errors import (
     ServiceUnavailable,
     UnknownCommand,
 )
+from geventtcp.protocol import MAX_TIMEOUT_MS, PROTOCOL_VERSION, Builtin
 from tests import client_app
 from tests.clientutil import ServerProcess, addr, inprocess_server
 from tests.helpers import wait_until
@@ -41,6 +43,26 @@ def test_call_returns_data_and_error_codes_raise_their_class():
         with pytest.raises(TypeError):
             client.call(1, {"x": object()})
         assert client.call(1, {"still": "fine"}) == {"still": "fine"}
+
+
+def test_list_and_stats_ask_the_server_builtins():
+    with inprocess_server() as server, Client(addr(server), timeout=5) as client:
+        assert client.call(client_app.ECHO, {"a": 1}) == {"a": 1}
+        listed = {item["cmdid"]: item for item in client.list()}
+        assert set(listed) == set(client_app.registry.calls)
+        assert listed[client_app.ECHO] == {"cmdid": client_app.ECHO, "name": "tests.client_app.echo",
+                                           "doc": "Reply with the params.", "idempotent": True}
+        stats = client.stats()
+        assert stats["pid"] == os.getpid() and stats["connections"] == 1
+        assert stats["commands"][str(client_app.ECHO)]["count"] == 1
+        assert stats["commands"][str(int(Builtin.LIST))]["count"] == 1  # the list() call above
+        assert client.ping()["protocol"] == PROTOCOL_VERSION
+
+
+def test_read_only_builtins_are_always_retryable_and_timeouts_fit_the_wire():
+    client = Client("127.0.0.1:1", idempotent=[7])
+    assert client.idempotent == {7, Builtin.PING, Builtin.LIST, Builtin.STATS}  # never AUTH
+    assert client_module._MAX_TIMEOUT * 1000 <= MAX_TIMEOUT_MS  # the timeout_ms a call sends is valid
 
 
 def test_constructor_rejects_unbounded_or_empty_settings():

@@ -263,3 +263,20 @@ def test_protocol_module_is_sans_io() -> None:
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
     assert not imported & {"socket", "gevent", "logging", "select", "ssl"}
+
+
+def test_wire_facts_are_defined_once_here_and_used_by_both_sides() -> None:
+    """Reserved cmdids, the pre-auth limits and the goaway marker live in protocol.py; the server's
+    modules re-export them (old imports keep working) and the client reads the same definitions."""
+    from geventtcp import builtins, security
+    from geventtcp.errors import Unprocessed
+    from geventtcp.replycodec import unsolicited
+
+    assert [(b.name, int(b)) for b in protocol.Builtin] == [("PING", -1), ("LIST", -2), ("STATS", -3), ("AUTH", -4)]
+    assert builtins.Builtin is protocol.Builtin
+    assert protocol.PREAUTH_CMDIDS == (protocol.Builtin.AUTH, protocol.Builtin.PING)
+    assert protocol.READ_ONLY_BUILTINS == {-1, -2, -3}
+    assert security.PREAUTH_MAX_LINE_BYTES is protocol.PREAUTH_MAX_LINE_BYTES == 64 * 1024
+    goaway = decode_reply(CODEC, encode_goaway(CODEC, "reload"))
+    assert goaway[protocol.GOAWAY_FIELD] == "reload"
+    assert unsolicited(goaway) == ("server is going away (reload)", Unprocessed)
