@@ -5,7 +5,7 @@ Takes the same flags as ``geventtcp serve`` (``python manage.py --bind 127.0.0.1
 
 import sys
 
-from geventtcp.cli import main
+from geventtcp.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main(["serve", "handlers", *sys.argv[1:]]))

@@ -99,8 +99,8 @@ def grpc_server(port: int) -> None:
 # -- rows -----------------------------------------------------------------------------------------
 
 def bench_threads(address: str, seconds: float, codec: str = "simplejson") -> Result:
-    from geventtcp.client import Client
-    from geventtcp.concurrency import THREADS, current_world
+    from geventtcp.client.client import Client
+    from geventtcp.client.concurrency import THREADS, current_world
 
     with Client(address, timeout=10, codec=codec) as client:
         assert current_world() is THREADS
@@ -109,7 +109,7 @@ def bench_threads(address: str, seconds: float, codec: str = "simplejson") -> Re
 
 
 def bench_20_threads(address: str, seconds: float) -> Result:
-    from geventtcp.client import Client
+    from geventtcp.client.client import Client
 
     with Client(address, timeout=10, pool_size=4) as client:
         client.call(-1)
@@ -123,7 +123,7 @@ def bench_greenlets(address: str, seconds: float) -> Result:
     def run() -> None:
         import gevent
 
-        from geventtcp.client import Client
+        from geventtcp.client.client import Client
 
         with Client(address, timeout=10) as client:
             gevent.sleep(0)

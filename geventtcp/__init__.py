@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from . import urls
-from .client import Client
-from .errors import (
+from geventtcp import urls
+from geventtcp.client.client import Client
+from geventtcp.errors import (
     BadRequest,
     CallTimeout,
     Code,
@@ -29,11 +29,11 @@ from .errors import (
     UnknownCommand,
     Unprocessed,
 )
-from .handler import BaseHandler
-from .log import BaseLogger
-from .protocol import Request
-from .server import Server
-from .urls import Registry
+from geventtcp.handler import BaseHandler
+from geventtcp.log import BaseLogger
+from geventtcp.protocol import Request
+from geventtcp.server.server import Server
+from geventtcp.urls import Registry
 
 __version__ = "1.0.0"
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any, TypeVar, cast
 
-from .errors import ConfigError
+from geventtcp.errors import ConfigError
 
 __all__ = ["Settings", "setting", "Setting", "SETTINGS", "Config", "add_arguments", "load", "render_markdown",
            "parse_size", "parse_bool"]

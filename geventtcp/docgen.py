@@ -38,7 +38,7 @@ def _cell(text: object) -> str:
 
 def render_settings() -> str:
     """docs/reference/settings.md: the settings table between the markers tests/test_config.py checks."""
-    from .config import render_markdown
+    from geventtcp.config import render_markdown
 
     return "\n".join([
         "# Settings reference",
@@ -59,7 +59,7 @@ def render_settings() -> str:
 
 def _code_comments() -> dict[str, str]:
     """The ``#:`` comment above each member of :class:`errors.Code`, by member name."""
-    from .errors import Code
+    from geventtcp.errors import Code
 
     comments: dict[str, str] = {}
     pending: list[str] = []
@@ -77,8 +77,8 @@ def _code_comments() -> dict[str, str]:
 
 def render_codes() -> str:
     """docs/reference/codes.md: every reply code, its client exception and whether a resend is safe."""
-    from . import errors
-    from .errors import ERROR_CLASSES, RETRYABLE_CODES, Code
+    from geventtcp import errors
+    from geventtcp.errors import ERROR_CLASSES, RETRYABLE_CODES, Code
 
     comments = _code_comments()
     rows = [
@@ -151,7 +151,7 @@ def _groups(parser: argparse.ArgumentParser) -> list[str]:
 
 def render_cli() -> str:
     """docs/reference/cli.md: ``geventtcp`` and each verb's arguments, from the argparse parser."""
-    from .cli import build_parser
+    from geventtcp.cli.main import build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

@@ -21,10 +21,10 @@ import gevent
 from gevent.event import Event
 from gunicorn.workers.ggevent import GeventWorker
 
-from .blocking import enable_blocking_detector
-from .config import Config, load
-from .server import Server
-from .urls import Registry, load_registry
+from geventtcp.config import Config, load
+from geventtcp.server.blocking import enable_blocking_detector
+from geventtcp.server.server import Server
+from geventtcp.urls import Registry, load_registry
 
 __all__ = ["GeventTCPWorker"]
 

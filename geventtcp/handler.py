@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .protocol import Request
+from geventtcp.protocol import Request
 
 __all__ = ["BaseHandler"]
 

@@ -7,11 +7,10 @@ import logging.config
 import os
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from .connection import Connection
-    from .protocol import Request
+    from geventtcp.protocol import Request
 
 __all__ = ["BaseLogger", "configure_logging", "server_log", "access_log", "apply_log_config", "reopen_log_files",
            "make_access_hook"]
@@ -49,7 +48,7 @@ def apply_log_config(path: str) -> None:
     import runpy
     import tomllib
 
-    from .errors import ConfigError
+    from geventtcp.errors import ConfigError
 
     try:
         if path.endswith(".json"):
@@ -85,7 +84,13 @@ def reopen_log_files() -> int:
     return len(seen)
 
 
-def make_access_hook() -> Callable[[Connection, Request, int, float], None]:
+class Peer(Protocol):
+    """What the access log reads of a connection: its peer address (a tuple, or a unix path)."""
+
+    address: Any
+
+
+def make_access_hook() -> Callable[[Peer, Request, int, float], None]:
     """The ``Server.access_log`` hook writing one line per request to ``geventtcp.access``.
 
     Format: ``PEER cmdid=N id=ID code=C DURATIONms``. The server calls it only when it is set, so an
@@ -93,7 +98,7 @@ def make_access_hook() -> Callable[[Connection, Request, int, float], None]:
     """
     info = access_log.info
 
-    def hook(conn: Connection, req: Request, code: int, seconds: float) -> None:
+    def hook(conn: Peer, req: Request, code: int, seconds: float) -> None:
         peer = conn.address
         if isinstance(peer, tuple):
             peer = f"{peer[0]}:{peer[1]}"

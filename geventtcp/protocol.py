@@ -71,8 +71,8 @@ import json
 import time
 from typing import Any
 
-from .codec import Codec
-from .errors import Code, ProtocolError
+from geventtcp.codec import Codec
+from geventtcp.errors import Code, ProtocolError
 
 __all__ = [
     "PROTOCOL_VERSION",

@@ -8,7 +8,7 @@ from typing import Any
 
 from gevent import Timeout, socket
 
-from .errors import ConfigError
+from geventtcp.errors import ConfigError
 
 __all__ = ["parse_address", "create_listener", "format_address", "linger", "send_and_linger", "unsent_bytes",
            "LINGER_SECONDS"]

@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING, Any
 from gevent import Timeout
 from gevent import ssl as gssl
 
-from .errors import ConfigError
+from geventtcp.errors import ConfigError
 
 if TYPE_CHECKING:
-    from .config import Settings
+    from geventtcp.config import Settings
 
 __all__ = ["server_context", "client_context", "server_context_from_settings", "handshake"]
 

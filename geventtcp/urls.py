@@ -8,9 +8,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from .errors import RegistryError
-from .handler import BaseHandler
-from .protocol import Request
+from geventtcp.errors import RegistryError
+from geventtcp.handler import BaseHandler
+from geventtcp.protocol import Request
 
 __all__ = ["Registry", "HandlerInfo", "default_registry", "handler", "load_registry", "Handler_mapping"]
 

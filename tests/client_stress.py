@@ -21,7 +21,7 @@ from typing import Any
 
 import gevent
 
-from geventtcp.client import Client
+from geventtcp.client.client import Client
 from geventtcp.errors import CallTimeout, DeadlineExceeded
 
 SLACK = 0.5

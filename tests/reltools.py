@@ -10,7 +10,7 @@ from typing import Any
 import gevent
 
 from geventtcp.errors import HandlerError
-from geventtcp.server import Server
+from geventtcp.server.server import Server
 from geventtcp.urls import Registry
 
 __all__ = ["serve", "make_registry", "rss_kib", "open_fds"]

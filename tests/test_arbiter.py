@@ -14,7 +14,7 @@ from typing import Any
 import gevent
 import pytest
 
-from geventtcp.supervisor import BOOT_FAILURE_LIMIT
+from geventtcp.launcher.supervisor import BOOT_FAILURE_LIMIT
 
 from .helpers import ROOT, RawConn, wait_until
 from .opstools import APP_SOURCE, Caller, Launcher, call_once, cpu_seconds, wait_inflight, write_app

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from geventtcp import Server
-from geventtcp.blocking import BlockingDetector, enable_blocking_detector, request_in_stack
+from geventtcp.server.blocking import BlockingDetector, enable_blocking_detector, request_in_stack
 
 from .helpers import RawConn, wait_until
 

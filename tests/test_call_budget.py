@@ -28,8 +28,8 @@ import pytest
 
 import geventtcp
 from geventtcp import Registry, Server
-from geventtcp.client import Client
-from geventtcp.concurrency import THREADS, current_world
+from geventtcp.client.client import Client
+from geventtcp.client.concurrency import THREADS, current_world
 from tests.clientutil import ServerProcess
 from tests.helpers import RawConn
 

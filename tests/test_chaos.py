@@ -148,7 +148,7 @@ def test_kill_9_workers_repeatedly_under_load(tmp_path: Path) -> None:
 def test_kill_9_with_the_real_client_never_runs_a_call_twice(tmp_path: Path) -> None:
     """The same chaos through geventtcp.Client (its own retries on): the client's retry policy must
     never resend a non-idempotent call whose outcome is unknown."""
-    from geventtcp.client import Client
+    from geventtcp.client.client import Client
     from geventtcp.errors import ConnectError, MaybeExecuted, NotSent, RemoteError, Unprocessed
 
     (tmp_path / "chaosapp.py").write_text(APP)

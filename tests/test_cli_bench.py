@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from geventtcp.bench import BenchResult, request_line
+from geventtcp.cli.loadgen import BenchResult, request_line
 
 from .helpers import ROOT, CliServer, python_cmd
 

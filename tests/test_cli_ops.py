@@ -14,7 +14,7 @@ import pytest
 from gevent import socket
 
 from geventtcp.config import render_markdown
-from geventtcp.metrics_http import SCRAPE_TIMEOUT
+from geventtcp.launcher.metrics_endpoint import SCRAPE_TIMEOUT
 
 from .helpers import ROOT, wait_until
 from .opstools import Launcher, call_once, write_app

@@ -9,9 +9,9 @@ from collections import Counter
 import gevent
 import pytest
 
-from geventtcp import client as client_module
 from geventtcp import errors
-from geventtcp.client import Client
+from geventtcp.client import client as client_module
+from geventtcp.client.client import Client
 from geventtcp.errors import (
     CallTimeout,
     ConnectError,
@@ -243,7 +243,7 @@ def test_client_used_after_fork_in_the_child_opens_its_own_connections():
     try:
         code = f"""
 import os, sys
-from geventtcp.client import Client
+from geventtcp.client.client import Client
 c = Client({server.address!r}, timeout=5)
 parent_conns = c.call(-3)["connections"]
 c.call(1, {{"from": "parent"}})
@@ -269,7 +269,7 @@ print("ok")
 
 
 def test_pid_generation_is_per_process():
-    from geventtcp.concurrency import fork_generation
+    from geventtcp.client.concurrency import fork_generation
 
     pid = os.fork()
     if pid == 0:

@@ -20,12 +20,12 @@ import time
 import gevent
 import pytest
 
-from geventtcp.client import Client
-from geventtcp.clientcall import Call
+from geventtcp.client.call import Call
+from geventtcp.client.client import Client
+from geventtcp.client.concurrency import THREADS
+from geventtcp.client.replycodec import ReplyCodec
 from geventtcp.codec import get_codec
-from geventtcp.concurrency import THREADS
 from geventtcp.errors import MaybeExecuted, ProtocolError
-from geventtcp.replycodec import ReplyCodec
 from tests import client_app
 from tests.clientutil import FakeServer, ServerProcess, run_python
 
@@ -81,7 +81,7 @@ def test_f1_release_never_takes_back_a_role_another_caller_took_meanwhile(server
 F1_STRESS = r"""
 import sys, threading, time, collections
 sys.setswitchinterval(1e-5)  # preempt often: the race windows are a few bytecodes wide
-from geventtcp.client import Client
+from geventtcp.client.client import Client
 client = Client(ADDRESS, timeout=5, pool_size=1, mode="threads", retries=0)
 client.call(1, {})
 errors = collections.Counter()

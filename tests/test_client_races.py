@@ -9,8 +9,8 @@ import time
 import gevent
 import pytest
 
-from geventtcp.client import Client
-from geventtcp.clientcall import Call, request_line
+from geventtcp.client.call import Call, request_line
+from geventtcp.client.client import Client
 from geventtcp.codec import get_codec
 from geventtcp.errors import MaybeExecuted, NotSent
 from geventtcp.protocol import encode_request

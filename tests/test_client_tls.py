@@ -3,7 +3,7 @@
 import gevent
 import pytest
 
-from geventtcp.client import Client
+from geventtcp.client.client import Client
 from geventtcp.errors import ConnectError, Unauthenticated
 from geventtcp.tls import client_context
 from tests.certs import make_pki

@@ -5,8 +5,8 @@ import json
 import gevent
 import pytest
 
-from geventtcp.client import Client
-from geventtcp.clientbatch import FLUSH_LINES, BatchingConnection
+from geventtcp.client.batch import FLUSH_LINES, BatchingConnection
+from geventtcp.client.client import Client
 from geventtcp.errors import NotSent
 from tests.clientutil import FakeServer
 from tests.helpers import wait_until

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from geventtcp.clientcall import DEADLINE_MARGIN, Call, request_line
+from geventtcp.client.call import DEADLINE_MARGIN, Call, request_line
 from geventtcp.codec import get_codec
 from geventtcp.errors import NotSent
 from geventtcp.protocol import encode_request
@@ -21,7 +21,7 @@ class Cmd(enum.IntEnum):
 @pytest.mark.parametrize("params", [None, {}, {"a": [1, 2.5, None]}, [1], "caf\u00e9", 0])
 @pytest.mark.parametrize("remaining", [1e-6, 0.000999, 0.00999, 0.3, 10.0, 7 * 86400.0])
 def test_same_bytes_as_encode_request(monkeypatch, cmdid, params, remaining):
-    monkeypatch.setattr("geventtcp.clientcall._time", lambda: 1795771957.9)
+    monkeypatch.setattr("geventtcp.client.call._time", lambda: 1795771957.9)
     now = time.monotonic()
     call = Call(0, now + remaining, False)
     line = request_line(CODEC, cmdid, params, call, 42, now, "x")

@@ -7,8 +7,8 @@ import gevent
 import pytest
 from gevent import socket as gsocket
 
-from geventtcp import clientconn
-from geventtcp.client import Client
+from geventtcp.client import connection as clientconn
+from geventtcp.client.client import Client
 from geventtcp.errors import CallTimeout, DeadlineExceeded, MaybeExecuted, NotSent, RemoteError, Unprocessed
 from tests import client_app
 from tests.clientutil import FakeServer, Proxy, ServerProcess, addr, in_thread, inprocess_server
@@ -356,8 +356,8 @@ def test_503_refusal_at_connect_is_unprocessed_and_retried_elsewhere():
 def test_both_connection_kinds_keep_back_the_same_deadline_margin(monkeypatch, mode):
     """The batching (gevent) and plain (threads) connections build request lines with one helper:
     both send ``timeout_ms`` = remaining time less clientcall.DEADLINE_MARGIN (here raised to 0.5 s)."""
-    from geventtcp import clientcall
-    from geventtcp.clientbatch import BatchingConnection
+    from geventtcp.client import call as clientcall
+    from geventtcp.client.batch import BatchingConnection
 
     monkeypatch.setattr(clientcall, "DEADLINE_MARGIN", 0.5)
 

@@ -9,7 +9,7 @@ import pytest
 from gevent import socket as gsocket
 from gevent import ssl as gssl
 
-from geventtcp.clientio import GeventIO
+from geventtcp.client.io import GeventIO
 from tests.certs import make_pki
 
 

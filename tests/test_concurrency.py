@@ -6,8 +6,8 @@ import time
 import gevent
 import pytest
 
-from geventtcp.client import Client
-from geventtcp.concurrency import THREADS, GeventWorld, current_world
+from geventtcp.client.client import Client
+from geventtcp.client.concurrency import THREADS, GeventWorld, current_world
 from tests.clientutil import ServerProcess, addr, inprocess_server, run_python
 
 
@@ -21,8 +21,8 @@ def server():
 THREADS_WORLD = r"""
 import sys, threading, random
 from concurrent.futures import Future
-from geventtcp.client import Client
-from geventtcp.concurrency import current_world, THREADS
+from geventtcp.client.client import Client
+from geventtcp.client.concurrency import current_world, THREADS
 from geventtcp.errors import CallTimeout, RemoteError
 import gevent.monkey, gevent._hub_local as hub_local
 
@@ -104,8 +104,8 @@ PATCHED_WORLD = r"""
 from gevent import monkey; monkey.patch_all()
 import threading, gevent
 from gevent.event import AsyncResult
-from geventtcp.client import Client
-from geventtcp.concurrency import current_world, GeventWorld
+from geventtcp.client.client import Client
+from geventtcp.client.concurrency import current_world, GeventWorld
 
 client = Client(ADDRESS, timeout=10, pool_size=2)
 assert isinstance(current_world(), GeventWorld)

@@ -11,7 +11,7 @@ from typing import Any
 import gevent
 
 from geventtcp import Server
-from geventtcp.connection import RECV_SIZE
+from geventtcp.server.connection import RECV_SIZE
 
 from .conftest import make_registry
 from .helpers import CliServer, RawConn, python_cmd, wait_until

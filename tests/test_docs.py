@@ -53,7 +53,7 @@ def test_generated_pages_cover_every_code_and_verb() -> None:
     codes = docgen.render_codes()
     for code in Code:
         assert f"| {int(code)} | `{code.name}` |" in codes
-    from geventtcp.cli import COMMANDS, build_parser
+    from geventtcp.cli.main import COMMANDS, build_parser
 
     build_parser()
     cli = docgen.render_cli()

@@ -9,7 +9,7 @@ from typing import Any
 import gevent
 import pytest
 
-from geventtcp.client import Client
+from geventtcp.client.client import Client
 from geventtcp.errors import CallTimeout, MaybeExecuted
 from geventtcp.urls import Registry
 

@@ -10,8 +10,8 @@ import time
 import gevent
 import pytest
 
-from geventtcp.connection import MAX_BLANK_LINES
-from geventtcp.server import Server
+from geventtcp.server.connection import MAX_BLANK_LINES
+from geventtcp.server.server import Server
 
 from .helpers import RawConn, wait_until
 from .reltools import serve

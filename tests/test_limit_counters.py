@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from geventtcp.metrics import LIMIT_COUNTERS, merge, prometheus_text
+from geventtcp.launcher.metrics import LIMIT_COUNTERS, merge, prometheus_text
 
 from .helpers import ROOT, RawConn, wait_until
 from .opstools import Launcher

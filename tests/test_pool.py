@@ -5,8 +5,8 @@ import time
 import gevent
 import pytest
 
-from geventtcp import pool as poolmod
-from geventtcp.client import Client
+from geventtcp.client import pool as poolmod
+from geventtcp.client.client import Client
 from geventtcp.errors import ConnectError
 from tests.clientutil import addr, inprocess_server
 
@@ -100,7 +100,7 @@ def test_calls_spread_over_addresses_and_a_dead_one_is_probed_back():
 def test_a_dead_server_gets_spread_out_reconnects_and_callers_fail_fast(monkeypatch):
     """Anchor case 40 in small: 50 greenlets keep calling a dead address for a second. Callers get a
     fast ConnectError (no hang, no queue), and connects follow the backoff instead of one per call."""
-    from geventtcp import concurrency
+    from geventtcp.client import concurrency
 
     attempts = []
     real_connect = concurrency.World.connect

@@ -268,9 +268,9 @@ def test_protocol_module_is_sans_io() -> None:
 def test_wire_facts_are_defined_once_here_and_used_by_both_sides() -> None:
     """Reserved cmdids, the pre-auth limits and the goaway marker live in protocol.py; the server's
     modules re-export them (old imports keep working) and the client reads the same definitions."""
-    from geventtcp import builtins, security
+    from geventtcp.client.replycodec import unsolicited
     from geventtcp.errors import Unprocessed
-    from geventtcp.replycodec import unsolicited
+    from geventtcp.server import builtins, security
 
     assert [(b.name, int(b)) for b in protocol.Builtin] == [("PING", -1), ("LIST", -2), ("STATS", -3), ("AUTH", -4)]
     assert builtins.Builtin is protocol.Builtin

@@ -14,10 +14,10 @@ import gevent
 import pytest
 from gevent import socket
 
-from geventtcp import proxyproto
 from geventtcp.errors import ConfigError
 from geventtcp.log import make_access_hook
-from geventtcp.proxyproto import (
+from geventtcp.server import proxyproto
+from geventtcp.server.proxyproto import (
     MAX_HEADER_BYTES,
     V2_SIGNATURE,
     ProxyHeader,
@@ -28,7 +28,7 @@ from geventtcp.proxyproto import (
     parse,
     trusted_networks,
 )
-from geventtcp.server import Server
+from geventtcp.server.server import Server
 
 from .helpers import RawConn, wait_until
 from .opstools import Launcher, write_app

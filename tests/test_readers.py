@@ -14,8 +14,8 @@ import pytest
 from greenlet import GreenletExit, greenlet
 
 from geventtcp import Registry, Server
-from geventtcp.connection import RECV_SIZE
-from geventtcp.readers import ReaderPool
+from geventtcp.server.connection import RECV_SIZE
+from geventtcp.server.readers import ReaderPool
 
 from .helpers import RawConn, wait_until
 

@@ -20,7 +20,7 @@ import gevent
 from gevent.event import Event
 
 from geventtcp import Registry, Server
-from geventtcp.builtins import Builtin
+from geventtcp.server.builtins import Builtin
 
 from .conftest import make_registry
 from .helpers import RawConn, wait_until

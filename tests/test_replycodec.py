@@ -4,9 +4,9 @@ import json
 
 import pytest
 
+from geventtcp.client.replycodec import ReplyCodec
 from geventtcp.codec import get_codec
 from geventtcp.errors import ProtocolError
-from geventtcp.replycodec import ReplyCodec
 
 
 @pytest.fixture(params=["simplejson", "orjson"])

@@ -14,10 +14,10 @@ import time
 import gevent
 import pytest
 
-from geventtcp import security
-from geventtcp.builtins import Builtin
 from geventtcp.errors import ConfigError
-from geventtcp.server import Server
+from geventtcp.server import security
+from geventtcp.server.builtins import Builtin
+from geventtcp.server.server import Server
 
 from .helpers import ROOT, RawConn, wait_until
 from .reltools import make_registry, serve

@@ -14,7 +14,7 @@ import gevent
 import pytest
 
 from geventtcp import Server
-from geventtcp.connection import Connection
+from geventtcp.server.connection import Connection
 
 from .helpers import RawConn, wait_until
 

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from geventtcp.server import Server
+from geventtcp.server.server import Server
 
 from .helpers import RawConn
 from .reltools import make_registry

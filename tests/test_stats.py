@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from geventtcp.stats import Stats
+from geventtcp.server.stats import Stats
 
 
 def test_counts_errors_and_percentiles() -> None:

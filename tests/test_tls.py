@@ -12,8 +12,8 @@ import pytest
 from gevent import socket
 
 from geventtcp.errors import ConfigError
-from geventtcp.proxyproto import build_v2
-from geventtcp.server import Server
+from geventtcp.server.proxyproto import build_v2
+from geventtcp.server.server import Server
 from geventtcp.tls import client_context, server_context
 
 from .certs import Pki, make_pki

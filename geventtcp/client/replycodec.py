@@ -7,9 +7,9 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from .codec import Codec, _finite_float
-from .errors import Code, MaybeExecuted, TransportError, Unprocessed
-from .protocol import GOAWAY_FIELD, decode_reply
+from geventtcp.codec import Codec, _finite_float
+from geventtcp.errors import Code, MaybeExecuted, TransportError, Unprocessed
+from geventtcp.protocol import GOAWAY_FIELD, decode_reply
 
 __all__ = ["ReplyCodec", "unsolicited", "answers_too_long"]
 

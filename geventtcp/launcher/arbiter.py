@@ -33,16 +33,22 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .config import Config, Settings
-from .errors import GeventTCPError
-from .listeners import ListenerSet
-from .log import reopen_log_files
-from .signals import SignalQueue
-from .supervisor import BOOT_FAILURE_LIMIT, STOP_MARGIN, HaltServerError, WorkerProcess, WorkerSupervisor
-from .worker import MASTER_SIGNALS, WorkerSpec, run_worker
+from geventtcp.config import Config, Settings
+from geventtcp.errors import GeventTCPError
+from geventtcp.launcher.listeners import ListenerSet
+from geventtcp.launcher.signals import SignalQueue
+from geventtcp.launcher.supervisor import (
+    BOOT_FAILURE_LIMIT,
+    STOP_MARGIN,
+    HaltServerError,
+    WorkerProcess,
+    WorkerSupervisor,
+)
+from geventtcp.launcher.worker import MASTER_SIGNALS, WorkerSpec, run_worker
+from geventtcp.log import reopen_log_files
 
 if TYPE_CHECKING:
-    from .metrics_http import MetricsEndpoint
+    from geventtcp.launcher.metrics_endpoint import MetricsEndpoint
 
 __all__ = ["Arbiter", "HaltServerError", "BOOT_FAILURE_LIMIT"]
 
@@ -96,7 +102,7 @@ class Arbiter(WorkerSupervisor):
         self.stats_dir = os.path.join(self.tmpdir, "stats")
         os.mkdir(self.stats_dir)
         if cfg.metrics_bind:
-            from .metrics_http import MetricsEndpoint
+            from geventtcp.launcher.metrics_endpoint import MetricsEndpoint
 
             self._metrics = MetricsEndpoint(cfg.metrics_bind, self.stats_dir, bool(cfg.protected_mode))
         self._preflight()
@@ -110,7 +116,7 @@ class Arbiter(WorkerSupervisor):
 
     def _preflight(self) -> None:
         """Fail here, once, with a clear message, on what would make every worker fail to start."""
-        from .security import check_serving_settings
+        from geventtcp.server.security import check_serving_settings
 
         metrics = [self._metrics.address()] if self._metrics is not None else []
         check_serving_settings(self.settings, [sock.getsockname() for sock in self._listeners().all()], metrics)

@@ -11,11 +11,11 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .protocol import PROTOCOL_VERSION, Builtin, Request
-from .security import make_auth
+from geventtcp.protocol import PROTOCOL_VERSION, Builtin, Request
+from geventtcp.server.security import make_auth
 
 if TYPE_CHECKING:
-    from .server import Server
+    from geventtcp.server.server import Server
 
 __all__ = ["Builtin", "make_builtins"]
 

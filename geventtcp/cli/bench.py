@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .cli import command
+from geventtcp.cli.commands import command
 
 __all__: list[str] = []
 
@@ -33,9 +33,9 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 def _bench(args: argparse.Namespace) -> int:
     import socket
 
-    from .bench import BenchConfig, run
-    from .errors import ConfigError
-    from .sockets import parse_address
+    from geventtcp.cli.loadgen import BenchConfig, run
+    from geventtcp.errors import ConfigError
+    from geventtcp.sockets import parse_address
 
     try:
         family, address = parse_address(args.address)

@@ -19,19 +19,26 @@ from gevent.event import Event
 from gevent.hub import get_hub
 from gevent.server import StreamServer
 
-from .builtins import make_builtins
-from .codec import get_codec
-from .config import Config, Settings
-from .connection import Connection
-from .errors import Code
-from .protocol import PREAUTH_CMDIDS, Request, encode_error, encode_goaway
-from .proxyproto import MAX_HEADER_BYTES, ProxyHeader, ProxyHeaderError, is_trusted, parse, trusted_networks
-from .readers import ReaderPool
-from .security import check_listen_addresses, is_loopback, is_protected, load_token
-from .sockets import create_listener, format_address, send_and_linger, unsent_bytes
-from .stats import Stats
-from .tls import handshake, server_context_from_settings
-from .urls import Registry, default_registry
+from geventtcp.codec import get_codec
+from geventtcp.config import Config, Settings
+from geventtcp.errors import Code
+from geventtcp.protocol import PREAUTH_CMDIDS, Request, encode_error, encode_goaway
+from geventtcp.server.builtins import make_builtins
+from geventtcp.server.connection import Connection
+from geventtcp.server.proxyproto import (
+    MAX_HEADER_BYTES,
+    ProxyHeader,
+    ProxyHeaderError,
+    is_trusted,
+    parse,
+    trusted_networks,
+)
+from geventtcp.server.readers import ReaderPool
+from geventtcp.server.security import check_listen_addresses, is_loopback, is_protected, load_token
+from geventtcp.server.stats import Stats
+from geventtcp.sockets import create_listener, format_address, send_and_linger, unsent_bytes
+from geventtcp.tls import handshake, server_context_from_settings
+from geventtcp.urls import Registry, default_registry
 
 __all__ = ["Server"]
 

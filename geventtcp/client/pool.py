@@ -6,12 +6,12 @@ import random
 import time
 from typing import Any
 
-from .clientbatch import BatchingConnection
-from .clientconn import STALL_AFTER, ClientConnection
-from .codec import Codec
-from .concurrency import World, fork_generation, real_lock
-from .errors import ConnectError, remote_error
-from .protocol import Builtin
+from geventtcp.client.batch import BatchingConnection
+from geventtcp.client.concurrency import World, fork_generation, real_lock
+from geventtcp.client.connection import STALL_AFTER, ClientConnection
+from geventtcp.codec import Codec
+from geventtcp.errors import ConnectError, remote_error
+from geventtcp.protocol import Builtin
 
 __all__ = ["Pool", "Balancer", "connect_backoff"]
 

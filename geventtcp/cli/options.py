@@ -6,7 +6,7 @@ import argparse
 import os
 from typing import Any
 
-from .errors import ConfigError
+from geventtcp.errors import ConfigError
 
 __all__ = ["add_security_arguments", "client_security"]
 
@@ -29,7 +29,7 @@ def client_security(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments for :class:`geventtcp.client.Client` from the options; ConfigError if unusable."""
     kwargs: dict[str, Any] = {}
     if args.tls or args.ca_certs or args.certfile:
-        from .tls import client_context
+        from geventtcp.tls import client_context
 
         kwargs["ssl_context"] = client_context(ca_certs=args.ca_certs, certfile=args.certfile, keyfile=args.keyfile)
         if args.server_hostname:

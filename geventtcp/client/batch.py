@@ -8,9 +8,9 @@ from typing import Any
 import gevent
 from gevent import Timeout
 
-from .clientcall import Call, request_line
-from .clientconn import ClientConnection
-from .errors import CallTimeout, NotSent
+from geventtcp.client.call import Call, request_line
+from geventtcp.client.connection import ClientConnection
+from geventtcp.errors import CallTimeout, NotSent
 
 __all__ = ["BatchingConnection", "FLUSH_LINES"]
 

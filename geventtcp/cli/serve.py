@@ -1,33 +1,26 @@
-"""The ``geventtcp`` command line: ``main(argv) -> exit code``; one sub-command per verb."""
+"""The ``serve`` verb: validate the settings, then run the launcher (:mod:`geventtcp.launcher`) for an app.
+
+The master neither monkey-patches nor imports the application (each worker does both right after
+fork), so everything heavy is imported inside the verb, after argument parsing.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from geventtcp.cli.commands import command
+
 if TYPE_CHECKING:
-    from .config import Settings
+    from geventtcp.config import Settings
 
-__all__ = ["main", "build_parser", "COMMANDS"]
-
-#: name -> (add its arguments, run it); other modules' verbs register here.
-COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
-
-
-def command(name: str, help: str, arguments: Callable[[argparse.ArgumentParser], None]) -> Callable[
-        [Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
-    def register(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-        COMMANDS[name] = (help, arguments, run)
-        return run
-
-    return register
+__all__: list[str] = []
 
 
 def _serve_arguments(parser: argparse.ArgumentParser) -> None:
-    from .config import add_arguments
+    from geventtcp.config import add_arguments
 
     parser.add_argument("app", help="module (or module:attr) whose handlers to serve, e.g. 'handlers'")
     parser.add_argument("-c", "--config", dest="config_file", metavar="FILE",
@@ -43,8 +36,8 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
 def _serve(args: argparse.Namespace) -> int:
     # The master neither monkey-patches nor imports the application: each worker does both right
     # after fork (patching first, so plain blocking handler code yields), and HUP re-imports.
-    from .config import Config, load
-    from .errors import ConfigError
+    from geventtcp.config import Config, load
+    from geventtcp.errors import ConfigError
 
     config_file = args.config_file or os.environ.get("GEVENTTCP_CONFIG")
 
@@ -64,14 +57,14 @@ def _serve(args: argparse.Namespace) -> int:
         return 0
     if args.check_config:
         return _check_config(args.app, config.freeze())
-    from .log import apply_log_config, configure_logging
+    from geventtcp.log import apply_log_config, configure_logging
 
     settings = config.freeze()
     configure_logging(settings.log_level, settings.log_file or None)
     try:
         if settings.log_config:
             apply_log_config(settings.log_config)
-        from .arbiter import Arbiter
+        from geventtcp.launcher.arbiter import Arbiter
 
         return Arbiter(args.app, config, reload_config=resolve).run()
     except (ConfigError, OSError) as exc:
@@ -83,7 +76,7 @@ def _bind_addresses(binds: list[str]) -> list[Any]:
     """What the listeners of ``binds`` would report as ``getsockname()``, without binding (names resolved)."""
     import socket
 
-    from .sockets import parse_address
+    from geventtcp.sockets import parse_address
 
     addresses: list[Any] = []
     for text in binds:
@@ -102,9 +95,9 @@ def _check_config(app: str, settings: Settings) -> int:
     from gevent import monkey
 
     monkey.patch_all()
-    from .log import apply_log_config
-    from .security import check_serving_settings
-    from .urls import load_registry
+    from geventtcp.log import apply_log_config
+    from geventtcp.server.security import check_serving_settings
+    from geventtcp.urls import load_registry
 
     try:
         metrics = _bind_addresses([settings.metrics_bind]) if settings.metrics_bind else []
@@ -119,34 +112,3 @@ def _check_config(app: str, settings: Settings) -> int:
         return 1
     print(f"configuration OK: {app} registers {len(registry)} command(s)")
     return 0
-
-
-#: Modules that add their verbs to COMMANDS when imported (client calls, operations, benchmarks).
-VERB_MODULES: tuple[str, ...] = ("geventtcp.cli_ops", "geventtcp.cli_client", "geventtcp.cli_bench")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    import importlib
-
-    from . import __version__
-
-    for module in VERB_MODULES:
-        importlib.import_module(module)
-
-    parser = argparse.ArgumentParser(prog="geventtcp", description="Newline-delimited JSON over TCP, on gevent.")
-    parser.add_argument("--version", action="version", version=f"geventtcp {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (help_text, arguments, run) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        arguments(p)
-        p.set_defaults(run=run)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the process exit code."""
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.run(args))
-    except KeyboardInterrupt:
-        return 130

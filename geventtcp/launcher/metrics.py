@@ -14,8 +14,8 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from .blocking import running_requests
-from .stats import _BUCKETS, CommandStats
+from geventtcp.server.blocking import running_requests
+from geventtcp.server.stats import _BUCKETS, CommandStats
 
 __all__ = ["snapshot", "write_snapshot", "read_snapshots", "merge", "prometheus_text", "LIMIT_COUNTERS"]
 

@@ -19,8 +19,8 @@ import json
 import sys
 from typing import Any
 
-from .cli import command
-from .cli_security import add_security_arguments, client_security
+from geventtcp.cli.commands import command
+from geventtcp.cli.options import add_security_arguments, client_security
 
 __all__ = ["EXIT_OK", "EXIT_REMOTE", "EXIT_USAGE", "EXIT_NOT_SENT", "EXIT_MAYBE", "EXIT_TIMEOUT"]
 
@@ -49,8 +49,8 @@ def _call_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace, cmdid: int, params: Any, idempotent: bool) -> tuple[int, Any]:
-    from .client import Client
-    from .errors import CallTimeout, ConfigError, MaybeExecuted, NotSent, RemoteError, TransportError
+    from geventtcp.client.client import Client
+    from geventtcp.errors import CallTimeout, ConfigError, MaybeExecuted, NotSent, RemoteError, TransportError
 
     try:
         with Client(args.address.split(","), timeout=args.timeout, connect_timeout=args.connect_timeout,

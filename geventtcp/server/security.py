@@ -8,12 +8,12 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from .errors import Code, ConfigError, HandlerError
-from .protocol import PREAUTH_MAX_LINE_BYTES, Request
+from geventtcp.errors import Code, ConfigError, HandlerError
+from geventtcp.protocol import PREAUTH_MAX_LINE_BYTES, Request
 
 if TYPE_CHECKING:
-    from .config import Settings
-    from .server import Server
+    from geventtcp.config import Settings
+    from geventtcp.server.server import Server
 
 __all__ = [
     "MAX_AUTH_FAILURES",
@@ -113,7 +113,7 @@ def check_serving_settings(settings: Settings, addresses: Iterable[Any], metrics
     unix paths) and ``metrics_addresses`` (see :func:`check_metrics_addresses`). Raises
     :class:`ConfigError` (or ``OSError``/``ssl.SSLError`` from the TLS files).
     """
-    from .tls import server_context_from_settings
+    from geventtcp.tls import server_context_from_settings
 
     token = load_token(settings)
     server_context_from_settings(settings)

@@ -8,9 +8,10 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from .codec import get_codec
-from .concurrency import World, current_world, fork_generation, real_lock
-from .errors import (
+from geventtcp.client.concurrency import World, current_world, fork_generation, real_lock
+from geventtcp.client.pool import Balancer, Pool
+from geventtcp.codec import get_codec
+from geventtcp.errors import (
     RETRYABLE_CODES,
     CallTimeout,
     ConnectError,
@@ -22,9 +23,8 @@ from .errors import (
     Unprocessed,
     remote_error,
 )
-from .pool import Balancer, Pool
-from .protocol import READ_ONLY_BUILTINS, Builtin
-from .sockets import parse_address
+from geventtcp.protocol import READ_ONLY_BUILTINS, Builtin
+from geventtcp.sockets import parse_address
 
 __all__ = ["Client", "DEFAULT_TIMEOUT", "DEFAULT_CONNECT_TIMEOUT"]
 

@@ -17,9 +17,9 @@ from typing import Any
 
 from gevent import monkey as _monkey
 
-from .clientio import GeventIO, ThreadsIO, ThreadsTLSIO
-from .errors import ConnectError
-from .sockets import parse_address
+from geventtcp.client.io import GeventIO, ThreadsIO, ThreadsTLSIO
+from geventtcp.errors import ConnectError
+from geventtcp.sockets import parse_address
 
 __all__ = ["World", "ThreadsWorld", "GeventWorld", "GeventSignal", "THREADS", "current_world", "fork_generation",
            "real_lock"]

@@ -27,8 +27,8 @@ from time import perf_counter
 from types import FrameType
 from typing import Any
 
-from .connection import Connection
-from .protocol import Request
+from geventtcp.protocol import Request
+from geventtcp.server.connection import Connection
 
 __all__ = ["BlockingDetector", "enable_blocking_detector", "request_in_stack", "running_requests"]
 

@@ -19,9 +19,9 @@ import logging
 import socket
 import time
 
-from .metrics import prometheus_text, read_snapshots
-from .security import is_loopback
-from .sockets import create_listener, format_address
+from geventtcp.launcher.metrics import prometheus_text, read_snapshots
+from geventtcp.server.security import is_loopback
+from geventtcp.sockets import create_listener, format_address
 
 __all__ = ["MetricsEndpoint", "SCRAPE_TIMEOUT", "MAX_SCRAPES"]
 

@@ -9,9 +9,9 @@ import signal
 import time
 from dataclasses import dataclass, field
 
-from .config import Settings
-from .errors import GeventTCPError
-from .worker import STATE_DRAINING, STATE_SERVING, WORKER_BOOT_ERROR
+from geventtcp.config import Settings
+from geventtcp.errors import GeventTCPError
+from geventtcp.launcher.worker import STATE_DRAINING, STATE_SERVING, WORKER_BOOT_ERROR
 
 __all__ = ["WorkerSupervisor", "WorkerProcess", "HaltServerError", "BOOT_FAILURE_LIMIT", "ABORT_GRACE", "STOP_MARGIN"]
 

@@ -8,11 +8,11 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .cli import command
-from .cli_security import add_security_arguments, client_security
+from geventtcp.cli.commands import command
+from geventtcp.cli.options import add_security_arguments, client_security
 
 if TYPE_CHECKING:
-    from .client import Client
+    from geventtcp.client.client import Client
 
 __all__ = ["ask"]
 
@@ -25,7 +25,7 @@ def ask(address: str, question: Callable[[Client], Any], timeout: float = 5.0, *
     goaway is retried by the client. The connection is closed on return. ``client_kwargs`` (TLS,
     auth) go to the Client.
     """
-    from .client import Client
+    from geventtcp.client.client import Client
 
     with Client(address, timeout=timeout, connect_timeout=timeout, mode="threads", **client_kwargs) as client:
         return question(client)
@@ -103,7 +103,7 @@ def _settings_arguments(parser: argparse.ArgumentParser) -> None:
 @command("settings", "list every setting (flag, env var, default); --markdown for the README table",
          _settings_arguments)
 def _settings(args: argparse.Namespace) -> int:
-    from .config import SETTINGS, render_markdown
+    from geventtcp.config import SETTINGS, render_markdown
 
     if args.markdown:
         print(render_markdown())

@@ -5,8 +5,8 @@ from __future__ import annotations
 from time import time as _time
 from typing import Any
 
-from .codec import Codec
-from .errors import NotSent
+from geventtcp.codec import Codec
+from geventtcp.errors import NotSent
 
 __all__ = ["Call", "DEADLINE_MARGIN", "request_line"]
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import socket
 
-from .sockets import create_listener, format_address, parse_address
+from geventtcp.sockets import create_listener, format_address, parse_address
 
 __all__ = ["ListenerSet"]
 

@@ -28,13 +28,13 @@ from typing import TYPE_CHECKING, Any
 
 from gevent import GreenletExit, get_hub, getcurrent
 
-from .errors import Code, HandlerError, ProtocolError, RequestCancelled
-from .protocol import BLANK, LineBuffer, Request, encode_error, encode_goaway, encode_reply, parse_request
-from .security import PREAUTH_MAX_LINE_BYTES
-from .sockets import linger, unsent_bytes
+from geventtcp.errors import Code, HandlerError, ProtocolError, RequestCancelled
+from geventtcp.protocol import BLANK, LineBuffer, Request, encode_error, encode_goaway, encode_reply, parse_request
+from geventtcp.server.security import PREAUTH_MAX_LINE_BYTES
+from geventtcp.sockets import linger, unsent_bytes
 
 if TYPE_CHECKING:
-    from .server import Server
+    from geventtcp.server.server import Server
 
 __all__ = ["Connection", "DeadlineReached", "Stop"]
 

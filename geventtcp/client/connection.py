@@ -7,13 +7,13 @@ import logging
 import time
 from typing import Any
 
-from .clientcall import Call, request_line
-from .clientio import shutdown
-from .codec import Codec
-from .concurrency import World, fork_generation, real_lock
-from .errors import CallTimeout, MaybeExecuted, NotSent, ProtocolError, TransportError
-from .protocol import LineBuffer
-from .replycodec import ReplyCodec, answers_too_long, unsolicited
+from geventtcp.client.call import Call, request_line
+from geventtcp.client.concurrency import World, fork_generation, real_lock
+from geventtcp.client.io import shutdown
+from geventtcp.client.replycodec import ReplyCodec, answers_too_long, unsolicited
+from geventtcp.codec import Codec
+from geventtcp.errors import CallTimeout, MaybeExecuted, NotSent, ProtocolError, TransportError
+from geventtcp.protocol import LineBuffer
 
 __all__ = ["ClientConnection", "STUCK_GRACE"]
 

@@ -29,14 +29,14 @@ from typing import Any
 import gevent
 from gevent import socket as gsocket
 
-from .blocking import enable_blocking_detector
-from .config import Config
-from .log import make_access_hook, reopen_log_files
-from .metrics import merge, read_snapshots, snapshot, write_snapshot
-from .protocol import Builtin, encode_goaway
-from .server import Server
-from .sockets import send_and_linger
-from .urls import load_registry
+from geventtcp.config import Config
+from geventtcp.launcher.metrics import merge, read_snapshots, snapshot, write_snapshot
+from geventtcp.log import make_access_hook, reopen_log_files
+from geventtcp.protocol import Builtin, encode_goaway
+from geventtcp.server.blocking import enable_blocking_detector
+from geventtcp.server.server import Server
+from geventtcp.sockets import send_and_linger
+from geventtcp.urls import load_registry
 
 __all__ = ["WorkerSpec", "run_worker", "WORKER_BOOT_ERROR", "STATE_BOOTING", "STATE_SERVING", "STATE_DRAINING"]
 
