@@ -15,7 +15,7 @@ from typing import Any
 
 from .helpers import ROOT, RawConn, terminate, wait_until
 
-__all__ = ["APP_SOURCE", "write_app", "Launcher", "Caller", "call_once", "wait_inflight", "cpu_seconds"]
+__all__ = ["APP_SOURCE", "write_app", "Launcher", "Caller", "call_once", "wait_inflight", "wait_spinning"]
 
 #: The test application: echo, sleep, CPU spin (blocks the hub), and whoami (the serving pid and
 #: the module's VERSION, which a test rewrites to prove that HUP re-imports the application).
@@ -41,11 +41,14 @@ APP_SOURCE = textwrap.dedent('''
 
     @registry.handler(7)
     def spin(request):
-        """Spin the CPU for params.seconds of CPU time: blocks the event loop at least that long, also
-        on a loaded machine where the process gets only part of a core (tests wait on its CPU time)."""
-        end = time.process_time() + request.params.get("seconds", 0)
-        while time.process_time() < end:
+        """Spin the CPU for params.seconds: blocks the event loop. While it spins, the file
+        ``spinning-PID`` exists in the working directory, so a test knows the loop is blocked."""
+        marker = "spinning-%d" % os.getpid()
+        open(marker, "w").close()
+        end = time.monotonic() + request.params.get("seconds", 0)
+        while time.monotonic() < end:
             pass
+        os.unlink(marker)
         return "spun"
 
     @registry.handler(9, idempotent=True)
@@ -201,11 +204,12 @@ def wait_inflight(address: Any, cmdid: int, count: int, timeout: float = 30.0) -
     return result
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) process ``pid`` has used: how a test knows a worker is spinning, not idle."""
-    with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def wait_spinning(app_dir: Any, pid: int, timeout: float = 20) -> None:
+    """Wait until worker ``pid`` is inside the app's spin handler (its event loop is blocked)."""
+    marker = os.path.join(str(app_dir), f"spinning-{pid}")
+    wait_until(lambda: os.path.exists(marker), timeout)
+
+
 
 
 class Caller:

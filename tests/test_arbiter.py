@@ -17,7 +17,7 @@ import pytest
 from geventtcp.launcher.supervisor import BOOT_FAILURE_LIMIT
 
 from .helpers import ROOT, RawConn, wait_until
-from .opstools import APP_SOURCE, Caller, Launcher, call_once, cpu_seconds, wait_inflight, write_app
+from .opstools import APP_SOURCE, Caller, Launcher, call_once, wait_inflight, wait_spinning, write_app
 
 
 @pytest.fixture
@@ -254,8 +254,12 @@ def test_ttin_ttou_storm_under_connection_churn_resets_no_connection(app_dir: Pa
         load.stop()
         assert load.errors == [] and load.refused == 0
         # A reset connection: in the handshake (the caller retries), or after the request was written,
-        # when the caller cannot tell whether it ran (maybe_executed).
-        assert sum(c.reset_at_connect for c in load.callers) == 0
+        # when the caller cannot tell whether it ran (maybe_executed). Never the latter; with
+        # --reuse-port, a handshake still in flight when the retired slot's socket closes is reset by
+        # the kernel unless net.ipv4.tcp_migrate_req=1 (a host setting the tests leave alone): the
+        # caller saw it at connect, before writing, so it knows the request did not run.
+        resets = sum(c.reset_at_connect for c in load.callers)
+        assert resets == 0 if mode == "default" else resets <= 2, resets
         assert load.maybe_executed == 0
     finally:
         launcher.close()
@@ -385,9 +389,8 @@ def test_term_right_after_a_retire_answers_the_backlog_a_busy_retiring_worker_ho
         busy = int(launcher.wait_log(r"booting worker with pid (\d+) \(slot 1").group(1))
         other = int(launcher.wait_log(r"booting worker with pid (\d+) \(slot 0").group(1))
         caller = _caller_on(launcher.address, busy)
-        before = cpu_seconds(busy)
         spin = gevent.spawn(caller.call, 7, {"seconds": 4})
-        wait_until(lambda: cpu_seconds(busy) > before + 0.3, 20)  # its event loop is blocked
+        wait_spinning(app_dir, busy)  # its event loop is blocked
         if retire == "ttou":
             launcher.signal(signal.SIGTTOU)
             launcher.wait_log(r"workers: 1")
@@ -424,9 +427,8 @@ def test_a_reload_to_fewer_workers_answers_the_backlog_of_a_retired_reuse_port_s
         busy = int(launcher.wait_log(r"booting worker with pid (\d+) \(slot 1").group(1))
         other = int(launcher.wait_log(r"booting worker with pid (\d+) \(slot 0").group(1))
         caller = _caller_on(launcher.address, busy)
-        before = cpu_seconds(busy)
         spin = gevent.spawn(caller.call, 7, {"seconds": 4})
-        wait_until(lambda: cpu_seconds(busy) > before + 0.3, 20)  # its event loop is blocked
+        wait_spinning(app_dir, busy)  # its event loop is blocked
         conf.write_text("workers = 1\n")
         launcher.signal(signal.SIGHUP)
         launcher.wait_log(rf"Worker \(pid:{other}\) exited")  # the new worker serves: the old ones were told
