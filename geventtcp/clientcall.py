@@ -5,10 +5,10 @@ from __future__ import annotations
 from time import time as _time
 from typing import Any
 
-from .codec import Codec
+from .codec import _SURROGATE_ESCAPE, Codec, SimplejsonCodec
 from .errors import NotSent
 
-__all__ = ["Call", "DEADLINE_MARGIN", "request_line"]
+__all__ = ["Call", "DEADLINE_MARGIN", "request_line", "check_params"]
 
 #: Share of the caller's remaining time kept back from the ``timeout_ms`` sent to the server (at most
 #: 50 ms), so that the server's 504 reply arrives before the caller's own deadline.
@@ -44,7 +44,8 @@ def request_line(codec: Codec, cmdid: int, params: Any, call: Call, rid: int, no
     (``{"cmdid":N,"timestamp":T,"params":``) is cached per cmdid for the current second, so a call
     formats only its id and ``timeout_ms`` (``%d`` truncates a float as ``int()`` does).
     Raises :class:`NotSent` when the deadline already passed (nothing is numbered then), and
-    ``TypeError``/``ValueError`` when ``cmdid`` is not an integer or ``params`` has no JSON form.
+    ``TypeError``/``ValueError`` when ``cmdid`` is not an integer or ``params`` has no JSON form or
+    one the server refuses (see :func:`check_params`; then nothing is numbered or sent either).
     """
     remaining = call.deadline - now
     if remaining <= 0:
@@ -56,7 +57,14 @@ def request_line(codec: Codec, cmdid: int, params: Any, call: Call, rid: int, no
     head = heads.get(cmdid) if type(cmdid) is int else None
     if head is None:
         head = heads.add(cmdid)
-    body = b"{}" if params is None or (type(params) is dict and not params) else codec.dumps(params)
+    if params is None or (type(params) is dict and not params):
+        body = b"{}"
+    else:
+        body = codec.dumps(params)
+        # A backslash (an escape: maybe of a lone surrogate) or a key ending as a number, true,
+        # false, null, NaN or Infinity would (maybe a converted non-str key): screened precisely.
+        if 92 in body or body.translate(_KEY_TAIL).find(b'0":') >= 0:
+            check_params(body)
     margin = remaining * 0.1
     if margin > DEADLINE_MARGIN:
         margin = DEADLINE_MARGIN
@@ -68,6 +76,38 @@ def request_line(codec: Codec, cmdid: int, params: Any, call: Call, rid: int, no
     call.sent = now
     call.size = len(line)
     return line
+
+
+#: Maps every last character a non-str dict key can have once written as a JSON key (digits for
+#: int, float and Decimal; ``e`` for true/false, ``l`` for null, ``N``/``y`` for Decimal NaN and
+#: Infinity) to ``0``, so one ``find`` screens a body for keys that may have been converted.
+_KEY_TAIL = bytes.maketrans(b"0123456789elNy", b"0" * 14)
+_DIGITS = bytes.maketrans(b"123456789", b"0" * 9)
+_LITERAL_KEYS = (b'"true":', b'"false":', b'"null":', b'NaN":', b'Infinity":')
+#: The server's own parser: a body it accepts is a body this check accepts.
+_SERVER_CODEC = SimplejsonCodec()
+
+
+def check_params(body: bytes) -> None:
+    """Raise ``ValueError`` when the server would refuse the encoded params ``body`` with a 400.
+
+    Two kinds of value encode without error yet are not strict JSON, which the server requires: a
+    string with a lone surrogate (``os.fsdecode()`` of an undecodable file name; written as a
+    ``\\udXXX`` escape) and a dict whose keys collide once converted to JSON strings
+    (``{1: "a", "1": "b"}`` gives two ``"1"`` keys). Either would make the server answer 400, and an
+    answer it cannot give an id to costs the caller a connection shared with others, so the client
+    refuses first, as it does for NaN: nothing is numbered or sent. Called only for a body with a
+    backslash or a key that may have been converted (a cheap screen in :func:`request_line`); when
+    the finer screen here still matches, the body goes through the server's parser itself.
+    (Not caught: a ``bytes`` key equal to a str key, which simplejson writes as the same string.)
+    """
+    if ((92 in body and _SURROGATE_ESCAPE.search(body) is not None)
+            or body.translate(_DIGITS).find(b'0":') >= 0
+            or any(body.find(literal) >= 0 for literal in _LITERAL_KEYS)):
+        try:
+            _SERVER_CODEC.loads(body)
+        except ValueError as exc:
+            raise ValueError(f"params the server would refuse (400), not sent: {exc}") from None
 
 
 class _Heads(dict[int, bytes]):
