@@ -5,16 +5,22 @@ from __future__ import annotations
 from . import urls
 from .client import Client
 from .errors import (
+    Aborted,
+    AlreadyExists,
+    ApplicationError,
     BadRequest,
     CallTimeout,
     Code,
     ConfigError,
     ConnectError,
     DeadlineExceeded,
+    DependencyUnavailable,
+    FailedPrecondition,
     GeventTCPError,
     HandlerError,
     InternalServerError,
     MaybeExecuted,
+    NotFound,
     NotSent,
     PermissionDenied,
     ProtocolError,
@@ -22,6 +28,7 @@ from .errors import (
     RemoteError,
     RequestTimeout,
     RequestTooLarge,
+    ResourceExhausted,
     ServiceUnavailable,
     TransportError,
     Unauthenticated,
@@ -69,4 +76,12 @@ __all__ = [
     "InternalServerError",
     "ServiceUnavailable",
     "DeadlineExceeded",
+    # ... and the application codes a handler answers with (raise them, or HandlerError).
+    "ApplicationError",
+    "NotFound",
+    "AlreadyExists",
+    "ResourceExhausted",
+    "FailedPrecondition",
+    "Aborted",
+    "DependencyUnavailable",
 ]

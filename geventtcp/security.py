@@ -8,7 +8,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from .errors import Code, ConfigError, HandlerError
+from .errors import Code, ConfigError, ServerRefusal
 from .protocol import Request
 
 if TYPE_CHECKING:
@@ -125,7 +125,7 @@ def make_auth(server: Server, token: str | None) -> Callable[[Request], Any]:
                     MAX_AUTH_FAILURES)
         if conn.auth_failures >= MAX_AUTH_FAILURES:
             conn.close_after_replies()
-        raise HandlerError("invalid credentials", Code.UNAUTHENTICATED)
+        raise ServerRefusal("invalid credentials", Code.UNAUTHENTICATED)
 
     auth.idempotent = True  # type: ignore[attr-defined]
     return auth
