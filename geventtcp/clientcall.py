@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from time import time as _time
 from typing import Any
 
-from .codec import _SURROGATE_ESCAPE, Codec, SimplejsonCodec
+from .codec import Codec, SimplejsonCodec
 from .errors import NotSent
 
 __all__ = ["Call", "DEADLINE_MARGIN", "request_line", "check_params"]
@@ -61,9 +62,10 @@ def request_line(codec: Codec, cmdid: int, params: Any, call: Call, rid: int, no
         body = b"{}"
     else:
         body = codec.dumps(params)
-        # A backslash (an escape: maybe of a lone surrogate) or a key ending as a number, true,
-        # false, null, NaN or Infinity would (maybe a converted non-str key): screened precisely.
-        if 92 in body or body.translate(_KEY_TAIL).find(b'0":') >= 0:
+        # A ``\ud`` escape (maybe of a lone surrogate: the codecs write hex digits in lower case)
+        # or a key ending as a number, true, false, null, NaN or Infinity would (maybe a converted
+        # non-str key): screened precisely by check_params.
+        if body.find(b"\\ud") >= 0 or body.translate(_KEY_TAIL).find(b'0":') >= 0:
             check_params(body)
     margin = remaining * 0.1
     if margin > DEADLINE_MARGIN:
@@ -83,7 +85,8 @@ def request_line(codec: Codec, cmdid: int, params: Any, call: Call, rid: int, no
 #: Infinity) to ``0``, so one ``find`` screens a body for keys that may have been converted.
 _KEY_TAIL = bytes.maketrans(b"0123456789elNy", b"0" * 14)
 _DIGITS = bytes.maketrans(b"123456789", b"0" * 9)
-_LITERAL_KEYS = (b'"true":', b'"false":', b'"null":', b'NaN":', b'Infinity":')
+#: A ``\\ud`` escape of a surrogate half that is not part of a pair (a pair is a valid character).
+_LONE_SURROGATE = re.compile(rb"\\ud[89ab][0-9a-f]{2}(?!\\ud[c-f])|(?<!\\ud[89ab][0-9a-f]{2})\\ud[c-f]")
 #: The server's own parser: a body it accepts is a body this check accepts.
 _SERVER_CODEC = SimplejsonCodec()
 
@@ -97,13 +100,13 @@ def check_params(body: bytes) -> None:
     (``{1: "a", "1": "b"}`` gives two ``"1"`` keys). Either would make the server answer 400, and an
     answer it cannot give an id to costs the caller a connection shared with others, so the client
     refuses first, as it does for NaN: nothing is numbered or sent. Called only for a body with a
-    backslash or a key that may have been converted (a cheap screen in :func:`request_line`); when
-    the finer screen here still matches, the body goes through the server's parser itself.
+    ``\\ud`` escape or a key that may have been converted (a cheap screen in :func:`request_line`);
+    when the finer screen here still matches, the body goes through the server's parser itself.
     (Not caught: a ``bytes`` key equal to a str key, which simplejson writes as the same string.)
     """
-    if ((92 in body and _SURROGATE_ESCAPE.search(body) is not None)
-            or body.translate(_DIGITS).find(b'0":') >= 0
-            or any(body.find(literal) >= 0 for literal in _LITERAL_KEYS)):
+    if (_LONE_SURROGATE.search(body) is not None or body.translate(_DIGITS).find(b'0":') >= 0
+            or body.find(b'"true":') >= 0 or body.find(b'"false":') >= 0 or body.find(b'"null":') >= 0
+            or body.find(b'NaN":') >= 0 or body.find(b'Infinity":') >= 0):
         try:
             _SERVER_CODEC.loads(body)
         except ValueError as exc:
