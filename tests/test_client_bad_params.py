@@ -31,11 +31,13 @@ BAD_PARAMS = [
 ]
 
 
+@pytest.mark.parametrize("codec", ["simplejson", "orjson"])
 @pytest.mark.parametrize("bad", BAD_PARAMS)
-def test_params_the_server_would_refuse_raise_value_error_before_sending(bad):
+def test_params_the_server_would_refuse_raise_value_error_before_sending(bad, codec):
     """20 non-idempotent callers share one connection with a caller whose params the server would
     refuse: that caller gets ValueError and nothing of it reaches the server; the 20 all succeed."""
-    with inprocess_server() as server, Client(addr(server), timeout=10, pool_size=1, retries=0) as client:
+    with inprocess_server() as server, \
+            Client(addr(server), timeout=10, pool_size=1, retries=0, codec=codec) as client:
         client_app.executed.clear()
         jobs = [gevent.spawn(client.call, 4, {"tag": f"ok{i}", "seconds": 0.05}) for i in range(20)]
         gevent.sleep(0.01)  # all 20 written and waiting on the one connection
@@ -50,12 +52,13 @@ def test_params_the_server_would_refuse_raise_value_error_before_sending(bad):
         assert client.call(1, {"after": "bad"}) == {"after": "bad"}
 
 
-def test_valid_params_near_the_refused_shapes_still_go_out():
+@pytest.mark.parametrize("codec", ["simplejson", "orjson"])
+def test_valid_params_near_the_refused_shapes_still_go_out(codec):
     """What the refusal must not catch: surrogate pairs, non-str keys that do not collide,
     numeric-looking str keys, escapes in strings."""
     good = {"emoji": "\U0001f600", "e": "\ud83d\ude00", 1: "one", "2": "two", None: 0, False: 1,
             "true\"": "q", "k": "a\\ud800", "n": {"10": 1, 11: 2}, "0.5": 0.5}
-    with inprocess_server() as server, Client(addr(server), timeout=5) as client:
+    with inprocess_server() as server, Client(addr(server), timeout=5, codec=codec) as client:
         assert client.call(1, good) == json.loads(json.dumps(good))
 
 
