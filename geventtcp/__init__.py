@@ -5,16 +5,22 @@ from __future__ import annotations
 from geventtcp import urls
 from geventtcp.client.client import Client
 from geventtcp.errors import (
+    Aborted,
+    AlreadyExists,
+    ApplicationError,
     BadRequest,
     CallTimeout,
     Code,
     ConfigError,
     ConnectError,
     DeadlineExceeded,
+    DependencyUnavailable,
+    FailedPrecondition,
     GeventTCPError,
     HandlerError,
     InternalServerError,
     MaybeExecuted,
+    NotFound,
     NotSent,
     PermissionDenied,
     ProtocolError,
@@ -23,6 +29,7 @@ from geventtcp.errors import (
     RequestCancelled,
     RequestTimeout,
     RequestTooLarge,
+    ResourceExhausted,
     ServiceUnavailable,
     TransportError,
     Unauthenticated,
@@ -71,4 +78,12 @@ __all__ = [
     "InternalServerError",
     "ServiceUnavailable",
     "DeadlineExceeded",
+    # ... and the application codes a handler answers with (raise them, or HandlerError).
+    "ApplicationError",
+    "NotFound",
+    "AlreadyExists",
+    "ResourceExhausted",
+    "FailedPrecondition",
+    "Aborted",
+    "DependencyUnavailable",
 ]

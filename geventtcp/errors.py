@@ -1,4 +1,30 @@
-"""Status codes of the wire protocol and the one exception hierarchy, mapped to each other in one table."""
+"""Status codes of the wire protocol and the one exception hierarchy, mapped to each other in one table.
+
+Two kinds of code share the ``code`` field, in ranges that cannot be confused:
+
+* **Transport codes** (HTTP-like, 400-504) are the server's own: it alone decides that a line was
+  not a request, that a cmdid is unknown, that a request was not processed (503, the one code a
+  client may resend any request after) or ran out of time. A handler cannot produce them: a reply
+  a client reads as "not processed" (or as success, or "unknown cmdid", or "AUTH failed") must
+  never come from code that ran.
+* **Application codes** (1000 and up) are what a handler may answer with, one meaning each, after
+  gRPC's status codes: the last digits are gRPC's number for the same meaning (NOT_FOUND is gRPC's
+  5, so 1005), and every one says *the handler ran*. Numbers of 1000 and more are outside HTTP's
+  range, so no proxy, log reader or client mistakes one for a transport meaning. A handler raises
+  :class:`HandlerError` with one of them (or 400, for invalid params, as before), or the mapped
+  exception class itself (:class:`NotFound`, ...), which is what a handler calling another
+  geventtcp service gets and may let through. Each may carry a JSON ``details`` payload, sent in
+  the reply's ``details`` field and exposed on the client exception.
+
+What a handler raises and what the client sees: a :class:`HandlerError` with a code outside
+:data:`HANDLER_CODES` is refused when built (``ValueError``; ``TypeError`` for a non-int), and one
+altered afterwards becomes a ``500 internal error`` (with the request's id), as do details without
+a JSON form. A :class:`RemoteError` with a *transport* code escaping a handler (say
+:class:`UnknownCommand` or :class:`ServiceUnavailable` from a downstream call) is not a
+HandlerError: it is any other exception, so a 500: the downstream service's transport meaning is
+not true of this request (its 503 says the *downstream* request did not run, not this one). A
+handler that wants to say so raises :class:`DependencyUnavailable`.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +40,8 @@ __all__ = [
     "RequestCancelled",
     "ProtocolError",
     "HandlerError",
+    "APPLICATION_CODES",
+    "HANDLER_CODES",
     "TransportError",
     "ConnectError",
     "ConnectionClosedError",
@@ -31,13 +59,20 @@ __all__ = [
     "InternalServerError",
     "ServiceUnavailable",
     "DeadlineExceeded",
+    "ApplicationError",
+    "NotFound",
+    "AlreadyExists",
+    "FailedPrecondition",
+    "Aborted",
+    "ResourceExhausted",
+    "DependencyUnavailable",
     "ERROR_CLASSES",
     "remote_error",
 ]
 
 
 class Code(enum.IntEnum):
-    """Every ``code`` a reply can carry; HTTP-like numbers, 0 for success.
+    """Every ``code`` a reply can carry: 0 for success, HTTP-like transport codes, application codes.
 
     This enum is the single definition: the server builds replies from it, the client maps it to
     exception classes through :data:`ERROR_CLASSES`, and the README's table documents it.
@@ -64,9 +99,30 @@ class Code(enum.IntEnum):
     #: The handler did not finish before the request's deadline (it may have had side effects).
     DEADLINE_EXCEEDED = 504
 
+    # Application codes: raised by handlers only; the handler ran. 1000 + gRPC's number.
+    #: The thing the request names does not exist. Retry: not unchanged.
+    NOT_FOUND = 1005
+    #: What the request would create exists already. Retry: not unchanged.
+    ALREADY_EXISTS = 1006
+    #: A limit or quota of the application is used up. Retry: after a backoff, if idempotent.
+    RESOURCE_EXHAUSTED = 1008
+    #: The system is not in the state the request needs (say, a non-empty directory to delete).
+    #: Retry: not until the state is fixed.
+    FAILED_PRECONDITION = 1009
+    #: A concurrency conflict (a transaction aborted, a compare-and-set lost). Retry: the whole
+    #: read-modify-write sequence, at a higher level.
+    ABORTED = 1010
+    #: A dependency of the handler (database, downstream service) is down; the handler ran and may
+    #: have done part of its work. Retry: after a backoff, if idempotent.
+    DEPENDENCY_UNAVAILABLE = 1014
+
 
 #: Codes that promise the handler did not run, so any request may be sent again (gRPC A6's rule).
 RETRYABLE_CODES = frozenset({Code.UNAVAILABLE})
+#: The codes of errors only a handler produces (each says the handler ran; none is retryable).
+APPLICATION_CODES = frozenset(code for code in Code if code >= 1000)
+#: What a handler may answer with: the application codes, and 400 for params it finds invalid.
+HANDLER_CODES = APPLICATION_CODES | {Code.BAD_REQUEST}
 
 
 class GeventTCPError(Exception):
@@ -110,13 +166,45 @@ class ProtocolError(GeventTCPError):
         self.fatal = fatal
 
 
-class HandlerError(GeventTCPError):
-    """Raise from a handler to send a chosen error ``code`` and ``msg`` instead of a 500."""
+def _handler_code(code: Any) -> int:
+    """``code`` if a handler may answer with it; TypeError/ValueError naming the allowed codes."""
+    if type(code) is not int and not isinstance(code, Code):
+        raise TypeError(f"HandlerError code must be an int, not {type(code).__name__}")
+    if code not in HANDLER_CODES:
+        allowed = ", ".join(f"{c.name} ({int(c)})" for c in sorted(HANDLER_CODES))
+        raise ValueError(f"a handler cannot answer with code {code}: the allowed codes are {allowed}")
+    return int(code)
 
-    def __init__(self, msg: str, code: int = Code.BAD_REQUEST) -> None:
+
+class HandlerError(GeventTCPError):
+    """Raise from a handler to answer with ``msg``, an application ``code`` (or 400, the default)
+    and optional JSON ``details``, instead of a 500.
+
+    ``code`` must be in :data:`HANDLER_CODES`, else ``ValueError`` (``TypeError`` for a non-int) here,
+    when the error is built: a handler cannot forge a transport meaning (see the module docstring).
+    ``details`` (any JSON value) is sent in the reply's ``details`` field; without a JSON form the
+    reply is a 500.
+    """
+
+    def __init__(self, msg: str, code: int = Code.BAD_REQUEST, details: Any = None) -> None:
         super().__init__(msg)
         self.msg = msg
+        self.code = _handler_code(code)
+        self.details = details
+
+
+class ServerRefusal(HandlerError):
+    """A transport code from one of the server's built-in commands (AUTH's 401); internal.
+
+    Only a built-in (negative cmdid, which applications cannot register) is answered with its code;
+    raised by an application's handler it is a 500 like any forged code.
+    """
+
+    def __init__(self, msg: str, code: int) -> None:
+        GeventTCPError.__init__(self, msg)
+        self.msg = msg
         self.code = int(code)
+        self.details = None
 
 
 class TransportError(GeventTCPError, OSError):
@@ -148,20 +236,23 @@ class CallTimeout(MaybeExecuted, TimeoutError):
 
 
 class RemoteError(GeventTCPError):
-    """The server replied with a nonzero ``code``; ``msg`` is its text, ``reply`` the whole reply."""
+    """The server replied with a nonzero ``code``; ``msg`` is its text, ``details`` the reply's
+    ``details`` (None if absent), ``reply`` the whole reply."""
 
     code: int = 0
 
-    def __init__(self, msg: str, code: int | None = None, reply: dict[str, Any] | None = None) -> None:
-        super().__init__(msg)
+    def __init__(self, msg: str, code: int | None = None, reply: dict[str, Any] | None = None,
+                 details: Any = None) -> None:
+        Exception.__init__(self, msg)  # not super(): an ApplicationError's next base is HandlerError
         self.msg = msg
         if code is not None:
             self.code = int(code)
         self.reply = reply or {}
+        self.details = self.reply.get("details") if details is None else details
 
     @property
     def retryable(self) -> bool:
-        """True when the server promises the handler did not run."""
+        """True when the server promises the handler did not run (503 only): any request may be resent."""
         return self.code in RETRYABLE_CODES
 
     def __str__(self) -> str:
@@ -204,6 +295,58 @@ class DeadlineExceeded(RemoteError):
     code = Code.DEADLINE_EXCEEDED
 
 
+class ApplicationError(RemoteError, HandlerError):
+    """An application code (1000+): the handler ran and answered with this error. Never retried by
+    the client (``retryable`` is False); each subclass states when the application may retry.
+
+    Raise it from a handler (``NotFound("no such user", details={"id": 7})``) as a HandlerError;
+    the client raises it for the reply, ``.code``, ``.msg`` and ``.details`` as sent. One received
+    from a downstream call may be let through a handler unchanged."""
+
+    def __init__(self, msg: str, code: int | None = None, reply: dict[str, Any] | None = None,
+                 details: Any = None) -> None:
+        RemoteError.__init__(self, msg, code, reply, details)
+        if self.code not in APPLICATION_CODES:
+            raise ValueError(f"{type(self).__name__} carries an application code, not {self.code}")
+
+
+class NotFound(ApplicationError):
+    """The thing the request names does not exist. Retry: not unchanged."""
+
+    code = Code.NOT_FOUND
+
+
+class AlreadyExists(ApplicationError):
+    """What the request would create exists already. Retry: not unchanged."""
+
+    code = Code.ALREADY_EXISTS
+
+
+class ResourceExhausted(ApplicationError):
+    """A limit or quota of the application is used up. Retry: after a backoff, if idempotent."""
+
+    code = Code.RESOURCE_EXHAUSTED
+
+
+class FailedPrecondition(ApplicationError):
+    """The system is not in the state the request needs. Retry: not until the state is fixed."""
+
+    code = Code.FAILED_PRECONDITION
+
+
+class Aborted(ApplicationError):
+    """A concurrency conflict. Retry: the whole read-modify-write sequence, at a higher level."""
+
+    code = Code.ABORTED
+
+
+class DependencyUnavailable(ApplicationError):
+    """A dependency of the handler is down; the handler ran (maybe in part). Retry: after a
+    backoff, if idempotent (unlike a 503, which promises nothing ran)."""
+
+    code = Code.DEPENDENCY_UNAVAILABLE
+
+
 #: The one table from wire code to exception class (redis-py's EXCEPTION_CLASSES).
 ERROR_CLASSES: dict[int, type[RemoteError]] = {
     cls.code: cls
@@ -217,6 +360,12 @@ ERROR_CLASSES: dict[int, type[RemoteError]] = {
         InternalServerError,
         ServiceUnavailable,
         DeadlineExceeded,
+        NotFound,
+        AlreadyExists,
+        ResourceExhausted,
+        FailedPrecondition,
+        Aborted,
+        DependencyUnavailable,
     )
 }
 

@@ -19,8 +19,9 @@ class BaseHandler:
 
     The reply's ``data`` is what ``process`` returns; when it returns ``None`` the value of
     ``self.res`` is used instead (SCTornadoTCP handlers set ``self.res``). Raise
-    :class:`geventtcp.HandlerError` to reply with a chosen error code; any other exception is logged
-    with its traceback and answered with code 500.
+    :class:`geventtcp.HandlerError` (or an application error class such as ``NotFound``) to reply
+    with 400 or an application code and optional ``details``; any other exception is logged with
+    its traceback and answered with code 500.
     """
 
     #: Set by SCTornadoTCP-style handlers instead of returning a value.

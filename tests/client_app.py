@@ -5,7 +5,7 @@ import os
 
 import gevent
 
-from geventtcp import HandlerError, Registry
+from geventtcp import DependencyUnavailable, Registry
 
 registry = Registry()
 
@@ -56,11 +56,12 @@ def pid(request):
 
 @registry.handler(UNAVAILABLE)
 def unavailable(request):
-    """A 503 (the handler promises it did nothing) until params.after calls were seen for params.key."""
+    """DependencyUnavailable (the handler ran; never resent by the client) until params.after calls
+    were seen for params.key (a handler cannot answer 503, which only the server may send)."""
     key = str(request.params.get("key"))
     seen = _seen[key] = _seen.get(key, 0) + 1
     if seen <= int(request.params.get("after", 1)):
-        raise HandlerError("try again", 503)
+        raise DependencyUnavailable("try again", details={"seen": seen})
     return seen
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import gevent
 import pytest
 
-from geventtcp import HandlerError, Registry, Server
+from geventtcp import Code, HandlerError, Registry, Server
 
 
 def make_registry() -> Registry:
@@ -31,7 +31,7 @@ def make_registry() -> Registry:
     reg.add(4, lambda req: {1, 2}, name="unserializable")
 
     def refuse(req: Any) -> Any:
-        raise HandlerError("no such user", 404)
+        raise HandlerError("no such user", Code.NOT_FOUND)
 
     reg.add(5, refuse, name="refuse")
 

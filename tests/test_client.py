@@ -1,5 +1,6 @@
 """The Client API over real loopback servers: errors, sharing, send/call_async, retries, restart, kill, failover."""
 
+import json
 import os
 import random
 import signal
@@ -15,6 +16,7 @@ from geventtcp.client.client import Client
 from geventtcp.errors import (
     CallTimeout,
     ConnectError,
+    DependencyUnavailable,
     InternalServerError,
     MaybeExecuted,
     NotSent,
@@ -24,7 +26,7 @@ from geventtcp.errors import (
 )
 from geventtcp.protocol import MAX_TIMEOUT_MS, PROTOCOL_VERSION, Builtin
 from tests import client_app
-from tests.clientutil import ServerProcess, addr, inprocess_server
+from tests.clientutil import FakeServer, ServerProcess, addr, inprocess_server
 from tests.helpers import wait_until
 
 
@@ -110,11 +112,38 @@ def test_call_async_in_greenlets():
 
 
 def test_503_is_retried_with_backoff_up_to_the_limit():
-    with inprocess_server() as server:
-        with Client(addr(server), timeout=5, retries=2) as client:
+    """A 503 with the request's id (what a server over its in-flight limit answers: the handler did
+    not run) is resent; a server sends it, never a handler (see test_handler_codes)."""
+    refused = Counter()
+
+    def behaviour(server, sock, n):
+        buf = []
+        while (line := server.read_line(sock, buf)) is not None:
+            req = json.loads(line)
+            key = req["params"]["key"]
+            refused[key] += 1
+            if refused[key] <= req["params"]["after"]:
+                reply = {"code": 503, "cmdid": req["cmdid"], "id": req["id"], "msg": "too many requests in flight"}
+            else:
+                reply = {"code": 0, "cmdid": req["cmdid"], "id": req["id"], "data": refused[key]}
+            sock.sendall(json.dumps(reply).encode() + b"\n")
+
+    fake = FakeServer(behaviour)
+    try:
+        with Client(fake.address, timeout=5, retries=2) as client:
             assert client.call(6, {"key": "a", "after": 2}) == 3
-        with Client(addr(server), timeout=5, retries=1) as client, pytest.raises(ServiceUnavailable):
+        with Client(fake.address, timeout=5, retries=1) as client, pytest.raises(ServiceUnavailable):
             client.call(6, {"key": "b", "after": 2})
+    finally:
+        fake.close()
+
+
+def test_dependency_unavailable_from_a_handler_is_not_resent():
+    """The handler ran: an application code is never retried, unlike the server's 503."""
+    with inprocess_server() as server, Client(addr(server), timeout=5, retries=2) as client:
+        with pytest.raises(DependencyUnavailable) as info:
+            client.call(6, {"key": "dep", "after": 2})
+        assert info.value.details == {"seen": 1} and client_app._seen["dep"] == 1
 
 
 def test_timeout_is_not_retried_and_bounds_every_attempt():

@@ -55,7 +55,7 @@ ERROR_CASES = [
     (b'{"cmdid":999,"id":6}\n', 404, 999),
     (b'{"cmdid":3,"id":8}\n', 500, 3),
     (b'{"cmdid":4,"id":9}\n', 500, 4),
-    (b'{"cmdid":5}\n', 404, 5),
+    (b'{"cmdid":5}\n', 1005, 5),  # HandlerError("no such user", Code.NOT_FOUND)
 ]
 
 

@@ -138,7 +138,8 @@ class Client:
         or a transport error: :class:`ConnectError`/:class:`NotSent` (never sent),
         :class:`Unprocessed` (the server said it did not process it), :class:`MaybeExecuted` (the
         connection broke after the request was written), :class:`CallTimeout` (no reply in time; a
-        MaybeExecuted too). ``TypeError``/``ValueError`` if ``params`` has no JSON form.
+        MaybeExecuted too). ``TypeError``/``ValueError`` if ``params`` has no JSON form, or one the
+        server would refuse (NaN, a lone surrogate, keys colliding as JSON): nothing is sent then.
 
         Within ``timeout`` (default: the client's) the request is sent again, up to ``retries`` times
         with jittered exponential backoff and preferably to another address, only when that cannot run

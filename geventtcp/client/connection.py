@@ -10,7 +10,7 @@ from typing import Any
 from geventtcp.client.call import Call, request_line
 from geventtcp.client.concurrency import World, fork_generation, real_lock
 from geventtcp.client.io import shutdown
-from geventtcp.client.replycodec import ReplyCodec, answers_too_long, unsolicited
+from geventtcp.client.replycodec import ReplyCodec, answers_oldest, unsolicited
 from geventtcp.codec import Codec
 from geventtcp.errors import CallTimeout, MaybeExecuted, NotSent, ProtocolError, TransportError
 from geventtcp.protocol import LineBuffer
@@ -36,10 +36,13 @@ class ClientConnection:
 
     Failure behaviour: a caller that times out or is cancelled (``gevent.Timeout``, ``kill``,
     ``KeyboardInterrupt``) while waiting leaves its request *abandoned*: the reply is read later and
-    dropped, never given to another caller. Anything that breaks the byte stream (a write that did not
-    finish, a read error, EOF, an unreadable line, a reply for an id never sent, an error line without
-    id, which is the server speaking for the connection, never a caller's reply: see
-    :func:`~geventtcp.replycodec.unsolicited`) closes the connection and fails each request still
+    dropped, never given to another caller. Replies come in request order, so an id-less 400 or 413
+    (the server could not read that line's id) is the oldest unanswered request's reply
+    (:func:`~geventtcp.client.replycodec.answers_oldest`): one caller's bad line fails that caller only.
+    Anything that breaks the byte stream (a write that did not finish, a read error, EOF, an
+    unreadable line, a reply for an id never sent, any other error line without id, which is the
+    server speaking for the connection, never a caller's reply: see
+    :func:`~geventtcp.client.replycodec.unsolicited`) closes the connection and fails each request still
     waiting: :class:`NotSent` if its line was not written, the server's ``goaway`` (or a 503 refusal)
     gives :class:`Unprocessed`, otherwise :class:`MaybeExecuted`.
 
@@ -297,9 +300,9 @@ class ClientConnection:
             return
         rid = reply.get("id")
         with self.state:
-            if rid is None:  # the server speaking for the connection, or a 413 for the oldest's long line
+            if rid is None:  # the server speaking for the connection, or a 400/413 for the oldest's line
                 oldest = next(iter(self.calls.values()), None)
-                if oldest is None or not answers_too_long(reply, oldest.size):
+                if oldest is None or not answers_oldest(reply, oldest.size):
                     self._fail_locked(*unsolicited(reply))
                     return
                 rid = oldest.id

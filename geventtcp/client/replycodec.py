@@ -11,7 +11,7 @@ from geventtcp.codec import Codec, _finite_float
 from geventtcp.errors import Code, MaybeExecuted, TransportError, Unprocessed
 from geventtcp.protocol import GOAWAY_FIELD, decode_reply
 
-__all__ = ["ReplyCodec", "unsolicited", "answers_too_long"]
+__all__ = ["ReplyCodec", "unsolicited", "answers_oldest"]
 
 _TOO_LONG = re.compile(r"request line longer than (\d+) bytes")
 
@@ -73,8 +73,9 @@ def unsolicited(reply: dict[str, Any]) -> tuple[str, type[TransportError]]:
     Handing it to the oldest waiting caller would blame an innocent request, so the connection
     closes instead. A 503 (goaway included) promises nothing on the connection ran: ``Unprocessed``,
     safe to resend; any other code leaves written requests ``MaybeExecuted``. The returned reason
-    carries the server's code and message. (The one id-less line that does answer a caller, a 413
-    for a line over the limit, is first checked with :func:`answers_too_long`.)
+    carries the server's code and message. (The id-less lines that do answer a caller, a 400 for a
+    line whose id could not be read and a 413 for a line over the limit, are first checked with
+    :func:`answers_oldest`.)
     """
     code = reply["code"]
     if code == Code.UNAVAILABLE:
@@ -85,12 +86,17 @@ def unsolicited(reply: dict[str, Any]) -> tuple[str, type[TransportError]]:
     return f"server closed the connection with an error for no request: [{code}] {reply.get('msg')}", MaybeExecuted
 
 
-def answers_too_long(reply: dict[str, Any], size: int) -> bool:
-    """True when ``reply``, a line without ``id``, is the server's 413 for a request line of ``size``
-    bytes (newline included): the server never parsed that line's id, but it answers in request
-    order and keeps the connection, so the 413 is the reply to the oldest unanswered request, if
-    that request's line is over the limit the 413 states. Anything else is :func:`unsolicited`."""
-    if reply["code"] != Code.TOO_LARGE:
+def answers_oldest(reply: dict[str, Any], size: int) -> bool:
+    """True when ``reply``, a line without ``id``, answers the oldest unanswered request, whose line
+    was ``size`` bytes (newline included): the server answers in request order and keeps the
+    connection after a 400 for a line whose id it could not read (bad JSON, a lone surrogate,
+    colliding keys; gRPC likewise fails only the stream whose message is bad) and after a 413 for a
+    line over the limit, if that request's line is over the limit the 413 states. Anything else
+    is :func:`unsolicited`."""
+    code = reply["code"]
+    if code == Code.BAD_REQUEST:
+        return True
+    if code != Code.TOO_LARGE:
         return False
     found = _TOO_LONG.search(str(reply.get("msg")))
     return found is not None and size > int(found.group(1))

@@ -3,13 +3,13 @@
 It lives inside the master's ``select`` loop, which also reaps, replaces and signals the workers, so
 it never blocks: every socket is non-blocking, each scrape keeps its own state (request bytes read,
 response bytes left to send), and the loop watches those sockets along with the signal pipe (see
-:meth:`geventtcp.signals.SignalQueue.wait`). A scrape has :data:`SCRAPE_TIMEOUT` seconds from its
+:meth:`geventtcp.launcher.signals.SignalQueue.wait`). A scrape has :data:`SCRAPE_TIMEOUT` seconds from its
 accept to its last response byte, however its bytes trickle in or out; then it is closed. At most
 :data:`MAX_SCRAPES` are open at once; more wait in the listen backlog.
 
 Protected mode (on unless ``--no-protected-mode``) applies whatever the auth settings, since a token
 guards the protocol, not scrapes: the launcher refuses a non-loopback ``metrics_bind``
-(:func:`geventtcp.security.check_metrics_addresses`), and a non-loopback peer reaching a loopback
+(:func:`geventtcp.server.security.check_metrics_addresses`), and a non-loopback peer reaching a loopback
 bind (port forwarding) is answered ``403 Forbidden`` and closed.
 """
 

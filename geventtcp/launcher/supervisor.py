@@ -53,7 +53,7 @@ class WorkerProcess:
 
 
 class WorkerSupervisor:
-    """The part of :class:`geventtcp.arbiter.Arbiter` that tracks forked workers (no signals, no forking).
+    """The part of :class:`geventtcp.launcher.arbiter.Arbiter` that tracks forked workers (no signals, no forking).
 
     The master's loop calls :meth:`_reap` (collect exits, log why, count boot failures) and
     :meth:`_murder` (heartbeat files: booted, draining on its own, overdue, silent) on every

@@ -9,7 +9,7 @@ concurrently, and nothing is spawned for requests that never block.
 
 An idle connection holds no greenlet: when ``recv`` finds nothing, the reader *parks* the connection
 on its socket's read watcher and returns its greenlet to the server's
-:class:`~geventtcp.readers.ReaderPool`; input (or a stop: idle timeout, drain) resumes it in a free
+:class:`~geventtcp.server.readers.ReaderPool`; input (or a stop: idle timeout, drain) resumes it in a free
 greenlet. TLS connections keep their greenlet (an SSL socket can hold decrypted bytes the watcher
 cannot see).
 
@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 from gevent import GreenletExit, get_hub, getcurrent
 
-from geventtcp.errors import Code, HandlerError, ProtocolError, RequestCancelled
+from geventtcp.codec import Codec
+from geventtcp.errors import HANDLER_CODES, Code, HandlerError, ProtocolError, RequestCancelled, ServerRefusal
 from geventtcp.protocol import BLANK, LineBuffer, Request, encode_error, encode_goaway, encode_reply, parse_request
 from geventtcp.server.security import PREAUTH_MAX_LINE_BYTES
 from geventtcp.sockets import linger, unsent_bytes
@@ -405,9 +406,8 @@ class Connection:
         except DeadlineReached:
             reply = encode_error(codec, Code.DEADLINE_EXCEEDED, "deadline exceeded", cmdid, req.id, req.has_id)
             code = Code.DEADLINE_EXCEEDED
-        except HandlerError as exc:
-            reply = encode_error(codec, exc.code, exc.msg, cmdid, req.id, req.has_id)
-            code = exc.code
+        except HandlerError as exc:  # application codes and 400 only; anything else becomes a 500
+            reply, code = encode_handler_error(codec, exc, cmdid, req.id, req.has_id)
         except BaseException as exc:  # sys.exit(), an escaped gevent.Timeout: a 500, never the connection
             if self.closed and isinstance(exc, (GreenletExit, RequestCancelled)):  # nobody to answer
                 self._drop_slot(req, me)
@@ -760,3 +760,36 @@ class Connection:
                 self._unpark(reason)
             elif reader is not None:
                 reader.throw(Stop(reason))
+
+
+def encode_handler_error(codec: Codec, exc: HandlerError, cmdid: Any, id: Any, has_id: bool) -> tuple[bytes, int]:
+    """The reply line to a :class:`HandlerError` a handler raised, and its code (the error path only).
+
+    Its code and message, plus ``"details"`` when it has some. A 500 ``internal error`` (the
+    request's id kept) instead when the code is not one a handler may answer with (changed after
+    the error was built, or a subclass's own) or the details have no strict JSON form (a lone
+    surrogate included, which the client would refuse): no handler reply reads as a transport code.
+    """
+    code = exc.code
+    if type(exc) is ServerRefusal and type(cmdid) is int and cmdid < 0:  # a built-in's own code (AUTH's 401)
+        return encode_error(codec, code, exc.msg, cmdid, id, has_id), int(code)
+    if (type(code) is not int and not isinstance(code, Code)) or code not in HANDLER_CODES:
+        log.error(
+            "handler for cmdid %r raised %s with code %r, which handlers cannot answer with: sent a 500",
+            cmdid, type(exc).__name__, code)
+        return encode_error(codec, Code.INTERNAL, "internal error", cmdid, id, has_id), Code.INTERNAL
+    line = encode_error(codec, code, exc.msg, cmdid, id, has_id)
+    details = getattr(exc, "details", None)
+    if details is None:
+        return line, int(code)
+    try:
+        body = codec.dumps(details)
+        if 92 in body:  # an escape: maybe of a lone surrogate, which no peer may be sent
+            Codec._post_check(body, details)
+    except (ValueError, TypeError, OverflowError) as err:
+        log.error(
+            "details of the %s raised by the handler for cmdid %r are not serializable: %r: sent a 500",
+            type(exc).__name__, cmdid, err)
+        return encode_error(codec, Code.INTERNAL, "error details not serializable", cmdid, id, has_id), Code.INTERNAL
+    return b'%b,"details":%b}\n' % (line[:-2], body), int(code)
+

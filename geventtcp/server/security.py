@@ -8,7 +8,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from geventtcp.errors import Code, ConfigError, HandlerError
+from geventtcp.errors import Code, ConfigError, ServerRefusal
 from geventtcp.protocol import PREAUTH_MAX_LINE_BYTES, Request
 
 if TYPE_CHECKING:
@@ -148,7 +148,7 @@ def make_auth(server: Server, token: str | None) -> Callable[[Request], Any]:
                         MAX_AUTH_FAILURES)
         if conn.auth_failures >= MAX_AUTH_FAILURES:
             conn.close_after_replies()  # no line after this one is dispatched, even from the same read
-        raise HandlerError("invalid credentials", Code.UNAUTHENTICATED)
+        raise ServerRefusal("invalid credentials", Code.UNAUTHENTICATED)
 
     auth.idempotent = True  # type: ignore[attr-defined]
     return auth
