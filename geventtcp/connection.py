@@ -748,6 +748,8 @@ class Connection:
         """
         if self.closed:
             return
+        if reason == "auth" and self.calls is self.server.calls:
+            return  # AUTH succeeded after the sweep saw it missing (read in the same loop turn)
         if reason == "write":
             if self.writer is not None:
                 self.server.stats.write_timeout_disconnections += 1
