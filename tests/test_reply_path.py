@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
+import pytest
 from gevent.event import Event
 
 from geventtcp import Registry, Server
@@ -87,6 +88,52 @@ def test_blocked_head_and_large_replies_keep_queued_bytes_bounded_and_in_order(s
         conn.close()
     assert peak["queued"] <= MIB + 2 * reply_size, f"{peak['queued'] / MIB:.1f} MiB queued"
     assert peak["rss"] < 24 * 1024, f"server RSS grew by {peak['rss'] / 1024:.1f} MiB"
+
+
+@pytest.mark.parametrize("kind", ["unknown cmdid", "invalid params"])
+def test_error_replies_echoing_a_large_id_keep_queued_bytes_bounded(serve: Callable[..., Server], kind: str) -> None:
+    """Item 1 through error replies: every reply echoes the line's id, errors included, and a 512 KiB id
+    of 4-byte characters comes back as a 1.5 MiB 404 (or 400). Behind a blocked first request, with a
+    peer that reads nothing, those error lines must count against MAX_QUEUED_BYTES as replies do (they
+    were appended uncounted: only the 1024-reply count bounded them), then all arrive in order."""
+    server = serve()
+    chars = 1 << 17  # 512 KiB line, 1.5 MiB reply
+    count = 32
+    text = "\U0001f600" * chars
+    body: dict[str, Any] = {"cmdid": 99999} if kind == "unknown cmdid" else {"cmdid": 1, "params": [1]}
+    lines = [json.dumps({**body, "id": f"{k}:{text}"}, ensure_ascii=False).encode() + b"\n"
+             for k in range(1, count + 1)]
+    reply_size = len(json.dumps(text)) + 128
+    peak = {"queued": 0}
+
+    def sample() -> None:
+        while True:
+            peak["queued"] = max(peak["queued"], _queued(server))
+            gevent.sleep(0.005)
+
+    sampler = gevent.spawn(sample)
+    conn = RawConn(server.address, timeout=20)
+    conn.sock.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_RCVBUF, 65536)
+    try:
+        def send_all() -> None:
+            conn.send(b'{"cmdid":2,"params":{"seconds":1.0},"id":0}\n')
+            for line in lines:
+                conn.send(line)
+
+        sender = gevent.spawn(send_all)
+        gevent.sleep(1.0)  # the head sleeps 1 s, the peer reads nothing meanwhile
+        wait_until(lambda: not server.inflight, timeout=10)
+        gevent.sleep(0.3)
+        assert conn.line()["id"] == 0
+        expected = 404 if kind == "unknown cmdid" else 400
+        for k in range(1, count + 1):
+            reply = conn.line(timeout=20)
+            assert (reply["code"], reply["id"]) == (expected, f"{k}:{text}")
+        sender.get(timeout=10)
+    finally:
+        sampler.kill()
+        conn.close()
+    assert peak["queued"] <= MIB + 2 * reply_size, f"{peak['queued'] / MIB:.1f} MiB queued"
 
 
 class _Poison:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import gevent
@@ -220,3 +221,33 @@ def test_unauthenticated_slow_reader_is_dropped_at_the_auth_deadline() -> None:
         finally:
             gevent.killall(glets)
             slow.close()
+
+
+def test_auth_arriving_in_the_same_loop_turn_as_the_deadline_tick_is_not_refused() -> None:
+    """The watchdog finds a connection unauthenticated at its auth deadline and schedules the
+    interrupt; the AUTH line is read in the same loop turn, before that callback runs. The callback
+    must see the connection authenticated and leave it alone (it sent "not authenticated within"
+    and closed a connection that had just been answered ``authenticated: true``)."""
+    token = "t0ken-same-turn"
+    with serve(auth_token=token, auth_timeout=0.5) as server:
+        period = server._tick_seconds()
+        deadline_ticks = math.ceil(0.5 / period)
+        for _attempt in range(5):
+            c = RawConn(server.address)
+            conn = wait_until(lambda: next(iter(server.connections), None))
+            wait_until(lambda conn=conn: server.tick - conn.created_tick >= deadline_ticks - 1, interval=0.001)
+            if server.tick - conn.created_tick != deadline_ticks - 1:
+                c.close()  # the deadline tick came first: a legitimate 401; try again
+                wait_until(lambda: not server.connections)
+                continue
+            c.send(json.dumps({"cmdid": -4, "params": {"token": token}, "id": 1}).encode() + b"\n")
+            time.sleep(2 * period)  # hold the hub: the next tick and the AUTH line are handled in one turn
+            assert c.line()["data"]["authenticated"] is True
+            assert server.tick - conn.created_tick >= deadline_ticks  # the deadline tick did come
+            c.request(-1, id=2)
+            reply = c.line()
+            assert (reply["code"], reply.get("id")) == (0, 2), reply  # was the 401 "not authenticated within"
+            assert reply["data"]["pong"] is True
+            c.close()
+            return
+        raise AssertionError("never reached the tick before the deadline with the connection still open")

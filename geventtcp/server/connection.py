@@ -112,7 +112,7 @@ class Connection:
         self.out: list[Any] = []  # reply bytes and _Slots, in request order
         self.open_slots = 0  # _Slots in ``out``, filled or not
         self.flushing = False
-        self.queued_bytes = 0  # reply bytes in ``out`` (inline replies and filled slots) not yet taken to send
+        self.queued_bytes = 0  # reply bytes in ``out`` (replies, error lines, filled slots) not yet taken to send
         self.inflight = 0  # requests handed off to their own greenlet, not yet answered
         self.reader: Any = None
         self.handlers: dict[Any, Request] = {}  # greenlets running handed-off requests, and those requests
@@ -350,9 +350,8 @@ class Connection:
         codec = server.codec
         if line is None:  # the limit this line was cut at (64 KiB before AUTH), not necessarily today's
             limit = self.buffer.cut_limit
-            self.out.append(encode_error(codec, Code.TOO_LARGE, f"request line longer than {limit} bytes"))
             server.stats.protocol_errors += 1
-            return True
+            return self._queue_error(encode_error(codec, Code.TOO_LARGE, f"request line longer than {limit} bytes"))
         try:
             req = parse_request(line, codec, self.address, self.received)
         except ProtocolError as exc:
@@ -360,13 +359,11 @@ class Connection:
                 server.stats.blank_lines += 1
                 return True
             server.stats.protocol_errors += 1
-            self.out.append(encode_error(codec, exc.code, exc.msg, exc.cmdid, exc.id, exc.has_id))
-            return True
+            return self._queue_error(encode_error(codec, exc.code, exc.msg, exc.cmdid, exc.id, exc.has_id))
         except Exception:  # a parser bug must cost one 400, never the connection
             log.exception("request line from %s could not be parsed", self.address)
             server.stats.protocol_errors += 1
-            self.out.append(encode_error(codec, Code.BAD_REQUEST, "invalid request"))
-            return True
+            return self._queue_error(encode_error(codec, Code.BAD_REQUEST, "invalid request"))
         self.requests += 1
         cmdid = req.cmdid
         call = self.calls.get(cmdid)
@@ -374,9 +371,8 @@ class Connection:
             return self._refuse_unknown(req)
         refusal = server.admit(self, req)
         if refusal is not None:
-            self.out.append(encode_error(codec, refusal[0], refusal[1], cmdid, req.id, req.has_id))
             server.stats.record(cmdid, refusal[0], 0.0)
-            return True
+            return self._queue_error(encode_error(codec, refusal[0], refusal[1], cmdid, req.id, req.has_id))
         req.connection = self
         if not self.watch_armed:
             self.watch_armed = True
@@ -441,6 +437,16 @@ class Connection:
             self._flush_or_wait()
         return True
 
+    def _queue_error(self, line: bytes) -> bool:
+        """Queue an error reply the dispatcher made (400, 404, 413, a refusal); returns True, as
+        :meth:`_dispatch` does. Counted as replies are: one echoes its line's id, which can be as
+        long as the line (1.5 MiB once escaped), and a blocked head must not let them pile up."""
+        self.out.append(line)
+        self.queued_bytes += len(line)
+        if self.queued_bytes > FLUSH_BYTES:
+            self._flush_or_wait()
+        return True
+
     def _not_serializable(self, req: Request, exc: BaseException) -> bytes:
         log.error("result of cmdid %d is not serializable: %r", req.cmdid, exc)
         return encode_error(self.server.codec, Code.INTERNAL, "result not serializable", req.cmdid, req.id,
@@ -495,9 +501,8 @@ class Connection:
             code, msg = Code.UNAUTHENTICATED, "authentication required"
         else:
             code, msg = Code.UNKNOWN_COMMAND, f"unknown cmdid {req.cmdid}"
-        self.out.append(encode_error(server.codec, code, msg, req.cmdid, req.id, req.has_id))
         server.stats.unknown_commands += 1
-        return True
+        return self._queue_error(encode_error(server.codec, code, msg, req.cmdid, req.id, req.has_id))
 
     def _watch(self) -> None:
         """Runs in the hub once the reader yielded (``Server._watch_all``): if it is inside a handler,
@@ -592,7 +597,7 @@ class Connection:
             taken += 1
         del out[:taken]
         self.open_slots -= slots
-        # max(): a few small error lines are queued without being counted
+        # max(): the final line (goaway or error) is queued without being counted
         self.queued_bytes = max(0, self.queued_bytes - size) if out else 0
         return ready[0] if len(ready) == 1 else b"".join(ready)
 
@@ -743,6 +748,8 @@ class Connection:
         """
         if self.closed:
             return
+        if reason == "auth" and self.calls is self.server.calls:
+            return  # AUTH succeeded after the sweep saw it missing (read in the same loop turn)
         if reason == "write":
             if self.writer is not None:
                 self.server.stats.write_timeout_disconnections += 1
