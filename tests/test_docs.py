@@ -16,7 +16,8 @@ import pytest
 
 from geventtcp import docgen
 from geventtcp.errors import ERROR_CLASSES, Code
-from tests.helpers import ROOT, CliServer
+from tests.support.servers import CliServer
+from tests.support.system import ROOT
 
 DOCS = Path(ROOT) / "docs"
 README = Path(ROOT) / "README.md"
