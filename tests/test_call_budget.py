@@ -140,6 +140,8 @@ def test_server_calls_per_echo_request_stay_within_budget(
     check(shape, counts, N, budget)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_client_calls_per_call_stay_within_budget() -> None:
     server = ServerProcess()  # in its own process: only the client's calls are counted here
     measured: list[collections.Counter[tuple[str, str]]] = []

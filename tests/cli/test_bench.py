@@ -25,6 +25,8 @@ def bench(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=60)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_pipelined_run_from_two_processes_reports_json(server: CliServer) -> None:
     done = bench(f"127.0.0.1:{server.port}", "-c", "4", "-P", "8", "-d", "1", "-p", "2", "-s", "100", "--json")
     assert done.returncode == 0, done.stderr
@@ -37,6 +39,8 @@ def test_pipelined_run_from_two_processes_reports_json(server: CliServer) -> Non
     assert done.stderr == ""  # no progress line when stderr is not a terminal
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_request_count_and_progress_line(server: CliServer) -> None:
     done = bench(f"127.0.0.1:{server.port}", "-c", "3", "-n", "3000", "-d", "30")
     assert done.returncode == 0, done.stdout + done.stderr
@@ -47,6 +51,8 @@ def test_request_count_and_progress_line(server: CliServer) -> None:
     assert "replies" in done.stderr and "req/s" in done.stderr  # the live line
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_error_replies_make_a_failing_exit_status(server: CliServer) -> None:
     done = bench(f"127.0.0.1:{server.port}", "-c", "2", "-n", "200", "--cmdid", "99999", "--json")  # 404s
     data = json.loads(done.stdout)
@@ -55,6 +61,8 @@ def test_error_replies_make_a_failing_exit_status(server: CliServer) -> None:
     assert data["latency_ms"]["p50"] > 0  # latency covers error replies too
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_unreachable_server_and_bad_address() -> None:
     done = bench("127.0.0.1:1", "-c", "1", "-d", "0.5", "--json")
     assert done.returncode == 1 and "connect" in json.loads(done.stdout)["failures"][0]
@@ -62,6 +70,7 @@ def test_unreachable_server_and_bad_address() -> None:
     assert done.returncode == 2 and "HOST:PORT" in done.stderr
 
 
+@pytest.mark.slow
 def test_histogram_percentiles() -> None:
     result = BenchResult(completed=100, seconds=2.0)
     for us in range(1, 101):

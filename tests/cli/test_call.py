@@ -5,7 +5,11 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from tests.support.system import ROOT, env
+
+pytestmark = pytest.mark.subprocess
 
 
 def cli(*args, timeout=30):
@@ -13,6 +17,7 @@ def cli(*args, timeout=30):
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_call_prints_the_reply_data_as_json(app_process):
     result = cli("call", app_process.address, "1", '{"name": "x", "n": [1, 2]}')
     assert result.returncode == 0, result.stderr
@@ -21,6 +26,7 @@ def test_call_prints_the_reply_data_as_json(app_process):
     assert compact.stdout == '{"a": 1}\n'
 
 
+@pytest.mark.slow
 def test_ping_uses_the_builtin_health_command(app_process):
     result = cli("ping", app_process.address, "--json")
     assert result.returncode == 0, result.stderr
@@ -29,6 +35,7 @@ def test_ping_uses_the_builtin_health_command(app_process):
     assert same.returncode == 0 and json.loads(same.stdout)["pong"] is True
 
 
+@pytest.mark.slow
 def test_error_reply_goes_to_stderr_with_exit_1(app_process):
     result = cli("call", app_process.address, "3")
     assert result.returncode == 1
@@ -38,6 +45,7 @@ def test_error_reply_goes_to_stderr_with_exit_1(app_process):
     assert unknown.returncode == 1 and unknown.stderr.startswith("error 404:")
 
 
+@pytest.mark.slow
 def test_bad_params_exit_2(app_process):
     assert cli("call", app_process.address, "1", "{not json").returncode == 2
     assert cli("call", app_process.address, "1", "[1, 2]").returncode == 2
@@ -53,6 +61,7 @@ def test_unreachable_server_exit_3():
     assert "refused" in result.stderr
 
 
+@pytest.mark.slow
 def test_no_reply_in_time_exit_5():
     with socket.socket() as s:  # listens (the kernel completes connects) but never answers
         s.bind(("127.0.0.1", 0))
@@ -62,6 +71,7 @@ def test_no_reply_in_time_exit_5():
     assert "timeout" in result.stderr
 
 
+@pytest.mark.slow
 def test_timeout_is_sent_as_the_server_deadline(app_process):
     result = cli("call", app_process.address, "2", '{"seconds": 5}', "--timeout", "0.5")
     assert result.returncode == 1

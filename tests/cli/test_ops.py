@@ -20,6 +20,8 @@ from tests.support.launcher import Launcher
 from tests.support.rawconn import call_once
 from tests.support.system import ROOT, non_loopback_ip, wait_until
 
+pytestmark = pytest.mark.subprocess
+
 
 @pytest.fixture
 def app_dir(tmp_path: Path) -> Path:
@@ -34,6 +36,7 @@ def _cli(*args: str, cwd: Path | str = ROOT, env: dict[str, str] | None = None) 
                           cwd=str(cwd), env={**environ, **(env or {})})
 
 
+@pytest.mark.slow
 def test_ping_list_and_stats_verbs_against_a_two_worker_server(app_dir: Path) -> None:
     launcher = Launcher(app_dir, "--workers", "2")
     try:
@@ -65,6 +68,7 @@ def test_ping_list_and_stats_verbs_against_a_two_worker_server(app_dir: Path) ->
     assert gone.returncode == 1 and "Connection refused" in gone.stderr
 
 
+@pytest.mark.slow
 def test_metrics_endpoint_serves_prometheus_text_aggregated_over_workers(app_dir: Path) -> None:
     launcher = Launcher(app_dir, "--workers", "2", "--metrics-bind", "127.0.0.1:0")
     try:
@@ -109,6 +113,7 @@ def _scrape(address: tuple[str, int], source: str | None = None) -> str:
     return data.decode()
 
 
+@pytest.mark.slow
 def test_a_trickling_metrics_client_does_not_stop_the_master_supervising(app_dir: Path) -> None:
     launcher = Launcher(app_dir, "--workers", "2", "--metrics-bind", "127.0.0.1:0")
     try:
@@ -153,6 +158,7 @@ def test_a_trickling_metrics_client_does_not_stop_the_master_supervising(app_dir
         launcher.close()
 
 
+@pytest.mark.slow
 def test_protected_mode_applies_to_the_metrics_listener(app_dir: Path) -> None:
     public = ("serve", "opsapp", "--bind", "127.0.0.1:0", "--metrics-bind", "0.0.0.0:0")
     served = _cli(*public, cwd=app_dir)
@@ -182,6 +188,7 @@ def test_protected_mode_applies_to_the_metrics_listener(app_dir: Path) -> None:
         launcher.close()
 
 
+@pytest.mark.slow
 def test_print_config_shows_values_and_sources_in_precedence_order(tmp_path: Path) -> None:
     (tmp_path / "geventtcp.conf.py").write_text("workers = 3\nmax_requests = 100\ntimeout = 5\nbacklog = 64\n")
     out = _cli("serve", "handlers", "-c", str(tmp_path / "geventtcp.conf.py"), "--max-requests", "300",
@@ -202,6 +209,7 @@ def test_print_config_shows_values_and_sources_in_precedence_order(tmp_path: Pat
     assert "= 0  # file" in rows["workers"]  # auto: one per CPU
 
 
+@pytest.mark.slow
 def test_check_config_loads_the_app_and_reports(app_dir: Path) -> None:
     good = _cli("serve", "opsapp", "--check-config", cwd=app_dir)
     assert good.returncode == 0 and "opsapp registers 4 command(s)" in good.stdout
@@ -214,6 +222,7 @@ def test_check_config_loads_the_app_and_reports(app_dir: Path) -> None:
     assert log_config.returncode == 1 and "nope.json" in log_config.stderr
 
 
+@pytest.mark.slow
 def test_check_config_applies_the_security_checks_serve_applies(app_dir: Path, tmp_path: Path) -> None:
     # Protected mode: serve refuses a wildcard bind without auth (exit 2); --check-config must say "not fine".
     wildcard = ("serve", "opsapp", "--bind", "0.0.0.0:0")
@@ -237,6 +246,7 @@ def test_check_config_applies_the_security_checks_serve_applies(app_dir: Path, t
     assert orphan_key.returncode == 1 and "need certfile" in orphan_key.stderr
 
 
+@pytest.mark.slow
 def test_settings_verb_prints_the_readme_table() -> None:
     out = _cli("settings", "--markdown")
     assert out.returncode == 0 and out.stdout.strip() == render_markdown().strip()

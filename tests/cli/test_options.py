@@ -8,9 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.support.certs import make_pki
 from tests.support.launcher import Launcher
 from tests.support.system import ROOT
+
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -11,12 +11,17 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.support.launcher import wait_inflight
 from tests.support.rawconn import RawConn
 from tests.support.servers import CliServer
 from tests.support.system import ROOT, python_cmd
 
+pytestmark = pytest.mark.subprocess
 
+
+@pytest.mark.slow
 def test_python_m_geventtcp_serves_the_example_handlers() -> None:
     server = CliServer(python_cmd("-m", "geventtcp", "serve", "handlers", "--bind", "127.0.0.1:0"))
     try:
@@ -34,6 +39,7 @@ def test_python_m_geventtcp_serves_the_example_handlers() -> None:
     assert "this handler always fails" in output  # traceback logged, not sent
 
 
+@pytest.mark.slow
 def test_monkey_patched_time_sleep_in_handlers_is_concurrent() -> None:
     server = CliServer(python_cmd("-m", "geventtcp", "serve", "handlers", "--bind", "127.0.0.1:0"))
     try:
@@ -51,6 +57,7 @@ def test_monkey_patched_time_sleep_in_handlers_is_concurrent() -> None:
         server.stop()
 
 
+@pytest.mark.slow
 def test_manage_py_takes_the_same_flags() -> None:
     server = CliServer(python_cmd("manage.py", "--bind", "127.0.0.1:0", "--log-level", "debug"))
     try:
@@ -68,6 +75,7 @@ def test_console_script_is_installed() -> None:
     assert out.returncode == 0 and "serve" in out.stdout
 
 
+@pytest.mark.slow
 def test_duplicate_cmdid_fails_at_start_up(tmp_path: Path) -> None:
     (tmp_path / "dupapp.py").write_text(textwrap.dedent("""
         from geventtcp import BaseHandler, urls
@@ -93,6 +101,7 @@ def test_invalid_setting_exits_2_with_a_message() -> None:
     assert out.returncode == 2 and "max_line_bytes" in out.stderr
 
 
+@pytest.mark.slow
 def test_sigterm_drains_in_flight_requests_before_exit() -> None:
     server = CliServer(python_cmd("-m", "geventtcp", "serve", "handlers", "--bind", "127.0.0.1:0"))
     try:
@@ -108,6 +117,7 @@ def test_sigterm_drains_in_flight_requests_before_exit() -> None:
         server.stop()
 
 
+@pytest.mark.slow
 def test_proxy_protocol_flags() -> None:
     """--proxy-protocol and --proxy-allow-from (comma-separated networks) from the command line and env."""
     out = subprocess.run(python_cmd("-m", "geventtcp", "serve", "handlers", "--proxy-protocol",

@@ -136,6 +136,8 @@ def test_unreachable_address_fails_fast_with_connect_error():
         assert isinstance(info.value, errors.TransportError)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_server_restart_mid_traffic_recovers_without_manual_reconnect():
     server = ServerProcess()
     try:
@@ -165,6 +167,7 @@ def test_server_restart_mid_traffic_recovers_without_manual_reconnect():
         server.close()
 
 
+@pytest.mark.subprocess
 def test_server_killed_with_calls_in_flight_raises_clearly_never_hangs():
     server = ServerProcess()
     try:
@@ -186,6 +189,8 @@ def test_server_killed_with_calls_in_flight_raises_clearly_never_hangs():
         server.close()
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_failover_across_three_servers_loses_no_safe_call(tmp_path):
     """Kill one of three servers under load: idempotent calls all succeed; non-idempotent ones succeed
     or raise MaybeExecuted, and the servers' ledger shows none ran twice."""
@@ -237,6 +242,8 @@ def test_failover_across_three_servers_loses_no_safe_call(tmp_path):
             s.close()
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_client_used_after_fork_in_the_child_opens_its_own_connections():
     from tests.support.system import run_python
 
@@ -269,6 +276,7 @@ print("ok")
         server.close()
 
 
+@pytest.mark.subprocess
 def test_pid_generation_is_per_process():
     from geventtcp.client.concurrency import fork_generation
 
@@ -315,6 +323,8 @@ def test_replies_to_sends_never_make_a_connection_look_busy():
         assert pool.spawn(in_thread).get(timeout=30) == 1
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_call_async_timeout_counts_from_submission_in_threads():
     """Plain threads, a 16-thread pool. 40 call_async(sleep 5 s, timeout=1): every future resolves
     about 1 s after submission (not ~3 s, as when each deadline started once a pool thread picked

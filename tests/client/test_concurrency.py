@@ -88,6 +88,8 @@ print("threads ok")
 """
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_plain_threads_world_without_gevent_patching(app_process):
     result = run_python(THREADS_WORLD.replace("ADDRESS", repr(app_process.address)))
     assert result.returncode == 0, result.stderr
@@ -128,6 +130,8 @@ print("patched ok")
 """
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_gevent_monkey_patched_world(app_process):
     result = run_python(PATCHED_WORLD.replace("ADDRESS", repr(app_process.address)))
     assert result.returncode == 0, result.stderr

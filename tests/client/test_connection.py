@@ -151,6 +151,7 @@ def test_connection_lost_after_write_is_maybe_executed_and_retried_only_if_idemp
         fake.close()
 
 
+@pytest.mark.slow
 def test_black_hole_times_out_then_the_connection_is_presumed_dead(monkeypatch):
     monkeypatch.setattr(clientconn, "STUCK_GRACE", 0.2)
 
@@ -174,6 +175,7 @@ def test_black_hole_times_out_then_the_connection_is_presumed_dead(monkeypatch):
         fake.close()
 
 
+@pytest.mark.slow
 def test_timed_out_callers_reply_is_dropped_not_given_to_the_next_caller():
     """Anchor case 38 (redis-py CVE-2023-28858 class): 100 ms delay each way, A times out at 150 ms,
     B goes out at once on the same connection and must get B's reply."""
@@ -190,6 +192,7 @@ def test_timed_out_callers_reply_is_dropped_not_given_to_the_next_caller():
             proxy.close()
 
 
+@pytest.mark.slow
 def test_cancelled_greenlets_never_leave_replies_for_others():
     """Kill and gevent.Timeout waiting callers at random moments while others call: nobody ever
     receives another caller's reply."""
@@ -248,6 +251,7 @@ def test_one_byte_slices_both_ways():
             proxy.close()
 
 
+@pytest.mark.slow
 def test_deadline_is_honoured_by_the_server():
     """The server stops at the deadline the client sent: a 504 well before the handler's 5 s."""
     with serve(client_app.registry) as server, Client(addr(server), timeout=5) as client:
@@ -270,6 +274,7 @@ def test_closed_connection_raises_not_sent():
             client.call(1, {})
 
 
+@pytest.mark.slow
 def test_high_latency_link_the_deadline_is_still_honoured():
     """Anchor case 39, latency 500 ms each way: a 0.3 s call gives up at 0.3 s, not at the round trip."""
     with serve(client_app.registry) as server:
@@ -395,6 +400,8 @@ def _threads_conn(client):
 
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_caller_arriving_behind_a_lone_reader_is_handed_the_role(app_process):
     """A lone caller reads its slow reply; a second caller arrives meanwhile on the same connection
     and waits for a reply that comes later. When the first finishes it must hand the reader role to
@@ -417,6 +424,8 @@ def test_caller_arriving_behind_a_lone_reader_is_handed_the_role(app_process):
         assert not _threads_conn(client).calls and not _threads_conn(client).reading
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_lone_call_when_the_client_is_closed_meanwhile_fails_fast_and_closes_the_socket(app_process):
     with Client(app_process.address, timeout=5, pool_size=1, mode="threads") as client:
         client.call(client_app.ECHO, {})
@@ -432,6 +441,7 @@ def test_lone_call_when_the_client_is_closed_meanwhile_fails_fast_and_closes_the
             client.call(client_app.ECHO, {})
 
 
+@pytest.mark.subprocess
 def test_lone_call_timeout_then_the_next_lone_call_gets_its_own_reply(app_process):
     with Client(app_process.address, timeout=5, pool_size=1, mode="threads", retries=0) as client:
         for round_ in range(3):
@@ -441,6 +451,7 @@ def test_lone_call_timeout_then_the_next_lone_call_gets_its_own_reply(app_proces
         assert len(client._balancers["threads"].pools[0].conns) == 1
 
 
+@pytest.mark.subprocess
 def test_server_killed_during_a_lone_call_is_maybe_executed():
     proc = ServerProcess()
     try:

@@ -41,6 +41,7 @@ def _pair(pki, tls):
     return client, peer
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
 def test_short_reader_deadline_does_not_cut_a_concurrent_write_short(pki, tls):
     """One greenlet writes 512 KiB to a peer that reads (at most 64 KiB) every 50 ms (a 10 s deadline); another

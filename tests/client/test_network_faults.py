@@ -94,6 +94,7 @@ def test_cut_inside_a_reply_line(proxied: tuple[Any, FaultProxy]) -> None:
         assert proxy.cuts == 2
 
 
+@pytest.mark.slow
 def test_latency_deadline_is_honoured_and_sent_to_the_server(proxied: tuple[Any, FaultProxy]) -> None:
     server, proxy = proxied
     proxy.latency = 0.3

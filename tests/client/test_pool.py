@@ -27,6 +27,7 @@ def test_connections_are_lazy_and_bounded():
         assert server.stats.connections_total == 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("validate_after", [0.2, 60.0])
 def test_connection_closed_by_server_while_idle_is_replaced(validate_after):
     """Anchor case 41: the server's idle timeout (0.3 s) is shorter than the client's pool idle.
@@ -98,6 +99,7 @@ def test_calls_spread_over_addresses_and_a_dead_one_is_probed_back():
                 back.close()
 
 
+@pytest.mark.slow
 def test_a_dead_server_gets_spread_out_reconnects_and_callers_fail_fast(monkeypatch):
     """Anchor case 40 in small: 50 greenlets keep calling a dead address for a second. Callers get a
     fast ConnectError (no hang, no queue), and connects follow the backoff instead of one per call."""

@@ -56,6 +56,8 @@ class _RacingLock:
         return self.lock.__exit__(*exc)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_f1_release_never_takes_back_a_role_another_caller_took_meanwhile(app_process):
     with Client(app_process.address, timeout=5, pool_size=1, mode="threads") as client:
         client.call(client_app.ECHO, {})
@@ -101,6 +103,8 @@ print(dict(errors.most_common(5)))
 """
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_f1_eight_threads_on_one_connection_never_see_errors(app_process):
     result = run_python(F1_STRESS.replace("ADDRESS", repr(app_process.address)), timeout=60)
     assert result.returncode == 0, result.stderr
@@ -109,6 +113,7 @@ def test_f1_eight_threads_on_one_connection_never_see_errors(app_process):
 
 # -- F2 ------------------------------------------------------------------------------------------
 
+@pytest.mark.subprocess
 def test_f2_a_cancelled_waiter_that_was_handed_the_reader_role_passes_it_on(app_process):
     """G1 reads; G2 and G3 wait. G1's reply (the server's 504 at its deadline) and G2's gevent.Timeout
     land in one loop turn: G1 hands the role to G2, whose Timeout then fires before it wakes. G3's
@@ -153,6 +158,8 @@ def test_f2_a_cancelled_waiter_that_was_handed_the_reader_role_passes_it_on(app_
 
 # -- F3 ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_f3_checkout_checks_never_race_with_calls_being_added(app_process):
     """usable()/stalled() read ``calls`` while writers and readers (other threads) change it under
     ``state``: the check must never raise."""
@@ -223,6 +230,7 @@ def test_f4_the_client_never_returns_infinity():
 
 
 
+@pytest.mark.slow
 def test_request_line_heads_across_second_turns_from_threads():
     """Four threads encode lines across a wall-clock second turn: each line carries a timestamp of the
     second it was encoded in, and is byte for byte encode_request's line for its fields."""
@@ -284,6 +292,7 @@ def test_under_low_load_a_queued_line_leaves_in_its_own_turn():
         fake.close()
 
 
+@pytest.mark.subprocess
 def test_close_from_a_thread_while_threads_and_greenlets_wait(app_process):
     """Both worlds on shared connections (pool_size 1), waiting on slow replies; close() from another
     thread fails every call at once with MaybeExecuted (nobody waits out its timeout), then NotSent."""
@@ -304,6 +313,8 @@ def test_close_from_a_thread_while_threads_and_greenlets_wait(app_process):
         client.call(client_app.ECHO, {})
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_server_killed_while_threads_and_greenlets_wait_on_shared_connections():
     proc = ServerProcess()
     try:
@@ -330,6 +341,7 @@ def test_server_killed_while_threads_and_greenlets_wait_on_shared_connections():
         proc.close()
 
 
+@pytest.mark.subprocess
 def test_killed_waiters_never_leave_a_reply_to_another_greenlet(app_process):
     """Greenlets killed at random points of their call (queued, waiting, reading): the survivors get
     their own replies, and the connection keeps working."""

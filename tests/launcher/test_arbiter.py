@@ -20,6 +20,8 @@ from tests.support.launcher import Launcher, wait_inflight
 from tests.support.rawconn import Caller, RawConn, call_once
 from tests.support.system import ROOT, cpu_seconds, wait_until
 
+pytestmark = pytest.mark.subprocess
+
 
 @pytest.fixture
 def app_dir(tmp_path: Path) -> Path:
@@ -93,6 +95,7 @@ class Load:
         return sum(c.refused for c in self.callers)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reuse_port", ["--reuse-port", "--no-reuse-port"])
 def test_workers_serve_every_listener_and_the_master_exits_on_term(app_dir: Path, reuse_port: str) -> None:
     sock_path = str(app_dir / "ops.sock")
@@ -113,6 +116,7 @@ def test_workers_serve_every_listener_and_the_master_exits_on_term(app_dir: Path
     assert not any(os.path.exists(f"/proc/{pid}") and _children(launcher.master) for pid in pids)
 
 
+@pytest.mark.slow
 def test_kill_9_of_a_worker_under_load_is_replaced_and_every_call_ends_clearly(app_dir: Path) -> None:
     launcher = Launcher(app_dir, "--workers", "2")
     try:
@@ -136,6 +140,7 @@ def test_kill_9_of_a_worker_under_load_is_replaced_and_every_call_ends_clearly(a
         launcher.close()
 
 
+@pytest.mark.slow
 def test_term_under_load_answers_every_request_and_exits_within_graceful_timeout(app_dir: Path) -> None:
     launcher = Launcher(app_dir, "--workers", "2", "--graceful-timeout", "30")
     try:
@@ -155,6 +160,7 @@ def test_term_under_load_answers_every_request_and_exits_within_graceful_timeout
         launcher.close()
 
 
+@pytest.mark.slow
 def test_term_with_a_handler_longer_than_graceful_timeout_ends_it_and_exits(app_dir: Path) -> None:
     launcher = Launcher(app_dir, "--workers", "1", "--graceful-timeout", "3")
     try:
@@ -177,6 +183,7 @@ def test_term_with_a_handler_longer_than_graceful_timeout_ends_it_and_exits(app_
         launcher.close()
 
 
+@pytest.mark.slow
 def test_sigint_stops_at_once(app_dir: Path) -> None:
     launcher = Launcher(app_dir, "--workers", "2", "--graceful-timeout", "30")
     try:
@@ -194,6 +201,7 @@ def test_sigint_stops_at_once(app_dir: Path) -> None:
         launcher.close()
 
 
+@pytest.mark.slow
 def test_hup_under_load_reloads_the_app_with_no_refused_connection_and_no_lost_request(app_dir: Path) -> None:
     launcher = Launcher(app_dir, "--workers", "2", "--graceful-timeout", "10")
     try:
@@ -215,6 +223,7 @@ def test_hup_under_load_reloads_the_app_with_no_refused_connection_and_no_lost_r
         launcher.close()
 
 
+@pytest.mark.slow
 def test_ttin_and_ttou_change_the_number_of_workers(app_dir: Path) -> None:
     launcher = Launcher(app_dir, "--workers", "1")
     try:
@@ -235,6 +244,7 @@ def test_ttin_and_ttou_change_the_number_of_workers(app_dir: Path) -> None:
         launcher.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["default", "--reuse-port"])
 def test_ttin_ttou_storm_under_connection_churn_resets_no_connection(app_dir: Path, mode: str) -> None:
     # default: one listener shared by all workers, which TTOU leaves open. --reuse-port (the default
@@ -262,6 +272,7 @@ def test_ttin_ttou_storm_under_connection_churn_resets_no_connection(app_dir: Pa
         launcher.close()
 
 
+@pytest.mark.slow
 def test_a_broken_application_halts_the_master_with_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "brokenapp.py").write_text("raise ImportError('the database driver is missing')\n")
     launcher = Launcher(tmp_path, "--workers", "2", app="brokenapp")
@@ -273,6 +284,7 @@ def test_a_broken_application_halts_the_master_with_a_clear_error(tmp_path: Path
         launcher.close()
 
 
+@pytest.mark.slow
 def test_hup_rereads_the_config_file_and_pidfile_lives_as_long_as_the_master(app_dir: Path) -> None:
     conf = app_dir / "geventtcp.conf.py"
     conf.write_text("workers = 1\n")
@@ -295,6 +307,7 @@ def test_hup_rereads_the_config_file_and_pidfile_lives_as_long_as_the_master(app
         launcher.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reuse_port", ["--reuse-port", "--no-reuse-port"])
 def test_a_second_server_on_a_busy_port_fails_and_leaves_the_first_alone(app_dir: Path, reuse_port: str) -> None:
     pidfile = app_dir / "master.pid"
@@ -313,6 +326,7 @@ def test_a_second_server_on_a_busy_port_fails_and_leaves_the_first_alone(app_dir
         first.close()
 
 
+@pytest.mark.slow
 def test_a_reload_that_cannot_boot_keeps_the_previous_workers_serving(app_dir: Path) -> None:
     launcher = Launcher(app_dir, "--workers", "2")
     try:
@@ -333,6 +347,7 @@ def test_a_reload_that_cannot_boot_keeps_the_previous_workers_serving(app_dir: P
         launcher.close()
 
 
+@pytest.mark.slow
 def test_a_failed_reload_overtaking_a_slow_one_restores_only_the_serving_generation(app_dir: Path) -> None:
     launcher = Launcher(app_dir, "--workers", "2", "--graceful-timeout", "5")
     try:
@@ -372,6 +387,7 @@ def _caller_on(address: Any, pid: int) -> Caller:
     raise AssertionError(f"no connection reached worker {pid} in 200 tries")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("retire", ["ttou", "hup"])
 def test_term_right_after_a_retire_answers_the_backlog_a_busy_retiring_worker_holds(app_dir: Path,
                                                                                      retire: str) -> None:
@@ -412,6 +428,7 @@ def test_term_right_after_a_retire_answers_the_backlog_a_busy_retiring_worker_ho
         launcher.close()
 
 
+@pytest.mark.slow
 def test_a_reload_to_fewer_workers_answers_the_backlog_of_a_retired_reuse_port_slot(app_dir: Path) -> None:
     # --reuse-port, a reload from 2 workers to 1: slot 1's socket is closed in the master at once and
     # closes for good with its old worker. That worker was told HUP, which leaves the backlog to a
@@ -448,6 +465,7 @@ def test_a_reload_to_fewer_workers_answers_the_backlog_of_a_retired_reuse_port_s
         launcher.close()
 
 
+@pytest.mark.slow
 def test_a_reload_that_cannot_boot_keeps_more_workers_than_the_boot_failure_limit_serving(app_dir: Path) -> None:
     # Every worker of the failed generation fails to import, not only the first: those the abort
     # stops are already importing (a TERM waits for the hub), so they exit with the boot error too.

@@ -10,11 +10,14 @@ import threading
 from pathlib import Path
 
 import gevent
+import pytest
 from gunicorn.config import KNOWN_SETTINGS
 
 from tests.support.apps import write_app
 from tests.support.rawconn import Caller, call_once
 from tests.support.system import ROOT, terminate, wait_until
+
+pytestmark = pytest.mark.subprocess
 
 
 class Gunicorn:
@@ -46,6 +49,7 @@ class Gunicorn:
         terminate(self.proc)
 
 
+@pytest.mark.slow
 def test_gunicorn_serves_the_protocol_and_drains_on_term(tmp_path: Path) -> None:
     write_app(tmp_path)
     server = Gunicorn(tmp_path, "-w", "2", "--graceful-timeout", "5")
@@ -68,6 +72,7 @@ def test_gunicorn_serves_the_protocol_and_drains_on_term(tmp_path: Path) -> None
         server.close()
 
 
+@pytest.mark.slow
 def test_gunicorn_max_requests_restarts_the_worker_with_a_goaway(tmp_path: Path) -> None:
     write_app(tmp_path)
     server = Gunicorn(tmp_path, "-w", "1", "--max-requests", "10")
@@ -81,6 +86,7 @@ def test_gunicorn_max_requests_restarts_the_worker_with_a_goaway(tmp_path: Path)
         server.close()
 
 
+@pytest.mark.slow
 def test_a_broken_app_is_a_gunicorn_boot_error(tmp_path: Path) -> None:
     (tmp_path / "opsapp.py").write_text("raise ImportError('no handlers today')\n")
     argv = [sys.executable, "-m", "gunicorn", "-k", "geventtcp.gunicorn_worker.GeventTCPWorker",

@@ -20,6 +20,8 @@ from tests.support.rawconn import RawConn
 from tests.support.servers import CliServer
 from tests.support.system import ROOT, terminate, wait_until
 
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
+
 HAPROXY = shutil.which("haproxy") or next(
     (p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy") if os.path.exists(p)), None)
 

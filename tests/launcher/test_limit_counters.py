@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
+
 from geventtcp.launcher.metrics import LIMIT_COUNTERS, merge, prometheus_text
 from tests.support.launcher import Launcher
 from tests.support.rawconn import RawConn
 from tests.support.system import ROOT, wait_until
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_counters_are_summed_over_workers(tmp_path: object) -> None:
     launcher = Launcher(tmp_path, "--workers", "2", "--request-timeout", "0.3", "--auth-token", "t0ken",  # type: ignore[arg-type]
                         app="handlers", env={"PYTHONPATH": ROOT})

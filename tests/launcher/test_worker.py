@@ -15,6 +15,8 @@ from tests.support.launcher import Launcher
 from tests.support.rawconn import Caller, RawConn, call_once
 from tests.support.system import cpu_seconds, wait_until
 
+pytestmark = pytest.mark.subprocess
+
 
 @pytest.fixture
 def app_dir(tmp_path: Path) -> Path:
@@ -22,6 +24,7 @@ def app_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.mark.slow
 def test_max_requests_with_jitter_restarts_workers_gracefully(app_dir: Path) -> None:
     launcher = Launcher(app_dir, "--workers", "1", "--max-requests", "20", "--max-requests-jitter", "5")
     try:
@@ -45,6 +48,7 @@ def test_max_requests_with_jitter_restarts_workers_gracefully(app_dir: Path) -> 
         launcher.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reuse_port", ["--reuse-port", "--no-reuse-port"])
 def test_a_max_requests_restart_leaves_queued_connections_to_the_replacement(app_dir: Path, reuse_port: str) -> None:
     launcher = Launcher(app_dir, "--workers", "1", "--max-requests", "10", "--blocking-time", "0", reuse_port)
@@ -73,6 +77,7 @@ def test_a_max_requests_restart_leaves_queued_connections_to_the_replacement(app
         launcher.close()
 
 
+@pytest.mark.slow
 def test_a_worker_stuck_in_cpu_work_strands_no_new_connection_by_default(app_dir: Path) -> None:
     launcher = Launcher(app_dir, "--workers", "2", "--blocking-time", "0")
     try:
@@ -92,6 +97,7 @@ def test_a_worker_stuck_in_cpu_work_strands_no_new_connection_by_default(app_dir
         launcher.close()
 
 
+@pytest.mark.slow
 def test_connection_older_than_max_connection_age_gets_a_goaway(app_dir: Path) -> None:
     launcher = Launcher(app_dir, "--max-connection-age", "0.5", "--max-connection-age-jitter", "0.2")
     try:
@@ -108,6 +114,7 @@ def test_connection_older_than_max_connection_age_gets_a_goaway(app_dir: Path) -
         launcher.close()
 
 
+@pytest.mark.slow
 def test_a_worker_stuck_past_timeout_is_aborted_and_replaced(app_dir: Path) -> None:
     launcher = Launcher(app_dir, "--workers", "1", "--timeout", "1", "--blocking-time", "0")
     try:
@@ -123,6 +130,7 @@ def test_a_worker_stuck_past_timeout_is_aborted_and_replaced(app_dir: Path) -> N
         launcher.close()
 
 
+@pytest.mark.slow
 def test_blocking_detector_names_the_cmdid_of_a_cpu_bound_handler(app_dir: Path) -> None:
     launcher = Launcher(app_dir, "--blocking-time", "0.1")
     try:
@@ -148,6 +156,7 @@ def test_blocking_detector_names_the_cmdid_of_a_cpu_bound_handler(app_dir: Path)
         launcher.close()
 
 
+@pytest.mark.slow
 def test_access_log_lines_and_usr1_reopens_the_log_file(app_dir: Path) -> None:
     log_file = app_dir / "geventtcp.log"
     launcher = Launcher(app_dir, "--workers", "2", "--access-log", "--log-file", str(log_file), log_path=log_file)
@@ -173,6 +182,7 @@ def test_access_log_lines_and_usr1_reopens_the_log_file(app_dir: Path) -> None:
         launcher.close()
 
 
+@pytest.mark.slow
 def test_log_config_dictconfig_file_routes_the_access_log(app_dir: Path) -> None:
     access_file = app_dir / "access.log"
     (app_dir / "logging.json").write_text(json.dumps({

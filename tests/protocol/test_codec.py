@@ -259,6 +259,7 @@ json_values = st.recursive(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(json_values, st.sampled_from([(",", ":"), (", ", ": ")]), st.booleans())
 def test_property_both_codecs_read_any_json_text_alike(value: Any, separators: tuple[str, str],

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from geventtcp import BaseLogger
 from geventtcp.log import configure_logging
 
@@ -44,6 +46,7 @@ def test_base_logger_console_output(capsys: object) -> None:
     assert "C:visible" in capsys.readouterr().err  # type: ignore[attr-defined]
 
 
+@pytest.mark.subprocess
 def test_importing_the_library_configures_no_logging() -> None:
     code = ("import logging, geventtcp, handlers; "
             "print(len(logging.getLogger().handlers), len(logging.getLogger('geventtcp').handlers))")

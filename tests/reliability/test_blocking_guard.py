@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.support.apps import write_app
 from tests.support.hostile import HOSTILE
 from tests.support.launcher import Launcher
 from tests.support.rawconn import RawConn
+
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 
 
 def test_in_limit_corpus_never_blocks_the_event_loop(tmp_path: object) -> None:

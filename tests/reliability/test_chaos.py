@@ -17,10 +17,13 @@ import textwrap
 from pathlib import Path
 
 import gevent
+import pytest
 
 from tests.support.launcher import Launcher
 from tests.support.rawconn import RawConn
 from tests.support.system import wait_until
+
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 
 APP = textwrap.dedent('''
     import os

@@ -9,8 +9,12 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.support.rawconn import RawConn
 from tests.support.system import ROOT, cpu_seconds, wait_until
+
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 
 FD_LIMIT = 40
 

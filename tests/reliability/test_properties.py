@@ -6,6 +6,7 @@ import json
 import math
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -51,12 +52,14 @@ requests = st.fixed_dictionaries({"cmdid": st.integers(-5, 10**6) | st.text(max_
                                            "timestamp": json_scalars})
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @given(requests.flatmap(_mutations))
 def test_parse_request_on_mutated_requests(line: bytes) -> None:
     _parse_only_request_or_protocol_error(line)
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(requests)
 def test_valid_requests_parse_to_their_fields(body: dict[str, object]) -> None:
@@ -69,6 +72,7 @@ def test_valid_requests_parse_to_their_fields(body: dict[str, object]) -> None:
     assert req.has_id == ("id" in body) and (not req.has_id or req.id == body["id"])
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"")), max_size=20),
        st.lists(st.integers(1, 50), min_size=1, max_size=30), st.integers(4, 30))
@@ -88,6 +92,7 @@ def test_linebuffer_split_invariants(lines: list[bytes], cuts: list[int], limit:
     assert buf.pending == 0 and not buf.discarding
 
 
+@pytest.mark.slow
 def test_echo_round_trip_over_a_real_socket() -> None:
     with serve() as server, RawConn(server.address) as conn:
 

@@ -44,6 +44,7 @@ def _readable(conn: RawConn) -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_slowloris_at_scale_does_not_hurt_normal_traffic() -> None:
     """200 slow connections hold half lines; 10 normal ones keep fast replies; all slow ones are closed."""
     with serve(request_timeout=1.0) as server:
@@ -73,6 +74,7 @@ def test_slowloris_at_scale_does_not_hurt_normal_traffic() -> None:
             c.close()
 
 
+@pytest.mark.slow
 def test_slow_reader_with_pipelined_requests_is_bounded_and_dropped() -> None:
     """10,000 pipelined requests for 64 KiB replies, never read: the server stops reading (RSS bounded),
     drops the peer after write_timeout, and other connections are served meanwhile."""
@@ -166,6 +168,7 @@ def test_max_connections_no_connection_hangs(count: int) -> None:
             c.close()
 
 
+@pytest.mark.slow
 def test_garbage_flood_without_newline_is_closed_by_the_line_timeout() -> None:
     """Case 19: NUL then endless 1 KiB chunks with no newline: one 413 (memory stays bounded while the
     rest is discarded), then the whole-line budget closes the connection with 408."""

@@ -7,7 +7,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.support.system import ROOT
+
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 
 
 def test_short_soak_is_flat() -> None:

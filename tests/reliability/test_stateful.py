@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -96,4 +97,4 @@ class Connections(RuleBasedStateMachine):
 
 Connections.TestCase.settings = settings(max_examples=40, stateful_step_count=25, deadline=None,
                                          suppress_health_check=list(HealthCheck))
-test_connection_state_machine = Connections.TestCase
+test_connection_state_machine = pytest.mark.slow(Connections.TestCase)

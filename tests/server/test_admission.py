@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
+import pytest
+
 from geventtcp import Server
 from tests.support.rawconn import RawConn
 from tests.support.servers import settled
@@ -23,6 +25,7 @@ def sleeps(*ids: int, seconds: float) -> bytes:
                     for i in ids)
 
 
+@pytest.mark.slow
 def test_builtins_and_inline_requests_pass_a_server_limit_full_of_blocked_requests(serve: Serve) -> None:
     server = serve(max_inflight=2)
     with RawConn(server.address) as a, RawConn(server.address) as b:
@@ -55,6 +58,7 @@ def test_builtins_and_inline_requests_pass_a_full_connection_limit(serve: Serve)
         assert c.call(2, {"seconds": 0.01})["code"] == 0
 
 
+@pytest.mark.slow
 def test_a_command_not_yet_seen_blocking_runs_past_the_limit_once_then_is_refused(serve: Serve) -> None:
     """The documented approximation: admission cannot know that a command blocks until it has."""
     server = serve(max_inflight=1)

@@ -29,6 +29,7 @@ def reports(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "geventtcp.blocking"]
 
 
+@pytest.mark.slow
 def test_a_spinning_handler_is_named_once_per_stall(serve: Callable[..., Server], detector: BlockingDetector,
                                                     caplog: pytest.LogCaptureFixture) -> None:
     server = serve()
@@ -46,6 +47,7 @@ def test_a_spinning_handler_is_named_once_per_stall(serve: Callable[..., Server]
                             r"peer 127\.0\.0\.1:\d+\)", row), row
 
 
+@pytest.mark.slow
 def test_each_request_that_holds_one_stall_is_named(serve: Callable[..., Server], detector: BlockingDetector,
                                                    caplog: pytest.LogCaptureFixture) -> None:
     # One read, three lines, no hub turn in between: a single stall. The report made when it is
@@ -80,6 +82,7 @@ def test_only_the_servers_dispatch_frame_names_a_request() -> None:
     assert request_in_stack(scope["_dispatch"](req)) is None
 
 
+@pytest.mark.slow
 def test_a_cooperative_sleep_is_no_stall(serve: Callable[..., Server], detector: BlockingDetector,
                                          caplog: pytest.LogCaptureFixture) -> None:
     server = serve()

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
+import pytest
 
 from geventtcp import Server
 from geventtcp.server.connection import RECV_SIZE
@@ -209,6 +210,7 @@ def test_close_from_a_handoff_that_runs_inside_the_watch_pass(serve: Serve, hub_
 # -- interrupts and closes of parked / handed-off connections ------------------------------------
 
 
+@pytest.mark.slow
 def test_drain_answers_handoffs_of_parked_connections(serve: Serve, hub_errors: list[Any]) -> None:
     """Stop while a reader is parked and its handed-off request still runs: the reply, then the
     goaway; an idle parked connection gets its goaway at once. (A half-received line: see
@@ -253,6 +255,7 @@ def test_write_timeout_of_a_handoff_while_its_reader_is_parked(serve: Serve, hub
     assert hub_errors == []
 
 
+@pytest.mark.slow
 def test_parked_connections_closed_every_way_leave_no_stale_watcher(serve: Serve, hub_errors: list[Any]) -> None:
     """Idle timeout, peer RST, peer FIN while parked (fd numbers are reused at once by new ones)."""
     server = serve(idle_timeout=0.2)
@@ -372,6 +375,7 @@ def test_tls_connection_pipelines_blocks_and_half_closes(hub_errors: list[Any], 
 # -- drain and slowloris timing of lines that span reads -------------------------------------
 
 
+@pytest.mark.slow
 def test_drain_answers_a_line_a_parked_connection_had_half_received(serve: Serve) -> None:
     """A drain leaves a parked connection with half a line parked; when the rest arrives the resumed
     reader reads it before it stops: the line is answered, then the goaway comes (as on TLS, whose
@@ -389,6 +393,7 @@ def test_drain_answers_a_line_a_parked_connection_had_half_received(serve: Serve
         stopper.get(timeout=5)
 
 
+@pytest.mark.slow
 def test_a_steady_pipeline_is_not_taken_for_a_slowloris(serve: Serve) -> None:
     """Every line completes within milliseconds, but no read ends exactly at a newline: the slowloris
     clock counts from the start of the unfinished line, not from the first read that left one."""

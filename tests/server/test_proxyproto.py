@@ -262,6 +262,8 @@ def _accepted(server_port: int, client_port: int) -> bool:
     return False
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_a_connection_waiting_for_its_header_when_the_worker_drains_gets_a_goaway(tmp_path: Path) -> None:
     # A proxied connection the worker accepted just before a drain, whose header is still on its
     # way, is a connection like any other: it gets a goaway (not processed: resend), not a close.

@@ -127,6 +127,7 @@ def test_close_aborts_parked_connections_without_hub_errors(serve: Callable[...,
     assert not server.connections
 
 
+@pytest.mark.slow
 def test_drain_answers_a_parked_connection_and_sends_goaway(serve: Callable[..., Server]) -> None:
     server = serve()
     with RawConn(server.address) as c:

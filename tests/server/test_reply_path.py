@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
+import pytest
 from gevent.event import Event
 
 from geventtcp import Registry, Server
@@ -38,6 +39,7 @@ def _queued(server: Server) -> int:
     return total
 
 
+@pytest.mark.slow
 def test_blocked_head_and_large_replies_keep_queued_bytes_bounded_and_in_order(serve: Callable[..., Server]) -> None:
     """Item 1: a blocked first request, then 32 echo lines whose replies are 1.5 MiB each (4-byte
     UTF-8 characters come back as \\u escapes), and a peer that reads nothing: the server stops
@@ -217,6 +219,7 @@ def test_requests_do_not_share_contextvars(serve: Callable[..., Server]) -> None
         assert [conn.line()["data"] for _ in range(3)] == [[None, name, "acme"] for name in "abc"]
 
 
+@pytest.mark.slow
 def test_handler_that_swallows_its_deadline_still_gets_the_504_at_the_deadline(serve: Callable[..., Server]) -> None:
     """Item 18e: ``except BaseException`` around a blocking call eats DeadlineReached; the 504 goes
     out at the deadline anyway, the request's counts are released then, and the handler's eventual

@@ -138,6 +138,7 @@ def test_protected_mode_refuses_public_bind_without_auth() -> None:
         server.close()
 
 
+@pytest.mark.subprocess
 def test_protected_mode_cli_message() -> None:
     proc = subprocess.run([sys.executable, "-m", "geventtcp", "serve", "handlers", "-b", "0.0.0.0:0"], cwd=ROOT,
                           capture_output=True, text=True, timeout=30)
@@ -207,6 +208,7 @@ def test_per_peer_limit_is_off_by_default() -> None:
                 c.close()
 
 
+@pytest.mark.slow
 def test_unauthenticated_connection_is_closed_after_auth_timeout() -> None:
     with serve(auth_token=TOKEN, auth_timeout=0.3) as server:
         with RawConn(server.address) as conn:

@@ -244,6 +244,7 @@ def test_client_half_close_still_gets_replies(serve: Serve) -> None:
     wait_until(lambda: not server.connections)
 
 
+@pytest.mark.slow
 def test_graceful_stop_answers_in_flight_then_goaway(serve: Serve) -> None:
     server = serve()
     busy = RawConn(server.address)
@@ -314,6 +315,7 @@ def test_stats_count_requests_and_errors(serve: Serve) -> None:
     assert stats["connections"] == 1 and stats["pid"] == os.getpid()
 
 
+@pytest.mark.slow
 def test_half_close_with_a_large_reply_in_flight_still_delivers_every_reply(serve: Serve) -> None:
     """A handed-off greenlet still sending a big reply must not be cut off by the close."""
     server = serve()
@@ -329,6 +331,7 @@ def test_half_close_with_a_large_reply_in_flight_still_delivers_every_reply(serv
         assert c.at_eof()
 
 
+@pytest.mark.slow
 def test_drain_waits_for_a_large_reply_to_a_slow_reader(serve: Serve) -> None:
     server = serve()
     with RawConn(server.address, timeout=20) as c:
@@ -345,6 +348,7 @@ def test_drain_waits_for_a_large_reply_to_a_slow_reader(serve: Serve) -> None:
         stopper.get(timeout=10)
 
 
+@pytest.mark.slow
 def test_slow_but_steady_reader_is_not_dropped_by_write_timeout(serve: Serve) -> None:
     server = serve(write_timeout=0.5)
     with RawConn(server.address, timeout=20) as c:

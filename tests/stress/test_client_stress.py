@@ -8,7 +8,7 @@ import pytest
 
 from tests.support.system import ROOT, env
 
-pytestmark = pytest.mark.stress
+pytestmark = [pytest.mark.slow, pytest.mark.stress, pytest.mark.subprocess]
 
 
 

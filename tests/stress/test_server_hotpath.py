@@ -7,7 +7,7 @@ from tests.support.rawconn import RawConn
 from tests.support.servers import CliServer
 from tests.support.system import python_cmd
 
-pytestmark = pytest.mark.stress
+pytestmark = [pytest.mark.slow, pytest.mark.stress, pytest.mark.subprocess]
 
 
 def test_stress_every_line_gets_one_reply_in_order() -> None:
