@@ -37,7 +37,7 @@ def _cell(text: object) -> str:
 
 
 def render_settings() -> str:
-    """docs/reference/settings.md: the settings table between the markers tests/test_config.py checks."""
+    """docs/reference/settings.md: the settings table between the markers tests/protocol/test_config.py checks."""
     from geventtcp.config import render_markdown
 
     return "\n".join([

@@ -1,6 +1,7 @@
 """Example handlers: echo, sleep, fail, and the seed's TestHandler, written as SCTornadoTCP ones are."""
 
 import time
+from typing import Any
 
 from geventtcp import BaseHandler, BaseLogger, HandlerError, Request, urls
 
@@ -18,7 +19,7 @@ class TestLogger(BaseLogger):
 class Echo(BaseHandler):
     """Reply with the request's params."""
 
-    def process(self, request: Request) -> dict:
+    def process(self, request: Request) -> dict[str, Any]:
         return request.params
 
 
@@ -26,7 +27,7 @@ class Echo(BaseHandler):
 class Sleep(BaseHandler):
     """Sleep params["seconds"] (blocking-style time.sleep, cooperative under monkey-patching), then reply."""
 
-    def process(self, request: Request) -> dict:
+    def process(self, request: Request) -> dict[str, Any]:
         seconds = request.params.get("seconds", 0)
         if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not 0 <= seconds <= 3600:
             raise HandlerError("params.seconds must be a number from 0 to 3600")

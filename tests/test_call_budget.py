@@ -30,8 +30,8 @@ import geventtcp
 from geventtcp import Registry, Server
 from geventtcp.client.client import Client
 from geventtcp.client.concurrency import THREADS, current_world
-from tests.clientutil import ServerProcess
-from tests.helpers import RawConn
+from tests.support.rawconn import RawConn
+from tests.support.servers import ServerProcess
 
 #: Calls into geventtcp per echo request, one request at a time on one connection (the reader parks
 #: and is resumed by the read watcher for each request).
@@ -140,6 +140,8 @@ def test_server_calls_per_echo_request_stay_within_budget(
     check(shape, counts, N, budget)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_client_calls_per_call_stay_within_budget() -> None:
     server = ServerProcess()  # in its own process: only the client's calls are counted here
     measured: list[collections.Counter[tuple[str, str]]] = []

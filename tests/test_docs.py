@@ -16,7 +16,8 @@ import pytest
 
 from geventtcp import docgen
 from geventtcp.errors import ERROR_CLASSES, Code
-from tests.helpers import ROOT, CliServer
+from tests.support.servers import CliServer
+from tests.support.system import ROOT
 
 DOCS = Path(ROOT) / "docs"
 README = Path(ROOT) / "README.md"
@@ -36,6 +37,7 @@ def test_reference_page_is_generated_from_the_code(name: str) -> None:
     assert text == docgen.PAGES[name](), f"docs/{name} is stale: regenerate with python -m geventtcp.docgen"
 
 
+@pytest.mark.subprocess
 def test_docgen_check_reports_a_stale_page_and_regenerates_it(tmp_path: Path) -> None:
     assert docgen.main(["--docs", str(tmp_path)]) == 0
     assert docgen.stale_pages(tmp_path) == []
@@ -74,6 +76,8 @@ def test_protocol_page_reply_codes_table_matches_errors() -> None:
         assert exception == expected
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 @pytest.mark.parametrize("page", ["README.md", "docs/quickstart.md", "docs/handlers.md"])
 def test_page_code_runs_against_a_real_server(page: str, tmp_path: Path) -> None:
     """The page's app blocks are served by ``geventtcp serve`` on port 0; each client block runs

@@ -1,0 +1,384 @@
+"""The Client API over real loopback servers: errors, sharing, send/call_async, retries, restart, kill, failover."""
+
+import json
+import os
+import random
+import signal
+import time
+from collections import Counter
+
+import gevent
+import pytest
+
+from geventtcp import errors
+from geventtcp.client import client as client_module
+from geventtcp.client.client import Client
+from geventtcp.errors import (
+    CallTimeout,
+    ConnectError,
+    DependencyUnavailable,
+    InternalServerError,
+    MaybeExecuted,
+    NotSent,
+    RemoteError,
+    ServiceUnavailable,
+    UnknownCommand,
+)
+from geventtcp.protocol import MAX_TIMEOUT_MS, PROTOCOL_VERSION, Builtin
+from tests.support import client_app
+from tests.support.faults import FakeServer
+from tests.support.servers import ServerProcess, addr, serve
+from tests.support.system import wait_until
+
+
+def test_call_returns_data_and_error_codes_raise_their_class():
+    with serve(client_app.registry) as server, Client(addr(server), timeout=5) as client:
+        assert client.call(1, {"a": [1, "x"]}) == {"a": [1, "x"]}
+        assert client.call(1) == {}
+        assert client.ping()["pong"] is True
+        with pytest.raises(InternalServerError) as info:
+            client.call(3)
+        assert info.value.code == 500 and isinstance(info.value, RemoteError)
+        with pytest.raises(UnknownCommand) as info2:
+            client.call(12345)
+        assert info2.value.code == 404 and "12345" in info2.value.msg
+        assert errors.ERROR_CLASSES[404] is UnknownCommand
+        with pytest.raises(TypeError):
+            client.call(1, {"x": object()})
+        assert client.call(1, {"still": "fine"}) == {"still": "fine"}
+
+
+def test_list_and_stats_ask_the_server_builtins():
+    with serve(client_app.registry) as server, Client(addr(server), timeout=5) as client:
+        assert client.call(client_app.ECHO, {"a": 1}) == {"a": 1}
+        listed = {item["cmdid"]: item for item in client.list()}
+        assert set(listed) == set(client_app.registry.calls)
+        assert listed[client_app.ECHO] == {"cmdid": client_app.ECHO, "name": "tests.support.client_app.echo",
+                                           "doc": "Reply with the params.", "idempotent": True}
+        stats = client.stats()
+        assert stats["pid"] == os.getpid() and stats["connections"] == 1
+        assert stats["commands"][str(client_app.ECHO)]["count"] == 1
+        assert stats["commands"][str(int(Builtin.LIST))]["count"] == 1  # the list() call above
+        assert client.ping()["protocol"] == PROTOCOL_VERSION
+
+
+def test_read_only_builtins_are_always_retryable_and_timeouts_fit_the_wire():
+    client = Client("127.0.0.1:1", idempotent=[7])
+    assert client.idempotent == {7, Builtin.PING, Builtin.LIST, Builtin.STATS}  # never AUTH
+    assert client_module._MAX_TIMEOUT * 1000 <= MAX_TIMEOUT_MS  # the timeout_ms a call sends is valid
+
+
+def test_constructor_rejects_unbounded_or_empty_settings():
+    with pytest.raises(ValueError):
+        Client([])
+    with pytest.raises(ValueError):
+        Client("127.0.0.1:1", timeout=0)
+    with pytest.raises(ValueError):
+        Client("127.0.0.1:1", mode="asyncio")
+
+
+def test_100_greenlets_share_one_client_with_results_matched():
+    with serve(client_app.registry) as server, Client(addr(server), timeout=10, pool_size=2) as client:
+        def worker(k):
+            rng = random.Random(k)
+            for i in range(20):
+                params = {"k": k, "i": i, "seconds": rng.choice((0, 0, 0.001, 0.005))}
+                assert client.call(2 if params["seconds"] else 1, params) == params
+
+        jobs = [gevent.spawn(worker, k) for k in range(100)]
+        gevent.joinall(jobs, raise_error=True, timeout=60)
+        assert all(job.successful() for job in jobs)
+        (pools,) = client.describe().values()
+        assert pools[0]["connections"] <= 2  # the bound holds; many callers per connection
+
+
+def test_send_writes_and_drops_the_reply():
+    with serve(client_app.registry) as server, Client(addr(server), timeout=5, pool_size=1) as client:
+        client_app.executed.clear()
+        client.send(4, {"tag": "fired"})
+        client.send(3)  # an error reply is logged and dropped, never raised or handed on
+        wait_until(lambda: "fired" in client_app.executed)
+        assert client.call(1, {"mine": 1}) == {"mine": 1}
+        assert client.call(1, {"mine": 2}) == {"mine": 2}
+
+
+def test_call_async_in_greenlets():
+    with serve(client_app.registry) as server, Client(addr(server), timeout=5) as client:
+        futures = [client.call_async(1, {"i": i}) for i in range(20)]
+        assert [f.result(timeout=5) for f in futures] == [{"i": i} for i in range(20)]
+        failing = client.call_async(3)
+        with pytest.raises(InternalServerError):
+            failing.result(timeout=5)
+        assert failing.done()
+
+
+def test_503_is_retried_with_backoff_up_to_the_limit():
+    """A 503 with the request's id (what a server over its in-flight limit answers: the handler did
+    not run) is resent; a server sends it, never a handler (see test_handler_codes)."""
+    refused: Counter[str] = Counter()
+
+    def behaviour(server, sock, n):
+        buf: list[bytes] = []
+        while (line := server.read_line(sock, buf)) is not None:
+            req = json.loads(line)
+            key = req["params"]["key"]
+            refused[key] += 1
+            if refused[key] <= req["params"]["after"]:
+                reply = {"code": 503, "cmdid": req["cmdid"], "id": req["id"], "msg": "too many requests in flight"}
+            else:
+                reply = {"code": 0, "cmdid": req["cmdid"], "id": req["id"], "data": refused[key]}
+            sock.sendall(json.dumps(reply).encode() + b"\n")
+
+    fake = FakeServer(behaviour)
+    try:
+        with Client(fake.address, timeout=5, retries=2) as client:
+            assert client.call(6, {"key": "a", "after": 2}) == 3
+        with Client(fake.address, timeout=5, retries=1) as client, pytest.raises(ServiceUnavailable):
+            client.call(6, {"key": "b", "after": 2})
+    finally:
+        fake.close()
+
+
+def test_dependency_unavailable_from_a_handler_is_not_resent():
+    """The handler ran: an application code is never retried, unlike the server's 503."""
+    with serve(client_app.registry) as server, Client(addr(server), timeout=5, retries=2) as client:
+        with pytest.raises(DependencyUnavailable) as info:
+            client.call(6, {"key": "dep", "after": 2})
+        assert info.value.details == {"seen": 1} and client_app._seen["dep"] == 1
+
+
+def test_timeout_is_not_retried_and_bounds_every_attempt():
+    with serve(client_app.registry) as server, Client(addr(server), timeout=5, retries=5) as client:
+        started = time.monotonic()
+        with pytest.raises(RemoteError) as info:  # the server's 504 arrives before our own deadline
+            client.call(4, {"tag": "slow", "seconds": 3}, timeout=0.3)
+        assert info.value.code == 504
+        assert time.monotonic() - started < 0.5
+
+
+def test_unreachable_address_fails_fast_with_connect_error():
+    with Client("127.0.0.1:1", timeout=5, retries=2) as client:
+        started = time.monotonic()
+        with pytest.raises(ConnectError) as info:
+            client.call(1)
+        assert time.monotonic() - started < 1.0
+        assert "refused" in str(info.value).lower()
+        assert isinstance(info.value, errors.TransportError)
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_server_restart_mid_traffic_recovers_without_manual_reconnect():
+    server = ServerProcess()
+    try:
+        with Client(server.address, timeout=10, retries=8, max_backoff=0.5) as client:
+            stop: list[int] = []
+            results: Counter[str] = Counter()
+
+            def worker(k):
+                i = 0
+                while not stop:
+                    try:
+                        assert client.call(1, {"k": k, "i": i}) == {"k": k, "i": i}
+                        results["ok"] += 1
+                    except (ConnectError, NotSent) as exc:  # safe kinds only, and only if retries ran out
+                        results[type(exc).__name__] += 1
+                    i += 1
+
+            jobs = [gevent.spawn(worker, k) for k in range(10)]
+            wait_until(lambda: results["ok"] > 200, timeout=20)
+            gevent.get_hub().threadpool.spawn(server.restart).get()
+            before = results["ok"]
+            wait_until(lambda: results["ok"] > before + 200, timeout=20)
+            stop.append(1)
+            gevent.joinall(jobs, raise_error=True, timeout=20)
+            assert results["ok"] > before + 200
+    finally:
+        server.close()
+
+
+@pytest.mark.subprocess
+def test_server_killed_with_calls_in_flight_raises_clearly_never_hangs():
+    server = ServerProcess()
+    try:
+        with Client(server.address, timeout=30, retries=0) as client:
+            client.call(1)
+            jobs = [gevent.spawn(client.call, 4, {"tag": str(i), "seconds": 20}) for i in range(10)]
+            # Every handler running (so every line written), seen by the server itself, not guessed by a sleep.
+            with Client(server.address, timeout=5) as watcher:
+                wait_until(lambda: watcher.call(-3)["inflight"] >= 10, timeout=20)
+            started = time.monotonic()
+            server.kill(signal.SIGKILL)
+            gevent.joinall(jobs, timeout=5)
+            assert time.monotonic() - started < 5
+            assert all(isinstance(job.exception, MaybeExecuted) for job in jobs), [j.exception for j in jobs]
+            assert not any(isinstance(job.exception, CallTimeout) for job in jobs)
+            with pytest.raises(ConnectError):
+                client.call(1, timeout=1)
+    finally:
+        server.close()
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_failover_across_three_servers_loses_no_safe_call(tmp_path):
+    """Kill one of three servers under load: idempotent calls all succeed; non-idempotent ones succeed
+    or raise MaybeExecuted, and the servers' ledger shows none ran twice."""
+    ledger = tmp_path / "ledger"
+    servers = [ServerProcess(LEDGER=str(ledger)) for _ in range(3)]
+    try:
+        with Client([s.address for s in servers], timeout=5, retries=3, idempotent={1}) as client:
+            pids = {s.address: client.call(5, None) for s in servers}  # noqa: F841
+            stop: list[int] = []
+            outcome: Counter[str] = Counter()
+            recorded = []
+            answered_by: Counter[int] = Counter()
+
+            def worker(k):
+                i = 0
+                while not stop:
+                    tag = f"{k}-{i}"
+                    try:
+                        answered_by[client.call(4, {"tag": tag})["pid"]] += 1
+                        recorded.append(tag)
+                        outcome["record ok"] += 1
+                    except MaybeExecuted:
+                        outcome["record maybe"] += 1
+                    assert client.call(1, {"tag": tag}) == {"tag": tag}  # idempotent: never lost
+                    outcome["echo ok"] += 1
+                    i += 1
+
+            jobs = [gevent.spawn(worker, k) for k in range(12)]
+            wait_until(lambda: outcome["echo ok"] > 300, timeout=30)
+            victim = servers[1]
+            assert victim.proc is not None
+            victim_pid = victim.proc.pid
+            victim.kill(signal.SIGKILL)
+            killed_at = outcome["echo ok"]
+            wait_until(lambda: outcome["echo ok"] > killed_at + 300, timeout=30)
+            after = Counter(answered_by)
+            wait_until(lambda: sum(answered_by.values()) > sum(after.values()) + 100, timeout=30)
+            stop.append(1)
+            gevent.joinall(jobs, raise_error=True, timeout=30)
+            assert all(job.successful() for job in jobs)
+            assert answered_by[victim_pid] == after[victim_pid]  # out of rotation since the kill
+        ran = ledger.read_text().split()
+        duplicates = [tag for tag, n in Counter(ran).items() if n > 1]
+        assert not duplicates
+        assert set(recorded) <= set(ran)
+        assert outcome["record ok"] > 300
+    finally:
+        for s in servers:
+            s.close()
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_client_used_after_fork_in_the_child_opens_its_own_connections():
+    from tests.support.system import run_python
+
+    server = ServerProcess()
+    try:
+        code = f"""
+import os, sys
+from geventtcp.client.client import Client
+c = Client({server.address!r}, timeout=5)
+parent_conns = c.call(-3)["connections"]
+c.call(1, {{"from": "parent"}})
+(conn,) = c._balancers["threads"].pools[0].conns
+pid = os.fork()
+if pid == 0:
+    ok = c.call(1, {{"from": "child"}}) == {{"from": "child"}}
+    (mine,) = c._balancers["threads"].pools[0].conns
+    os._exit(0 if ok and mine is not conn and conn.closed else 3)
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, status
+# the parent's connection survived the child (no shutdown from the child)
+assert c.call(1, {{"from": "parent again"}}) == {{"from": "parent again"}}
+(still,) = c._balancers["threads"].pools[0].conns
+assert still is conn and not conn.closed
+print("ok")
+"""
+        result = run_python(code)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "ok"
+    finally:
+        server.close()
+
+
+@pytest.mark.subprocess
+def test_pid_generation_is_per_process():
+    from geventtcp.client.concurrency import fork_generation
+
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if fork_generation() >= 1 else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_unix_socket_address(tmp_path):
+    from geventtcp import Server
+    from tests.support.client_app import registry
+
+    path = str(tmp_path / "gt.sock")
+    server = Server(registry, bind=f"unix:{path}")
+    server.start()
+    try:
+        with Client(f"unix:{path}", timeout=5) as client:
+            jobs = [gevent.spawn(client.call, 1, {"i": i}) for i in range(20)]
+            gevent.joinall(jobs, raise_error=True)
+            assert [j.value for j in jobs] == [{"i": i} for i in range(20)]
+    finally:
+        server.close()
+
+
+def test_replies_to_sends_never_make_a_connection_look_busy():
+    """Threads world: after send(), the next call reuses the connection (the dropped reply is read at
+    checkout) instead of opening another per send."""
+    with serve(client_app.registry) as server, Client(addr(server), timeout=5, mode="threads") as client:
+        pool = gevent.get_hub().threadpool
+
+        def in_thread():
+            for i in range(20):
+                client.send(1, {"fire": i})
+                conn = client._balancers["threads"].pools[0].conns[0]
+                deadline = time.monotonic() + 10
+                while conn.calls and not conn.io.readable():  # the send's reply arrived (or was read already)
+                    assert time.monotonic() < deadline
+                    time.sleep(0.001)
+                assert client.call(1, {"i": i}) == {"i": i}
+            return client.describe()["threads"][0]["connections"]
+
+        assert pool.spawn(in_thread).get(timeout=30) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_call_async_timeout_counts_from_submission_in_threads():
+    """Plain threads, a 16-thread pool. 40 call_async(sleep 5 s, timeout=1): every future resolves
+    about 1 s after submission (not ~3 s, as when each deadline started once a pool thread picked
+    the call up). Then 16 long calls hold every thread while 24 short ones (timeout=0.3) wait in
+    the queue: those expire there and fail NotSent, never sent, as soon as a thread gets to them."""
+    expected = (errors.DeadlineExceeded, CallTimeout)  # the server's 504 at timeout_ms usually comes first
+    server = ServerProcess()
+    try:
+        with Client(server.address, timeout=30, retries=0, pool_size=16, mode="threads") as client:
+            client.call(1, None)
+            started = time.monotonic()
+            futures = [client.call_async(2, {"seconds": 5, "i": i}, timeout=1.0) for i in range(40)]
+            for future in futures:
+                with pytest.raises((*expected, NotSent)):
+                    future.result(timeout=10)
+            assert time.monotonic() - started < 1.8
+
+            long = [client.call_async(2, {"seconds": 5, "i": i}, timeout=1.5) for i in range(16)]
+            short = [client.call_async(2, {"seconds": 5, "j": j}, timeout=0.3) for j in range(24)]
+            for future in short:
+                with pytest.raises(NotSent, match="never sent"):
+                    future.result(timeout=10)
+            for future in long:
+                with pytest.raises(expected):
+                    future.result(timeout=10)
+    finally:
+        server.close()

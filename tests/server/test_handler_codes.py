@@ -1,0 +1,185 @@
+"""Handlers answer with application codes only (issue 10, item 6, and the toolkit issue's codes).
+
+A handler could forge transport meanings with ``HandlerError(msg, code)``: 503 ("not processed, safe
+to retry") made ``Client.call`` run a non-idempotent handler three times, 0 gave a success without
+data, 404 and 401 read as "unknown cmdid" and "AUTH failed". Now a handler can raise only the
+application codes (each with one meaning, mapped to one client exception) plus 400, with optional JSON
+``details``; anything else is refused when the error is built or becomes a 500 with the request's id.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from geventtcp import Registry
+from geventtcp.client import Client
+from geventtcp.errors import (
+    APPLICATION_CODES,
+    ERROR_CLASSES,
+    HANDLER_CODES,
+    RETRYABLE_CODES,
+    AlreadyExists,
+    ApplicationError,
+    BadRequest,
+    Code,
+    DependencyUnavailable,
+    HandlerError,
+    InternalServerError,
+    NotFound,
+    ServiceUnavailable,
+    UnknownCommand,
+    remote_error,
+)
+from tests.support.rawconn import RawConn
+
+TRANSPORT_CODES = [Code.OK, Code.UNAUTHENTICATED, Code.PERMISSION_DENIED, Code.UNKNOWN_COMMAND,
+                   Code.REQUEST_TIMEOUT, Code.TOO_LARGE, Code.INTERNAL, Code.UNAVAILABLE,
+                   Code.DEADLINE_EXCEEDED, 200, -1, 799]
+
+
+@pytest.mark.parametrize("code", TRANSPORT_CODES)
+def test_handler_error_refuses_a_transport_code_at_construction(code: int) -> None:
+    with pytest.raises(ValueError) as info:
+        HandlerError("dependency down", code)
+    assert "NOT_FOUND" in str(info.value) and str(int(Code.NOT_FOUND)) in str(info.value)
+
+
+@pytest.mark.parametrize("code", [True, "1005", 1005.0, None])
+def test_handler_error_code_must_be_an_int(code: Any) -> None:
+    with pytest.raises(TypeError):
+        HandlerError("x", code)
+
+
+def test_handler_codes_are_the_application_codes_plus_400() -> None:
+    assert HANDLER_CODES == APPLICATION_CODES | {Code.BAD_REQUEST}
+    assert all(code >= 1000 for code in APPLICATION_CODES)  # a range of their own, apart from HTTP's
+    assert not HANDLER_CODES & RETRYABLE_CODES  # no handler reply reads as "not processed"
+    assert HandlerError("bad").code == Code.BAD_REQUEST
+    exc = HandlerError("gone", Code.NOT_FOUND, details={"user": 7})
+    assert (exc.code, exc.msg, exc.details) == (Code.NOT_FOUND, "gone", {"user": 7})
+    for code in APPLICATION_CODES:
+        cls = ERROR_CLASSES[code]
+        assert issubclass(cls, ApplicationError) and issubclass(cls, HandlerError)
+        assert cls("m").code == code and not cls("m").retryable
+
+
+def _client(server: Any, **kw: Any) -> Client:
+    host, port = server.address[:2]
+    return Client(f"{host}:{port}", timeout=5, **kw)
+
+
+def test_forged_503_from_a_non_idempotent_handler_runs_it_once(serve: Any) -> None:
+    """The issue's case: HandlerError("dependency down", 503) made the client resend it twice."""
+    runs: list[int] = []
+    reg = Registry()
+
+    def charge(req: Any) -> Any:
+        runs.append(1)
+        raise HandlerError("dependency down", 503)
+
+    reg.add(10, charge)
+    server = serve(reg)
+    with _client(server, retries=2) as client, pytest.raises(InternalServerError):
+        client.call(10, {"amount": 5})
+    assert len(runs) == 1
+
+
+@pytest.mark.parametrize("code", [0, 404, 401, 503])
+def test_a_transport_code_slipped_past_construction_becomes_a_500_with_the_id(serve: Any, code: int) -> None:
+    """Even a HandlerError whose code was changed after it was built: 500, id kept, connection kept."""
+    reg = Registry()
+
+    def forge(req: Any) -> Any:
+        exc = HandlerError("forged")
+        exc.code = code
+        raise exc
+
+    reg.add(10, forge)
+    server = serve(reg)
+    with RawConn(server.address) as c:
+        assert c.call({"cmdid": 10, "id": 3}) == {"code": 500, "cmdid": 10, "id": 3, "msg": "internal error"}
+        assert c.call({"cmdid": 10, "id": 4})["code"] == 500
+
+
+@pytest.mark.parametrize("code", sorted(APPLICATION_CODES))
+def test_each_application_code_reaches_the_client_as_its_class_with_details(serve: Any, code: int) -> None:
+    reg = Registry()
+    reg.add(10, lambda req: (_ for _ in ()).throw(HandlerError("why", code, details={"k": [1, "v"]})))
+    reg.add(11, lambda req: (_ for _ in ()).throw(ERROR_CLASSES[code]("raised as the class")))
+    server = serve(reg)
+    with _client(server) as client:
+        with pytest.raises(ERROR_CLASSES[code]) as info:
+            client.call(10)
+        assert (info.value.code, info.value.msg, info.value.details) == (code, "why", {"k": [1, "v"]})
+        assert not info.value.retryable
+        with pytest.raises(ERROR_CLASSES[code]) as info2:
+            client.call(11)
+        assert info2.value.details is None and info2.value.msg == "raised as the class"
+
+
+def test_dependency_unavailable_is_not_retried_the_handler_ran(serve: Any) -> None:
+    runs: list[int] = []
+    reg = Registry()
+
+    def charge(req: Any) -> Any:
+        runs.append(1)
+        raise DependencyUnavailable("payments down", details={"dependency": "payments"})
+
+    reg.add(10, charge)
+    server = serve(reg)
+    with _client(server, retries=3) as client, pytest.raises(DependencyUnavailable) as info:
+        client.call(10, idempotent=False)
+    assert len(runs) == 1 and info.value.details == {"dependency": "payments"}
+
+
+def test_400_with_details_from_a_handler(serve: Any) -> None:
+    reg = Registry()
+    reg.add(10, lambda req: (_ for _ in ()).throw(HandlerError("params.n must be > 0", details={"field": "n"})))
+    server = serve(reg)
+    with _client(server) as client, pytest.raises(BadRequest) as info:
+        client.call(10)
+    assert info.value.details == {"field": "n"} and info.value.code == 400
+
+
+def test_details_without_json_form_give_a_500_with_the_id(serve: Any) -> None:
+    reg = Registry()
+    reg.add(10, lambda req: (_ for _ in ()).throw(HandlerError("x", Code.NOT_FOUND, details={"s": {1, 2}})))
+    reg.add(11, lambda req: (_ for _ in ()).throw(HandlerError("x", Code.NOT_FOUND, details=float("nan"))))
+    server = serve(reg)
+    with RawConn(server.address) as c:
+        for cmdid in (10, 11):
+            reply = c.call({"cmdid": cmdid, "id": "r1"})
+            assert reply["code"] == 500 and reply["id"] == "r1" and "details" not in reply
+        assert c.call({"cmdid": 10, "id": 2})["id"] == 2
+
+
+def test_downstream_transport_errors_raised_by_a_handler_become_500(serve: Any) -> None:
+    """A handler calling another service may let its RemoteError escape: a transport code from
+    downstream (404 unknown cmdid, 503 not processed there) says nothing true about *this* request,
+    so it is a 500; an application error from downstream passes through with its code and details."""
+    reg = Registry()
+    downstream = {
+        10: remote_error({"code": 404, "cmdid": 9, "msg": "unknown cmdid 9"}),
+        11: remote_error({"code": 503, "cmdid": 9, "msg": "draining"}),
+        12: remote_error({"code": 400, "cmdid": 9, "msg": "bad params downstream"}),
+        13: remote_error({"code": int(Code.NOT_FOUND), "cmdid": 9, "msg": "no user", "details": {"u": 1}}),
+    }
+    assert isinstance(downstream[10], UnknownCommand) and isinstance(downstream[11], ServiceUnavailable)
+    for cmdid, exc in downstream.items():
+        reg.add(cmdid, lambda req, exc=exc: (_ for _ in ()).throw(exc))
+    server = serve(reg)
+    with _client(server, retries=2) as client:
+        for cmdid in (10, 11, 12):
+            with pytest.raises(InternalServerError):
+                client.call(cmdid)
+        with pytest.raises(NotFound) as info:
+            client.call(13)
+        assert info.value.details == {"u": 1} and info.value.msg == "no user"
+
+
+def test_details_on_a_plain_remote_error_reply() -> None:
+    exc = remote_error({"code": int(Code.ALREADY_EXISTS), "msg": "dup", "details": ["a"]})
+    assert isinstance(exc, AlreadyExists) and exc.details == ["a"]
+    assert remote_error({"code": 500, "msg": "x"}).details is None
