@@ -21,7 +21,7 @@ Serve = Callable[..., Server]
 
 def settled(server: Server) -> bool:
     """Nothing armed, nothing in flight: every watch armed was checked and every handoff answered."""
-    return (not server.watching and server.inflight == 0
+    return (not server.state.watching and server.inflight == 0
             and not any(c.watch_armed or c.inflight or c.running is not None for c in server.connections))
 
 
@@ -89,7 +89,7 @@ def test_a_flood_larger_than_the_buffer_then_eof_is_answered_whole(serve: Serve,
 
 
 def test_handoffs_started_inside_a_watch_pass_are_watched_too(serve: Serve, hub_errors: list[Any]) -> None:
-    """A handoff's new reader runs inside ``_watch_all`` and may block again on the next pipelined
+    """A handoff's new reader runs inside ``ServerState.watch_all`` and may block again on the next pipelined
     line: that one needs the next pass. All of them must run at once and keep their deadlines."""
     server = serve(handler_timeout=0.5)
     conns = [RawConn(server.address) for _ in range(8)]
@@ -175,7 +175,7 @@ def test_close_while_a_watch_pass_is_pending(serve: Serve, hub_errors: list[Any]
             c.expect_eof()
         for other in [*others, parked]:
             other.expect_eof()
-        wait_until(lambda: not server.connections and not server.watching)
+        wait_until(lambda: not server.connections and not server.state.watching)
         wait_until(lambda: server.inflight == 0)
     finally:
         for c in others:
@@ -184,7 +184,7 @@ def test_close_while_a_watch_pass_is_pending(serve: Serve, hub_errors: list[Any]
 
 
 def test_close_from_a_handoff_that_runs_inside_the_watch_pass(serve: Serve, hub_errors: list[Any]) -> None:
-    """The reader a handoff starts runs inside ``_watch_all``; if its next line closes the server,
+    """The reader a handoff starts runs inside ``ServerState.watch_all``; if its next line closes the server,
     the connections still in that pass are closed ones: skipped, their blocked readers killed."""
     registry = make_registry()
     holder: dict[str, Server] = {}
@@ -205,7 +205,7 @@ def test_close_from_a_handoff_that_runs_inside_the_watch_pass(serve: Serve, hub_
             c.send(b'{"cmdid":2,"id":1,"params":{"seconds":5}}\n{"cmdid":1,"id":2}\n')
         for c in conns:
             c.expect_eof()
-        wait_until(lambda: not server.connections and server.inflight == 0 and not server.watching)
+        wait_until(lambda: not server.connections and server.inflight == 0 and not server.state.watching)
     finally:
         for c in conns:
             c.close()
@@ -288,7 +288,7 @@ def test_parked_connections_closed_every_way_leave_no_stale_watcher(serve: Serve
             for c in fresh:
                 c.close()
         wait_until(lambda: not server.connections)
-    assert server.inflight == 0 and not server.watching
+    assert server.inflight == 0 and not server.state.watching
     assert hub_errors == []
 
 

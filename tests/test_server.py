@@ -437,7 +437,7 @@ def test_one_hub_callback_hands_off_each_blocked_connection(serve: Callable[...,
         def broken_watch() -> None:
             raise RuntimeError("handoff bug")
 
-        doomed._watch = broken_watch  # type: ignore[method-assign]
+        doomed.hand_off = broken_watch  # type: ignore[method-assign]
         for c in conns:  # all three lines arrive before the server runs: one hub turn
             c.send(b'{"cmdid":2,"id":1,"params":{"seconds":0.3}}\n{"cmdid":1,"id":2,"params":{}}\n')
         wait_until(lambda: server.inflight == 2)  # both healthy sleeps handed off at once
@@ -460,7 +460,7 @@ class _FakeWatched:
         self.action = action
         self.aborted = False
 
-    def _watch(self) -> None:
+    def hand_off(self) -> None:
         self.watch_armed = False
         self.action()
 
@@ -477,11 +477,11 @@ def test_a_watch_pass_cut_short_by_an_exception_puts_the_rest_back(serve: Callab
 
     server = serve()
     first, rest = _FakeWatched(boom), _FakeWatched(lambda: None)
-    server.watching = [first, rest]  # type: ignore[list-item]
+    server.state.watching = [first, rest]  # type: ignore[list-item]
     with pytest.raises(Boom):
-        server._watch_all()
-    assert server.watching == [rest]  # not dropped with its watch armed: a new pass is queued
-    wait_until(lambda: not server.watching and not rest.watch_armed)
+        server.state.watch_all()
+    assert server.state.watching == [rest]  # not dropped with its watch armed: a new pass is queued
+    wait_until(lambda: not server.state.watching and not rest.watch_armed)
 
 
 def test_a_long_watch_pass_lets_the_hub_poll(serve: Callable[..., Server]) -> None:
@@ -496,8 +496,8 @@ def test_a_long_watch_pass_lets_the_hub_poll(serve: Callable[..., Server]) -> No
 
     server = serve()
     fakes = [_FakeWatched(slow_handoff) for _ in range(120)]
-    server.watching = list(fakes)  # type: ignore[arg-type]
-    server._watch_all()
-    assert len(calls) == 50 and server.watching == fakes[50:]
-    wait_until(lambda: len(calls) == 120 and not server.watching)
+    server.state.watching = list(fakes)  # type: ignore[arg-type]
+    server.state.watch_all()
+    assert len(calls) == 50 and server.state.watching == fakes[50:]
+    wait_until(lambda: len(calls) == 120 and not server.state.watching)
     assert not any(f.watch_armed for f in fakes)

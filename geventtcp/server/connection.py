@@ -13,6 +13,11 @@ on its socket's read watcher and returns its greenlet to the server's
 greenlet. TLS connections keep their greenlet (an SSL socket can hold decrypted bytes the watcher
 cannot see).
 
+What it shares with the other connections (settings, counters, command tables, the drain flag, the
+handoff watch) it reads and updates in the server's :class:`~geventtcp.server.state.ServerState`,
+which it gets instead of the server: ``state.admit`` admits a request and arms the handoff watch,
+whose pass (``state.watch_all``) calls :meth:`Connection.hand_off`; ``state.forget`` is told of the close.
+
 Who closes what: the :class:`Connection` owns its socket and closes it once the reader has stopped
 and the last request in flight has been answered (or the peer is gone). When it is aborted (reset,
 failed send, write timeout), handlers still running see ``request.cancelled``; those registered
@@ -24,17 +29,23 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gevent import GreenletExit, get_hub, getcurrent
 
 from geventtcp.errors import Code, HandlerError, ProtocolError, RequestCancelled
-from geventtcp.protocol import BLANK, LineBuffer, Request, encode_error, encode_goaway, encode_reply, parse_request
-from geventtcp.server.security import PREAUTH_MAX_LINE_BYTES
+from geventtcp.protocol import (
+    BLANK,
+    PREAUTH_MAX_LINE_BYTES,
+    LineBuffer,
+    Request,
+    encode_error,
+    encode_goaway,
+    encode_reply,
+    parse_request,
+)
+from geventtcp.server.state import ServerState
 from geventtcp.sockets import linger, unsent_bytes
-
-if TYPE_CHECKING:
-    from geventtcp.server.server import Server
 
 __all__ = ["Connection", "DeadlineReached", "Stop"]
 
@@ -56,7 +67,7 @@ MAX_QUEUED_BYTES = FLUSH_BYTES
 #: closed: a peer that sends nothing else is broken or hostile (Redis closes on protocol errors).
 MAX_BLANK_LINES = 1024
 #: Lines a batch handles between two looks at the clock: past the interpreter's switch interval
-#: the reader lets the hub serve other connections (as ``Server._watch_all`` does), while a batch
+#: the reader lets the hub serve other connections (as ``ServerState.watch_all`` does), while a batch
 #: that is quick pays one comparison per ``_BATCH_SLICE`` lines.
 _BATCH_SLICE = 64
 
@@ -83,29 +94,29 @@ class _Slot:
 
 
 class Connection:
-    """Serves one accepted socket; created and run by :class:`geventtcp.server.Server`."""
+    """Serves one accepted socket; created and run by :class:`geventtcp.server.Server` with its state."""
 
     # Slots, because an idle connection should cost little: past 29 attributes CPython 3.11 stops
     # sharing instance-dict keys and every connection would carry its own ~1.6 KB dict. ``__dict__``
     # stays available (created only when something sets an attribute not listed here).
     __slots__ = (
-        "server", "sock", "address", "calls", "auth_failures", "buffer", "lines", "pos", "out", "open_slots",
+        "state", "sock", "address", "calls", "auth_failures", "buffer", "lines", "pos", "out", "open_slots",
         "flushing", "queued_bytes", "inflight", "reader", "handlers", "running", "watch_armed", "receiving",
         "reading_done", "closed", "goaway", "error_line", "active_tick", "partial_tick", "writer", "write_tick",
         "requests", "created_tick", "drained", "_raw_send", "close_pending", "received", "write_unsent",
         "parked", "eager", "_raw_recv", "_read_watcher", "__dict__", "__weakref__",
     )
 
-    def __init__(self, server: Server, sock: Any, address: Any) -> None:
-        self.server = server
+    def __init__(self, state: ServerState[Connection], sock: Any, address: Any) -> None:
+        self.state = state
         self.sock = sock
         self.address = address
         # Until AUTH succeeds (when auth is on) only the pre-auth table and line limit apply; with
         # auth off this is the server's table and the request path pays nothing for auth.
-        self.calls: dict[int, Callable[[Request], Any]] = server.calls if server.token is None else server.preauth_calls
+        self.calls: dict[int, Callable[[Request], Any]] = state.calls if state.token is None else state.preauth_calls
         self.auth_failures = 0
-        self.buffer = LineBuffer(server.settings.max_line_bytes if server.token is None
-                                 else min(server.settings.max_line_bytes, PREAUTH_MAX_LINE_BYTES), skip_blank=True)
+        self.buffer = LineBuffer(state.settings.max_line_bytes if state.token is None
+                                 else min(state.settings.max_line_bytes, PREAUTH_MAX_LINE_BYTES), skip_blank=True)
         self.lines: list[bytes | None] = []
         self.pos = 0
         self.out: list[Any] = []  # reply bytes and _Slots, in request order
@@ -122,13 +133,13 @@ class Connection:
         self.closed = False
         self.goaway: str | None = None  # reason to send a goaway line before closing
         self.error_line: bytes | None = None  # a final error line instead of a goaway
-        self.active_tick = server.tick
+        self.active_tick = state.tick
         self.partial_tick = -1
         self.writer: Any = None
         self.write_tick = 0
         self.write_unsent = -1  # the send queue size the watchdog last saw while a send blocked
         self.requests = 0
-        self.created_tick = server.tick
+        self.created_tick = state.tick
         self.drained: Any = None  # an Event a waiter may set up (reader stalled on a slow peer)
         self.close_pending = False  # reading is done and nothing is in flight, but a send is under way
         self.received = 0.0  # clock() when the current batch of lines was read (deadlines count from it)
@@ -139,7 +150,7 @@ class Connection:
         # a peer that keeps the buffer full still lets the hub serve the other connections between
         # two reads.
         self.eager = True
-        raw = getattr(sock, "_sock", None) if server.plain_sockets else None
+        raw = getattr(sock, "_sock", None) if state.plain_sockets else None
         self._raw_send: Callable[[Any], int] | None = raw.send if raw is not None else None
         # A plain gevent socket: recv without blocking, and park on its read watcher when empty.
         watcher = getattr(sock, "_read_event", None) if raw is not None else None
@@ -158,7 +169,7 @@ class Connection:
         self.reader = None
         self.parked = True
         self.receiving = True
-        self._read_watcher.start(self.server.readers.run, self._read_loop)
+        self._read_watcher.start(self.state.readers.run, self._read_loop)
 
     def _unwatch(self) -> None:
         """Stop waiting on the read watcher: the connection is resumed, stopped or closed."""
@@ -169,7 +180,7 @@ class Connection:
     def _unpark(self, stop: str) -> None:
         """Hub-side: end a parked connection's reading for ``stop``, in a reader greenlet."""
         self._unwatch()
-        self.server.readers.run(self._stop_parked, stop)
+        self.state.readers.run(self._stop_parked, stop)
 
     def _stop_parked(self, reason: str) -> None:
         self.reader = getcurrent()
@@ -184,7 +195,7 @@ class Connection:
             self._read_watcher.stop()
             self.parked = False
             self.receiving = False
-        server = self.server
+        state = self.state
         sock = self.sock
         buffer = self.buffer
         dispatch = self._dispatch
@@ -216,8 +227,8 @@ class Connection:
                         return
                 # Input that resumed a reader parked on half a line is read first: a drain leaves
                 # such a connection parked until the rest comes, and that line is then answered.
-                if (server.draining or self.goaway is not None) and not (self.eager and buffer.pending):
-                    self.goaway = self.goaway or server.drain_reason
+                if (state.draining or self.goaway is not None) and not (self.eager and buffer.pending):
+                    self.goaway = self.goaway or state.drain_reason
                     break
                 if len(self.out) > MAX_QUEUED_REPLIES or self.queued_bytes > MAX_QUEUED_BYTES:
                     self._wait_drained()
@@ -245,8 +256,8 @@ class Connection:
                         self.receiving = False
                 if not data:
                     break  # EOF: answer what is in flight, then close
-                self.received = server.clock()
-                self.active_tick = server.tick
+                self.received = state.clock()
+                self.active_tick = state.tick
                 self.lines = buffer.feed(data)
                 self.pos = 0
                 if buffer.blank_lines:  # rare: this read brought blank lines
@@ -254,7 +265,7 @@ class Connection:
                 self.eager = False
                 if buffer.incomplete:
                     if self.partial_tick < 0 or self.lines:  # the unfinished line began in this read
-                        self.partial_tick = server.tick
+                        self.partial_tick = state.tick
                 else:
                     self.partial_tick = -1
         except Stop as stop:
@@ -270,55 +281,55 @@ class Connection:
         """A long batch in the middle: past the switch interval (counted from the read, or from the
         last turn), send the replies so far and let the hub run the other connections once; returns
         the time of the last turn."""
-        server = self.server
-        now = server.clock()
+        state = self.state
+        now = state.clock()
         if now - max(since, self.received) < sys.getswitchinterval():
             return since
         if self.out:
             self._flush()
             if self.closed:
                 return now
-        timer = server.loop.timer(0.0)  # fires after the loop has polled: other input is read first
+        timer = state.loop.timer(0.0)  # fires after the loop has polled: other input is read first
         try:
             get_hub().wait(timer)
         finally:
             timer.close()
-        return server.clock()
+        return state.clock()
 
     def _count_blank_lines(self) -> None:
         """Count the blank lines the last read brought; too many in a row: answer what came before, then
         a 400 and close."""
         buffer = self.buffer
-        self.server.stats.blank_lines += buffer.blank_lines
+        self.state.stats.blank_lines += buffer.blank_lines
         buffer.blank_lines = 0
         if buffer.blank_run > MAX_BLANK_LINES and self.error_line is None:
-            self.error_line = encode_error(self.server.codec, Code.BAD_REQUEST,
+            self.error_line = encode_error(self.state.codec, Code.BAD_REQUEST,
                                            f"more than {MAX_BLANK_LINES} blank lines in a row")
             if self.goaway is None:
                 self.goaway = "closing"  # stop reading once the lines of this read are answered
 
     def _on_stop(self, reason: str) -> None:
-        codec = self.server.codec
+        codec = self.state.codec
         if reason == "slow":
-            self.server.stats.slow_request_disconnections += 1
-            timeout = self.server.settings.request_timeout
+            self.state.stats.slow_request_disconnections += 1
+            timeout = self.state.settings.request_timeout
             self.error_line = encode_error(
                 codec, Code.REQUEST_TIMEOUT, f"request line not completed within {timeout:g}s"
             )
         elif reason == "auth":
-            timeout = self.server.settings.auth_timeout
+            timeout = self.state.settings.auth_timeout
             self.error_line = encode_error(codec, Code.UNAUTHENTICATED, f"not authenticated within {timeout:g}s")
         elif reason == "write":
             log.info("connection %s: no write progress for %ss, closing", self.address,
-                     self.server.settings.write_timeout)
+                     self.state.settings.write_timeout)
             self.abort()
         else:
             self.goaway = reason
 
     def authenticate(self) -> None:
         """AUTH succeeded: switch to the full command table and line limit."""
-        self.calls = self.server.calls
-        self.buffer.max_line_bytes = self.server.settings.max_line_bytes
+        self.calls = self.state.calls
+        self.buffer.max_line_bytes = self.state.settings.max_line_bytes
 
     def close_after_replies(self) -> None:
         """Dispatch no further line, not even one already received: close once the requests answered
@@ -345,25 +356,25 @@ class Connection:
         This is the request path: it runs once per request, so it reads each attribute once into a
         local, calls the clock twice and leaves rare cases to helper calls.
         """
-        server = self.server
-        codec = server.codec
+        state = self.state
+        codec = state.codec
         if line is None:  # the limit this line was cut at (64 KiB before AUTH), not necessarily today's
             limit = self.buffer.cut_limit
             self.out.append(encode_error(codec, Code.TOO_LARGE, f"request line longer than {limit} bytes"))
-            server.stats.protocol_errors += 1
+            state.stats.protocol_errors += 1
             return True
         try:
             req = parse_request(line, codec, self.address, self.received)
         except ProtocolError as exc:
             if not line.strip(BLANK):  # blank, in a read of long lines (LineBuffer dropped the others)
-                server.stats.blank_lines += 1
+                state.stats.blank_lines += 1
                 return True
-            server.stats.protocol_errors += 1
+            state.stats.protocol_errors += 1
             self.out.append(encode_error(codec, exc.code, exc.msg, exc.cmdid, exc.id, exc.has_id))
             return True
         except Exception:  # a parser bug must cost one 400, never the connection
             log.exception("request line from %s could not be parsed", self.address)
-            server.stats.protocol_errors += 1
+            state.stats.protocol_errors += 1
             self.out.append(encode_error(codec, Code.BAD_REQUEST, "invalid request"))
             return True
         self.requests += 1
@@ -371,27 +382,21 @@ class Connection:
         call = self.calls.get(cmdid)
         if call is None:
             return self._refuse_unknown(req)
-        refusal = server.admit(self, req)
+        refusal = state.admit(self, req)  # or admitted, with the watch armed (see ServerState.admit)
         if refusal is not None:
             self.out.append(encode_error(codec, refusal[0], refusal[1], cmdid, req.id, req.has_id))
-            server.stats.record(cmdid, refusal[0], 0.0)
+            state.stats.record(cmdid, refusal[0], 0.0)
             return True
         req.connection = self
-        if not self.watch_armed:
-            self.watch_armed = True
-            watching = server.watching
-            if not watching:
-                server.loop.run_callback(server._watch_all)
-            watching.append(self)
         self.running = req
-        clock = server.clock
+        clock = state.clock
         started = clock()
         code: int
         try:
             try:
                 # Each request runs in a fresh copy of the worker's base context: pipelined requests
                 # share this greenlet, and one caller's contextvars must not leak to the next.
-                data = server.new_context().run(call, req)
+                data = state.new_context().run(call, req)
             finally:
                 # Before anything that could yield (logging, encoding): once the handler has
                 # returned, no handoff and no deadline may land on this greenlet any more.
@@ -427,12 +432,12 @@ class Connection:
         slot = req._slot
         if slot is not None:  # handed off while the handler blocked
             return self._finish_handoff(req, slot, reply, code, clock() - started, me)
-        if len(reply) > server.settings.max_reply_bytes:
+        if len(reply) > state.settings.max_reply_bytes:
             reply = encode_error(codec, Code.TOO_LARGE, "reply too large", cmdid, req.id, req.has_id)
             code = Code.TOO_LARGE
         elapsed = clock() - started
-        server.stats.record(cmdid, code, elapsed)
-        access_log = server.access_log
+        state.stats.record(cmdid, code, elapsed)
+        access_log = state.access_log
         if access_log is not None:
             access_log(self, req, code, elapsed)
         self.out.append(reply)
@@ -443,7 +448,7 @@ class Connection:
 
     def _not_serializable(self, req: Request, exc: BaseException) -> bytes:
         log.error("result of cmdid %d is not serializable: %r", req.cmdid, exc)
-        return encode_error(self.server.codec, Code.INTERNAL, "result not serializable", req.cmdid, req.id,
+        return encode_error(self.state.codec, Code.INTERNAL, "result not serializable", req.cmdid, req.id,
                             req.has_id)
 
     def _flush_or_wait(self) -> None:
@@ -459,13 +464,13 @@ class Connection:
         if slot.data is not None:  # answered 504 at its deadline; the handler had swallowed DeadlineReached
             self._deadline_answered(req, me, elapsed)
             return False
-        server = self.server
+        state = self.state
         try:
-            if len(reply) > server.settings.max_reply_bytes:
-                reply = encode_error(server.codec, Code.TOO_LARGE, "reply too large", req.cmdid, req.id, req.has_id)
+            if len(reply) > state.settings.max_reply_bytes:
+                reply = encode_error(state.codec, Code.TOO_LARGE, "reply too large", req.cmdid, req.id, req.has_id)
                 code = Code.TOO_LARGE
-            server.stats.record(req.cmdid, code, elapsed)
-            access_log = server.access_log
+            state.stats.record(req.cmdid, code, elapsed)
+            access_log = state.access_log
             if access_log is not None:
                 access_log(self, req, code, elapsed)
         finally:
@@ -486,47 +491,47 @@ class Connection:
         if req._slot is not None and me in self.handlers:
             del self.handlers[me]
             self.inflight -= 1
-            self.server.inflight -= 1
+            self.state.inflight -= 1
 
     def _refuse_unknown(self, req: Request) -> bool:
         """Answer a cmdid this connection may not call: 401 before AUTH, else 404."""
-        server = self.server
-        if self.calls is not server.calls:
+        state = self.state
+        if self.calls is not state.calls:
             code, msg = Code.UNAUTHENTICATED, "authentication required"
         else:
             code, msg = Code.UNKNOWN_COMMAND, f"unknown cmdid {req.cmdid}"
-        self.out.append(encode_error(server.codec, code, msg, req.cmdid, req.id, req.has_id))
-        server.stats.unknown_commands += 1
+        self.out.append(encode_error(state.codec, code, msg, req.cmdid, req.id, req.has_id))
+        state.stats.unknown_commands += 1
         return True
 
-    def _watch(self) -> None:
-        """Runs in the hub once the reader yielded (``Server._watch_all``): if it is inside a handler,
-        hand off."""
+    def hand_off(self) -> None:
+        """Runs in the hub once the reader yielded (the state's watch pass, ``ServerState.watch_all``):
+        if it is inside a handler, give the reader role to another greenlet."""
         self.watch_armed = False
         req = self.running
         if req is None or self.closed:
             return
         self.running = None
-        server = self.server
+        state = self.state
         slot = _Slot()
         req._slot = slot
         self.out.append(slot)
         self.open_slots += 1
         self.inflight += 1
-        server.inflight += 1
+        state.inflight += 1
         if req.cmdid >= 0:  # an application command that blocks: refused at a full limit from now on
-            server.blocking.add(req.cmdid)
-        deadline = server.deadline_for(req)
+            state.blocking.add(req.cmdid)
+        deadline = state.deadline_for(req)
         if deadline is not None:
-            now = server.clock()
-            timer = server.loop.timer(max(0.0, deadline - now))
+            now = state.clock()
+            timer = state.loop.timer(max(0.0, deadline - now))
             timer.start(self._on_deadline, req, self.reader, now)
             req._timer = timer
-        elif req.cmdid in server.cancel_on_disconnect:
-            req._timer = server.loop.timer(0)  # never started: marks "handler still running" for a cancel
+        elif req.cmdid in state.cancel_on_disconnect:
+            req._timer = state.loop.timer(0)  # never started: marks "handler still running" for a cancel
         self.handlers[self.reader] = req
         self.reader = None
-        self.server.readers.run(self._read_loop)
+        self.state.readers.run(self._read_loop)
 
     def _on_deadline(self, req: Request, glet: Any, handed_off: float) -> None:
         """Hub-side, at a handed-off request's deadline: its reply becomes the 504 now, whatever the
@@ -541,12 +546,12 @@ class Connection:
         if slot is None or slot.data is not None:
             return
         if not self.closed:
-            slot.data = encode_error(self.server.codec, Code.DEADLINE_EXCEEDED, "deadline exceeded", req.cmdid,
+            slot.data = encode_error(self.state.codec, Code.DEADLINE_EXCEEDED, "deadline exceeded", req.cmdid,
                                      req.id, req.has_id)
             self.queued_bytes += len(slot.data)
         glet.throw(DeadlineReached)
         if req._timer is not None and not self.closed:  # it swallowed the exception and runs on
-            self.server.readers.run(self._deadline_answered, req, glet, self.server.clock() - handed_off)
+            self.state.readers.run(self._deadline_answered, req, glet, self.state.clock() - handed_off)
 
     def _deadline_answered(self, req: Request, glet: Any, elapsed: float) -> None:
         """Count and send the 504 of a request answered at its deadline, once: from the handler's
@@ -557,9 +562,9 @@ class Connection:
                             "its result was dropped (peer %s, id %r)", req.cmdid, self.address, req.id)
             return
         self._drop_slot(req, glet)
-        server = self.server
-        server.stats.record(req.cmdid, Code.DEADLINE_EXCEEDED, elapsed)
-        access_log = server.access_log
+        state = self.state
+        state.stats.record(req.cmdid, Code.DEADLINE_EXCEEDED, elapsed)
+        access_log = state.access_log
         if access_log is not None:
             access_log(self, req, Code.DEADLINE_EXCEEDED, elapsed)
         if not self.closed:
@@ -641,7 +646,7 @@ class Connection:
         """Send ``data`` from byte ``sent`` on, waiting for the socket (the watchdog's write timeout
         interrupts a peer that stops reading: ``Stop`` or ``OSError``, which the caller handles)."""
         self.writer = getcurrent()
-        self.write_tick = self.server.tick
+        self.write_tick = self.state.tick
         self.write_unsent = unsent_bytes(self.sock)  # the watchdog measures progress from here
         try:
             self.sock.sendall(memoryview(data)[sent:] if sent else data)
@@ -663,7 +668,7 @@ class Connection:
             return
         final = self.error_line
         if final is None and self.goaway is not None:
-            final = encode_goaway(self.server.codec, self.goaway)
+            final = encode_goaway(self.state.codec, self.goaway)
         if final is not None:
             self.out.append(final)
         self._flush()
@@ -695,10 +700,10 @@ class Connection:
         """
         self.closed = True
         self.reading_done = True
-        if cancel and self.server.cancel_on_disconnect and (self.handlers or self.running is not None):
+        if cancel and self.state.cancel_on_disconnect and (self.handlers or self.running is not None):
             self._cancel_handlers()  # before the handlers are forgotten below
         if self.inflight:
-            self.server.inflight -= self.inflight
+            self.state.inflight -= self.inflight
             self.inflight = 0
             self.handlers.clear()
         if self.drained is not None:
@@ -707,8 +712,8 @@ class Connection:
 
     def _cancel_handlers(self) -> None:
         """Schedule :class:`RequestCancelled` for each running handler that asked for it."""
-        wanted = self.server.cancel_on_disconnect
-        run = self.server.loop.run_callback
+        wanted = self.state.cancel_on_disconnect
+        run = self.state.loop.run_callback
         for glet, req in list(self.handlers.items()):
             if req.cmdid in wanted:
                 run(self._throw_cancel, glet, req)
@@ -730,7 +735,7 @@ class Connection:
         try:
             self.sock.close()
         finally:
-            self.server.forget(self)
+            self.state.forget(self)
 
     def interrupt(self, reason: str) -> None:
         """Hub-side: end a wait of this connection's greenlets for ``reason``.
@@ -745,7 +750,7 @@ class Connection:
             return
         if reason == "write":
             if self.writer is not None:
-                self.server.stats.write_timeout_disconnections += 1
+                self.state.stats.write_timeout_disconnections += 1
                 self.writer.throw(Stop(reason))
             return
         if reason == "auth" and self.writer is not None:  # not authenticated in time and reading slowly:
