@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from geventtcp.protocol import PROTOCOL_VERSION, Builtin, Request
 from geventtcp.server.security import make_auth
 
 if TYPE_CHECKING:
-    from geventtcp.server.state import ServerState
+    from geventtcp.server.state import Handler, ServerState
 
 __all__ = ["Builtin", "make_builtins"]
 
 
-def make_builtins(state: ServerState[Any]) -> dict[int, Callable[[Request], Any]]:
+def make_builtins(state: ServerState[Any]) -> dict[int, Handler]:
     """The built-in commands, reading the server's shared ``state``."""
 
     def ping(request: Request) -> Any:

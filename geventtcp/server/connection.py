@@ -38,13 +38,13 @@ from geventtcp.protocol import (
     BLANK,
     PREAUTH_MAX_LINE_BYTES,
     LineBuffer,
-    Request,
     encode_error,
     encode_goaway,
     encode_reply,
     parse_request,
 )
-from geventtcp.server.state import ServerState
+from geventtcp.server.request import ServerRequest
+from geventtcp.server.state import Handler, ServerState
 from geventtcp.sockets import linger, unsent_bytes
 
 __all__ = ["Connection", "DeadlineReached", "Stop"]
@@ -113,7 +113,7 @@ class Connection:
         self.address = address
         # Until AUTH succeeds (when auth is on) only the pre-auth table and line limit apply; with
         # auth off this is the server's table and the request path pays nothing for auth.
-        self.calls: dict[int, Callable[[Request], Any]] = state.calls if state.token is None else state.preauth_calls
+        self.calls: dict[int, Handler] = state.calls if state.token is None else state.preauth_calls
         self.auth_failures = 0
         self.buffer = LineBuffer(state.settings.max_line_bytes if state.token is None
                                  else min(state.settings.max_line_bytes, PREAUTH_MAX_LINE_BYTES), skip_blank=True)
@@ -125,8 +125,8 @@ class Connection:
         self.queued_bytes = 0  # reply bytes in ``out`` (inline replies and filled slots) not yet taken to send
         self.inflight = 0  # requests handed off to their own greenlet, not yet answered
         self.reader: Any = None
-        self.handlers: dict[Any, Request] = {}  # greenlets running handed-off requests, and those requests
-        self.running: Request | None = None
+        self.handlers: dict[Any, ServerRequest] = {}  # greenlets running handed-off requests, and those requests
+        self.running: ServerRequest | None = None
         self.watch_armed = False
         self.receiving = False
         self.reading_done = False
@@ -364,7 +364,7 @@ class Connection:
             state.stats.protocol_errors += 1
             return True
         try:
-            req = parse_request(line, codec, self.address, self.received)
+            req = parse_request(line, codec, self.address, self.received, ServerRequest)
         except ProtocolError as exc:
             if not line.strip(BLANK):  # blank, in a read of long lines (LineBuffer dropped the others)
                 state.stats.blank_lines += 1
@@ -387,7 +387,9 @@ class Connection:
             self.out.append(encode_error(codec, refusal[0], refusal[1], cmdid, req.id, req.has_id))
             state.stats.record(cmdid, refusal[0], 0.0)
             return True
-        req.connection = self
+        req.connection = self  # the server's fields (ServerRequest), set once the request may run
+        req._slot = None
+        req._timer = None
         self.running = req
         clock = state.clock
         started = clock()
@@ -446,7 +448,7 @@ class Connection:
             self._flush_or_wait()
         return True
 
-    def _not_serializable(self, req: Request, exc: BaseException) -> bytes:
+    def _not_serializable(self, req: ServerRequest, exc: BaseException) -> bytes:
         log.error("result of cmdid %d is not serializable: %r", req.cmdid, exc)
         return encode_error(self.state.codec, Code.INTERNAL, "result not serializable", req.cmdid, req.id,
                             req.has_id)
@@ -458,7 +460,8 @@ class Connection:
         if self.queued_bytes > MAX_QUEUED_BYTES and not self.closed:
             self._wait_drained()
 
-    def _finish_handoff(self, req: Request, slot: _Slot, reply: bytes, code: int, elapsed: float, me: Any) -> bool:
+    def _finish_handoff(self, req: ServerRequest, slot: _Slot, reply: bytes, code: int, elapsed: float,
+                        me: Any) -> bool:
         """A handed-off request is done: fill its slot and release its counts whatever fails on the
         way, then send what is ready. Returns False: this greenlet no longer reads."""
         if slot.data is not None:  # answered 504 at its deadline; the handler had swallowed DeadlineReached
@@ -482,7 +485,7 @@ class Connection:
             self._maybe_close()
         return False
 
-    def _drop_slot(self, req: Request, me: Any) -> None:
+    def _drop_slot(self, req: ServerRequest, me: Any) -> None:
         """A handed-off request is over: it no longer counts in flight (its slot stays in ``out``).
 
         Only once: the counts of a request answered at its deadline, or of a connection aborted,
@@ -493,7 +496,7 @@ class Connection:
             self.inflight -= 1
             self.state.inflight -= 1
 
-    def _refuse_unknown(self, req: Request) -> bool:
+    def _refuse_unknown(self, req: ServerRequest) -> bool:
         """Answer a cmdid this connection may not call: 401 before AUTH, else 404."""
         state = self.state
         if self.calls is not state.calls:
@@ -533,7 +536,7 @@ class Connection:
         self.reader = None
         self.state.readers.run(self._read_loop)
 
-    def _on_deadline(self, req: Request, glet: Any, handed_off: float) -> None:
+    def _on_deadline(self, req: ServerRequest, glet: Any, handed_off: float) -> None:
         """Hub-side, at a handed-off request's deadline: its reply becomes the 504 now, whatever the
         handler does with the DeadlineReached thrown into it.
 
@@ -553,7 +556,7 @@ class Connection:
         if req._timer is not None and not self.closed:  # it swallowed the exception and runs on
             self.state.readers.run(self._deadline_answered, req, glet, self.state.clock() - handed_off)
 
-    def _deadline_answered(self, req: Request, glet: Any, elapsed: float) -> None:
+    def _deadline_answered(self, req: ServerRequest, glet: Any, elapsed: float) -> None:
         """Count and send the 504 of a request answered at its deadline, once: from the handler's
         own completion, or (it swallowed DeadlineReached) from a reader greenlet at the deadline."""
         if glet not in self.handlers:  # the handler finishing after its 504 was sent
@@ -721,7 +724,7 @@ class Connection:
         if inline is not None and self.reader is not None and inline.cmdid in wanted:
             run(self._throw_cancel, self.reader, inline)
 
-    def _throw_cancel(self, glet: Any, req: Request) -> None:
+    def _throw_cancel(self, glet: Any, req: ServerRequest) -> None:
         """Hub callback: throw into ``glet`` only if it is still inside ``req``'s handler (a handed-off
         handler's ``_timer`` is cleared as it returns; an inline one's ``running``), never into a
         greenlet that has moved on to other work."""

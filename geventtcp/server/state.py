@@ -33,6 +33,7 @@ from geventtcp.config import Settings
 from geventtcp.errors import Code
 from geventtcp.protocol import Request
 from geventtcp.server.readers import ReaderPool
+from geventtcp.server.request import ServerRequest
 from geventtcp.server.stats import Stats
 from geventtcp.urls import Registry
 
@@ -45,7 +46,7 @@ log = logging.getLogger("geventtcp.server")
 _WATCH_SLICE = 50
 
 #: A command's handler as the command tables hold it.
-Handler = Callable[[Request], Any]
+Handler = Callable[[ServerRequest], Any]
 
 
 class Watched(Protocol):
