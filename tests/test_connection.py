@@ -9,9 +9,10 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
+import pytest
 
 from geventtcp import Server
-from geventtcp.server.connection import RECV_SIZE
+from geventtcp.server.connection import CLOSED, DONE, PARKED, READING, RECV_SIZE
 
 from .conftest import make_registry
 from .helpers import CliServer, RawConn, python_cmd, wait_until
@@ -28,6 +29,25 @@ def settled(server: Server) -> bool:
 def rst(sock: Any) -> None:
     sock.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
+
+
+def test_the_read_state_goes_reading_parked_done_closed_and_no_stray_attribute(serve: Serve) -> None:
+    """One ``read_state`` says where reading is; a Connection has no ``__dict__``, so a misspelt
+    attribute raises instead of silently creating a flag nobody reads."""
+    server = serve()
+    with RawConn(server.address) as c:
+        assert c.call(1, {})["code"] == 0
+        (conn,) = server.connections
+        wait_until(lambda: conn.read_state == PARKED)
+        assert conn.parked and not conn.closed
+        with pytest.raises(AttributeError):
+            conn.recieving = True  # type: ignore[attr-defined]
+        conn.close_after_replies()  # from outside the reader: a parked connection stops reading
+        assert conn.read_state == DONE and not conn.parked
+        conn._maybe_close()  # nothing in flight: DONE -> CLOSED, no goaway line (error_line is empty)
+        c.expect_eof()
+    wait_until(lambda: not server.connections)
+    assert conn.read_state == CLOSED and conn.closed and READING == 0
 
 
 # -- input that arrives while the reader is busy (it parks without a recv) ----------------------

@@ -422,7 +422,8 @@ def test_a_hook_that_yields_after_the_handler_cannot_trigger_a_stray_deadline(
 
 
 def test_one_hub_callback_hands_off_each_blocked_connection(serve: Callable[..., Server],
-                                                           caplog: pytest.LogCaptureFixture) -> None:
+                                                           caplog: pytest.LogCaptureFixture,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Handlers that block in the same hub turn are handed off by one callback; a handoff that fails
     costs only its own connection (closed), never the others'."""
     server = serve()
@@ -434,10 +435,14 @@ def test_one_hub_callback_hands_off_each_blocked_connection(serve: Callable[...,
         doomed_peer = conns[0].sock.getsockname()
         doomed = next(conn for conn in server.connections if conn.address == doomed_peer)
 
-        def broken_watch() -> None:
-            raise RuntimeError("handoff bug")
+        hand_off = Connection.hand_off
 
-        doomed.hand_off = broken_watch  # type: ignore[method-assign]
+        def broken_for_doomed(conn: Connection) -> None:  # a Connection has no __dict__: patch the class
+            if conn is doomed:
+                raise RuntimeError("handoff bug")
+            hand_off(conn)
+
+        monkeypatch.setattr(Connection, "hand_off", broken_for_doomed)
         for c in conns:  # all three lines arrive before the server runs: one hub turn
             c.send(b'{"cmdid":2,"id":1,"params":{"seconds":0.3}}\n{"cmdid":1,"id":2,"params":{}}\n')
         wait_until(lambda: server.inflight == 2)  # both healthy sleeps handed off at once

@@ -18,6 +18,33 @@ handoff watch) it reads and updates in the server's :class:`~geventtcp.server.st
 which it gets instead of the server: ``state.admit`` admits a request and arms the handoff watch,
 whose pass (``state.watch_all``) calls :meth:`Connection.hand_off`; ``state.forget`` is told of the close.
 
+The read state: one attribute, ``read_state``, says where the reading side is (as h11's ``_state``
+does for HTTP), instead of flags kept consistent by hand. The states, ordered, and their transitions,
+each made in one method:
+
+``READING`` (0)
+    A greenlet holds the reader role and runs :meth:`Connection._read_loop` (reads, dispatches,
+    flushes). The start state; also after a resume and after a handoff (the new reader reads on).
+``RECEIVING``
+    The reader is blocked in ``sock.recv`` (a TLS or unwatchable socket): READING -> RECEIVING ->
+    READING around that one call in ``_read_loop``; :meth:`Connection.interrupt` throws ``Stop`` into it.
+``PARKED``
+    No greenlet: the socket's read watcher resumes the connection on input. ``_park`` (READING ->
+    PARKED), and back to READING inline at the top of ``_read_loop`` (resumed) or in ``_unpark``
+    (stopped while idle).
+``DONE``
+    Reading has stopped (EOF, a stop, a goaway, AUTH's failure limit): no further line is read or
+    dispatched; the connection closes once every request in flight is answered. ``_stop_reading``.
+``CLOSED``
+    The socket is closed or closing; nothing more is sent. ``_maybe_close`` (DONE -> CLOSED, after
+    the last reply) and ``abort`` (any -> CLOSED, replies dropped). Terminal.
+
+``RECEIVING`` and ``PARKED`` are the waiting states (:data:`WAITING`), the only ones in which the
+watchdog's idle, slow-line and age timeouts apply. Three flags stay apart because they are not
+about reading: ``flushing`` and ``close_pending`` belong to the writer role, which another greenlet
+(a handed-off handler) may hold in any read state; ``watch_armed`` belongs to the handoff watch in
+the server's state. ``eager`` is a hint about the socket used while READING (input known waiting).
+
 Who closes what: the :class:`Connection` owns its socket and closes it once the reader has stopped
 and the last request in flight has been answered (or the peer is gone). When it is aborted (reset,
 failed send, write timeout), handlers still running see ``request.cancelled``; those registered
@@ -29,7 +56,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from gevent import GreenletExit, get_hub, getcurrent
 
@@ -47,9 +74,21 @@ from geventtcp.server.request import ServerRequest
 from geventtcp.server.state import Handler, ServerState
 from geventtcp.sockets import linger, unsent_bytes
 
-__all__ = ["Connection", "DeadlineReached", "Stop"]
+__all__ = ["CLOSED", "DONE", "PARKED", "READING", "RECEIVING", "WAITING", "Connection", "DeadlineReached", "Stop"]
 
 log = logging.getLogger("geventtcp.server")
+
+# The read states (see the module docstring), ordered: plain ints, so the request path's checks are
+# one comparison (READING is 0: ``if conn.read_state:`` means "not reading any more" in the loop).
+READING: Final = 0
+RECEIVING: Final = 1
+PARKED: Final = 2
+DONE: Final = 3
+CLOSED: Final = 4
+#: The states in which the connection waits for input (the watchdog's timeouts apply).
+WAITING = frozenset({RECEIVING, PARKED})
+#: Names of the read states, for logs and debugging.
+READ_STATE_NAMES = {READING: "READING", RECEIVING: "RECEIVING", PARKED: "PARKED", DONE: "DONE", CLOSED: "CLOSED"}
 
 #: Bytes asked of the kernel per ``recv``.
 RECV_SIZE = 65536
@@ -97,14 +136,14 @@ class Connection:
     """Serves one accepted socket; created and run by :class:`geventtcp.server.Server` with its state."""
 
     # Slots, because an idle connection should cost little: past 29 attributes CPython 3.11 stops
-    # sharing instance-dict keys and every connection would carry its own ~1.6 KB dict. ``__dict__``
-    # stays available (created only when something sets an attribute not listed here).
+    # sharing instance-dict keys and every connection would carry its own ~1.6 KB dict. No
+    # ``__dict__``: an attribute not listed here (a misspelt one) raises instead of being created.
     __slots__ = (
         "state", "sock", "address", "calls", "auth_failures", "buffer", "lines", "pos", "out", "open_slots",
-        "flushing", "queued_bytes", "inflight", "reader", "handlers", "running", "watch_armed", "receiving",
-        "reading_done", "closed", "goaway", "error_line", "active_tick", "partial_tick", "writer", "write_tick",
+        "flushing", "queued_bytes", "inflight", "reader", "handlers", "running", "watch_armed", "read_state",
+        "goaway", "error_line", "active_tick", "partial_tick", "writer", "write_tick",
         "requests", "created_tick", "drained", "_raw_send", "close_pending", "received", "write_unsent",
-        "parked", "eager", "_raw_recv", "_read_watcher", "__dict__", "__weakref__",
+        "eager", "_raw_recv", "_read_watcher", "__weakref__",
     )
 
     def __init__(self, state: ServerState[Connection], sock: Any, address: Any) -> None:
@@ -127,10 +166,8 @@ class Connection:
         self.reader: Any = None
         self.handlers: dict[Any, ServerRequest] = {}  # greenlets running handed-off requests, and those requests
         self.running: ServerRequest | None = None
-        self.watch_armed = False
-        self.receiving = False
-        self.reading_done = False
-        self.closed = False
+        self.watch_armed = False  # owned by the handoff watch: set by ``state.admit``, cleared by its pass
+        self.read_state: int = READING  # see the module docstring: one of READING ... CLOSED
         self.goaway: str | None = None  # reason to send a goaway line before closing
         self.error_line: bytes | None = None  # a final error line instead of a goaway
         self.active_tick = state.tick
@@ -141,14 +178,16 @@ class Connection:
         self.requests = 0
         self.created_tick = state.tick
         self.drained: Any = None  # an Event a waiter may set up (reader stalled on a slow peer)
-        self.close_pending = False  # reading is done and nothing is in flight, but a send is under way
+        # Writer side, independent of the read state: another greenlet (a handed-off handler) may be
+        # sending while the reader parks. close_pending: DONE with nothing in flight, but a send is
+        # under way; the flusher closes when it is done.
+        self.close_pending = False
         self.received = 0.0  # clock() when the current batch of lines was read (deadlines count from it)
-        self.parked = False  # waiting for input with no greenlet: the read watcher will resume it
         # Whether input is waiting, to be read before parking or stopping: on a new connection and
-        # when the watcher resumed it. After a batch the reader parks at once: a lone request's next
-        # read would almost always fail with EAGAIN (whose exception costs more than the read), and
-        # a peer that keeps the buffer full still lets the hub serve the other connections between
-        # two reads.
+        # when the watcher resumed it (a hint about the socket while READING, not a state of its
+        # own). After a batch the reader parks at once: a lone request's next read would almost
+        # always fail with EAGAIN (whose exception costs more than the read), and a peer that keeps
+        # the buffer full still lets the hub serve the other connections between two reads.
         self.eager = True
         raw = getattr(sock, "_sock", None) if state.plain_sockets else None
         self._raw_send: Callable[[Any], int] | None = raw.send if raw is not None else None
@@ -157,44 +196,59 @@ class Connection:
         self._raw_recv: Callable[[int], bytes] | None = raw.recv if raw is not None and watcher is not None else None
         self._read_watcher: Any = watcher
 
+    # -- the read state (see the module docstring) -----------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """The socket is closed (or closing): no reply can be delivered any more (``CLOSED``)."""
+        return self.read_state == CLOSED
+
+    @property
+    def parked(self) -> bool:
+        """Waiting for input with no greenlet: the read watcher will resume it (``PARKED``)."""
+        return self.read_state == PARKED
+
+    def _park(self) -> None:
+        """READING -> PARKED: wait for input without a greenlet; on input the socket's read watcher has
+        the hub start :meth:`_read_loop` in a free reader greenlet (which first stops the watcher:
+        PARKED -> READING, inline there, once per request)."""
+        self.reader = None
+        self.read_state = PARKED
+        self._read_watcher.start(self.state.readers.run, self._read_loop)
+
+    def _unpark(self, stop: str) -> None:
+        """Hub-side, PARKED -> DONE: end a parked connection's reading for ``stop``, in a reader greenlet."""
+        self._read_watcher.stop()
+        self.read_state = READING
+        self.state.readers.run(self._stop_parked, stop)
+
+    def _stop_reading(self) -> None:
+        """-> DONE (unless CLOSED): no further line is read or dispatched; the connection closes once
+        the requests in flight are answered (:meth:`_maybe_close`)."""
+        read_state = self.read_state
+        if read_state == PARKED:
+            self._read_watcher.stop()
+        if read_state != CLOSED:
+            self.read_state = DONE
+
     # -- reading ---------------------------------------------------------------------------------
 
     def serve(self) -> None:
         """Run the connection in the calling greenlet until it is closed or parks (idle, no greenlet)."""
         self._read_loop()
 
-    def _park(self) -> None:
-        """Wait for input without a greenlet: on input the socket's read watcher has the hub start
-        :meth:`_read_loop` in a free reader greenlet (which first stops the watcher)."""
-        self.reader = None
-        self.parked = True
-        self.receiving = True
-        self._read_watcher.start(self.state.readers.run, self._read_loop)
-
-    def _unwatch(self) -> None:
-        """Stop waiting on the read watcher: the connection is resumed, stopped or closed."""
-        self._read_watcher.stop()
-        self.parked = False
-        self.receiving = False
-
-    def _unpark(self, stop: str) -> None:
-        """Hub-side: end a parked connection's reading for ``stop``, in a reader greenlet."""
-        self._unwatch()
-        self.state.readers.run(self._stop_parked, stop)
-
     def _stop_parked(self, reason: str) -> None:
         self.reader = getcurrent()
         self._on_stop(reason)
-        self.reading_done = True
+        self._stop_reading()
         self._maybe_close()
 
     def _read_loop(self) -> None:
         """Read and dispatch until EOF, a stop, a handoff (this greenlet keeps its request) or a park."""
         self.reader = me = getcurrent()
-        if self.parked:  # resumed by the read watcher: _unwatch() inline (once per request)
+        if self.read_state == PARKED:  # resumed by the read watcher: PARKED -> READING (once per request)
             self._read_watcher.stop()
-            self.parked = False
-            self.receiving = False
+            self.read_state = READING
         state = self.state
         sock = self.sock
         buffer = self.buffer
@@ -213,26 +267,28 @@ class Connection:
                     self.pos = pos  # a handoff inside dispatch continues from here
                     if not dispatch(lines[pos - 1], me):
                         return  # handed off: this greenlet now only answers its own request
-                    if self.reading_done:  # closed, or told to answer no further line
+                    if self.read_state:  # READING is 0; here any other is DONE or CLOSED: no further line
                         self._maybe_close()
                         return
                 if pos < len(lines):  # a long batch: every _BATCH_SLICE lines, is the hub due a turn?
                     turn = self._take_turn(turn)
-                    if self.closed:
+                    if self.read_state == CLOSED:
                         return
                     continue
                 if self.out:
                     self._flush()
-                    if self.closed:
+                    if self.read_state == CLOSED:
                         return
                 # Input that resumed a reader parked on half a line is read first: a drain leaves
                 # such a connection parked until the rest comes, and that line is then answered.
                 if (state.draining or self.goaway is not None) and not (self.eager and buffer.pending):
                     self.goaway = self.goaway or state.drain_reason
                     break
+                if self.read_state >= DONE:  # close_after_replies from a handed-off handler: read no more
+                    break
                 if len(self.out) > MAX_QUEUED_REPLIES or self.queued_bytes > MAX_QUEUED_BYTES:
                     self._wait_drained()
-                    if self.closed:
+                    if self.read_state == CLOSED:
                         return
                     continue
                 if raw_recv is not None:
@@ -249,11 +305,12 @@ class Connection:
                         self._park()
                         return
                 else:
-                    self.receiving = True
+                    self.read_state = RECEIVING  # -> READING again, unless stopped or closed meanwhile
                     try:
                         data = sock.recv(RECV_SIZE)
                     finally:
-                        self.receiving = False
+                        if self.read_state == RECEIVING:
+                            self.read_state = READING
                 if not data:
                     break  # EOF: answer what is in flight, then close
                 self.received = state.clock()
@@ -274,7 +331,7 @@ class Connection:
             log.debug("connection %s: %s", self.address, exc)
             self.abort()
             return
-        self.reading_done = True
+        self._stop_reading()
         self._maybe_close()
 
     def _take_turn(self, since: float) -> float:
@@ -287,7 +344,7 @@ class Connection:
             return since
         if self.out:
             self._flush()
-            if self.closed:
+            if self.read_state == CLOSED:
                 return now
         timer = state.loop.timer(0.0)  # fires after the loop has polled: other input is read first
         try:
@@ -337,7 +394,7 @@ class Connection:
         self.error_line = b""
         if self.goaway is None:
             self.goaway = "closing"
-        self.reading_done = True
+        self._stop_reading()
 
     def _wait_drained(self) -> None:
         from gevent.event import Event
@@ -416,7 +473,7 @@ class Connection:
             reply = encode_error(codec, exc.code, exc.msg, cmdid, req.id, req.has_id)
             code = exc.code
         except BaseException as exc:  # sys.exit(), an escaped gevent.Timeout: a 500, never the connection
-            if self.closed and isinstance(exc, (GreenletExit, RequestCancelled)):  # nobody to answer
+            if self.read_state == CLOSED and isinstance(exc, (GreenletExit, RequestCancelled)):  # nobody to answer
                 self._drop_slot(req, me)
                 if isinstance(exc, GreenletExit):  # killed by Server.close
                     raise
@@ -457,7 +514,7 @@ class Connection:
         """Inline replies passed FLUSH_BYTES: send them; if they stay queued (behind a blocked
         request, or another greenlet is sending), stop reading until the queue drains."""
         self._flush()
-        if self.queued_bytes > MAX_QUEUED_BYTES and not self.closed:
+        if self.queued_bytes > MAX_QUEUED_BYTES and self.read_state != CLOSED:
             self._wait_drained()
 
     def _finish_handoff(self, req: ServerRequest, slot: _Slot, reply: bytes, code: int, elapsed: float,
@@ -480,7 +537,7 @@ class Connection:
             slot.data = reply
             self.queued_bytes += len(reply)
             self._drop_slot(req, me)
-        if not self.closed:
+        if self.read_state != CLOSED:
             self._flush()
             self._maybe_close()
         return False
@@ -512,7 +569,7 @@ class Connection:
         if it is inside a handler, give the reader role to another greenlet."""
         self.watch_armed = False
         req = self.running
-        if req is None or self.closed:
+        if req is None or self.read_state == CLOSED:
             return
         self.running = None
         state = self.state
@@ -548,19 +605,19 @@ class Connection:
         slot = req._slot
         if slot is None or slot.data is not None:
             return
-        if not self.closed:
+        if self.read_state != CLOSED:
             slot.data = encode_error(self.state.codec, Code.DEADLINE_EXCEEDED, "deadline exceeded", req.cmdid,
                                      req.id, req.has_id)
             self.queued_bytes += len(slot.data)
         glet.throw(DeadlineReached)
-        if req._timer is not None and not self.closed:  # it swallowed the exception and runs on
+        if req._timer is not None and self.read_state != CLOSED:  # it swallowed the exception and runs on
             self.state.readers.run(self._deadline_answered, req, glet, self.state.clock() - handed_off)
 
     def _deadline_answered(self, req: ServerRequest, glet: Any, elapsed: float) -> None:
         """Count and send the 504 of a request answered at its deadline, once: from the handler's
         own completion, or (it swallowed DeadlineReached) from a reader greenlet at the deadline."""
         if glet not in self.handlers:  # the handler finishing after its 504 was sent
-            if not self.closed:
+            if self.read_state != CLOSED:
                 log.warning("handler for cmdid %d returned after its deadline (it caught DeadlineReached); "
                             "its result was dropped (peer %s, id %r)", req.cmdid, self.address, req.id)
             return
@@ -570,7 +627,7 @@ class Connection:
         access_log = state.access_log
         if access_log is not None:
             access_log(self, req, Code.DEADLINE_EXCEEDED, elapsed)
-        if not self.closed:
+        if self.read_state != CLOSED:
             self._flush()
             self._maybe_close()
 
@@ -611,7 +668,7 @@ class Connection:
         self.flushing = True
         raw_send = self._raw_send
         try:
-            while self.out and not self.closed:
+            while self.out and self.read_state != CLOSED:
                 if self.open_slots or self.queued_bytes > FLUSH_BYTES:
                     data = self._take_ready()
                     if not data:
@@ -664,7 +721,7 @@ class Connection:
         While another greenlet is sending (a large reply to a slow reader), closing now would cut
         that reply and drop what is queued behind it: the flusher closes when it is done instead.
         """
-        if self.closed or not self.reading_done or self.inflight:
+        if self.read_state != DONE or self.inflight:
             return
         if self.flushing:
             self.close_pending = True
@@ -675,9 +732,9 @@ class Connection:
         if final is not None:
             self.out.append(final)
         self._flush()
-        if self.closed:
+        if self.read_state == CLOSED:
             return
-        self.closed = True
+        self.read_state = CLOSED  # DONE -> CLOSED
         self._linger_close()
 
     def _linger_close(self) -> None:
@@ -701,8 +758,9 @@ class Connection:
         Handlers still running for it no longer count in flight: their results have nowhere to go,
         and a handler that never ends must not hold the worker's ``max_inflight`` forever.
         """
-        self.closed = True
-        self.reading_done = True
+        if self.read_state == PARKED:  # closing a socket under a started watcher would throw into its callback's owner
+            self._read_watcher.stop()
+        self.read_state = CLOSED  # any -> CLOSED
         if cancel and self.state.cancel_on_disconnect and (self.handlers or self.running is not None):
             self._cancel_handlers()  # before the handlers are forgotten below
         if self.inflight:
@@ -733,8 +791,6 @@ class Connection:
             glet.throw(RequestCancelled)
 
     def _release(self) -> None:
-        if self.parked:  # closing a socket under a started watcher would throw into its callback's owner
-            self._unwatch()
         try:
             self.sock.close()
         finally:
@@ -749,7 +805,8 @@ class Connection:
         Call it from a hub callback (``loop.run_callback``) so that the state checked here is the
         state the greenlet is in when the exception lands.
         """
-        if self.closed:
+        read_state = self.read_state
+        if read_state == CLOSED:
             return
         if reason == "write":
             if self.writer is not None:
@@ -763,8 +820,8 @@ class Connection:
         if not fatal and self.goaway is None:
             self.goaway = reason
         reader = self.reader
-        if self.receiving and (fatal or not self.buffer.pending):
-            if self.parked:
+        if (read_state == PARKED or read_state == RECEIVING) and (fatal or not self.buffer.pending):
+            if read_state == PARKED:
                 self._unpark(reason)
             elif reader is not None:
                 reader.throw(Stop(reason))

@@ -31,7 +31,7 @@ from geventtcp.config import Config, Settings
 from geventtcp.errors import Code
 from geventtcp.protocol import PREAUTH_CMDIDS, Request, encode_error, encode_goaway
 from geventtcp.server.builtins import make_builtins
-from geventtcp.server.connection import Connection
+from geventtcp.server.connection import WAITING, Connection
 from geventtcp.server.proxyproto import (
     MAX_HEADER_BYTES,
     ProxyHeader,
@@ -510,7 +510,7 @@ class Server:
                         conn.write_tick = now
                     else:
                         run(conn.interrupt, "write")
-                elif not conn.receiving:
+                elif conn.read_state not in WAITING:
                     continue
                 elif conn.partial_tick >= 0:
                     if slow and now - conn.partial_tick >= slow:
