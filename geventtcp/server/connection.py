@@ -411,29 +411,17 @@ class Connection:
         """Answer one line; return False when this greenlet lost the reader role to a handoff.
 
         This is the request path: it runs once per request, so it reads each attribute once into a
-        local, calls the clock twice and leaves rare cases to helper calls.
+        local, calls the clock twice and leaves every rare case (a bad line, a refusal, a handler's
+        exception, an oversize reply) to a function of its own, called only when it happens.
         """
         state = self.state
         codec = state.codec
-        if line is None:  # the limit this line was cut at (64 KiB before AUTH), not necessarily today's
-            limit = self.buffer.cut_limit
-            self.out.append(encode_error(codec, Code.TOO_LARGE, f"request line longer than {limit} bytes"))
-            state.stats.protocol_errors += 1
-            return True
+        if line is None:
+            return self._line_too_long()
         try:
             req = parse_request(line, codec, self.address, self.received, ServerRequest)
-        except ProtocolError as exc:
-            if not line.strip(BLANK):  # blank, in a read of long lines (LineBuffer dropped the others)
-                state.stats.blank_lines += 1
-                return True
-            state.stats.protocol_errors += 1
-            self.out.append(encode_error(codec, exc.code, exc.msg, exc.cmdid, exc.id, exc.has_id))
-            return True
-        except Exception:  # a parser bug must cost one 400, never the connection
-            log.exception("request line from %s could not be parsed", self.address)
-            state.stats.protocol_errors += 1
-            self.out.append(encode_error(codec, Code.BAD_REQUEST, "invalid request"))
-            return True
+        except Exception as exc:  # ProtocolError, or a parser bug: one 400, never the connection
+            return self._bad_line(line, exc)
         self.requests += 1
         cmdid = req.cmdid
         call = self.calls.get(cmdid)
@@ -441,9 +429,7 @@ class Connection:
             return self._refuse_unknown(req)
         refusal = state.admit(self, req)  # or admitted, with the watch armed (see ServerState.admit)
         if refusal is not None:
-            self.out.append(encode_error(codec, refusal[0], refusal[1], cmdid, req.id, req.has_id))
-            state.stats.record(cmdid, refusal[0], 0.0)
-            return True
+            return self._refuse(req, refusal)
         req.connection = self  # the server's fields (ServerRequest), set once the request may run
         req._slot = None
         req._timer = None
@@ -466,21 +452,11 @@ class Connection:
                     req._timer = None  # also tells the deadline callback the handler has returned
                     timer.stop()
                     timer.close()
-        except DeadlineReached:
-            reply = encode_error(codec, Code.DEADLINE_EXCEEDED, "deadline exceeded", cmdid, req.id, req.has_id)
-            code = Code.DEADLINE_EXCEEDED
-        except HandlerError as exc:
-            reply = encode_error(codec, exc.code, exc.msg, cmdid, req.id, req.has_id)
-            code = exc.code
-        except BaseException as exc:  # sys.exit(), an escaped gevent.Timeout: a 500, never the connection
-            if self.read_state == CLOSED and isinstance(exc, (GreenletExit, RequestCancelled)):  # nobody to answer
-                self._drop_slot(req, me)
-                if isinstance(exc, GreenletExit):  # killed by Server.close
-                    raise
+        except BaseException as exc:  # the handler's error reply; a 500 for anything else, never the connection
+            failed = self._handler_raised(req, exc, me)
+            if failed is None:
                 return False  # this greenlet is done (an inline reader finds the connection closed)
-            log.exception("handler for cmdid %d raised (peer %s, id %r)", cmdid, self.address, req.id)
-            reply = encode_error(codec, Code.INTERNAL, "internal error", cmdid, req.id, req.has_id)
-            code = Code.INTERNAL
+            reply, code = failed
         else:
             try:
                 reply = encode_reply(codec, cmdid, data, req.id, req.has_id)
@@ -492,8 +468,7 @@ class Connection:
         if slot is not None:  # handed off while the handler blocked
             return self._finish_handoff(req, slot, reply, code, clock() - started, me)
         if len(reply) > state.settings.max_reply_bytes:
-            reply = encode_error(codec, Code.TOO_LARGE, "reply too large", cmdid, req.id, req.has_id)
-            code = Code.TOO_LARGE
+            reply, code = self._reply_too_large(req)
         elapsed = clock() - started
         state.stats.record(cmdid, code, elapsed)
         access_log = state.access_log
@@ -504,6 +479,64 @@ class Connection:
         if self.queued_bytes > FLUSH_BYTES:
             self._flush_or_wait()
         return True
+
+    # -- the rare paths of _dispatch ----------------------------------------------------------------
+
+    def _line_too_long(self) -> bool:
+        """A line LineBuffer cut at its limit: one 413 stating that limit (64 KiB before AUTH, the one
+        in force when the line was cut, not necessarily today's)."""
+        self.out.append(encode_error(self.state.codec, Code.TOO_LARGE,
+                                     f"request line longer than {self.buffer.cut_limit} bytes"))
+        self.state.stats.protocol_errors += 1
+        return True
+
+    def _bad_line(self, line: bytes, exc: Exception) -> bool:
+        """A line parse_request refused (its 400, with whatever id and cmdid it recovered), or failed
+        on (a parser bug: logged, a bare 400); a blank line in a read of long lines is only counted."""
+        state = self.state
+        if not isinstance(exc, ProtocolError):
+            log.error("request line from %s could not be parsed", self.address, exc_info=exc)
+            state.stats.protocol_errors += 1
+            self.out.append(encode_error(state.codec, Code.BAD_REQUEST, "invalid request"))
+        elif not line.strip(BLANK):  # blank, in a read of long lines (LineBuffer dropped the others)
+            state.stats.blank_lines += 1
+        else:
+            state.stats.protocol_errors += 1
+            self.out.append(encode_error(state.codec, exc.code, exc.msg, exc.cmdid, exc.id, exc.has_id))
+        return True
+
+    def _refuse(self, req: ServerRequest, refusal: tuple[int, str]) -> bool:
+        """Answer a request ``state.admit`` refused (deadline already passed, in-flight limit)."""
+        code, msg = refusal
+        self.out.append(encode_error(self.state.codec, code, msg, req.cmdid, req.id, req.has_id))
+        self.state.stats.record(req.cmdid, code, 0.0)
+        return True
+
+    def _handler_raised(self, req: ServerRequest, exc: BaseException, me: Any) -> tuple[bytes, int] | None:
+        """The reply and code for a handler that raised ``exc``; ``None`` when nobody is left to answer.
+
+        DeadlineReached is the 504, a HandlerError its own error reply; anything else (sys.exit(),
+        an escaped gevent.Timeout, a bug) is logged and answered 500. On a closed connection a
+        GreenletExit (a kill by ``Server.close``, re-raised) or RequestCancelled ends the request.
+        """
+        codec = self.state.codec
+        if isinstance(exc, DeadlineReached):
+            return encode_error(codec, Code.DEADLINE_EXCEEDED, "deadline exceeded", req.cmdid, req.id,
+                                req.has_id), Code.DEADLINE_EXCEEDED
+        if isinstance(exc, HandlerError):
+            return encode_error(codec, exc.code, exc.msg, req.cmdid, req.id, req.has_id), exc.code
+        if self.read_state == CLOSED and isinstance(exc, (GreenletExit, RequestCancelled)):  # nobody to answer
+            self._drop_slot(req, me)
+            if isinstance(exc, GreenletExit):  # killed by Server.close
+                raise exc
+            return None
+        log.error("handler for cmdid %d raised (peer %s, id %r)", req.cmdid, self.address, req.id, exc_info=exc)
+        return encode_error(codec, Code.INTERNAL, "internal error", req.cmdid, req.id, req.has_id), Code.INTERNAL
+
+    def _reply_too_large(self, req: ServerRequest) -> tuple[bytes, int]:
+        """A reply longer than ``max_reply_bytes`` is replaced by a 413 (the request did run)."""
+        return encode_error(self.state.codec, Code.TOO_LARGE, "reply too large", req.cmdid, req.id,
+                            req.has_id), Code.TOO_LARGE
 
     def _not_serializable(self, req: ServerRequest, exc: BaseException) -> bytes:
         log.error("result of cmdid %d is not serializable: %r", req.cmdid, exc)
@@ -527,8 +560,7 @@ class Connection:
         state = self.state
         try:
             if len(reply) > state.settings.max_reply_bytes:
-                reply = encode_error(state.codec, Code.TOO_LARGE, "reply too large", req.cmdid, req.id, req.has_id)
-                code = Code.TOO_LARGE
+                reply, code = self._reply_too_large(req)
             state.stats.record(req.cmdid, code, elapsed)
             access_log = state.access_log
             if access_log is not None:
