@@ -14,6 +14,7 @@ import gevent
 import pytest
 
 from geventtcp import Server
+from geventtcp.protocol import Builtin
 from geventtcp.server.connection import Connection
 
 from .helpers import RawConn, wait_until
@@ -506,3 +507,23 @@ def test_a_long_watch_pass_lets_the_hub_poll(serve: Callable[..., Server]) -> No
     assert len(calls) == 50 and server.state.watching == fakes[50:]
     wait_until(lambda: len(calls) == 120 and not server.state.watching)
     assert not any(f.watch_armed for f in fakes)
+
+
+def test_set_builtin_and_begin_drain_are_how_a_launcher_changes_a_running_server(serve: Callable[..., Server]) -> None:
+    """The launcher's two operations on a running server: a replaced built-in answers at once and
+    again after a restart; once a drain is begun (before the stop), a parked connection that sends
+    again gets a goaway instead of its request being read."""
+    server = serve()
+    server.set_builtin(Builtin.STATS, lambda req: {"merged": True})
+    with RawConn(server.address) as c:
+        assert c.call(Builtin.STATS, {})["data"] == {"merged": True}
+        server.close()
+        server.start()  # the command tables are rebuilt: the replacement stays
+        assert server.calls[Builtin.STATS](None) == {"merged": True}  # type: ignore[arg-type]
+    with RawConn(server.address) as c:
+        assert c.call(Builtin.PING, {})["data"]["draining"] is False
+        server.begin_drain("reload")
+        assert server.draining and server.drain_reason == "reload"
+        c.send(b'{"cmdid":%d,"id":1}\n' % Builtin.PING)
+        assert c.line().get("goaway") == "reload"  # the PING was not read: resend it elsewhere
+        c.expect_eof()
