@@ -9,7 +9,7 @@ concurrently, and nothing is spawned for requests that never block.
 
 An idle connection holds no greenlet: when ``recv`` finds nothing, the reader *parks* the connection
 on its socket's read watcher and returns its greenlet to the server's
-:class:`~geventtcp.readers.ReaderPool`; input (or a stop: idle timeout, drain) resumes it in a free
+:class:`~geventtcp.server.readers.ReaderPool`; input (or a stop: idle timeout, drain) resumes it in a free
 greenlet. TLS connections keep their greenlet (an SSL socket can hold decrypted bytes the watcher
 cannot see).
 
