@@ -85,6 +85,5 @@ class GeventTCPWorker(GeventWorker):  # type: ignore[misc]
             self.log.info("Autorestarting worker after current request.")
             self.alive = False
             # Drain from now on (not at the next heartbeat): readers goaway instead of reading on.
-            self.server.draining = True
-            self.server.drain_reason = "max_requests"
+            self.server.begin_drain("max_requests")
             self._wake.set()

@@ -69,7 +69,7 @@ from __future__ import annotations
 import enum
 import json
 import time
-from typing import Any
+from typing import Any, TypeVar, overload
 
 from geventtcp.codec import Codec
 from geventtcp.errors import Code, ProtocolError
@@ -230,11 +230,11 @@ class Request:
 
     ``rawBody`` is the line as received (without its line ending), decoded as text; ``raw`` is
     the same as bytes. ``deadline`` is a ``time.monotonic()`` value or ``None``. ``cancelled``
-    turns true when the client is gone (the reply can no longer be delivered).
+    turns true when the client is gone (the reply can no longer be delivered). Only the protocol's
+    fields are here: a server serves a subclass that adds its own (``geventtcp.server.request``).
     """
 
-    __slots__ = ("address", "raw", "cmdid", "timestamp", "params", "id", "has_id", "deadline", "timeout_ms",
-                 "connection", "_slot", "_timer")
+    __slots__ = ("address", "raw", "cmdid", "timestamp", "params", "id", "has_id", "deadline", "timeout_ms")
 
     def __init__(
         self,
@@ -260,19 +260,12 @@ class Request:
             self.deadline: float | None = None
         else:  # counted from when the line was read, not from when its turn to be parsed came
             self.deadline = (time.monotonic() if received is None else received) + timeout_ms / 1000.0
-        self.connection: Any = None
-        self._slot: Any = None
-        self._timer: Any = None
 
     @property
     def cancelled(self) -> bool:
-        """True once nobody can receive the reply: the connection was reset, failed or was closed.
-
-        A peer that only half-closed (sent EOF) still gets its replies, so this stays false for it.
-        Computed from the connection on access, so it costs the request path nothing.
-        """
-        conn = self.connection
-        return conn is not None and bool(conn.closed)
+        """True once nobody can receive the reply (the connection was reset, failed or was closed);
+        always false for a request no connection serves (one a test builds)."""
+        return False
 
     @property
     def rawBody(self) -> str:  # noqa: N802 - the seed's name
@@ -280,6 +273,9 @@ class Request:
 
     def __repr__(self) -> str:
         return f"<Request cmdid={self.cmdid} id={self.id!r} from {self.address!r}>"
+
+
+_R = TypeVar("_R", bound=Request)
 
 
 def _int_field(value: Any) -> int | None:
@@ -292,8 +288,18 @@ def _int_field(value: Any) -> int | None:
     return None
 
 
-def parse_request(line: bytes, codec: Codec, address: Any = None, received: float | None = None) -> Request:
-    """Turn one line (without ``\\n``) into a :class:`Request`.
+@overload
+def parse_request(line: bytes, codec: Codec, address: Any = None, received: float | None = None) -> Request: ...
+
+
+@overload
+def parse_request(line: bytes, codec: Codec, address: Any, received: float | None, cls: type[_R]) -> _R: ...
+
+
+def parse_request(line: bytes, codec: Codec, address: Any = None, received: float | None = None,
+                  cls: type[Request] = Request) -> Request:
+    """Turn one line (without ``\\n``) into a :class:`Request`, or into ``cls``, a subclass that adds
+    no ``__init__`` (a server's request is built directly, one object per line).
 
     Raises :class:`ProtocolError` with code 400 for anything that is not a valid request; its
     ``id``/``has_id`` and ``cmdid`` carry whatever valid values could still be recovered, for the
@@ -340,7 +346,7 @@ def parse_request(line: bytes, codec: Codec, address: Any = None, received: floa
     if timeout_ms is not None and (type(timeout_ms) is not int or not 0 < timeout_ms <= MAX_TIMEOUT_MS):
         raise ProtocolError(f"timeout_ms must be an integer from 1 to {MAX_TIMEOUT_MS}", id=rid, has_id=has_id,
                             cmdid=cmdid)
-    return Request(address, line, cmdid, params, timestamp, rid, has_id, timeout_ms, received)
+    return cls(address, line, cmdid, params, timestamp, rid, has_id, timeout_ms, received)
 
 
 class _Pairs(list):  # type: ignore[type-arg]

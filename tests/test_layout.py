@@ -4,7 +4,8 @@ inside functions):
 - the foundation (the modules directly in ``geventtcp/``) imports no subpackage;
 - ``server/`` and ``client/`` never import each other;
 - only ``launcher/``, ``cli/`` and the entry points (``geventtcp/__init__``, ``gunicorn_worker``,
-  ``docgen``) import ``server/``.
+  ``docgen``) import ``server/``;
+- no import cycle between modules.
 """
 
 from __future__ import annotations
@@ -77,3 +78,28 @@ def test_import_rules(module: str) -> None:
             assert target != "server", f"{module} imports the server ({imported})"
         if target == "server":
             assert area in ("server", "launcher", "cli", "entry"), f"{module} imports {imported}"
+
+
+def test_no_import_cycle() -> None:
+    graph = {module: _imports(module) for module in MODULES}
+    # A package importing its own modules (to re-export them) is not a cycle.
+    for module, imported in graph.items():
+        graph[module] = {m for m in imported if not module.startswith(f"{m}.") and m not in ENTRY_POINTS}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(module: str) -> None:
+        state[module] = 1
+        path.append(module)
+        for nxt in sorted(graph[module]):
+            if state.get(nxt) == 1:
+                cycle = path[path.index(nxt):] + [nxt]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if nxt not in state:
+                visit(nxt)
+        path.pop()
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module)

@@ -127,7 +127,7 @@ class _Worker:
             log.exception("worker failed to boot (application %r)", self.spec.app)
             return WORKER_BOOT_ERROR
         self.server = server
-        server.calls[Builtin.STATS] = self._stats_all  # any worker answers for all of them
+        server.set_builtin(Builtin.STATS, self._stats_all)  # any worker answers for all of them
         enable_blocking_detector(cfg.blocking_time)
         self._set_state(STATE_SERVING)
         self._write_stats()  # STATS on any worker lists this one from now on
@@ -181,8 +181,7 @@ class _Worker:
         log.info("worker draining (%s)", reason)
         # Flag it now, not when the stop greenlet first runs: a reader that finishes a batch in
         # the meantime then sends its goaway instead of reading the next request.
-        self.server.draining = True
-        self.server.drain_reason = reason
+        self.server.begin_drain(reason)
         if listeners_close:
             self._refuse_backlog(reason)
         else:

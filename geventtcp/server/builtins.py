@@ -8,42 +8,41 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from geventtcp.protocol import PROTOCOL_VERSION, Builtin, Request
 from geventtcp.server.security import make_auth
 
 if TYPE_CHECKING:
-    from geventtcp.server.server import Server
+    from geventtcp.server.state import Handler, ServerState
 
 __all__ = ["Builtin", "make_builtins"]
 
 
-def make_builtins(server: Server) -> dict[int, Callable[[Request], Any]]:
-    """The built-in commands bound to ``server``."""
+def make_builtins(state: ServerState[Any]) -> dict[int, Handler]:
+    """The built-in commands, reading the server's shared ``state``."""
 
     def ping(request: Request) -> Any:
         """Health check: answers while the server runs; ``draining`` is true during shutdown."""
-        return {"pong": True, "draining": server.draining, "pid": os.getpid(), "protocol": PROTOCOL_VERSION}
+        return {"pong": True, "draining": state.draining, "pid": os.getpid(), "protocol": PROTOCOL_VERSION}
 
     def list_commands(request: Request) -> Any:
         """The registered cmdids with their handlers' names and docstrings."""
         return [
             {"cmdid": info.cmdid, "name": info.name, "doc": info.doc, "idempotent": info.idempotent}
-            for info in server.registry
+            for info in state.registry
         ]
 
     def stats(request: Request) -> Any:
         """Counters per cmdid and for this worker."""
-        data = server.stats.as_dict()
+        data = state.stats.as_dict()
         data.update({
             "pid": os.getpid(),
-            "uptime_s": round(time.time() - server.started_at, 3),
-            "connections": len(server.connections),
-            "inflight": server.inflight,
+            "uptime_s": round(time.time() - state.started_at, 3),
+            "connections": len(state.connections),
+            "inflight": state.inflight,
         })
         return data
 
     return {Builtin.PING: ping, Builtin.LIST: list_commands, Builtin.STATS: stats,
-            Builtin.AUTH: make_auth(server, server.token)}
+            Builtin.AUTH: make_auth(state, state.token)}

@@ -13,6 +13,38 @@ on its socket's read watcher and returns its greenlet to the server's
 greenlet. TLS connections keep their greenlet (an SSL socket can hold decrypted bytes the watcher
 cannot see).
 
+What it shares with the other connections (settings, counters, command tables, the drain flag, the
+handoff watch) it reads and updates in the server's :class:`~geventtcp.server.state.ServerState`,
+which it gets instead of the server: ``state.admit`` admits a request and arms the handoff watch,
+whose pass (``state.watch_all``) calls :meth:`Connection.hand_off`; ``state.forget`` is told of the close.
+
+The read state: one attribute, ``read_state``, says where the reading side is (as h11's ``_state``
+does for HTTP), instead of flags kept consistent by hand. The states, ordered, and their transitions,
+each made in one method:
+
+``READING`` (0)
+    A greenlet holds the reader role and runs :meth:`Connection._read_loop` (reads, dispatches,
+    flushes). The start state; also after a resume and after a handoff (the new reader reads on).
+``RECEIVING``
+    The reader is blocked in ``sock.recv`` (a TLS or unwatchable socket): READING -> RECEIVING ->
+    READING around that one call in ``_read_loop``; :meth:`Connection.interrupt` throws ``Stop`` into it.
+``PARKED``
+    No greenlet: the socket's read watcher resumes the connection on input. ``_park`` (READING ->
+    PARKED), and back to READING inline at the top of ``_read_loop`` (resumed) or in ``_unpark``
+    (stopped while idle).
+``DONE``
+    Reading has stopped (EOF, a stop, a goaway, AUTH's failure limit): no further line is read or
+    dispatched; the connection closes once every request in flight is answered. ``_stop_reading``.
+``CLOSED``
+    The socket is closed or closing; nothing more is sent. ``_maybe_close`` (DONE -> CLOSED, after
+    the last reply) and ``abort`` (any -> CLOSED, replies dropped). Terminal.
+
+``RECEIVING`` and ``PARKED`` are the waiting states (:data:`WAITING`), the only ones in which the
+watchdog's idle, slow-line and age timeouts apply. Three flags stay apart because they are not
+about reading: ``flushing`` and ``close_pending`` belong to the writer role, which another greenlet
+(a handed-off handler) may hold in any read state; ``watch_armed`` belongs to the handoff watch in
+the server's state. ``eager`` is a hint about the socket used while READING (input known waiting).
+
 Who closes what: the :class:`Connection` owns its socket and closes it once the reader has stopped
 and the last request in flight has been answered (or the peer is gone). When it is aborted (reset,
 failed send, write timeout), handlers still running see ``request.cancelled``; those registered
@@ -24,22 +56,40 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Final
 
 from gevent import GreenletExit, get_hub, getcurrent
 
 from geventtcp.codec import Codec
 from geventtcp.errors import HANDLER_CODES, Code, HandlerError, ProtocolError, RequestCancelled, ServerRefusal
-from geventtcp.protocol import BLANK, LineBuffer, Request, encode_error, encode_goaway, encode_reply, parse_request
-from geventtcp.server.security import PREAUTH_MAX_LINE_BYTES
+from geventtcp.protocol import (
+    BLANK,
+    PREAUTH_MAX_LINE_BYTES,
+    LineBuffer,
+    encode_error,
+    encode_goaway,
+    encode_reply,
+    parse_request,
+)
+from geventtcp.server.request import ServerRequest
+from geventtcp.server.state import Handler, ServerState
 from geventtcp.sockets import linger, unsent_bytes
 
-if TYPE_CHECKING:
-    from geventtcp.server.server import Server
-
-__all__ = ["Connection", "DeadlineReached", "Stop"]
+__all__ = ["CLOSED", "DONE", "PARKED", "READING", "RECEIVING", "WAITING", "Connection", "DeadlineReached", "Stop"]
 
 log = logging.getLogger("geventtcp.server")
+
+# The read states (see the module docstring), ordered: plain ints, so the request path's checks are
+# one comparison (READING is 0: ``if conn.read_state:`` means "not reading any more" in the loop).
+READING: Final = 0
+RECEIVING: Final = 1
+PARKED: Final = 2
+DONE: Final = 3
+CLOSED: Final = 4
+#: The states in which the connection waits for input (the watchdog's timeouts apply).
+WAITING = frozenset({RECEIVING, PARKED})
+#: Names of the read states, for logs and debugging.
+READ_STATE_NAMES = {READING: "READING", RECEIVING: "RECEIVING", PARKED: "PARKED", DONE: "DONE", CLOSED: "CLOSED"}
 
 #: Bytes asked of the kernel per ``recv``.
 RECV_SIZE = 65536
@@ -57,7 +107,7 @@ MAX_QUEUED_BYTES = FLUSH_BYTES
 #: closed: a peer that sends nothing else is broken or hostile (Redis closes on protocol errors).
 MAX_BLANK_LINES = 1024
 #: Lines a batch handles between two looks at the clock: past the interpreter's switch interval
-#: the reader lets the hub serve other connections (as ``Server._watch_all`` does), while a batch
+#: the reader lets the hub serve other connections (as ``ServerState.watch_all`` does), while a batch
 #: that is quick pays one comparison per ``_BATCH_SLICE`` lines.
 _BATCH_SLICE = 64
 
@@ -84,29 +134,29 @@ class _Slot:
 
 
 class Connection:
-    """Serves one accepted socket; created and run by :class:`geventtcp.server.Server`."""
+    """Serves one accepted socket; created and run by :class:`geventtcp.server.Server` with its state."""
 
     # Slots, because an idle connection should cost little: past 29 attributes CPython 3.11 stops
-    # sharing instance-dict keys and every connection would carry its own ~1.6 KB dict. ``__dict__``
-    # stays available (created only when something sets an attribute not listed here).
+    # sharing instance-dict keys and every connection would carry its own ~1.6 KB dict. No
+    # ``__dict__``: an attribute not listed here (a misspelt one) raises instead of being created.
     __slots__ = (
-        "server", "sock", "address", "calls", "auth_failures", "buffer", "lines", "pos", "out", "open_slots",
-        "flushing", "queued_bytes", "inflight", "reader", "handlers", "running", "watch_armed", "receiving",
-        "reading_done", "closed", "goaway", "error_line", "active_tick", "partial_tick", "writer", "write_tick",
+        "state", "sock", "address", "calls", "auth_failures", "buffer", "lines", "pos", "out", "open_slots",
+        "flushing", "queued_bytes", "inflight", "reader", "handlers", "running", "watch_armed", "read_state",
+        "goaway", "error_line", "active_tick", "partial_tick", "writer", "write_tick",
         "requests", "created_tick", "drained", "_raw_send", "close_pending", "received", "write_unsent",
-        "parked", "eager", "_raw_recv", "_read_watcher", "__dict__", "__weakref__",
+        "eager", "_raw_recv", "_read_watcher", "__weakref__",
     )
 
-    def __init__(self, server: Server, sock: Any, address: Any) -> None:
-        self.server = server
+    def __init__(self, state: ServerState[Connection], sock: Any, address: Any) -> None:
+        self.state = state
         self.sock = sock
         self.address = address
         # Until AUTH succeeds (when auth is on) only the pre-auth table and line limit apply; with
         # auth off this is the server's table and the request path pays nothing for auth.
-        self.calls: dict[int, Callable[[Request], Any]] = server.calls if server.token is None else server.preauth_calls
+        self.calls: dict[int, Handler] = state.calls if state.token is None else state.preauth_calls
         self.auth_failures = 0
-        self.buffer = LineBuffer(server.settings.max_line_bytes if server.token is None
-                                 else min(server.settings.max_line_bytes, PREAUTH_MAX_LINE_BYTES), skip_blank=True)
+        self.buffer = LineBuffer(state.settings.max_line_bytes if state.token is None
+                                 else min(state.settings.max_line_bytes, PREAUTH_MAX_LINE_BYTES), skip_blank=True)
         self.lines: list[bytes | None] = []
         self.pos = 0
         self.out: list[Any] = []  # reply bytes and _Slots, in request order
@@ -115,37 +165,72 @@ class Connection:
         self.queued_bytes = 0  # reply bytes in ``out`` (replies, error lines, filled slots) not yet taken to send
         self.inflight = 0  # requests handed off to their own greenlet, not yet answered
         self.reader: Any = None
-        self.handlers: dict[Any, Request] = {}  # greenlets running handed-off requests, and those requests
-        self.running: Request | None = None
-        self.watch_armed = False
-        self.receiving = False
-        self.reading_done = False
-        self.closed = False
+        self.handlers: dict[Any, ServerRequest] = {}  # greenlets running handed-off requests, and those requests
+        self.running: ServerRequest | None = None
+        self.watch_armed = False  # owned by the handoff watch: set by ``state.admit``, cleared by its pass
+        self.read_state: int = READING  # see the module docstring: one of READING ... CLOSED
         self.goaway: str | None = None  # reason to send a goaway line before closing
         self.error_line: bytes | None = None  # a final error line instead of a goaway
-        self.active_tick = server.tick
+        self.active_tick = state.tick
         self.partial_tick = -1
         self.writer: Any = None
         self.write_tick = 0
         self.write_unsent = -1  # the send queue size the watchdog last saw while a send blocked
         self.requests = 0
-        self.created_tick = server.tick
+        self.created_tick = state.tick
         self.drained: Any = None  # an Event a waiter may set up (reader stalled on a slow peer)
-        self.close_pending = False  # reading is done and nothing is in flight, but a send is under way
+        # Writer side, independent of the read state: another greenlet (a handed-off handler) may be
+        # sending while the reader parks. close_pending: DONE with nothing in flight, but a send is
+        # under way; the flusher closes when it is done.
+        self.close_pending = False
         self.received = 0.0  # clock() when the current batch of lines was read (deadlines count from it)
-        self.parked = False  # waiting for input with no greenlet: the read watcher will resume it
         # Whether input is waiting, to be read before parking or stopping: on a new connection and
-        # when the watcher resumed it. After a batch the reader parks at once: a lone request's next
-        # read would almost always fail with EAGAIN (whose exception costs more than the read), and
-        # a peer that keeps the buffer full still lets the hub serve the other connections between
-        # two reads.
+        # when the watcher resumed it (a hint about the socket while READING, not a state of its
+        # own). After a batch the reader parks at once: a lone request's next read would almost
+        # always fail with EAGAIN (whose exception costs more than the read), and a peer that keeps
+        # the buffer full still lets the hub serve the other connections between two reads.
         self.eager = True
-        raw = getattr(sock, "_sock", None) if server.plain_sockets else None
+        raw = getattr(sock, "_sock", None) if state.plain_sockets else None
         self._raw_send: Callable[[Any], int] | None = raw.send if raw is not None else None
         # A plain gevent socket: recv without blocking, and park on its read watcher when empty.
         watcher = getattr(sock, "_read_event", None) if raw is not None else None
         self._raw_recv: Callable[[int], bytes] | None = raw.recv if raw is not None and watcher is not None else None
         self._read_watcher: Any = watcher
+
+    # -- the read state (see the module docstring) -----------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """The socket is closed (or closing): no reply can be delivered any more (``CLOSED``)."""
+        return self.read_state == CLOSED
+
+    @property
+    def parked(self) -> bool:
+        """Waiting for input with no greenlet: the read watcher will resume it (``PARKED``)."""
+        return self.read_state == PARKED
+
+    def _park(self) -> None:
+        """READING -> PARKED: wait for input without a greenlet; on input the socket's read watcher has
+        the hub start :meth:`_read_loop` in a free reader greenlet (which first stops the watcher:
+        PARKED -> READING, inline there, once per request)."""
+        self.reader = None
+        self.read_state = PARKED
+        self._read_watcher.start(self.state.readers.run, self._read_loop)
+
+    def _unpark(self, stop: str) -> None:
+        """Hub-side, PARKED -> DONE: end a parked connection's reading for ``stop``, in a reader greenlet."""
+        self._read_watcher.stop()
+        self.read_state = READING
+        self.state.readers.run(self._stop_parked, stop)
+
+    def _stop_reading(self) -> None:
+        """-> DONE (unless CLOSED): no further line is read or dispatched; the connection closes once
+        the requests in flight are answered (:meth:`_maybe_close`)."""
+        read_state = self.read_state
+        if read_state == PARKED:
+            self._read_watcher.stop()
+        if read_state != CLOSED:
+            self.read_state = DONE
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -153,39 +238,19 @@ class Connection:
         """Run the connection in the calling greenlet until it is closed or parks (idle, no greenlet)."""
         self._read_loop()
 
-    def _park(self) -> None:
-        """Wait for input without a greenlet: on input the socket's read watcher has the hub start
-        :meth:`_read_loop` in a free reader greenlet (which first stops the watcher)."""
-        self.reader = None
-        self.parked = True
-        self.receiving = True
-        self._read_watcher.start(self.server.readers.run, self._read_loop)
-
-    def _unwatch(self) -> None:
-        """Stop waiting on the read watcher: the connection is resumed, stopped or closed."""
-        self._read_watcher.stop()
-        self.parked = False
-        self.receiving = False
-
-    def _unpark(self, stop: str) -> None:
-        """Hub-side: end a parked connection's reading for ``stop``, in a reader greenlet."""
-        self._unwatch()
-        self.server.readers.run(self._stop_parked, stop)
-
     def _stop_parked(self, reason: str) -> None:
         self.reader = getcurrent()
         self._on_stop(reason)
-        self.reading_done = True
+        self._stop_reading()
         self._maybe_close()
 
     def _read_loop(self) -> None:
         """Read and dispatch until EOF, a stop, a handoff (this greenlet keeps its request) or a park."""
         self.reader = me = getcurrent()
-        if self.parked:  # resumed by the read watcher: _unwatch() inline (once per request)
+        if self.read_state == PARKED:  # resumed by the read watcher: PARKED -> READING (once per request)
             self._read_watcher.stop()
-            self.parked = False
-            self.receiving = False
-        server = self.server
+            self.read_state = READING
+        state = self.state
         sock = self.sock
         buffer = self.buffer
         dispatch = self._dispatch
@@ -203,26 +268,28 @@ class Connection:
                     self.pos = pos  # a handoff inside dispatch continues from here
                     if not dispatch(lines[pos - 1], me):
                         return  # handed off: this greenlet now only answers its own request
-                    if self.reading_done:  # closed, or told to answer no further line
+                    if self.read_state:  # READING is 0; here any other is DONE or CLOSED: no further line
                         self._maybe_close()
                         return
                 if pos < len(lines):  # a long batch: every _BATCH_SLICE lines, is the hub due a turn?
                     turn = self._take_turn(turn)
-                    if self.closed:
+                    if self.read_state == CLOSED:
                         return
                     continue
                 if self.out:
                     self._flush()
-                    if self.closed:
+                    if self.read_state == CLOSED:
                         return
                 # Input that resumed a reader parked on half a line is read first: a drain leaves
                 # such a connection parked until the rest comes, and that line is then answered.
-                if (server.draining or self.goaway is not None) and not (self.eager and buffer.pending):
-                    self.goaway = self.goaway or server.drain_reason
+                if (state.draining or self.goaway is not None) and not (self.eager and buffer.pending):
+                    self.goaway = self.goaway or state.drain_reason
+                    break
+                if self.read_state >= DONE:  # close_after_replies from a handed-off handler: read no more
                     break
                 if len(self.out) > MAX_QUEUED_REPLIES or self.queued_bytes > MAX_QUEUED_BYTES:
                     self._wait_drained()
-                    if self.closed:
+                    if self.read_state == CLOSED:
                         return
                     continue
                 if raw_recv is not None:
@@ -239,15 +306,16 @@ class Connection:
                         self._park()
                         return
                 else:
-                    self.receiving = True
+                    self.read_state = RECEIVING  # -> READING again, unless stopped or closed meanwhile
                     try:
                         data = sock.recv(RECV_SIZE)
                     finally:
-                        self.receiving = False
+                        if self.read_state == RECEIVING:
+                            self.read_state = READING
                 if not data:
                     break  # EOF: answer what is in flight, then close
-                self.received = server.clock()
-                self.active_tick = server.tick
+                self.received = state.clock()
+                self.active_tick = state.tick
                 self.lines = buffer.feed(data)
                 self.pos = 0
                 if buffer.blank_lines:  # rare: this read brought blank lines
@@ -255,7 +323,7 @@ class Connection:
                 self.eager = False
                 if buffer.incomplete:
                     if self.partial_tick < 0 or self.lines:  # the unfinished line began in this read
-                        self.partial_tick = server.tick
+                        self.partial_tick = state.tick
                 else:
                     self.partial_tick = -1
         except Stop as stop:
@@ -264,62 +332,62 @@ class Connection:
             log.debug("connection %s: %s", self.address, exc)
             self.abort()
             return
-        self.reading_done = True
+        self._stop_reading()
         self._maybe_close()
 
     def _take_turn(self, since: float) -> float:
         """A long batch in the middle: past the switch interval (counted from the read, or from the
         last turn), send the replies so far and let the hub run the other connections once; returns
         the time of the last turn."""
-        server = self.server
-        now = server.clock()
+        state = self.state
+        now = state.clock()
         if now - max(since, self.received) < sys.getswitchinterval():
             return since
         if self.out:
             self._flush()
-            if self.closed:
+            if self.read_state == CLOSED:
                 return now
-        timer = server.loop.timer(0.0)  # fires after the loop has polled: other input is read first
+        timer = state.loop.timer(0.0)  # fires after the loop has polled: other input is read first
         try:
             get_hub().wait(timer)
         finally:
             timer.close()
-        return server.clock()
+        return state.clock()
 
     def _count_blank_lines(self) -> None:
         """Count the blank lines the last read brought; too many in a row: answer what came before, then
         a 400 and close."""
         buffer = self.buffer
-        self.server.stats.blank_lines += buffer.blank_lines
+        self.state.stats.blank_lines += buffer.blank_lines
         buffer.blank_lines = 0
         if buffer.blank_run > MAX_BLANK_LINES and self.error_line is None:
-            self.error_line = encode_error(self.server.codec, Code.BAD_REQUEST,
+            self.error_line = encode_error(self.state.codec, Code.BAD_REQUEST,
                                            f"more than {MAX_BLANK_LINES} blank lines in a row")
             if self.goaway is None:
                 self.goaway = "closing"  # stop reading once the lines of this read are answered
 
     def _on_stop(self, reason: str) -> None:
-        codec = self.server.codec
+        codec = self.state.codec
         if reason == "slow":
-            self.server.stats.slow_request_disconnections += 1
-            timeout = self.server.settings.request_timeout
+            self.state.stats.slow_request_disconnections += 1
+            timeout = self.state.settings.request_timeout
             self.error_line = encode_error(
                 codec, Code.REQUEST_TIMEOUT, f"request line not completed within {timeout:g}s"
             )
         elif reason == "auth":
-            timeout = self.server.settings.auth_timeout
+            timeout = self.state.settings.auth_timeout
             self.error_line = encode_error(codec, Code.UNAUTHENTICATED, f"not authenticated within {timeout:g}s")
         elif reason == "write":
             log.info("connection %s: no write progress for %ss, closing", self.address,
-                     self.server.settings.write_timeout)
+                     self.state.settings.write_timeout)
             self.abort()
         else:
             self.goaway = reason
 
     def authenticate(self) -> None:
         """AUTH succeeded: switch to the full command table and line limit."""
-        self.calls = self.server.calls
-        self.buffer.max_line_bytes = self.server.settings.max_line_bytes
+        self.calls = self.state.calls
+        self.buffer.max_line_bytes = self.state.settings.max_line_bytes
 
     def close_after_replies(self) -> None:
         """Dispatch no further line, not even one already received: close once the requests answered
@@ -327,7 +395,7 @@ class Connection:
         self.error_line = b""
         if self.goaway is None:
             self.goaway = "closing"
-        self.reading_done = True
+        self._stop_reading()
 
     def _wait_drained(self) -> None:
         from gevent.event import Event
@@ -344,51 +412,37 @@ class Connection:
         """Answer one line; return False when this greenlet lost the reader role to a handoff.
 
         This is the request path: it runs once per request, so it reads each attribute once into a
-        local, calls the clock twice and leaves rare cases to helper calls.
+        local, calls the clock twice and leaves every rare case (a bad line, a refusal, a handler's
+        exception, an oversize reply) to a function of its own, called only when it happens.
         """
-        server = self.server
-        codec = server.codec
-        if line is None:  # the limit this line was cut at (64 KiB before AUTH), not necessarily today's
-            limit = self.buffer.cut_limit
-            server.stats.protocol_errors += 1
-            return self._queue_error(encode_error(codec, Code.TOO_LARGE, f"request line longer than {limit} bytes"))
+        state = self.state
+        codec = state.codec
+        if line is None:
+            return self._line_too_long()
         try:
-            req = parse_request(line, codec, self.address, self.received)
-        except ProtocolError as exc:
-            if not line.strip(BLANK):  # blank, in a read of long lines (LineBuffer dropped the others)
-                server.stats.blank_lines += 1
-                return True
-            server.stats.protocol_errors += 1
-            return self._queue_error(encode_error(codec, exc.code, exc.msg, exc.cmdid, exc.id, exc.has_id))
-        except Exception:  # a parser bug must cost one 400, never the connection
-            log.exception("request line from %s could not be parsed", self.address)
-            server.stats.protocol_errors += 1
-            return self._queue_error(encode_error(codec, Code.BAD_REQUEST, "invalid request"))
+            req = parse_request(line, codec, self.address, self.received, ServerRequest)
+        except Exception as exc:  # ProtocolError, or a parser bug: one 400, never the connection
+            return self._bad_line(line, exc)
         self.requests += 1
         cmdid = req.cmdid
         call = self.calls.get(cmdid)
         if call is None:
             return self._refuse_unknown(req)
-        refusal = server.admit(self, req)
+        refusal = state.admit(self, req)  # or admitted, with the watch armed (see ServerState.admit)
         if refusal is not None:
-            server.stats.record(cmdid, refusal[0], 0.0)
-            return self._queue_error(encode_error(codec, refusal[0], refusal[1], cmdid, req.id, req.has_id))
-        req.connection = self
-        if not self.watch_armed:
-            self.watch_armed = True
-            watching = server.watching
-            if not watching:
-                server.loop.run_callback(server._watch_all)
-            watching.append(self)
+            return self._refuse(req, refusal)
+        req.connection = self  # the server's fields (ServerRequest), set once the request may run
+        req._slot = None
+        req._timer = None
         self.running = req
-        clock = server.clock
+        clock = state.clock
         started = clock()
         code: int
         try:
             try:
                 # Each request runs in a fresh copy of the worker's base context: pipelined requests
                 # share this greenlet, and one caller's contextvars must not leak to the next.
-                data = server.new_context().run(call, req)
+                data = state.new_context().run(call, req)
             finally:
                 # Before anything that could yield (logging, encoding): once the handler has
                 # returned, no handoff and no deadline may land on this greenlet any more.
@@ -399,20 +453,11 @@ class Connection:
                     req._timer = None  # also tells the deadline callback the handler has returned
                     timer.stop()
                     timer.close()
-        except DeadlineReached:
-            reply = encode_error(codec, Code.DEADLINE_EXCEEDED, "deadline exceeded", cmdid, req.id, req.has_id)
-            code = Code.DEADLINE_EXCEEDED
-        except HandlerError as exc:  # application codes and 400 only; anything else becomes a 500
-            reply, code = encode_handler_error(codec, exc, cmdid, req.id, req.has_id)
-        except BaseException as exc:  # sys.exit(), an escaped gevent.Timeout: a 500, never the connection
-            if self.closed and isinstance(exc, (GreenletExit, RequestCancelled)):  # nobody to answer
-                self._drop_slot(req, me)
-                if isinstance(exc, GreenletExit):  # killed by Server.close
-                    raise
+        except BaseException as exc:  # the handler's error reply; a 500 for anything else, never the connection
+            failed = self._handler_raised(req, exc, me)
+            if failed is None:
                 return False  # this greenlet is done (an inline reader finds the connection closed)
-            log.exception("handler for cmdid %d raised (peer %s, id %r)", cmdid, self.address, req.id)
-            reply = encode_error(codec, Code.INTERNAL, "internal error", cmdid, req.id, req.has_id)
-            code = Code.INTERNAL
+            reply, code = failed
         else:
             try:
                 reply = encode_reply(codec, cmdid, data, req.id, req.has_id)
@@ -423,12 +468,11 @@ class Connection:
         slot = req._slot
         if slot is not None:  # handed off while the handler blocked
             return self._finish_handoff(req, slot, reply, code, clock() - started, me)
-        if len(reply) > server.settings.max_reply_bytes:
-            reply = encode_error(codec, Code.TOO_LARGE, "reply too large", cmdid, req.id, req.has_id)
-            code = Code.TOO_LARGE
+        if len(reply) > state.settings.max_reply_bytes:
+            reply, code = self._reply_too_large(req)
         elapsed = clock() - started
-        server.stats.record(cmdid, code, elapsed)
-        access_log = server.access_log
+        state.stats.record(cmdid, code, elapsed)
+        access_log = state.access_log
         if access_log is not None:
             access_log(self, req, code, elapsed)
         self.out.append(reply)
@@ -436,6 +480,8 @@ class Connection:
         if self.queued_bytes > FLUSH_BYTES:
             self._flush_or_wait()
         return True
+
+    # -- the rare paths of _dispatch ----------------------------------------------------------------
 
     def _queue_error(self, line: bytes) -> bool:
         """Queue an error reply the dispatcher made (400, 404, 413, a refusal); returns True, as
@@ -447,43 +493,96 @@ class Connection:
             self._flush_or_wait()
         return True
 
-    def _not_serializable(self, req: Request, exc: BaseException) -> bytes:
+    def _line_too_long(self) -> bool:
+        """A line LineBuffer cut at its limit: one 413 stating that limit (64 KiB before AUTH, the one
+        in force when the line was cut, not necessarily today's)."""
+        self.state.stats.protocol_errors += 1
+        return self._queue_error(encode_error(self.state.codec, Code.TOO_LARGE,
+                                              f"request line longer than {self.buffer.cut_limit} bytes"))
+
+    def _bad_line(self, line: bytes, exc: Exception) -> bool:
+        """A line parse_request refused (its 400, with whatever id and cmdid it recovered), or failed
+        on (a parser bug: logged, a bare 400); a blank line in a read of long lines is only counted."""
+        state = self.state
+        if not isinstance(exc, ProtocolError):
+            log.error("request line from %s could not be parsed", self.address, exc_info=exc)
+            state.stats.protocol_errors += 1
+            return self._queue_error(encode_error(state.codec, Code.BAD_REQUEST, "invalid request"))
+        if not line.strip(BLANK):  # blank, in a read of long lines (LineBuffer dropped the others)
+            state.stats.blank_lines += 1
+            return True
+        state.stats.protocol_errors += 1
+        return self._queue_error(encode_error(state.codec, exc.code, exc.msg, exc.cmdid, exc.id, exc.has_id))
+
+    def _refuse(self, req: ServerRequest, refusal: tuple[int, str]) -> bool:
+        """Answer a request ``state.admit`` refused (deadline already passed, in-flight limit)."""
+        code, msg = refusal
+        self.state.stats.record(req.cmdid, code, 0.0)
+        return self._queue_error(encode_error(self.state.codec, code, msg, req.cmdid, req.id, req.has_id))
+
+    def _handler_raised(self, req: ServerRequest, exc: BaseException, me: Any) -> tuple[bytes, int] | None:
+        """The reply and code for a handler that raised ``exc``; ``None`` when nobody is left to answer.
+
+        DeadlineReached is the 504, a HandlerError its own error reply; anything else (sys.exit(),
+        an escaped gevent.Timeout, a bug) is logged and answered 500. On a closed connection a
+        GreenletExit (a kill by ``Server.close``, re-raised) or RequestCancelled ends the request.
+        """
+        codec = self.state.codec
+        if isinstance(exc, DeadlineReached):
+            return encode_error(codec, Code.DEADLINE_EXCEEDED, "deadline exceeded", req.cmdid, req.id,
+                                req.has_id), Code.DEADLINE_EXCEEDED
+        if isinstance(exc, HandlerError):  # application codes and 400 only; anything else becomes a 500
+            return encode_handler_error(codec, exc, req.cmdid, req.id, req.has_id)
+        if self.read_state == CLOSED and isinstance(exc, (GreenletExit, RequestCancelled)):  # nobody to answer
+            self._drop_slot(req, me)
+            if isinstance(exc, GreenletExit):  # killed by Server.close
+                raise exc
+            return None
+        log.error("handler for cmdid %d raised (peer %s, id %r)", req.cmdid, self.address, req.id, exc_info=exc)
+        return encode_error(codec, Code.INTERNAL, "internal error", req.cmdid, req.id, req.has_id), Code.INTERNAL
+
+    def _reply_too_large(self, req: ServerRequest) -> tuple[bytes, int]:
+        """A reply longer than ``max_reply_bytes`` is replaced by a 413 (the request did run)."""
+        return encode_error(self.state.codec, Code.TOO_LARGE, "reply too large", req.cmdid, req.id,
+                            req.has_id), Code.TOO_LARGE
+
+    def _not_serializable(self, req: ServerRequest, exc: BaseException) -> bytes:
         log.error("result of cmdid %d is not serializable: %r", req.cmdid, exc)
-        return encode_error(self.server.codec, Code.INTERNAL, "result not serializable", req.cmdid, req.id,
+        return encode_error(self.state.codec, Code.INTERNAL, "result not serializable", req.cmdid, req.id,
                             req.has_id)
 
     def _flush_or_wait(self) -> None:
         """Inline replies passed FLUSH_BYTES: send them; if they stay queued (behind a blocked
         request, or another greenlet is sending), stop reading until the queue drains."""
         self._flush()
-        if self.queued_bytes > MAX_QUEUED_BYTES and not self.closed:
+        if self.queued_bytes > MAX_QUEUED_BYTES and self.read_state != CLOSED:
             self._wait_drained()
 
-    def _finish_handoff(self, req: Request, slot: _Slot, reply: bytes, code: int, elapsed: float, me: Any) -> bool:
+    def _finish_handoff(self, req: ServerRequest, slot: _Slot, reply: bytes, code: int, elapsed: float,
+                        me: Any) -> bool:
         """A handed-off request is done: fill its slot and release its counts whatever fails on the
         way, then send what is ready. Returns False: this greenlet no longer reads."""
         if slot.data is not None:  # answered 504 at its deadline; the handler had swallowed DeadlineReached
             self._deadline_answered(req, me, elapsed)
             return False
-        server = self.server
+        state = self.state
         try:
-            if len(reply) > server.settings.max_reply_bytes:
-                reply = encode_error(server.codec, Code.TOO_LARGE, "reply too large", req.cmdid, req.id, req.has_id)
-                code = Code.TOO_LARGE
-            server.stats.record(req.cmdid, code, elapsed)
-            access_log = server.access_log
+            if len(reply) > state.settings.max_reply_bytes:
+                reply, code = self._reply_too_large(req)
+            state.stats.record(req.cmdid, code, elapsed)
+            access_log = state.access_log
             if access_log is not None:
                 access_log(self, req, code, elapsed)
         finally:
             slot.data = reply
             self.queued_bytes += len(reply)
             self._drop_slot(req, me)
-        if not self.closed:
+        if self.read_state != CLOSED:
             self._flush()
             self._maybe_close()
         return False
 
-    def _drop_slot(self, req: Request, me: Any) -> None:
+    def _drop_slot(self, req: ServerRequest, me: Any) -> None:
         """A handed-off request is over: it no longer counts in flight (its slot stays in ``out``).
 
         Only once: the counts of a request answered at its deadline, or of a connection aborted,
@@ -492,48 +591,48 @@ class Connection:
         if req._slot is not None and me in self.handlers:
             del self.handlers[me]
             self.inflight -= 1
-            self.server.inflight -= 1
+            self.state.inflight -= 1
 
-    def _refuse_unknown(self, req: Request) -> bool:
+    def _refuse_unknown(self, req: ServerRequest) -> bool:
         """Answer a cmdid this connection may not call: 401 before AUTH, else 404."""
-        server = self.server
-        if self.calls is not server.calls:
+        state = self.state
+        if self.calls is not state.calls:
             code, msg = Code.UNAUTHENTICATED, "authentication required"
         else:
             code, msg = Code.UNKNOWN_COMMAND, f"unknown cmdid {req.cmdid}"
-        server.stats.unknown_commands += 1
-        return self._queue_error(encode_error(server.codec, code, msg, req.cmdid, req.id, req.has_id))
+        state.stats.unknown_commands += 1
+        return self._queue_error(encode_error(state.codec, code, msg, req.cmdid, req.id, req.has_id))
 
-    def _watch(self) -> None:
-        """Runs in the hub once the reader yielded (``Server._watch_all``): if it is inside a handler,
-        hand off."""
+    def hand_off(self) -> None:
+        """Runs in the hub once the reader yielded (the state's watch pass, ``ServerState.watch_all``):
+        if it is inside a handler, give the reader role to another greenlet."""
         self.watch_armed = False
         req = self.running
-        if req is None or self.closed:
+        if req is None or self.read_state == CLOSED:
             return
         self.running = None
-        server = self.server
+        state = self.state
         slot = _Slot()
         req._slot = slot
         self.out.append(slot)
         self.open_slots += 1
         self.inflight += 1
-        server.inflight += 1
+        state.inflight += 1
         if req.cmdid >= 0:  # an application command that blocks: refused at a full limit from now on
-            server.blocking.add(req.cmdid)
-        deadline = server.deadline_for(req)
+            state.blocking.add(req.cmdid)
+        deadline = state.deadline_for(req)
         if deadline is not None:
-            now = server.clock()
-            timer = server.loop.timer(max(0.0, deadline - now))
+            now = state.clock()
+            timer = state.loop.timer(max(0.0, deadline - now))
             timer.start(self._on_deadline, req, self.reader, now)
             req._timer = timer
-        elif req.cmdid in server.cancel_on_disconnect:
-            req._timer = server.loop.timer(0)  # never started: marks "handler still running" for a cancel
+        elif req.cmdid in state.cancel_on_disconnect:
+            req._timer = state.loop.timer(0)  # never started: marks "handler still running" for a cancel
         self.handlers[self.reader] = req
         self.reader = None
-        self.server.readers.run(self._read_loop)
+        self.state.readers.run(self._read_loop)
 
-    def _on_deadline(self, req: Request, glet: Any, handed_off: float) -> None:
+    def _on_deadline(self, req: ServerRequest, glet: Any, handed_off: float) -> None:
         """Hub-side, at a handed-off request's deadline: its reply becomes the 504 now, whatever the
         handler does with the DeadlineReached thrown into it.
 
@@ -545,29 +644,29 @@ class Connection:
         slot = req._slot
         if slot is None or slot.data is not None:
             return
-        if not self.closed:
-            slot.data = encode_error(self.server.codec, Code.DEADLINE_EXCEEDED, "deadline exceeded", req.cmdid,
+        if self.read_state != CLOSED:
+            slot.data = encode_error(self.state.codec, Code.DEADLINE_EXCEEDED, "deadline exceeded", req.cmdid,
                                      req.id, req.has_id)
             self.queued_bytes += len(slot.data)
         glet.throw(DeadlineReached)
-        if req._timer is not None and not self.closed:  # it swallowed the exception and runs on
-            self.server.readers.run(self._deadline_answered, req, glet, self.server.clock() - handed_off)
+        if req._timer is not None and self.read_state != CLOSED:  # it swallowed the exception and runs on
+            self.state.readers.run(self._deadline_answered, req, glet, self.state.clock() - handed_off)
 
-    def _deadline_answered(self, req: Request, glet: Any, elapsed: float) -> None:
+    def _deadline_answered(self, req: ServerRequest, glet: Any, elapsed: float) -> None:
         """Count and send the 504 of a request answered at its deadline, once: from the handler's
         own completion, or (it swallowed DeadlineReached) from a reader greenlet at the deadline."""
         if glet not in self.handlers:  # the handler finishing after its 504 was sent
-            if not self.closed:
+            if self.read_state != CLOSED:
                 log.warning("handler for cmdid %d returned after its deadline (it caught DeadlineReached); "
                             "its result was dropped (peer %s, id %r)", req.cmdid, self.address, req.id)
             return
         self._drop_slot(req, glet)
-        server = self.server
-        server.stats.record(req.cmdid, Code.DEADLINE_EXCEEDED, elapsed)
-        access_log = server.access_log
+        state = self.state
+        state.stats.record(req.cmdid, Code.DEADLINE_EXCEEDED, elapsed)
+        access_log = state.access_log
         if access_log is not None:
             access_log(self, req, Code.DEADLINE_EXCEEDED, elapsed)
-        if not self.closed:
+        if self.read_state != CLOSED:
             self._flush()
             self._maybe_close()
 
@@ -608,7 +707,7 @@ class Connection:
         self.flushing = True
         raw_send = self._raw_send
         try:
-            while self.out and not self.closed:
+            while self.out and self.read_state != CLOSED:
                 if self.open_slots or self.queued_bytes > FLUSH_BYTES:
                     data = self._take_ready()
                     if not data:
@@ -646,7 +745,7 @@ class Connection:
         """Send ``data`` from byte ``sent`` on, waiting for the socket (the watchdog's write timeout
         interrupts a peer that stops reading: ``Stop`` or ``OSError``, which the caller handles)."""
         self.writer = getcurrent()
-        self.write_tick = self.server.tick
+        self.write_tick = self.state.tick
         self.write_unsent = unsent_bytes(self.sock)  # the watchdog measures progress from here
         try:
             self.sock.sendall(memoryview(data)[sent:] if sent else data)
@@ -661,20 +760,20 @@ class Connection:
         While another greenlet is sending (a large reply to a slow reader), closing now would cut
         that reply and drop what is queued behind it: the flusher closes when it is done instead.
         """
-        if self.closed or not self.reading_done or self.inflight:
+        if self.read_state != DONE or self.inflight:
             return
         if self.flushing:
             self.close_pending = True
             return
         final = self.error_line
         if final is None and self.goaway is not None:
-            final = encode_goaway(self.server.codec, self.goaway)
+            final = encode_goaway(self.state.codec, self.goaway)
         if final is not None:
             self.out.append(final)
         self._flush()
-        if self.closed:
+        if self.read_state == CLOSED:
             return
-        self.closed = True
+        self.read_state = CLOSED  # DONE -> CLOSED
         self._linger_close()
 
     def _linger_close(self) -> None:
@@ -698,12 +797,13 @@ class Connection:
         Handlers still running for it no longer count in flight: their results have nowhere to go,
         and a handler that never ends must not hold the worker's ``max_inflight`` forever.
         """
-        self.closed = True
-        self.reading_done = True
-        if cancel and self.server.cancel_on_disconnect and (self.handlers or self.running is not None):
+        if self.read_state == PARKED:  # closing a socket under a started watcher would throw into its callback's owner
+            self._read_watcher.stop()
+        self.read_state = CLOSED  # any -> CLOSED
+        if cancel and self.state.cancel_on_disconnect and (self.handlers or self.running is not None):
             self._cancel_handlers()  # before the handlers are forgotten below
         if self.inflight:
-            self.server.inflight -= self.inflight
+            self.state.inflight -= self.inflight
             self.inflight = 0
             self.handlers.clear()
         if self.drained is not None:
@@ -712,8 +812,8 @@ class Connection:
 
     def _cancel_handlers(self) -> None:
         """Schedule :class:`RequestCancelled` for each running handler that asked for it."""
-        wanted = self.server.cancel_on_disconnect
-        run = self.server.loop.run_callback
+        wanted = self.state.cancel_on_disconnect
+        run = self.state.loop.run_callback
         for glet, req in list(self.handlers.items()):
             if req.cmdid in wanted:
                 run(self._throw_cancel, glet, req)
@@ -721,7 +821,7 @@ class Connection:
         if inline is not None and self.reader is not None and inline.cmdid in wanted:
             run(self._throw_cancel, self.reader, inline)
 
-    def _throw_cancel(self, glet: Any, req: Request) -> None:
+    def _throw_cancel(self, glet: Any, req: ServerRequest) -> None:
         """Hub callback: throw into ``glet`` only if it is still inside ``req``'s handler (a handed-off
         handler's ``_timer`` is cleared as it returns; an inline one's ``running``), never into a
         greenlet that has moved on to other work."""
@@ -730,12 +830,10 @@ class Connection:
             glet.throw(RequestCancelled)
 
     def _release(self) -> None:
-        if self.parked:  # closing a socket under a started watcher would throw into its callback's owner
-            self._unwatch()
         try:
             self.sock.close()
         finally:
-            self.server.forget(self)
+            self.state.forget(self)
 
     def interrupt(self, reason: str) -> None:
         """Hub-side: end a wait of this connection's greenlets for ``reason``.
@@ -746,13 +844,14 @@ class Connection:
         Call it from a hub callback (``loop.run_callback``) so that the state checked here is the
         state the greenlet is in when the exception lands.
         """
-        if self.closed:
+        read_state = self.read_state
+        if read_state == CLOSED:
             return
-        if reason == "auth" and self.calls is self.server.calls:
+        if reason == "auth" and self.calls is self.state.calls:
             return  # AUTH succeeded after the sweep saw it missing (read in the same loop turn)
         if reason == "write":
             if self.writer is not None:
-                self.server.stats.write_timeout_disconnections += 1
+                self.state.stats.write_timeout_disconnections += 1
                 self.writer.throw(Stop(reason))
             return
         if reason == "auth" and self.writer is not None:  # not authenticated in time and reading slowly:
@@ -762,8 +861,8 @@ class Connection:
         if not fatal and self.goaway is None:
             self.goaway = reason
         reader = self.reader
-        if self.receiving and (fatal or not self.buffer.pending):
-            if self.parked:
+        if (read_state == PARKED or read_state == RECEIVING) and (fatal or not self.buffer.pending):
+            if read_state == PARKED:
                 self._unpark(reason)
             elif reader is not None:
                 reader.throw(Stop(reason))

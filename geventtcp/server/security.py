@@ -9,11 +9,12 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from geventtcp.errors import Code, ConfigError, ServerRefusal
-from geventtcp.protocol import PREAUTH_MAX_LINE_BYTES, Request
+from geventtcp.protocol import PREAUTH_MAX_LINE_BYTES
+from geventtcp.server.request import ServerRequest
 
 if TYPE_CHECKING:
     from geventtcp.config import Settings
-    from geventtcp.server.server import Server
+    from geventtcp.server.state import ServerState
 
 __all__ = [
     "MAX_AUTH_FAILURES",
@@ -122,7 +123,7 @@ def check_serving_settings(settings: Settings, addresses: Iterable[Any], metrics
     check_metrics_addresses(settings, metrics_addresses)
 
 
-def make_auth(server: Server, token: str | None) -> Callable[[Request], Any]:
+def make_auth(state: ServerState[Any], token: str | None) -> Callable[[ServerRequest], Any]:
     """The AUTH builtin: ``params.token`` is compared in constant time with the configured secret.
 
     Success switches the connection to the full command table and line limit. A wrong or missing
@@ -133,7 +134,7 @@ def make_auth(server: Server, token: str | None) -> Callable[[Request], Any]:
     """
     expected = token.encode("utf-8") if token is not None else None
 
-    def auth(request: Request) -> Any:
+    def auth(request: ServerRequest) -> Any:
         conn = request.connection
         if expected is None:
             return {"authenticated": True, "required": False}
@@ -142,7 +143,7 @@ def make_auth(server: Server, token: str | None) -> Callable[[Request], Any]:
             conn.authenticate()
             return {"authenticated": True, "required": True}
         conn.auth_failures += 1
-        server.stats.auth_failures += 1
+        state.stats.auth_failures += 1
         if conn.auth_failures == 1:  # one line per connection: the rest are counted (auth_failures)
             log.warning("connection %r: authentication failed (closed after %d failures)", conn.address,
                         MAX_AUTH_FAILURES)

@@ -1,4 +1,12 @@
-"""The server: listeners, connection limits, the timeout watchdog and graceful drain."""
+"""The server: listeners, connection limits, the timeout watchdog and graceful drain.
+
+A :class:`Server` owns its listeners and acceptors, the admission of new connections (limits, the
+PROXY header, the TLS handshake) and the watchdog. What the connections, the built-ins and AUTH
+share (settings, counters, command tables, the open connections, the drain flag) is its
+:class:`~geventtcp.server.state.ServerState` (``server.state``); a connection gets the state, not
+the server. The launcher changes a running server only through :meth:`Server.begin_drain`,
+:meth:`Server.stop` and :meth:`Server.set_builtin`.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +16,6 @@ import logging
 import math
 import resource
 import socket
-import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -24,7 +31,7 @@ from geventtcp.config import Config, Settings
 from geventtcp.errors import Code
 from geventtcp.protocol import PREAUTH_CMDIDS, Request, encode_error, encode_goaway
 from geventtcp.server.builtins import make_builtins
-from geventtcp.server.connection import Connection
+from geventtcp.server.connection import WAITING, Connection
 from geventtcp.server.proxyproto import (
     MAX_HEADER_BYTES,
     ProxyHeader,
@@ -35,7 +42,7 @@ from geventtcp.server.proxyproto import (
 )
 from geventtcp.server.readers import ReaderPool
 from geventtcp.server.security import check_listen_addresses, is_loopback, is_protected, load_token
-from geventtcp.server.stats import Stats
+from geventtcp.server.state import Handler, ServerState
 from geventtcp.sockets import create_listener, format_address, send_and_linger, unsent_bytes
 from geventtcp.tls import handshake, server_context_from_settings
 from geventtcp.urls import Registry, default_registry
@@ -43,11 +50,6 @@ from geventtcp.urls import Registry, default_registry
 __all__ = ["Server"]
 
 log = logging.getLogger("geventtcp.server")
-
-#: Handoffs one watch pass makes before it checks whether the hub should poll (gevent's own
-#: callback runner checks after every 50 callbacks whether the switch interval has passed).
-_WATCH_SLICE = 50
-
 
 class _AcceptBackoff(GreenletExit):  # type: ignore[misc]
     """Raised from ``do_read`` when descriptors run out: gevent's accept loop backs off (10 ms, doubling
@@ -155,45 +157,88 @@ class Server:
         self.proxy_from = trusted_networks(self.settings.proxy_allow_from)
         self.ssl_context = ssl_context if ssl_context is not None else server_context_from_settings(self.settings)
         self.plain_sockets = self.ssl_context is None
-        self.stats = Stats()
-        self.calls: dict[int, Callable[[Request], Any]] = {}
-        self.preauth_calls: dict[int, Callable[[Request], Any]] = {}
-        #: cmdids registered with ``cancel_on_disconnect``: RequestCancelled is thrown into them.
-        self.cancel_on_disconnect: frozenset[int] = frozenset()
-        self.peers: dict[str, int] = {}  # open connections per peer IP
-        self.connections: set[Connection] = set()
-        self.readers = ReaderPool()  # greenlets shared by parked (idle) connections
-        #: Connections that started a handler since the hub last ran :meth:`_watch_all`: one hub
-        #: callback checks them all, instead of one callback per request.
-        self.watching: list[Connection] = []
-        self.inflight = 0
-        #: Application cmdids whose handler has blocked (been handed off) in this process: only
-        #: these are refused at a full in-flight limit (see :meth:`admit`).
-        self.blocking: set[int] = set()
-        #: Accepted connections still reading their PROXY header: not yet in ``connections``, but
-        #: ``stop()`` waits for them too, so each gets its goaway before the process exits.
-        self.proxy_pending = 0
-        self.tick = 0
-        self.draining = False
-        self.drain_reason = "shutdown"
-        self.access_log: Callable[[Connection, Request, int, float], None] | None = None
-        self.clock = time.monotonic
-        #: A fresh copy of the worker's base context (the one :meth:`start` ran in) per request: a
-        #: contextvar one request sets (a "current user") is never seen by the next.
-        self.new_context: Callable[[], contextvars.Context] = contextvars.Context
+        self.loop = get_hub().loop
+        #: What the connections and built-ins share (they get this, not the server).
+        self.state: ServerState[Connection] = ServerState(
+            self.settings, self.codec, self.token, self.registry, self.loop, self.plain_sockets)
+        self.stats = self.state.stats
+        #: Built-ins replaced by :meth:`set_builtin`, applied again by every :meth:`start`.
+        self._builtin_overrides: dict[int, Handler] = {}
         #: Connections one listener accepts per wakeup; the launcher sets 1 when several worker
         #: processes share a listener, so one worker does not take a whole burst (as gunicorn does).
         self.max_accept: int = StreamServer.max_accept
-        self.started_at = 0.0
-        self.loop = get_hub().loop
         self._given_listeners = list(listeners) if listeners is not None else None
         self._own_listeners: list[Any] = []
         self._acceptors: list[_Acceptor] = []
         self._bound: list[tuple[Any, str]] = []
         self._watchdog: gevent.Greenlet | None = None
-        self._all_closed = Event()
-        self._all_closed.set()
         self._stopped = Event()
+
+    # -- what the state holds, for introspection and the launcher ------------------------------
+
+    @property
+    def connections(self) -> set[Connection]:
+        """The open connections (the state's set: read it, do not change it)."""
+        return self.state.connections
+
+    @property
+    def inflight(self) -> int:
+        """Requests handed off to their own greenlet and not yet answered, over all connections."""
+        return self.state.inflight
+
+    @property
+    def peers(self) -> dict[str, int]:
+        """Open connections per peer IP."""
+        return self.state.peers
+
+    @property
+    def readers(self) -> ReaderPool:
+        return self.state.readers
+
+    @property
+    def blocking(self) -> set[int]:
+        """Application cmdids whose handler has blocked in this process (see ``ServerState.admit``)."""
+        return self.state.blocking
+
+    @property
+    def calls(self) -> dict[int, Handler]:
+        """The command table (built by :meth:`start`; change a built-in with :meth:`set_builtin`)."""
+        return self.state.calls
+
+    @property
+    def draining(self) -> bool:
+        return self.state.draining
+
+    @property
+    def drain_reason(self) -> str:
+        return self.state.drain_reason
+
+    @property
+    def started_at(self) -> float:
+        return self.state.started_at
+
+    @property
+    def access_log(self) -> Callable[[Connection, Request, int, float], None] | None:
+        """Called after each request with (connection, request, code, seconds); ``None``: nothing (free)."""
+        return self.state.access_log
+
+    @access_log.setter
+    def access_log(self, hook: Callable[[Connection, Request, int, float], None] | None) -> None:
+        self.state.access_log = hook
+
+    def begin_drain(self, reason: str) -> None:
+        """Flag the drain now: readers that finish a batch send a goaway (``reason``) instead of
+        reading on. :meth:`stop` does this too; call it first when the stop itself comes later."""
+        self.state.begin_drain(reason)
+
+    def set_builtin(self, cmdid: int, handler: Handler) -> None:
+        """Serve ``cmdid`` (a built-in) with ``handler`` from now on, and after every later :meth:`start`."""
+        self._builtin_overrides[cmdid] = handler
+        state = self.state
+        if state.calls:
+            state.calls[cmdid] = handler
+            if cmdid in state.preauth_calls:
+                state.preauth_calls[cmdid] = handler
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -206,12 +251,15 @@ class Server:
         if self.started:
             return
         self._stopped.clear()
-        self.draining = False
-        self.new_context = contextvars.copy_context().copy
-        self.calls = dict(self.registry.calls)
-        self.cancel_on_disconnect = frozenset(info.cmdid for info in self.registry if info.cancel_on_disconnect)
-        self.calls.update(make_builtins(self))
-        self.preauth_calls = {cmdid: self.calls[cmdid] for cmdid in PREAUTH_CMDIDS}
+        state = self.state
+        state.draining = False
+        state.new_context = contextvars.copy_context().copy
+        calls: dict[int, Handler] = dict(self.registry.calls)
+        state.cancel_on_disconnect = frozenset(info.cmdid for info in self.registry if info.cancel_on_disconnect)
+        calls.update(make_builtins(state))
+        calls.update(self._builtin_overrides)
+        state.calls = calls
+        state.preauth_calls = {cmdid: calls[cmdid] for cmdid in PREAUTH_CMDIDS}
         self._raise_fd_limit()
         listeners = self._given_listeners
         if listeners is None:
@@ -228,7 +276,7 @@ class Server:
         except BaseException:
             self.close()
             raise
-        self.started_at = time.time()
+        state.started_at = time.time()
         self._bound = [(a.socket.getsockname(), format_address(a.socket)) for a in self._acceptors]
         self._watchdog = gevent.spawn(self._watch_timeouts)
         log.info("listening on %s (pid %d)", ", ".join(self.addresses), __import__("os").getpid())
@@ -247,15 +295,14 @@ class Server:
         """
         if timeout is None:
             timeout = self.settings.graceful_timeout
-        self.draining = True
-        self.drain_reason = reason
+        self.state.begin_drain(reason)
         for acceptor in self._acceptors:
             acceptor.close()
-        for conn in list(self.connections):
+        for conn in list(self.state.connections):
             self.loop.run_callback(conn.interrupt, reason)
-        if not self._all_closed.wait(timeout):
+        if not self.state.all_closed.wait(timeout):
             log.warning("graceful timeout: closing %d connection(s) with requests still running",
-                        len(self.connections))
+                        len(self.state.connections))
         self.close()
 
     def stop_accepting(self) -> None:
@@ -265,7 +312,7 @@ class Server:
 
     def close(self) -> None:
         """Stop at once: close listeners and connections, kill running handlers."""
-        self.draining = True
+        self.state.draining = True
         for acceptor in self._acceptors:
             acceptor.close()
         self._acceptors = []
@@ -273,7 +320,7 @@ class Server:
             sock.close()
         self._own_listeners = []
         doomed: list[Any] = []
-        for conn in list(self.connections):
+        for conn in list(self.state.connections):
             doomed.extend(conn.handlers)
             if conn.running is not None and conn.reader is not None:
                 doomed.append(conn.reader)  # an inline handler that yielded before its handoff ran
@@ -311,10 +358,11 @@ class Server:
             address = self._proxy_address(sock, address)
             if address is None:
                 return
-        if self.draining:
-            self._refuse(sock, encode_goaway(self.codec, self.drain_reason), linger=True)
+        state = self.state
+        if state.draining:
+            self._refuse(sock, encode_goaway(self.codec, state.drain_reason), linger=True)
             return
-        if len(self.connections) >= self.settings.max_connections:
+        if len(state.connections) >= self.settings.max_connections:
             self.stats.connections_rejected += 1
             self._refuse(sock, encode_error(self.codec, Code.UNAVAILABLE, "max number of connections reached"))
             return
@@ -328,23 +376,23 @@ class Server:
                     "loopback clients are accepted (see auth_token, --no-protected-mode)"))
                 return
             per_peer = self.settings.max_connections_per_peer
-            if per_peer and self.peers.get(peer, 0) >= per_peer:
+            if per_peer and state.peers.get(peer, 0) >= per_peer:
                 self.stats.connections_rejected += 1
                 self._refuse(sock, encode_error(self.codec, Code.UNAVAILABLE, "too many connections from peer"))
                 return
         if peer is not None:  # counted from here, so silent TLS handshakes count against the peer too
-            self.peers[peer] = self.peers.get(peer, 0) + 1
+            state.peers[peer] = state.peers.get(peer, 0) + 1
         if self.ssl_context is not None:
             try:
                 sock = handshake(self.ssl_context, sock, self.settings.tls_handshake_timeout)
             except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
                 self.stats.tls_failures += 1
                 log.info("TLS handshake with %r failed: %r", address, exc)
-                self._release_peer(peer)
+                state.release_peer(peer)
                 return
-        conn = Connection(self, sock, address or sock.getsockname())
-        self.connections.add(conn)
-        self._all_closed.clear()
+        conn = Connection(state, sock, address or sock.getsockname())
+        state.connections.add(conn)
+        state.all_closed.clear()
         self.stats.connections_total += 1
         try:
             conn.serve()
@@ -358,27 +406,28 @@ class Server:
         missing, malformed or late header (such a peer is never served as a plain client), or with
         a drain begun while the header arrived (answered with a goaway, as any connection is).
 
-        The wait counts in :attr:`proxy_pending`, so ``stop()`` does not return (and a worker does
+        The wait counts in the state's ``proxy_pending``, so ``stop()`` does not return (and a worker does
         not exit) under a connection it accepted before draining: that peer would see a bare close.
         """
-        self.proxy_pending += 1
-        self._all_closed.clear()
+        state = self.state
+        state.proxy_pending += 1
+        state.all_closed.clear()
         try:
             address = self._read_proxy_header(sock, address)
-            if address is not None and self.draining:
-                self._refuse(sock, encode_goaway(self.codec, self.drain_reason), linger=True)
+            if address is not None and state.draining:
+                self._refuse(sock, encode_goaway(self.codec, state.drain_reason), linger=True)
                 return None
             return address
         finally:
-            self.proxy_pending -= 1
-            if not self.proxy_pending and not self.connections:
-                self._all_closed.set()
+            state.proxy_pending -= 1
+            if not state.proxy_pending and not state.connections:
+                state.all_closed.set()
 
     def _read_proxy_header(self, sock: Any, address: Any) -> Any:
         """See :meth:`_proxy_address`: the header's client address, or ``None`` once closed."""
         if not is_trusted(address, self.proxy_from):
             why: Any = "peer not in proxy_allow_from"
-        elif len(self.connections) + self.proxy_pending > self.settings.max_connections:
+        elif len(self.state.connections) + self.state.proxy_pending > self.settings.max_connections:
             # Counted before the wait (proxy_pending includes this one): a silent header must not
             # hold a descriptor past the limit for proxy_protocol_timeout.
             self.stats.connections_rejected += 1
@@ -417,87 +466,6 @@ class Server:
             finally:
                 sock.close()
 
-    def forget(self, conn: Connection) -> None:
-        """Called by a connection once its socket is closed."""
-        if conn in self.connections:
-            self.connections.discard(conn)
-            if isinstance(conn.address, tuple):
-                self._release_peer(conn.address[0])
-        if not self.connections and not self.proxy_pending:
-            self._all_closed.set()
-
-    def _release_peer(self, peer: str | None) -> None:
-        if peer is None:
-            return
-        left = self.peers.get(peer, 1) - 1
-        if left > 0:
-            self.peers[peer] = left
-        else:
-            self.peers.pop(peer, None)
-
-    def admit(self, conn: Connection, req: Request) -> tuple[int, str] | None:
-        """Why ``req`` must not run now (code, message), or ``None``; a refused handler never runs.
-
-        The in-flight limits count handed-off (blocked) requests. A full limit refuses only a
-        command that has blocked before in this process (:attr:`blocking`): built-ins and commands
-        that answer inline always run, so PING and STATS work on a full worker. A command not yet
-        seen blocking is admitted and, if it blocks, counted past the limit (once: from then on it
-        is known), so the limit can be exceeded by one request per connection per new command.
-        """
-        if req.deadline is not None and req.deadline <= self.clock():
-            return Code.DEADLINE_EXCEEDED, "deadline passed before the request started"
-        settings = self.settings
-        if (conn.inflight >= settings.max_inflight_per_connection or self.inflight >= settings.max_inflight) \
-                and req.cmdid in self.blocking:
-            return self._refuse_inflight(conn)
-        return None
-
-    def _refuse_inflight(self, conn: Connection) -> tuple[int, str]:
-        if conn.inflight >= self.settings.max_inflight_per_connection:
-            return Code.UNAVAILABLE, "too many requests in flight on this connection"
-        return Code.UNAVAILABLE, "too many requests in flight on this server"
-
-    def _watch_all(self) -> None:
-        """Hub callback: let each connection in :attr:`watching` hand off a handler that yielded.
-
-        Each handoff goes on with its connection's batch before returning here, so after
-        ``_WATCH_SLICE`` of them past the switch interval the rest wait for the next hub turn (as
-        gevent's own callback runner lets the loop poll). Connections not reached, the pass cut
-        short or an exception escaping it, are put back: none keeps a watch armed unwatched.
-        """
-        conns = self.watching
-        self.watching = []
-        started = self.clock()
-        done = 0
-        try:
-            for conn in conns:
-                done += 1
-                if conn.running is None:  # the handler returned before the hub ran: no handoff
-                    conn.watch_armed = False
-                    continue
-                try:
-                    conn._watch()
-                except Exception:  # one connection's failure must not leave the others unwatched
-                    log.exception("connection %s: handoff failed", conn.address)
-                    conn.abort()
-                if done % _WATCH_SLICE == 0 and self.clock() - started > sys.getswitchinterval():
-                    break
-        finally:
-            if done < len(conns):
-                if not self.watching:
-                    self.loop.run_callback(self._watch_all)
-                self.watching[:0] = conns[done:]
-
-    def deadline_for(self, req: Request) -> float | None:
-        """The monotonic time at which ``req``'s handler is stopped: its own deadline or the default."""
-        deadline = req.deadline
-        default = self.settings.handler_timeout
-        if default:
-            limit = self.clock() + default
-            if deadline is None or limit < deadline:
-                deadline = limit
-        return deadline
-
     # -- timeouts --------------------------------------------------------------------------------
 
     def _tick_seconds(self) -> float:
@@ -523,12 +491,13 @@ class Server:
         # the sweep stays stateless) gets a goaway once idle, so long-lived clients move on.
         age, age_jitter = ticks(s.max_connection_age), ticks(s.max_connection_age * s.max_connection_age_jitter)
         run = self.loop.run_callback
+        state = self.state
         while True:
             gevent.sleep(period)
-            self.tick += 1
-            now = self.tick
-            for conn in list(self.connections):
-                if auth and now - conn.created_tick >= auth and conn.calls is not self.calls:
+            state.tick += 1
+            now = state.tick
+            for conn in list(state.connections):
+                if auth and now - conn.created_tick >= auth and conn.calls is not state.calls:
                     # Absolute from connect, whatever the connection is doing: a peer that pipelines
                     # PINGs and reads the replies slowly keeps a writer making progress forever.
                     run(conn.interrupt, "auth")  # a 401 line and close; a waiting send is cut
@@ -541,7 +510,7 @@ class Server:
                         conn.write_tick = now
                     else:
                         run(conn.interrupt, "write")
-                elif not conn.receiving:
+                elif conn.read_state not in WAITING:
                     continue
                 elif conn.partial_tick >= 0:
                     if slow and now - conn.partial_tick >= slow:

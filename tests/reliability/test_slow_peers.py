@@ -242,14 +242,14 @@ def test_auth_arriving_in_the_same_loop_turn_as_the_deadline_tick_is_not_refused
             c = RawConn(server.address)
             conn = wait_until(lambda: next(iter(server.connections), None))
             wait_until(functools.partial(_ticks_reached, server, conn, deadline_ticks - 1), interval=0.001)
-            if server.tick - conn.created_tick != deadline_ticks - 1:
+            if server.state.tick - conn.created_tick != deadline_ticks - 1:
                 c.close()  # the deadline tick came first: a legitimate 401; try again
                 wait_until(lambda: not server.connections)
                 continue
             c.send(json.dumps({"cmdid": -4, "params": {"token": token}, "id": 1}).encode() + b"\n")
             time.sleep(2 * period)  # hold the hub: the next tick and the AUTH line are handled in one turn
             assert c.line()["data"]["authenticated"] is True
-            assert server.tick - conn.created_tick >= deadline_ticks  # the deadline tick did come
+            assert server.state.tick - conn.created_tick >= deadline_ticks  # the deadline tick did come
             c.request(-1, id=2)
             reply = c.line()
             assert (reply["code"], reply.get("id")) == (0, 2), reply  # was the 401 "not authenticated within"
@@ -261,4 +261,4 @@ def test_auth_arriving_in_the_same_loop_turn_as_the_deadline_tick_is_not_refused
 
 def _ticks_reached(server: Any, conn: Any, ticks: int) -> bool:
     """Whether ``ticks`` watchdog ticks have passed since ``conn`` was accepted."""
-    return bool(server.tick - conn.created_tick >= ticks)
+    return bool(server.state.tick - conn.created_tick >= ticks)

@@ -11,13 +11,32 @@ import gevent
 import pytest
 
 from geventtcp import Server
-from geventtcp.server.connection import RECV_SIZE
+from geventtcp.server.connection import CLOSED, DONE, PARKED, READING, RECV_SIZE
 from tests.support.apps import make_registry
 from tests.support.rawconn import RawConn, rst
 from tests.support.servers import settled
 from tests.support.system import wait_until
 
 Serve = Callable[..., Server]
+
+
+def test_the_read_state_goes_reading_parked_done_closed_and_no_stray_attribute(serve: Serve) -> None:
+    """One ``read_state`` says where reading is; a Connection has no ``__dict__``, so a misspelt
+    attribute raises instead of silently creating a flag nobody reads."""
+    server = serve()
+    with RawConn(server.address) as c:
+        assert c.call(1, {})["code"] == 0
+        (conn,) = server.connections
+        wait_until(lambda: conn.read_state == PARKED)
+        assert conn.parked and not conn.closed
+        with pytest.raises(AttributeError):
+            conn.recieving = True  # type: ignore[attr-defined]
+        conn.close_after_replies()  # from outside the reader: a parked connection stops reading
+        assert conn.read_state == DONE and not conn.parked
+        conn._maybe_close()  # nothing in flight: DONE -> CLOSED, no goaway line (error_line is empty)
+        c.expect_eof()
+    wait_until(lambda: not server.connections)
+    assert conn.read_state == CLOSED and conn.closed and READING == 0
 
 
 # -- input that arrives while the reader is busy (it parks without a recv) ----------------------
@@ -84,7 +103,7 @@ def test_a_flood_larger_than_the_buffer_then_eof_is_answered_whole(serve: Serve,
 
 
 def test_handoffs_started_inside_a_watch_pass_are_watched_too(serve: Serve, hub_errors: list[Any]) -> None:
-    """A handoff's new reader runs inside ``_watch_all`` and may block again on the next pipelined
+    """A handoff's new reader runs inside ``ServerState.watch_all`` and may block again on the next pipelined
     line: that one needs the next pass. All of them must run at once and keep their deadlines."""
     server = serve(handler_timeout=0.5)
     conns = [RawConn(server.address) for _ in range(8)]
@@ -170,7 +189,7 @@ def test_close_while_a_watch_pass_is_pending(serve: Serve, hub_errors: list[Any]
             c.expect_eof()
         for other in [*others, parked]:
             other.expect_eof()
-        wait_until(lambda: not server.connections and not server.watching)
+        wait_until(lambda: not server.connections and not server.state.watching)
         wait_until(lambda: server.inflight == 0)
     finally:
         for c in others:
@@ -179,7 +198,7 @@ def test_close_while_a_watch_pass_is_pending(serve: Serve, hub_errors: list[Any]
 
 
 def test_close_from_a_handoff_that_runs_inside_the_watch_pass(serve: Serve, hub_errors: list[Any]) -> None:
-    """The reader a handoff starts runs inside ``_watch_all``; if its next line closes the server,
+    """The reader a handoff starts runs inside ``ServerState.watch_all``; if its next line closes the server,
     the connections still in that pass are closed ones: skipped, their blocked readers killed."""
     registry = make_registry()
     holder: dict[str, Server] = {}
@@ -200,7 +219,7 @@ def test_close_from_a_handoff_that_runs_inside_the_watch_pass(serve: Serve, hub_
             c.send(b'{"cmdid":2,"id":1,"params":{"seconds":5}}\n{"cmdid":1,"id":2}\n')
         for c in conns:
             c.expect_eof()
-        wait_until(lambda: not server.connections and server.inflight == 0 and not server.watching)
+        wait_until(lambda: not server.connections and server.inflight == 0 and not server.state.watching)
     finally:
         for c in conns:
             c.close()
@@ -285,7 +304,7 @@ def test_parked_connections_closed_every_way_leave_no_stale_watcher(serve: Serve
             for c in fresh:
                 c.close()
         wait_until(lambda: not server.connections)
-    assert server.inflight == 0 and not server.watching
+    assert server.inflight == 0 and not server.state.watching
     assert hub_errors == []
 
 

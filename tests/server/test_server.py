@@ -14,6 +14,7 @@ import gevent
 import pytest
 
 from geventtcp import Server
+from geventtcp.protocol import Builtin
 from geventtcp.server.connection import Connection
 from tests.support.rawconn import RawConn
 from tests.support.system import wait_until
@@ -426,7 +427,8 @@ def test_a_hook_that_yields_after_the_handler_cannot_trigger_a_stray_deadline(
 
 
 def test_one_hub_callback_hands_off_each_blocked_connection(serve: Callable[..., Server],
-                                                           caplog: pytest.LogCaptureFixture) -> None:
+                                                           caplog: pytest.LogCaptureFixture,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Handlers that block in the same hub turn are handed off by one callback; a handoff that fails
     costs only its own connection (closed), never the others'."""
     server = serve()
@@ -438,10 +440,14 @@ def test_one_hub_callback_hands_off_each_blocked_connection(serve: Callable[...,
         doomed_peer = conns[0].sock.getsockname()
         doomed = next(conn for conn in server.connections if conn.address == doomed_peer)
 
-        def broken_watch() -> None:
-            raise RuntimeError("handoff bug")
+        hand_off = Connection.hand_off
 
-        doomed._watch = broken_watch  # type: ignore[method-assign]
+        def broken_for_doomed(conn: Connection) -> None:  # a Connection has no __dict__: patch the class
+            if conn is doomed:
+                raise RuntimeError("handoff bug")
+            hand_off(conn)
+
+        monkeypatch.setattr(Connection, "hand_off", broken_for_doomed)
         for c in conns:  # all three lines arrive before the server runs: one hub turn
             c.send(b'{"cmdid":2,"id":1,"params":{"seconds":0.3}}\n{"cmdid":1,"id":2,"params":{}}\n')
         wait_until(lambda: server.inflight == 2)  # both healthy sleeps handed off at once
@@ -464,7 +470,7 @@ class _FakeWatched:
         self.action = action
         self.aborted = False
 
-    def _watch(self) -> None:
+    def hand_off(self) -> None:
         self.watch_armed = False
         self.action()
 
@@ -481,11 +487,11 @@ def test_a_watch_pass_cut_short_by_an_exception_puts_the_rest_back(serve: Callab
 
     server = serve()
     first, rest = _FakeWatched(boom), _FakeWatched(lambda: None)
-    server.watching = [first, rest]  # type: ignore[list-item]
+    server.state.watching = [first, rest]  # type: ignore[list-item]
     with pytest.raises(Boom):
-        server._watch_all()
-    assert server.watching == [rest]  # type: ignore[comparison-overlap]  # not dropped with its watch armed: a new pass is queued
-    wait_until(lambda: not server.watching and not rest.watch_armed)
+        server.state.watch_all()
+    assert server.state.watching == [rest]  # type: ignore[comparison-overlap]  # not dropped with its watch armed: a new pass is queued
+    wait_until(lambda: not server.state.watching and not rest.watch_armed)
 
 
 def test_a_long_watch_pass_lets_the_hub_poll(serve: Callable[..., Server]) -> None:
@@ -500,8 +506,28 @@ def test_a_long_watch_pass_lets_the_hub_poll(serve: Callable[..., Server]) -> No
 
     server = serve()
     fakes = [_FakeWatched(slow_handoff) for _ in range(120)]
-    server.watching = list(fakes)  # type: ignore[arg-type]
-    server._watch_all()
-    assert len(calls) == 50 and server.watching == fakes[50:]  # type: ignore[comparison-overlap]
-    wait_until(lambda: len(calls) == 120 and not server.watching)
+    server.state.watching = list(fakes)  # type: ignore[arg-type]
+    server.state.watch_all()
+    assert len(calls) == 50 and server.state.watching == fakes[50:]  # type: ignore[comparison-overlap]
+    wait_until(lambda: len(calls) == 120 and not server.state.watching)
     assert not any(f.watch_armed for f in fakes)
+
+
+def test_set_builtin_and_begin_drain_are_how_a_launcher_changes_a_running_server(serve: Callable[..., Server]) -> None:
+    """The launcher's two operations on a running server: a replaced built-in answers at once and
+    again after a restart; once a drain is begun (before the stop), a parked connection that sends
+    again gets a goaway instead of its request being read."""
+    server = serve()
+    server.set_builtin(Builtin.STATS, lambda req: {"merged": True})
+    with RawConn(server.address) as c:
+        assert c.call(Builtin.STATS, {})["data"] == {"merged": True}
+        server.close()
+        server.start()  # the command tables are rebuilt: the replacement stays
+        assert server.calls[Builtin.STATS](None) == {"merged": True}  # type: ignore[arg-type]
+    with RawConn(server.address) as c:
+        assert c.call(Builtin.PING, {})["data"]["draining"] is False
+        server.begin_drain("reload")
+        assert server.draining and server.drain_reason == "reload"
+        c.send(b'{"cmdid":%d,"id":1}\n' % Builtin.PING)
+        assert c.line().get("goaway") == "reload"  # the PING was not read: resend it elsewhere
+        c.expect_eof()

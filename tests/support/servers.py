@@ -43,7 +43,7 @@ def addr(server: Server) -> str:
 
 def settled(server: Server) -> bool:
     """Nothing armed, nothing in flight: every watch armed was checked and every handoff answered."""
-    return (not server.watching and server.inflight == 0
+    return (not server.state.watching and server.inflight == 0
             and not any(c.watch_armed or c.inflight or c.running is not None for c in server.connections))
 
 
