@@ -778,14 +778,14 @@ def encode_handler_error(codec: Codec, exc: HandlerError, cmdid: Any, id: Any, h
             "handler for cmdid %r raised %s with code %r, which handlers cannot answer with: sent a 500",
             cmdid, type(exc).__name__, code)
         return encode_error(codec, Code.INTERNAL, "internal error", cmdid, id, has_id), Code.INTERNAL
-    line = encode_error(codec, code, exc.msg, cmdid, id, has_id)
+    line = encode_error(codec, code, _sendable_msg(exc.msg), cmdid, id, has_id)
     details = getattr(exc, "details", None)
     if details is None:
         return line, int(code)
     try:
         body = codec.dumps(details)
-        if 92 in body:  # an escape: maybe of a lone surrogate, which no peer may be sent
-            Codec._post_check(body, details)
+        if 92 in body:  # an escape: maybe of a lone surrogate (also inside an ``_asdict`` object)
+            codec.check_surrogates(body, details)
     except (ValueError, TypeError, OverflowError) as err:
         log.error(
             "details of the %s raised by the handler for cmdid %r are not serializable: %r: sent a 500",
@@ -793,3 +793,15 @@ def encode_handler_error(codec: Codec, exc: HandlerError, cmdid: Any, id: Any, h
         return encode_error(codec, Code.INTERNAL, "error details not serializable", cmdid, id, has_id), Code.INTERNAL
     return b'%b,"details":%b}\n' % (line[:-2], body), int(code)
 
+
+def _sendable_msg(msg: Any) -> str:
+    """A handler's ``msg`` as text every peer can read: ``str()`` of anything else than a str (an
+    unencodable msg would lose the connection, and every request on it), and a lone surrogate
+    (``os.fsdecode()`` of an undecodable file name) as its ``\\udXXX`` text (the client refuses a
+    line that escapes one, and fails the whole connection)."""
+    text = msg if type(msg) is str else str(msg)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
