@@ -243,3 +243,35 @@ def test_details_with_a_lone_surrogate_inside_an_asdict_object_give_a_500(serve:
         assert info.value.details == {"f": "ok"}
         (pools,) = client.describe().values()
         assert pools[0]["connections"] == 1
+
+
+class _BareHandlerError(HandlerError):
+    """A subclass whose ``__init__`` skips HandlerError's: no ``code``, no ``msg``."""
+
+    def __init__(self) -> None:
+        Exception.__init__(self, "bare")
+
+
+class _NoStr:
+    def __str__(self) -> str:
+        raise RuntimeError("no text")
+
+
+def test_a_handler_error_without_code_or_with_an_unprintable_msg_keeps_the_connection(serve: Any) -> None:
+    """Whatever a HandlerError subclass lacks, the error path answers (500 without a code, the
+    code with a placeholder msg) and keeps the connection: the reply path must not raise."""
+    reg = Registry()
+    reg.add(10, lambda req: (_ for _ in ()).throw(_BareHandlerError()))
+
+    def unprintable(req: Any) -> Any:
+        exc = HandlerError("x", Code.NOT_FOUND)
+        exc.msg = _NoStr()  # type: ignore[assignment]
+        raise exc
+
+    reg.add(11, unprintable)
+    server = serve(reg)
+    with RawConn(server.address) as c:
+        assert c.call({"cmdid": 10, "id": 1}) == {"code": 500, "cmdid": 10, "id": 1, "msg": "internal error"}
+        reply = c.call({"cmdid": 11, "id": 2})
+        assert reply["code"] == 1005 and reply["id"] == 2 and "_NoStr" in reply["msg"]
+        assert c.call({"cmdid": 10, "id": 3})["id"] == 3
