@@ -90,8 +90,11 @@ _DIGITS = bytes.maketrans(b"123456789", b"0" * 9)
 #: literal prefix, which the regex engine scans for quickly; plain alternatives, since an optional
 #: part or a number pattern here costs 2-3x as much).
 _LITERAL_KEY = re.compile(rb'"(?:true|false|null|NaN|sNaN|-NaN|-sNaN|Infinity|-Infinity)":')
-#: A ``\\ud`` escape of a surrogate half that is not part of a pair (a pair is a valid character).
-_LONE_SURROGATE = re.compile(rb"\\ud[89ab][0-9a-f]{2}(?!\\ud[c-f])|(?<!\\ud[89ab][0-9a-f]{2})\\ud[c-f]")
+#: A ``\\ud`` escape of a surrogate half that is not part of a pair (a pair is a valid character),
+#: or a pair whose high half follows a backslash: that may be an escaped backslash and text
+#: (``"\\\\ud800"``) before a lone low half, which the lookbehind alone would take for a pair.
+_LONE_SURROGATE = re.compile(rb"\\ud[89ab][0-9a-f]{2}(?!\\ud[c-f])|(?<!\\ud[89ab][0-9a-f]{2})\\ud[c-f]"
+                             rb"|\\\\ud[89ab][0-9a-f]{2}\\ud[c-f]")
 #: The server's own parser: a body it accepts is a body this check accepts.
 _SERVER_CODEC = SimplejsonCodec()
 

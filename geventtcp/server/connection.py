@@ -876,7 +876,7 @@ def encode_handler_error(codec: Codec, exc: HandlerError, cmdid: Any, id: Any, h
     the error was built, or a subclass's own) or the details have no strict JSON form (a lone
     surrogate included, which the client would refuse): no handler reply reads as a transport code.
     """
-    code = exc.code
+    code: Any = getattr(exc, "code", None)  # a subclass may skip HandlerError.__init__: then a 500
     if type(exc) is ServerRefusal and type(cmdid) is int and cmdid < 0:  # a built-in's own code (AUTH's 401)
         return encode_error(codec, code, exc.msg, cmdid, id, has_id), int(code)
     if (type(code) is not int and not isinstance(code, Code)) or code not in HANDLER_CODES:
@@ -884,18 +884,33 @@ def encode_handler_error(codec: Codec, exc: HandlerError, cmdid: Any, id: Any, h
             "handler for cmdid %r raised %s with code %r, which handlers cannot answer with: sent a 500",
             cmdid, type(exc).__name__, code)
         return encode_error(codec, Code.INTERNAL, "internal error", cmdid, id, has_id), Code.INTERNAL
-    line = encode_error(codec, code, exc.msg, cmdid, id, has_id)
+    line = encode_error(codec, code, _sendable_msg(getattr(exc, "msg", "")), cmdid, id, has_id)
     details = getattr(exc, "details", None)
     if details is None:
         return line, int(code)
     try:
         body = codec.dumps(details)
-        if 92 in body:  # an escape: maybe of a lone surrogate, which no peer may be sent
-            Codec._post_check(body, details)
-    except (ValueError, TypeError, OverflowError) as err:
+        if 92 in body:  # an escape: maybe of a lone surrogate (also inside an ``_asdict`` object)
+            codec.check_surrogates(body, details)
+    except Exception as err:  # anything (an ``_asdict`` that raises): this request's 500, never the connection
         log.error(
             "details of the %s raised by the handler for cmdid %r are not serializable: %r: sent a 500",
             type(exc).__name__, cmdid, err)
         return encode_error(codec, Code.INTERNAL, "error details not serializable", cmdid, id, has_id), Code.INTERNAL
     return b'%b,"details":%b}\n' % (line[:-2], body), int(code)
 
+
+def _sendable_msg(msg: Any) -> str:
+    """A handler's ``msg`` as text every peer can read: ``str()`` of anything else than a str (an
+    unencodable msg would lose the connection, and every request on it; a placeholder if ``str()``
+    raises), and a lone surrogate (``os.fsdecode()`` of an undecodable file name) as its
+    ``\\udXXX`` text (the client refuses a line that escapes one, and fails the whole connection)."""
+    try:
+        text = msg if type(msg) is str else str(msg)
+    except Exception:  # the reply path must not raise: that would lose the connection
+        text = f"<unprintable {type(msg).__name__}>"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text

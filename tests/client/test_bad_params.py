@@ -29,6 +29,9 @@ BAD_PARAMS = [
     pytest.param({"x": {None: 1, "null": 2}}, id="none-key-collides-nested"),
     pytest.param([{True: 1, "true": 2}], id="bool-key-collides-in-list"),
     pytest.param({1.5: 1, "1.5": 2}, id="float-key-collides"),
+    # A backslash written as text ("\\ud800", six characters) right before a lone low surrogate:
+    # the escaped backslash must not make the text read as the high half of a pair.
+    pytest.param({"k": "\\ud800\udc00"}, id="lone-low-surrogate-after-escaped-backslash"),
 ]
 
 

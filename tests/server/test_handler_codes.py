@@ -9,6 +9,7 @@ application codes (each with one meaning, mapped to one client exception) plus 4
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -183,3 +184,94 @@ def test_details_on_a_plain_remote_error_reply() -> None:
     exc = remote_error({"code": int(Code.ALREADY_EXISTS), "msg": "dup", "details": ["a"]})
     assert isinstance(exc, AlreadyExists) and exc.details == ["a"]
     assert remote_error({"code": 500, "msg": "x"}).details is None
+
+
+class _AsDict:
+    """An object simplejson encodes through its ``_asdict`` method (as it does a namedtuple)."""
+
+    def __init__(self, value: dict[str, Any]) -> None:
+        self.value = value
+
+    def _asdict(self) -> dict[str, Any]:
+        return self.value
+
+
+def test_a_handler_error_message_with_a_lone_surrogate_keeps_the_connection(serve: Any) -> None:
+    """``NotFound(f"no file {name}")`` with ``name`` from ``os.fsdecode()`` (a lone surrogate): the
+    reply must be strict JSON, or the client's reader fails the connection and every caller on it."""
+    name = os.fsdecode(b"caf\xe9.txt")
+    reg = Registry()
+    reg.add(10, lambda req: (_ for _ in ()).throw(NotFound(f"no file {name}", details={"n": 1})))
+    reg.add(11, lambda req: (_ for _ in ()).throw(HandlerError(f"bad name {name}")))
+    reg.add(12, lambda req: req.params)
+    server = serve(reg)
+    with _client(server, pool_size=1, retries=0) as client:
+        with pytest.raises(NotFound) as info:
+            client.call(10)
+        assert info.value.msg == "no file caf\\udce9.txt" and info.value.details == {"n": 1}
+        with pytest.raises(BadRequest) as info2:
+            client.call(11)
+        assert info2.value.msg == "bad name caf\\udce9.txt"
+        assert client.call(12, {"after": 1}) == {"after": 1}
+        (pools,) = client.describe().values()
+        assert pools[0]["connections"] == 1
+
+
+def test_a_handler_error_message_without_json_form_is_answered_with_its_text(serve: Any) -> None:
+    """A msg that is not a str (typed ``str``, but nothing stops a handler): answered with its
+    str(), the code and the id, never a lost connection."""
+    reg = Registry()
+    reg.add(10, lambda req: (_ for _ in ()).throw(HandlerError(frozenset({1}), Code.NOT_FOUND)))  # type: ignore[arg-type]
+    server = serve(reg)
+    with RawConn(server.address) as c:
+        assert c.call({"cmdid": 10, "id": 1}) == {"code": 1005, "cmdid": 10, "id": 1, "msg": "frozenset({1})"}
+        assert c.call({"cmdid": 10, "id": 2})["id"] == 2
+
+
+def test_details_with_a_lone_surrogate_inside_an_asdict_object_give_a_500(serve: Any) -> None:
+    """The surrogate check must look inside what the encoder does (an ``_asdict`` object), as
+    the success path does: otherwise the line reaches the client and fails the connection."""
+    reg = Registry()
+    reg.add(10, lambda req: (_ for _ in ()).throw(NotFound("x", details=_AsDict({"f": "\udcff"}))))
+    reg.add(11, lambda req: (_ for _ in ()).throw(NotFound("x", details=_AsDict({"f": "ok"}))))
+    server = serve(reg)
+    with _client(server, pool_size=1, retries=0) as client:
+        with pytest.raises(InternalServerError):
+            client.call(10)
+        with pytest.raises(NotFound) as info:
+            client.call(11)
+        assert info.value.details == {"f": "ok"}
+        (pools,) = client.describe().values()
+        assert pools[0]["connections"] == 1
+
+
+class _BareHandlerError(HandlerError):
+    """A subclass whose ``__init__`` skips HandlerError's: no ``code``, no ``msg``."""
+
+    def __init__(self) -> None:
+        Exception.__init__(self, "bare")
+
+
+class _NoStr:
+    def __str__(self) -> str:
+        raise RuntimeError("no text")
+
+
+def test_a_handler_error_without_code_or_with_an_unprintable_msg_keeps_the_connection(serve: Any) -> None:
+    """Whatever a HandlerError subclass lacks, the error path answers (500 without a code, the
+    code with a placeholder msg) and keeps the connection: the reply path must not raise."""
+    reg = Registry()
+    reg.add(10, lambda req: (_ for _ in ()).throw(_BareHandlerError()))
+
+    def unprintable(req: Any) -> Any:
+        exc = HandlerError("x", Code.NOT_FOUND)
+        exc.msg = _NoStr()  # type: ignore[assignment]
+        raise exc
+
+    reg.add(11, unprintable)
+    server = serve(reg)
+    with RawConn(server.address) as c:
+        assert c.call({"cmdid": 10, "id": 1}) == {"code": 500, "cmdid": 10, "id": 1, "msg": "internal error"}
+        reply = c.call({"cmdid": 11, "id": 2})
+        assert reply["code"] == 1005 and reply["id"] == 2 and "_NoStr" in reply["msg"]
+        assert c.call({"cmdid": 10, "id": 3})["id"] == 3
