@@ -220,6 +220,10 @@ class Settings:
     log_level: str = setting(
         "info", "Level of the geventtcp loggers.",
         section="logging", convert=lambda v: str(v).lower(), choices=("debug", "info", "warning", "error", "critical"))
+    app_log_level: str = setting(
+        "info", "Level of the root logger, which the application's loggers inherit: their records get the same "
+        "handler and format as geventtcp's (stderr or log_file, reopened by SIGUSR1) unless log_config says otherwise.",
+        section="logging", convert=lambda v: str(v).lower(), choices=("debug", "info", "warning", "error", "critical"))
     # -- operations (launcher, logging, introspection) ---------------------------------------
     timeout: float = setting(
         30.0, "Heartbeat timeout: a worker whose event loop is stuck this many seconds is killed (SIGABRT, then "
@@ -251,8 +255,9 @@ class Settings:
         False, "Log one line per request (peer, cmdid, id, code, duration) to the geventtcp.access logger.",
         section="logging", convert=parse_bool, flag=True)
     log_config: str = setting(
-        "", "A logging.config.dictConfig file (.json, .toml or a Python file defining LOGGING_CONFIG); applied after "
-        "the other logging settings.",
+        "", "A logging.config.dictConfig file (.json, .toml or a Python file defining LOGGING_CONFIG); applied by "
+        "each worker after it imported the application (so filters and formatters may be the application's), "
+        "after the other logging settings; the master reads it at start but keeps the default handler.",
         section="logging")
     blocking_time: float = setting(
         0.1, "Log a warning naming the running cmdid when a handler blocks the event loop this many seconds (a "

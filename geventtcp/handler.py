@@ -7,7 +7,7 @@ from typing import Any
 
 from geventtcp.protocol import Request
 
-__all__ = ["BaseHandler"]
+__all__ = ["BaseHandler", "SeedReply"]
 
 
 class BaseHandler:
@@ -18,7 +18,9 @@ class BaseHandler:
     blocking client libraries yield to other connections because the server monkey-patches first.
 
     The reply's ``data`` is what ``process`` returns; when it returns ``None`` the value of
-    ``self.res`` is used instead (SCTornadoTCP handlers set ``self.res``). Raise
+    ``self.res`` is used instead (SCTornadoTCP handlers set ``self.res``). A seed handler that put
+    its whole reply line in ``self.res`` (a str or bytes holding a JSON object with an integer
+    ``code``) is answered with that object, not with it as ``data``: see :class:`SeedReply`. Raise
     :class:`geventtcp.HandlerError` (or an application error class such as ``NotFound``) to reply
     with 400 or an application code and optional ``details``; any other exception is logged with
     its traceback and answered with code 500.
@@ -38,3 +40,27 @@ class BaseHandler:
     def process(self, request: Request) -> Any:
         """Handle one request and return the reply data (or set ``self.res``)."""
         raise NotImplementedError(f"{type(self).__name__}.process is not implemented")
+
+
+class SeedReply(Exception):  # noqa: N818 - a signal to the server, not an error
+    """Raised by the registry's call of a :class:`BaseHandler` whose ``process`` returned ``None``
+    with a ``str`` or ``bytes`` in ``self.res``: SCTornadoTCP wrote ``res`` to the stream as is, so
+    a seed handler may hold its whole reply line there, e.g. ``json.dumps({"code": 0, ...}) + "\\n"``.
+
+    Raised, not returned, so that the server's request path pays nothing for it: only its error
+    path (:meth:`geventtcp.server.connection.Connection._handler_raised`) looks at it and decides,
+    with the server's codec, what ``text`` is (the rule is in docs/migrating.md):
+
+    * a JSON object (one value, any JSON whitespace, newlines included, around or inside it) with
+      an integer ``code``: the reply is that object, re-encoded on one line, ``id`` set to the
+      request's (removed when the request had none), ``cmdid`` added when it has none. ``code`` 0
+      is a success; 400 or an application code (1000+) an error reply that says the handler ran;
+      any other code (a transport code such as 503, which a client reads as "not processed", or
+      a code of the seed's own) is answered 500 ``internal error`` and logged, as a
+      :class:`geventtcp.HandlerError` with such a code would be;
+    * anything else: ``text`` is the reply's ``data``, as for any other ``res``.
+    """
+
+    def __init__(self, text: str | bytes) -> None:
+        super().__init__("seed reply line")
+        self.text = text

@@ -1,4 +1,12 @@
-"""Logging: the library's named loggers, the CLI's one-call setup, and the seed's ``BaseLogger``."""
+"""Logging: the library's named loggers, the CLI's one-call setup, and the seed's ``BaseLogger``.
+
+The CLI's setup (:func:`configure_logging`) makes one handler (stderr or ``--log-file``) and hangs it
+on two loggers: ``geventtcp`` (at ``log_level``, ``propagate`` off, so the server's lines are written
+once whatever the root logger holds) and the root logger (at ``app_log_level``), so the
+application's loggers, which propagate to the root, write the same format to the same place and
+are reopened by the same SIGUSR1. ``--log-config`` is applied by each worker after it imported the
+application (:func:`apply_log_config`), so its filters and formatters may live there.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +20,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from geventtcp.protocol import Request
 
-__all__ = ["BaseLogger", "configure_logging", "server_log", "access_log", "apply_log_config", "reopen_log_files",
-           "make_access_hook"]
+__all__ = ["BaseLogger", "configure_logging", "server_log", "access_log", "apply_log_config", "load_log_config",
+           "describe_chain", "reopen_log_files", "make_access_hook"]
 
 #: Lifecycle and errors of the server.
 server_log = logging.getLogger("geventtcp.server")
@@ -23,27 +31,38 @@ access_log = logging.getLogger("geventtcp.access")
 DEFAULT_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
 
 
-def configure_logging(level: str = "info", log_file: str | None = None) -> None:
+def configure_logging(level: str = "info", log_file: str | None = None, app_level: str | None = None) -> None:
     """Send the ``geventtcp`` loggers to stderr (or ``log_file``) at ``level``; called by the CLI only.
 
-    Importing the library configures nothing; applications embedding :class:`Server` keep control.
+    With ``app_level``, the root logger gets the same handler at that level, so the application's
+    loggers (which propagate to it) are written alike. Importing the library configures nothing;
+    applications embedding :class:`Server` keep control.
     """
     root = logging.getLogger("geventtcp")
     root.setLevel(level.upper())
-    for old in list(root.handlers):
-        if getattr(old, "_geventtcp_owned", False):
-            root.removeHandler(old)
-            old.close()
+    top = logging.getLogger()
+    for logger in (root, top):
+        for old in list(logger.handlers):
+            if getattr(old, "_geventtcp_owned", False):
+                logger.removeHandler(old)
+                old.close()
     handler: logging.Handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(DEFAULT_FORMAT))
     handler._geventtcp_owned = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.propagate = False
+    if app_level is not None:
+        top.setLevel(app_level.upper())
+        top.addHandler(handler)  # the same object: written in one format, reopened once on USR1
 
 
-def apply_log_config(path: str) -> None:
-    """Apply a ``logging.config.dictConfig`` read from ``path``: ``.json``, ``.toml``, or a Python file
-    defining ``LOGGING_CONFIG``; raises :class:`geventtcp.ConfigError` when it cannot be read or applied."""
+def load_log_config(path: str) -> dict[str, Any]:
+    """Read the ``logging.config.dictConfig`` mapping in ``path``: ``.json``, ``.toml``, or a Python file
+    defining ``LOGGING_CONFIG``; raises :class:`geventtcp.ConfigError` when it cannot be read.
+
+    The master calls it at start (a file that cannot be read stops it at once); it imports nothing
+    named in the mapping, which only :func:`apply_log_config` resolves.
+    """
     import json
     import runpy
     import tomllib
@@ -61,11 +80,46 @@ def apply_log_config(path: str) -> None:
             data = runpy.run_path(path).get("LOGGING_CONFIG")
         if not isinstance(data, dict):
             raise ValueError("no dictConfig mapping found (a Python file must define LOGGING_CONFIG)")
-        data.setdefault("version", 1)
-        data.setdefault("disable_existing_loggers", False)
+    except Exception as exc:  # noqa: BLE001 - a Python config file may raise anything; the cause is the message
+        raise ConfigError(f"log_config {path}: {describe_chain(exc)}") from exc
+    data.setdefault("version", 1)
+    data.setdefault("disable_existing_loggers", False)
+    return data
+
+
+def apply_log_config(path: str) -> None:
+    """Read (:func:`load_log_config`) and apply the dictConfig in ``path``; raises
+    :class:`geventtcp.ConfigError` whose message ends with the underlying cause (dictConfig's
+    "Unable to configure filter 'x'" alone hides *why*, e.g. ``No module named 'app'``).
+
+    Call it where the classes it names are importable: a worker calls it after importing the application.
+    """
+    from geventtcp.errors import ConfigError
+
+    data = load_log_config(path)
+    try:
         logging.config.dictConfig(data)
-    except (OSError, ValueError, TypeError, AttributeError, ImportError, SyntaxError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"log_config {path}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a filter or handler class of the application may raise anything
+        raise ConfigError(f"log_config {path}: {describe_chain(exc)}") from exc
+
+
+def describe_chain(exc: BaseException) -> str:
+    """``exc``'s message followed by its causes' (``A: B: ModuleNotFoundError: C``), repeats left out."""
+    parts: list[str] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current) or type(current).__name__
+        nxt = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+        if parts and text in parts[-1]:  # "Cannot resolve 'x': No module named 'x'" already says it
+            pass
+        elif nxt is None and current is not exc:
+            parts.append(f"{type(current).__name__}: {text}")  # the root cause, with its kind
+        else:
+            parts.append(text)
+        current = nxt
+    return ": ".join(parts)
 
 
 def reopen_log_files() -> int:

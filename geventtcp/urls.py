@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from geventtcp.errors import RegistryError
-from geventtcp.handler import BaseHandler
+from geventtcp.handler import BaseHandler, SeedReply
 from geventtcp.protocol import Request
 
 __all__ = ["Registry", "HandlerInfo", "default_registry", "handler", "load_registry", "Handler_mapping"]
@@ -35,7 +35,11 @@ def _class_call(cls: type[BaseHandler]) -> Call:
     def call(request: Request) -> Any:
         instance = cls()
         result = instance.process(request)
-        return instance.res if result is None else result
+        if result is None:
+            result = instance.res
+            if type(result) is str or type(result) is bytes:  # maybe the seed's whole reply line
+                raise SeedReply(result)
+        return result
 
     return call
 

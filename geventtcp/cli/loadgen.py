@@ -3,7 +3,9 @@
 Each driver process opens its share of the connections with plain non-blocking sockets and one
 ``selectors`` loop (no gevent: the tool must not need the server's runtime), keeps ``pipeline``
 requests in flight on each, and counts every reply line: one that does not start with
-``{"code":0`` is an error. Latencies go into a microsecond histogram, so a long run costs no memory
+``{"code":0`` is an error, and only such a line is parsed, to count errors by code with the first
+message of each. Requests cycle through the lines of :func:`request_lines` (one params object
+each, plus ``meta``). Latencies go into a microsecond histogram, so a long run costs no memory
 per request. Drivers report progress every ``PROGRESS_SECONDS`` and their totals at the end over a
 pipe; the parent sums them. Who closes what: each driver closes its sockets; the parent joins the
 drivers and kills any that outlive the run by ``JOIN_GRACE`` seconds.
@@ -11,6 +13,8 @@ drivers and kills any that outlive the run by ``JOIN_GRACE`` seconds.
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
 import multiprocessing
 import os
@@ -23,13 +27,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["BenchConfig", "BenchResult", "run", "request_line", "HISTOGRAM_US"]
+__all__ = ["BenchConfig", "BenchResult", "ErrorCount", "run", "request_line", "request_lines", "HISTOGRAM_US"]
 
 #: Latencies up to this many microseconds are counted at 1 us resolution; longer ones in the last bucket.
 HISTOGRAM_US = 1_000_000
 PROGRESS_SECONDS = 0.5
 JOIN_GRACE = 10.0
 _OK_PREFIX = b'{"code":0'
+#: Characters of an error reply's ``msg`` (or of a line that is not a reply) kept as its example.
+MESSAGE_CHARS = 200
 
 
 @dataclass
@@ -46,6 +52,28 @@ class BenchConfig:
     cmdid: int = 1
     processes: int = 1
     warmup: float = 0.0
+    #: Params objects sent in turn (cycled); None: ``{"data": "x" * payload_size}``.
+    params: list[dict[str, Any]] | None = None
+    #: Sent as the ``meta`` field of every request when set.
+    meta: dict[str, Any] | None = None
+
+
+@dataclass
+class ErrorCount:
+    """Error replies of one code (None: a line that is not a reply, or no reply before the connection closed)."""
+
+    code: int | None
+    count: int
+    first_msg: str
+
+    def as_dict(self) -> dict[str, Any]:
+        from geventtcp.errors import Code
+
+        try:
+            name: str | None = Code(self.code).name if self.code is not None else None
+        except ValueError:  # a code outside the table (another server's)
+            name = None
+        return {"code": self.code, "name": name, "count": self.count, "first_msg": self.first_msg}
 
 
 @dataclass
@@ -57,6 +85,15 @@ class BenchResult:
     seconds: float = 0.0
     hist: array = field(default_factory=lambda: array("q", bytes(8 * (HISTOGRAM_US + 1))))  # type: ignore[type-arg]
     failures: list[str] = field(default_factory=list)
+    #: Error replies by code, most frequent first once :meth:`as_dict` sorted them.
+    error_codes: dict[int | None, ErrorCount] = field(default_factory=dict)
+
+    def add_errors(self, code: int | None, count: int, first_msg: str) -> None:
+        row = self.error_codes.get(code)
+        if row is None:
+            self.error_codes[code] = ErrorCount(code, count, first_msg)
+        else:
+            row.count += count
 
     @property
     def rps(self) -> float:
@@ -93,12 +130,40 @@ class BenchResult:
                 "p99": self.percentile(0.99), "p999": self.percentile(0.999), "max": self.extreme(last=True),
             },
             "failures": self.failures,
+            "errors_by_code": [row.as_dict() for row in
+                               sorted(self.error_codes.values(), key=lambda r: -r.count)],
         }
 
 
 def request_line(cmdid: int, payload_size: int) -> bytes:
-    """The request every connection sends: ``params.data`` holds ``payload_size`` bytes of text."""
+    """The default request: ``params.data`` holds ``payload_size`` bytes of text."""
     return b'{"cmdid":%d,"timestamp":0,"params":{"data":"%s"}}\n' % (cmdid, b"x" * payload_size)
+
+
+def request_lines(cfg: BenchConfig) -> list[bytes]:
+    """The request lines the connections send in turn: one per params object, each with ``meta`` if set."""
+    if cfg.params is None and cfg.meta is None:
+        return [request_line(cfg.cmdid, cfg.payload_size)]
+    objects = cfg.params if cfg.params is not None else [{"data": "x" * cfg.payload_size}]
+    lines = []
+    for params in objects:
+        request: dict[str, Any] = {"cmdid": cfg.cmdid, "timestamp": 0, "params": params}
+        if cfg.meta is not None:
+            request["meta"] = cfg.meta
+        lines.append(json.dumps(request, separators=(",", ":")).encode() + b"\n")
+    return lines
+
+
+def _error_of(line: bytes) -> tuple[int | None, str]:
+    """The code and message of an error reply line; (None, the line) when it is not a reply."""
+    try:
+        reply = json.loads(line)
+        code = reply["code"]
+        if isinstance(code, int) and not isinstance(code, bool):
+            return code, str(reply.get("msg", ""))[:MESSAGE_CHARS]
+    except (ValueError, TypeError, KeyError):
+        pass
+    return None, "not a reply: " + line[:MESSAGE_CHARS].decode("utf-8", "replace")
 
 
 def _split(total: int, parts: int) -> list[int]:
@@ -119,7 +184,16 @@ def _drive(cfg: BenchConfig, conns: int, quota: int, start_at: float, pipe: Any)
     hist = array("q", bytes(8 * (HISTOGRAM_US + 1)))
     completed = errors = issued = 0
     failures: list[str] = []
-    line = request_line(cfg.cmdid, cfg.payload_size)
+    codes: dict[int | None, list[Any]] = {}  # code -> [count, first message]
+    lines = request_lines(cfg)
+    line = lines[0] if len(lines) == 1 else None  # one line: ``line * n``, no cycling
+    turn = itertools.cycle(lines)
+
+    def count_error(code: int | None, msg: str, n: int = 1) -> None:
+        nonlocal errors
+        errors += n
+        row = codes.setdefault(code, [0, msg])
+        row[0] += n
     sel = selectors.DefaultSelector()
     open_conns: list[_Conn] = []
     try:
@@ -151,7 +225,8 @@ def _drive(cfg: BenchConfig, conns: int, quota: int, start_at: float, pipe: Any)
         now = clock()
         conn.sent.extend([now] * n)
         issued += n
-        conn.sock.sendall(line * n)  # a few hundred bytes: the kernel takes it at once
+        data = line * n if line is not None else b"".join(next(turn) for _ in range(n))
+        conn.sock.sendall(data)  # a few hundred bytes: the kernel takes it at once
 
     for conn in open_conns:
         try:
@@ -166,6 +241,7 @@ def _drive(cfg: BenchConfig, conns: int, quota: int, start_at: float, pipe: Any)
         if not measuring and now >= measure_from:
             measuring = True
             completed = errors = 0
+            codes.clear()
             hist = array("q", bytes(8 * (HISTOGRAM_US + 1)))
         if now >= next_report:
             pipe.send(("progress", completed + errors))
@@ -182,7 +258,8 @@ def _drive(cfg: BenchConfig, conns: int, quota: int, start_at: float, pipe: Any)
             if not data:
                 sel.unregister(conn.sock)
                 conn.sock.close()
-                errors += len(conn.sent)
+                if conn.sent:
+                    count_error(None, "no reply: the server closed the connection", len(conn.sent))
                 live -= 1
                 if not failures:
                     failures.append("server closed a connection")
@@ -200,7 +277,7 @@ def _drive(cfg: BenchConfig, conns: int, quota: int, start_at: float, pipe: Any)
                 if buf.startswith(_OK_PREFIX, start):
                     completed += 1
                 else:
-                    errors += 1
+                    count_error(*_error_of(buf[start:cut]))
                 us = int((at - sent.popleft()) * 1e6)
                 hist[us if us < last else last] += 1
                 start = cut + 1
@@ -212,7 +289,7 @@ def _drive(cfg: BenchConfig, conns: int, quota: int, start_at: float, pipe: Any)
     elapsed = clock() - (measure_from if measuring else t0)
     for conn in open_conns:
         conn.sock.close()
-    pipe.send(("done", completed, errors, elapsed, hist.tobytes(), failures[:5]))
+    pipe.send(("done", completed, errors, elapsed, hist.tobytes(), failures[:5], codes))
     pipe.close()
 
 
@@ -254,7 +331,7 @@ def run(cfg: BenchConfig, on_progress: Callable[[float, int], None] | None = Non
                     if msg[0] == "progress":
                         progress[i] = msg[1]
                     else:
-                        _, completed, errors, seconds, hist_bytes, failures = msg
+                        _, completed, errors, seconds, hist_bytes, failures, codes = msg
                         result.completed += completed
                         result.errors += errors
                         result.seconds = max(result.seconds, seconds)
@@ -264,6 +341,8 @@ def run(cfg: BenchConfig, on_progress: Callable[[float, int], None] | None = Non
                             if n:
                                 result.hist[us] += n
                         result.failures.extend(failures)
+                        for code, (count, first_msg) in codes.items():
+                            result.add_errors(code, count, first_msg)
                         finished.add(i)
                         break
             except (EOFError, OSError):

@@ -57,13 +57,15 @@ def _serve(args: argparse.Namespace) -> int:
         return 0
     if args.check_config:
         return _check_config(args.app, config.freeze())
-    from geventtcp.log import apply_log_config, configure_logging
+    from geventtcp.log import configure_logging, load_log_config
 
     settings = config.freeze()
-    configure_logging(settings.log_level, settings.log_file or None)
+    configure_logging(settings.log_level, settings.log_file or None, settings.app_log_level)
     try:
         if settings.log_config:
-            apply_log_config(settings.log_config)
+            # Only read here: the classes it names may be the application's, which the master never
+            # imports (that would import it unpatched, and every fork would inherit it past a HUP).
+            load_log_config(settings.log_config)
         from geventtcp.launcher.arbiter import Arbiter
 
         return Arbiter(args.app, config, reload_config=resolve).run()
@@ -102,11 +104,11 @@ def _check_config(app: str, settings: Settings) -> int:
     try:
         metrics = _bind_addresses([settings.metrics_bind]) if settings.metrics_bind else []
         check_serving_settings(settings, _bind_addresses(settings.bind), metrics)
-        if settings.log_config:
-            apply_log_config(settings.log_config)
         if os.getcwd() not in sys.path and "" not in sys.path:
             sys.path.insert(0, os.getcwd())
         registry = load_registry(app)
+        if settings.log_config:  # as a worker does: after the application, whose classes it may name
+            apply_log_config(settings.log_config)
     except Exception as exc:  # noqa: BLE001 - any failure to load is the answer to "is it valid?"
         print(f"geventtcp: configuration check failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

@@ -13,6 +13,9 @@ Signals (from the master): TERM drains with goaway ``shutdown``, HUP drains with
 USR2 (TTOU with shared listeners) drains with goaway ``shutdown`` leaving the backlog to the others,
 INT/QUIT stop at once, USR1 reopens log files. SIGABRT (the master's heartbeat kill) dumps every
 thread's stack through :mod:`faulthandler` before the process dies.
+
+``log_config`` is applied here, right after the application is imported (its filters and formatters
+may be the application's); a failure is a boot error whose message carries the cause.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from gevent import socket as gsocket
 
 from geventtcp.config import Config
 from geventtcp.launcher.metrics import merge, read_snapshots, snapshot, write_snapshot
-from geventtcp.log import make_access_hook, reopen_log_files
+from geventtcp.log import apply_log_config, make_access_hook, reopen_log_files
 from geventtcp.protocol import Builtin, encode_goaway
 from geventtcp.server.blocking import enable_blocking_detector
 from geventtcp.server.server import Server
@@ -116,6 +119,8 @@ class _Worker:
             sys.path.insert(0, os.getcwd())
         try:
             registry = load_registry(self.spec.app)
+            if cfg.log_config:  # here, not in the master: its filters and formatters may be the app's
+                apply_log_config(cfg.log_config)
             server = Server(registry, config=self.config, listeners=self.sockets)
             if cfg.workers != 1:
                 server.max_accept = 1  # share bursts of new connections between workers

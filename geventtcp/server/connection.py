@@ -62,6 +62,7 @@ from gevent import GreenletExit, get_hub, getcurrent
 
 from geventtcp.codec import Codec
 from geventtcp.errors import HANDLER_CODES, Code, HandlerError, ProtocolError, RequestCancelled, ServerRefusal
+from geventtcp.handler import SeedReply
 from geventtcp.protocol import (
     BLANK,
     PREAUTH_MAX_LINE_BYTES,
@@ -533,6 +534,8 @@ class Connection:
                                 req.has_id), Code.DEADLINE_EXCEEDED
         if isinstance(exc, HandlerError):  # application codes and 400 only; anything else becomes a 500
             return encode_handler_error(codec, exc, req.cmdid, req.id, req.has_id)
+        if type(exc) is SeedReply:  # a seed handler's own reply line in self.res: not an error
+            return self._seed_reply(req, exc.text)
         if self.read_state == CLOSED and isinstance(exc, (GreenletExit, RequestCancelled)):  # nobody to answer
             self._drop_slot(req, me)
             if isinstance(exc, GreenletExit):  # killed by Server.close
@@ -540,6 +543,13 @@ class Connection:
             return None
         log.error("handler for cmdid %d raised (peer %s, id %r)", req.cmdid, self.address, req.id, exc_info=exc)
         return encode_error(codec, Code.INTERNAL, "internal error", req.cmdid, req.id, req.has_id), Code.INTERNAL
+
+    def _seed_reply(self, req: ServerRequest, text: str | bytes) -> tuple[bytes, int]:
+        """The reply to a seed handler's ``self.res`` line (:func:`encode_seed_reply`); a 500 if it has no JSON form."""
+        try:
+            return encode_seed_reply(self.state.codec, text, req.cmdid, req.id, req.has_id)
+        except Exception as exc:  # a str with a lone surrogate, as data: this request's 500, never the connection
+            return self._not_serializable(req, exc), Code.INTERNAL
 
     def _reply_too_large(self, req: ServerRequest) -> tuple[bytes, int]:
         """A reply longer than ``max_reply_bytes`` is replaced by a 413 (the request did run)."""
@@ -898,6 +908,43 @@ def encode_handler_error(codec: Codec, exc: HandlerError, cmdid: Any, id: Any, h
             type(exc).__name__, cmdid, err)
         return encode_error(codec, Code.INTERNAL, "error details not serializable", cmdid, id, has_id), Code.INTERNAL
     return b'%b,"details":%b}\n' % (line[:-2], body), int(code)
+
+
+_JSON_SPACE = BLANK + b"\n"
+#: cmdids whose handler's ``self.res`` looked like a reply line but was not one: warned about once each.
+_WARNED_SEED_TEXT: set[Any] = set()
+
+
+def encode_seed_reply(codec: Codec, text: str | bytes, cmdid: Any, id: Any, has_id: bool) -> tuple[bytes, int]:
+    """The reply line (and its code) for the text a seed handler left in ``self.res`` (see
+    :class:`geventtcp.handler.SeedReply`, the rule): a JSON object with an integer ``code`` is the
+    reply itself, re-encoded on one line with the request's ``id``; anything else is ``data``.
+    Raises ``ValueError``/``UnicodeError`` only for text that has no JSON form as data either.
+    """
+    raw = text.encode("utf-8") if isinstance(text, str) else text
+    try:
+        reply = codec.loads(raw.strip(_JSON_SPACE))  # strict: one value (duplicate keys refused)
+    except Exception:  # noqa: BLE001 - not JSON: then it is data, as any res is
+        reply = None
+    code = reply.get("code") if type(reply) is dict else None
+    if type(code) is not int:
+        if raw.lstrip(_JSON_SPACE)[:1] == b"{" and cmdid not in _WARNED_SEED_TEXT:
+            _WARNED_SEED_TEXT.add(cmdid)
+            log.warning("self.res of the handler for cmdid %r looks like a reply line but is not a JSON object "
+                        "with an integer code: sent as the reply's data", cmdid)
+        return encode_reply(codec, cmdid, text, id, has_id), 0  # exactly as before seed replies were read
+    if code != 0 and code not in HANDLER_CODES:  # as a HandlerError's code: never a transport meaning
+        log.error("handler for cmdid %r set a reply line with code %r, which handlers cannot answer with: sent a 500",
+                  cmdid, code)
+        return encode_error(codec, Code.INTERNAL, "internal error", cmdid, id, has_id), Code.INTERNAL
+    reply.pop("id", None)  # the request's id or none, never the handler's: clients match replies by it
+    if has_id:
+        reply["id"] = id
+    reply.setdefault("cmdid", cmdid)
+    line = codec.dumps(reply) + b"\n"
+    if 92 in line:  # as encode_reply: an escape may be a lone surrogate's, which clients refuse
+        codec.check_surrogates(line, reply)
+    return line, code
 
 
 def _sendable_msg(msg: Any) -> str:

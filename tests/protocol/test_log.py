@@ -72,3 +72,32 @@ def test_configure_logging_replaces_only_its_own_handler(tmp_path: Path) -> None
                 h.close()
         root.propagate = True
         root.setLevel(logging.NOTSET)
+
+
+def test_application_loggers_share_the_handler_at_their_own_level(tmp_path: Path) -> None:
+    """The root gets geventtcp's handler at app_level; geventtcp's lines are written once, at log_level."""
+    top, ours = logging.getLogger(), logging.getLogger("geventtcp")
+    saved = (list(top.handlers), top.level, list(ours.handlers))
+    try:
+        configure_logging("debug", str(tmp_path / "a.log"), "warning")
+        logging.getLogger("myapp.orders").info("app info")  # below app_level
+        logging.getLogger("myapp.orders").warning("app warning")
+        logging.getLogger("geventtcp.server").debug("server debug")  # geventtcp keeps its own level
+        configure_logging("info", str(tmp_path / "b.log"), "info")  # a second call replaces, never adds
+        assert [h for h in top.handlers if getattr(h, "_geventtcp_owned", False)] == \
+               [h for h in ours.handlers if getattr(h, "_geventtcp_owned", False)]
+        logging.getLogger("myapp").info("app info 2")
+        logging.shutdown()
+        first = (tmp_path / "a.log").read_text()
+        assert "app info" not in first and first.count("app warning") == 1 and first.count("server debug") == 1
+        assert " WARNING myapp.orders: app warning" in first and "] " in first  # time [pid] LEVEL name
+        assert (tmp_path / "b.log").read_text().count("app info 2") == 1
+    finally:
+        for logger in (top, ours):
+            for h in list(logger.handlers):
+                if getattr(h, "_geventtcp_owned", False):
+                    logger.removeHandler(h)
+                    h.close()
+        top.setLevel(saved[1])
+        ours.propagate = True
+        ours.setLevel(logging.NOTSET)
