@@ -22,7 +22,7 @@ from gevent.event import Event
 from gunicorn.workers.ggevent import GeventWorker
 
 from geventtcp.config import Config, load
-from geventtcp.server.blocking import enable_blocking_detector
+from geventtcp.server.blocking import enable_blocking_detector, warn_uncooperative_drivers
 from geventtcp.server.server import Server
 from geventtcp.urls import Registry, load_registry
 
@@ -63,6 +63,7 @@ class GeventTCPWorker(GeventWorker):  # type: ignore[misc]
         self.server = server
         server.start()
         enable_blocking_detector(server.settings.blocking_time)
+        warn_uncooperative_drivers()
         self.log.info("geventtcp serving %s (pid %d)", ", ".join(server.addresses), self.pid)
         while self.alive:
             self.notify()

@@ -1,4 +1,5 @@
-"""Fixtures of the whole suite (helpers live in ``tests.support``): ``serve``, ``app_process``, ``hub_errors``."""
+"""Fixtures of the whole suite (helpers live in ``tests.support``): ``serve``, ``app_process``, ``hub_errors``,
+``pg_dsn`` and ``redis_url`` (real servers, started once per session by the first test that asks)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import gevent
 import pytest
 
 from geventtcp import Registry, Server
-from tests.support import servers
+from tests.support import postgres, redis_server, servers
 from tests.support.servers import ServerProcess
 
 
@@ -51,3 +52,25 @@ def hub_errors(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
     caplog.set_level(logging.ERROR, logger="geventtcp")
     yield errors
     errors.extend(r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
+
+
+@pytest.fixture(scope="session")
+def pg_dsn() -> Iterator[str]:
+    """A real PostgreSQL's DSN: ``$GEVENTTCP_TEST_PG_DSN``, else a private server for this session
+    (``tests.support.postgres``). Missing binaries fail the test that asked, with what to install."""
+    try:
+        with postgres.running() as dsn:
+            yield dsn
+    except postgres.PostgresUnavailable as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A real redis's URL: ``$GEVENTTCP_TEST_REDIS_URL``, else a private redis-server for this session
+    (``tests.support.redis_server``). A missing redis-server fails the test that asked."""
+    try:
+        with redis_server.running() as url:
+            yield url
+    except redis_server.RedisUnavailable as exc:
+        pytest.fail(str(exc), pytrace=False)

@@ -36,7 +36,7 @@ from geventtcp.config import Config
 from geventtcp.launcher.metrics import merge, read_snapshots, snapshot, write_snapshot
 from geventtcp.log import apply_log_config, make_access_hook, reopen_log_files
 from geventtcp.protocol import Builtin, encode_goaway
-from geventtcp.server.blocking import enable_blocking_detector
+from geventtcp.server.blocking import enable_blocking_detector, warn_uncooperative_drivers
 from geventtcp.server.server import Server
 from geventtcp.sockets import send_and_linger
 from geventtcp.urls import load_registry
@@ -134,6 +134,7 @@ class _Worker:
         self.server = server
         server.set_builtin(Builtin.STATS, self._stats_all)  # any worker answers for all of them
         enable_blocking_detector(cfg.blocking_time)
+        warn_uncooperative_drivers()
         self._set_state(STATE_SERVING)
         self._write_stats()  # STATS on any worker lists this one from now on
         if self.pending_stop is not None:

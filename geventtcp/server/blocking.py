@@ -5,7 +5,15 @@ worker. The hub refreshes a heartbeat from a timer every quarter of ``blocking_t
 thread checks it at the same pace, and when the heartbeat is older than ``blocking_time`` plus one
 tick (so the loop has been stuck for at least ``blocking_time``) it logs a warning on
 ``geventtcp.blocking`` with the cmdid, id and peer of the request that was running, found by walking
-the hub thread's stack to the connection's dispatch frame at that moment.
+the hub thread's stack to the connection's dispatch frame at that moment, and where the hub thread
+was: the module, file:line, function and source line of its innermost Python frame. A C function
+(a C database driver's ``execute``) has no frame of its own, so a stall inside one is placed at the
+Python line that called it, which names the call.
+
+:func:`uncooperative_drivers` is the start-up half of the same job: a worker calls
+:func:`warn_uncooperative_drivers` once the application is imported, and each database driver it
+finds imported that is known to block the event loop (psycopg2 without a wait callback, mysqlclient)
+is logged with what to do instead. It reads ``sys.modules`` only, so it imports nothing.
 
 One stall can span several requests: lines read together are dispatched back to back without a
 hub turn. The watcher keeps sampling the stack while the stall lasts, and a request that starts
@@ -20,6 +28,7 @@ costs on every switch; the heartbeat timer costs four callbacks per ``blocking_t
 
 from __future__ import annotations
 
+import linecache
 import logging
 import sys
 import traceback
@@ -30,7 +39,8 @@ from typing import Any
 from geventtcp.protocol import Request
 from geventtcp.server.connection import Connection
 
-__all__ = ["BlockingDetector", "enable_blocking_detector", "request_in_stack", "running_requests"]
+__all__ = ["BlockingDetector", "enable_blocking_detector", "request_in_stack", "running_requests", "where",
+           "uncooperative_drivers", "warn_uncooperative_drivers"]
 
 log = logging.getLogger("geventtcp.blocking")
 
@@ -74,6 +84,17 @@ def _describe(req: Request | None) -> str:
     if isinstance(peer, tuple):
         peer = f"{peer[0]}:{peer[1]}"
     return f"cmdid {req.cmdid} (id {req.id!r}, peer {peer})"
+
+
+def where(frame: FrameType | None) -> str:
+    """Where ``frame`` is: ``module (file:line, in function: source line)``; the report's location."""
+    if frame is None:
+        return "an unknown place (no Python frame)"
+    code = frame.f_code
+    line = frame.f_lineno or 0
+    source = linecache.getline(code.co_filename, line).strip()
+    module = frame.f_globals.get("__name__", "?")
+    return f"{module} ({code.co_filename}:{line}, in {code.co_name}{': ' + source if source else ''})"
 
 
 class BlockingDetector:
@@ -132,7 +153,7 @@ class BlockingDetector:
                 self.stalls += 1  # after the report: a waiter on ``stalls`` finds it logged
 
     def _report(self, req: Request | None, frame: FrameType | None) -> None:
-        log.warning("event loop blocked for more than %.3gs by %s", self.threshold, _describe(req))
+        log.warning("event loop blocked for more than %.3gs by %s in %s", self.threshold, _describe(req), where(frame))
         if frame is not None and log.isEnabledFor(logging.DEBUG):
             log.debug("blocked stack:\n%s", "".join(traceback.format_stack(frame)))
 
@@ -157,3 +178,32 @@ def enable_blocking_detector(max_blocking_time: float) -> BlockingDetector | Non
     if max_blocking_time:
         _detector = BlockingDetector(max_blocking_time)
     return _detector
+
+
+#: The guide that says what to do about each of these (a page of the documentation site).
+_GUIDE = "see 'Making your libraries cooperative' in the geventtcp docs (cooperative.md)"
+
+
+def uncooperative_drivers() -> list[str]:
+    """A warning for each imported database driver that blocks the event loop, saying what to do instead.
+
+    psycopg2 is a C extension with its own socket: gevent cannot patch it, so unless a wait callback
+    is installed (``psycogreen.gevent.patch_psycopg()``), every query holds the whole worker.
+    mysqlclient (``MySQLdb``) is the same and has no hook at all.
+    """
+    found: list[str] = []
+    extensions = sys.modules.get("psycopg2.extensions")
+    if extensions is not None and extensions.get_wait_callback() is None:
+        found.append("psycopg2 is imported without a wait callback: each query blocks this worker's event loop "
+                     "(every other request waits for it). Call psycogreen.gevent.patch_psycopg() before the "
+                     f"first connection, or use psycopg 3; {_GUIDE}")
+    if "MySQLdb" in sys.modules:
+        found.append("MySQLdb (mysqlclient) is imported: a C driver gevent cannot make cooperative, so each query "
+                     f"blocks this worker's event loop. Use PyMySQL; {_GUIDE}")
+    return found
+
+
+def warn_uncooperative_drivers() -> None:
+    """Log :func:`uncooperative_drivers` on ``geventtcp.blocking`` (a worker calls it once the app is imported)."""
+    for message in uncooperative_drivers():
+        log.warning("%s", message)

@@ -43,8 +43,10 @@ def test_a_spinning_handler_is_named_once_per_stall(serve: Callable[..., Server]
     rows = reports(caplog)
     assert len(rows) == 2, rows  # one report per stall, not one per tick of an eight-tick spin
     for row, ident in zip(rows, (41, 42), strict=True):
+        # ... and where: the module, file:line, function and source line of the spin.
         assert re.fullmatch(rf"event loop blocked for more than 0\.05s by cmdid 6 \(id {ident}, "
-                            r"peer 127\.0\.0\.1:\d+\)", row), row
+                            r"peer 127\.0\.0\.1:\d+\) in tests\.support\.apps \(\S+/tests/support/apps\.py:\d+, "
+                            r"in _spin: (while time\.monotonic\(\) < end:|pass)\)", row), row
 
 
 @pytest.mark.slow
