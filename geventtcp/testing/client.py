@@ -51,6 +51,7 @@ __all__ = ["TestClient"]
 #: The real ``_thread.start_new_thread``, even in a monkey-patched process: the server needs an OS
 #: thread (and so a hub) of its own; a patched "thread" would be a greenlet of the caller's hub.
 _start_new_thread: Any = monkey.get_original("_thread", "start_new_thread")
+_get_native_id: Any = monkey.get_original("_thread", "get_native_id")
 #: How long the constructor waits for the server's thread to bind and start.
 START_TIMEOUT = 30.0
 
@@ -63,6 +64,7 @@ class _ServerThread:
         self.settings = settings
         self.server: Any = None
         self.error: BaseException | None = None
+        self.native_id = 0  # the thread's id in the OS, once it runs
         self._ready = real_lock()  # released once the server listens or failed to
         self._done = real_lock()  # released when the thread has ended
         self._ready.acquire()
@@ -73,6 +75,7 @@ class _ServerThread:
         if not self._ready.acquire(True, START_TIMEOUT):
             raise TimeoutError(f"the test server did not start within {START_TIMEOUT:g}s")
         if self.error is not None:
+            self._done.acquire(True, START_TIMEOUT)  # the thread ends at once: nothing outlives the failure
             raise self.error
 
     def _run(self) -> None:
@@ -80,6 +83,7 @@ class _ServerThread:
 
         from geventtcp.server.server import Server
 
+        self.native_id = _get_native_id()
         try:
             try:
                 self.server = Server(self.registry, **self.settings)  # its loop: this thread's hub

@@ -15,7 +15,7 @@ from tests.support.launcher import Launcher
 from tests.support.rawconn import call_once
 from tests.support.system import ROOT, wait_until
 
-pytestmark = pytest.mark.subprocess
+pytestmark = [pytest.mark.subprocess, pytest.mark.slow]
 
 #: The launcher app, importing slowly and leaving ``imported-PID`` behind once imported: a bind file
 #: written before the workers serve would appear while fewer marker files exist than workers.

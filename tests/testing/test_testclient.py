@@ -4,9 +4,9 @@ of its own, a real Client), from the main thread, concurrent greenlets, a thread
 from __future__ import annotations
 
 import contextvars
+import os
 import socket
 import textwrap
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -27,7 +27,7 @@ from geventtcp.errors import (
 from geventtcp.protocol import Builtin
 from geventtcp.server.server import Server
 from geventtcp.testing import TestClient
-from tests.support.system import run_python
+from tests.support.system import run_python, wait_until
 
 #: A per-request value: the server runs each request in a fresh copy of its base context.
 CURRENT: contextvars.ContextVar[Any] = contextvars.ContextVar("current", default=None)
@@ -159,19 +159,26 @@ def test_calls_from_a_thread_pool_while_the_main_thread_blocks(tc: TestClient) -
         assert pool.submit(tc.call, 1, {"t": 1}).result(timeout=20) == {"t": 1}
 
 
+def _os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
 def test_a_bad_setting_raises_from_the_constructor() -> None:
-    before = threading.active_count()
+    before = _os_threads()
     with pytest.raises(ConfigError, match="max_connections"):
         TestClient(_registry(), max_connections=-1)
-    assert threading.active_count() == before
+    wait_until(lambda: _os_threads() <= before)  # the server's thread ended (it was joined: at once)
 
 
 def test_close_stops_the_server_and_its_thread() -> None:
     tc = TestClient(_registry())
+    task = f"/proc/self/task/{tc._thread.native_id}"
+    assert os.path.exists(task)
     host, port = tc.server.address[:2]
     tc.call(1)
     tc.close()
     assert not tc.server.started
+    wait_until(lambda: not os.path.exists(task))
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection((host, port), timeout=5).close()
     tc.close()  # again: nothing
