@@ -43,7 +43,7 @@ from geventtcp.client.concurrency import current_world, real_lock
 from geventtcp.client.replycodec import ReplyCodec
 from geventtcp.codec import get_codec
 from geventtcp.errors import ConnectError, remote_error
-from geventtcp.protocol import Builtin, encode_request
+from geventtcp.protocol import MAX_TIMEOUT_MS, Builtin, encode_request
 from geventtcp.urls import Registry, load_registry
 
 __all__ = ["TestClient"]
@@ -107,7 +107,7 @@ class _ServerThread:
         import gevent
 
         server = self.server
-        if server is None:
+        if server is None or self._done.acquire(False):  # never started, or already ended
             return
         server.loop.run_callback_threadsafe(gevent.spawn, server.stop, timeout)
         if not self._done.acquire(True, timeout + 10.0):
@@ -180,7 +180,7 @@ class TestClient:
         """
         seconds = self.client.timeout if timeout is None else timeout
         line = encode_request(self._reply_codec, cmdid, params, next(self._ids) if id is None else id,
-                              timeout_ms=int(seconds * 1000))
+                              timeout_ms=min(int(seconds * 1000), MAX_TIMEOUT_MS))
         if meta is not None:
             line = line[:-2] + b',"meta":' + self._reply_codec.dumps(meta) + b"}\n"
         deadline = time.monotonic() + seconds

@@ -58,7 +58,7 @@ class AppServer:
 
     def __init__(self, app: str, *, workers: int = 1, args: Iterable[str] = (), env: Mapping[str, str] | None = None,
                  cwd: str | os.PathLike[str] | None = None, python: str = sys.executable,
-                 start_timeout: float = 30.0, stop_timeout: float = 30.0,
+                 start_timeout: float = 30.0, stop_timeout: float = 60.0,
                  client_options: Mapping[str, Any] | None = None) -> None:
         self.app = app
         self.workers = workers
