@@ -248,6 +248,11 @@ class Settings:
         0.1, "Fraction of max_connection_age added at random per connection.",
         section="timeouts", convert=float, validate=_positive)
     pidfile: str = setting("", "Write the master's pid to this file (removed on exit).", section="process")
+    bind_file: str = setting(
+        "", "Once every worker serves, write the bound addresses (port 0 made concrete, one HOST:PORT or unix:PATH "
+        "per line) to this file, atomically, and remove it on exit; '-' prints them to stdout instead. For tools "
+        "and tests that start a server on port 0.",
+        section="process", metavar="PATH")
     log_file: str = setting(
         "", "Log to this file instead of stderr; SIGUSR1 reopens it (log rotation).",
         section="logging")

@@ -3,8 +3,9 @@ inside functions):
 
 - the foundation (the modules directly in ``geventtcp/``) imports no subpackage;
 - ``server/`` and ``client/`` never import each other;
-- only ``launcher/``, ``cli/`` and the entry points (``geventtcp/__init__``, ``gunicorn_worker``,
-  ``docgen``) import ``server/``;
+- only ``launcher/``, ``cli/``, ``testing/`` (the test kit runs a real Server) and the entry points
+  (``geventtcp/__init__``, ``gunicorn_worker``, ``docgen``) import ``server/``;
+- nothing outside ``testing/`` imports it;
 - no import cycle between modules.
 """
 
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "geventtcp"
-SUBPACKAGES = ("server", "client", "launcher", "cli")
+SUBPACKAGES = ("server", "client", "launcher", "cli", "testing")
 #: Modules that assemble the public surface from the subpackages, rather than serve under them.
 ENTRY_POINTS = {"geventtcp", "geventtcp.__main__", "geventtcp.gunicorn_worker", "geventtcp.docgen"}
 
@@ -77,7 +78,9 @@ def test_import_rules(module: str) -> None:
         if area == "client":
             assert target != "server", f"{module} imports the server ({imported})"
         if target == "server":
-            assert area in ("server", "launcher", "cli", "entry"), f"{module} imports {imported}"
+            assert area in ("server", "launcher", "cli", "testing", "entry"), f"{module} imports {imported}"
+        if target == "testing":  # the test kit is never part of a serving process
+            assert area == "testing", f"{module} imports the test kit ({imported})"
 
 
 def test_no_import_cycle() -> None:

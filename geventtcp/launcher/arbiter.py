@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -90,6 +91,8 @@ class Arbiter(WorkerSupervisor):
         self.stats_dir = ""
         self.signals: SignalQueue | None = None
         self._pidfile_written = False
+        self._announced = False  # the bound addresses were written (bind_file), once the workers served
+        self._bind_file_written = False
         self._reload_started = 0.0
         self._metrics: MetricsEndpoint | None = None
 
@@ -119,6 +122,9 @@ class Arbiter(WorkerSupervisor):
         from geventtcp.server.security import check_serving_settings
 
         metrics = [self._metrics.address()] if self._metrics is not None else []
+        bind_file = self.settings.bind_file
+        if bind_file and bind_file != "-" and not os.access(os.path.dirname(bind_file) or ".", os.W_OK):
+            raise OSError(f"bind_file {bind_file}: its directory is missing or not writable")
         check_serving_settings(self.settings, [sock.getsockname() for sock in self._listeners().all()], metrics)
 
     def _signal_fds(self) -> tuple[int, ...]:
@@ -136,6 +142,11 @@ class Arbiter(WorkerSupervisor):
             self.listeners.unlink()
         if self._metrics is not None:
             self._metrics.close()
+        if self._bind_file_written:
+            try:
+                os.unlink(self.settings.bind_file)
+            except OSError:
+                pass
         if self._pidfile_written:  # never another instance's file (a start that failed to bind)
             try:
                 os.unlink(self.settings.pidfile)
@@ -170,6 +181,8 @@ class Arbiter(WorkerSupervisor):
                 self._reap()
                 self._murder()
                 self._manage_workers()
+                if not self._announced:
+                    self._announce()
         except _StoppedError:
             pass
         except HaltServerError as halt:
@@ -184,6 +197,32 @@ class Arbiter(WorkerSupervisor):
             self._teardown()
         log.info("master %d exiting (status %d)", self.pid, status)
         return status
+
+    def _announce(self) -> None:
+        """Write the bound addresses (``bind_file``) once every worker of the first generation serves.
+
+        Only then, so a tool that waits for the file (the pytest plugin's server fixture) knows the
+        application imported and its first call is answered at once; a server whose workers fail to
+        boot exits without ever writing it. Written to a temporary file renamed into place, so a
+        reader never sees half of it; ``-`` prints the lines to stdout (flushed) instead.
+        """
+        workers = [w for w in self.workers.values() if not w.retiring]
+        if len(workers) < self.num_workers or not all(w.booted for w in workers):
+            return
+        self._announced = True
+        path = self.settings.bind_file
+        if not path:
+            return
+        text = "".join(f"{address}\n" for address in self._listeners().bound)
+        if path == "-":
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            return
+        tmp = f"{path}.{self.pid}.tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+        self._bind_file_written = True
 
     def _wait(self, timeout: float) -> list[int]:
         """Sleep until a signal arrives or ``timeout`` passes (serving metrics meanwhile); the signals."""

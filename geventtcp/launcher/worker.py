@@ -135,8 +135,10 @@ class _Worker:
         server.set_builtin(Builtin.STATS, self._stats_all)  # any worker answers for all of them
         enable_blocking_detector(cfg.blocking_time)
         warn_uncooperative_drivers()
+        # The snapshot first: once the master sees SERVING (and writes bind_file when all serve),
+        # STATS on any worker already lists this one.
+        self._write_stats()
         self._set_state(STATE_SERVING)
-        self._write_stats()  # STATS on any worker lists this one from now on
         if self.pending_stop is not None:
             self.drain(*self.pending_stop)
         server.serve_forever()

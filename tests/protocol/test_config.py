@@ -148,6 +148,7 @@ max_requests_jitter --max-requests-jitter
 max_connection_age --max-connection-age
 max_connection_age_jitter --max-connection-age-jitter
 pidfile --pidfile
+bind_file --bind-file
 log_file --log-file
 access_log --access-log --no-access-log
 log_config --log-config
