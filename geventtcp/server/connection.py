@@ -115,6 +115,9 @@ _BATCH_SLICE = 64
 class DeadlineReached(BaseException):
     """Thrown into a handler at its deadline; a BaseException so ``except Exception`` cannot eat it."""
 
+    #: The reply code it becomes (read by middleware that reports codes, such as tracing's span).
+    code = Code.DEADLINE_EXCEEDED
+
 
 class Stop(BaseException):
     """Thrown into a reader parked in ``recv`` to end reading; ``reason`` says why."""
