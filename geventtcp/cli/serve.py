@@ -60,7 +60,7 @@ def _serve(args: argparse.Namespace) -> int:
     from geventtcp.log import apply_log_config, configure_logging
 
     settings = config.freeze()
-    configure_logging(settings.log_level, settings.log_file or None)
+    configure_logging(settings.log_level, settings.log_file or None, settings.log_format)
     try:
         if settings.log_config:
             apply_log_config(settings.log_config)
