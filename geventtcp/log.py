@@ -21,7 +21,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from types import CodeType
+from types import CodeType, FrameType
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -42,28 +42,31 @@ REQUEST_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s [%(request_id
 #: The values of the ``log_format`` setting.
 LOG_FORMATS = ("text", "json")
 
-#: Code objects of the functions that run a request's handler, each with the name of its local
-#: holding the request (:func:`request_frame`).
-_REQUEST_FRAMES: dict[CodeType, str] = {}
+#: The functions that run a request's handler, as (code object, name of the local holding the
+#: request) pairs (:func:`request_frame`). Matched by identity: hashing or comparing a code object
+#: reads its whole bytecode.
+_REQUEST_FRAMES: tuple[tuple[CodeType, str], ...] = ()
 
 
 def request_frame(code: CodeType, local: str) -> None:
     """Declare that while a frame of ``code`` runs, its local ``local`` is the request being served
     (the server declares its dispatch function; see :func:`current_request`)."""
-    _REQUEST_FRAMES[code] = local
+    global _REQUEST_FRAMES
+    _REQUEST_FRAMES = (*_REQUEST_FRAMES, (code, local))
 
 
 def current_request() -> Request | None:
     """The request whose handler (or middleware, or the server's own code for it) is running in the
     calling greenlet, or ``None`` (outside any request; in a greenlet or thread the handler started)."""
     frames = _REQUEST_FRAMES
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
-        local = frames.get(frame.f_code)
-        if local is not None:
-            request: Request | None = frame.f_locals.get(local)
-            return request
-        frame = frame.f_back  # type: ignore[assignment]
+        code = frame.f_code
+        for known, local in frames:
+            if code is known:
+                request: Request | None = frame.f_locals.get(local)
+                return request
+        frame = frame.f_back
     return None
 
 
