@@ -175,7 +175,7 @@ class Client:
         if _meta_line is None:
             if self._tracing is not None:
                 return self._tracing.call(self, cmdid, params, timeout, idempotent, meta, _deadline)
-            _meta_line = self._meta_line if meta is None else self.encode_meta(meta)
+            _meta_line = self._meta_line if meta is None else self._encode_meta(meta)
         deadline, balancer, world, pool = self._start(timeout, _deadline)
         attempt = 0
         while True:
@@ -200,7 +200,7 @@ class Client:
             attempt += 1
             pool = self._retry(attempt, error, deadline, world, balancer, pool)
 
-    def encode_meta(self, meta: Mapping[str, str] | None) -> bytes:
+    def _encode_meta(self, meta: Mapping[str, str] | None) -> bytes:
         """The request field for ``meta`` merged over the client's ``meta`` (``b""`` when both are
         empty); ``ValueError`` when the result breaks the protocol's rules."""
         if not meta:
@@ -252,7 +252,7 @@ class Client:
         :meth:`call` first); nothing tells whether the handler succeeded. ``meta`` as in :meth:`call`;
         with tracing on, the current trace context is sent (no span: nothing waits for the reply).
         """
-        meta_line = self.encode_meta(meta) if self._tracing is None else self._tracing.send_meta(self, meta)
+        meta_line = self._encode_meta(meta) if self._tracing is None else self._tracing.send_meta(self, meta)
         deadline, balancer, world, pool = self._start(timeout, None)
         attempt = 0
         while True:
