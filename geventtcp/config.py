@@ -264,6 +264,16 @@ class Settings:
         "each worker after it imported the application (so filters and formatters may be the application's), "
         "after the other logging settings; the master reads it at start but keeps the default handler.",
         section="logging")
+    log_format: str = setting(
+        "text", "Format of the log records geventtcp's handlers write: text (time, pid, level, logger, message and "
+        "the request id of a record written inside a request) or json (one JSON object per line, with cmdid and "
+        "request_id inside a request).",
+        section="logging", choices=("text", "json"))
+    tracing: str = setting(
+        "auto", "OpenTelemetry: run each handler in a SERVER span, the child of the caller's trace context (auto: "
+        "when opentelemetry-api is installed and a tracer provider is set when the server starts; off costs "
+        "nothing).",
+        section="logging", choices=("auto", "on", "off"))  # geventtcp.tracing.TRACING_MODES
     blocking_time: float = setting(
         0.1, "Log a warning naming the running cmdid when a handler blocks the event loop this many seconds (a "
         "heartbeat watcher thread; 0: off).",

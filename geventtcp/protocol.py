@@ -28,6 +28,16 @@ Request (client to server)::
                 server read the line. The server does not start a
                 request whose deadline has passed and stops waiting on the handler when it does,
                 replying 504.
+    meta        optional object of request metadata, as gRPC's: who and what the call is part
+                of, not its arguments. Keys are 1 to 64 characters of ``a-z 0-9 _ . -``,
+                values strings of printable ASCII (space to ``~``, so a value can go into a log
+                line as it is); at most 32 entries and 8192 characters, keys and values
+                together. Known keys: ``request_id`` (the caller's id for the whole operation,
+                put on the server's log records), ``traceparent`` and ``tracestate`` (W3C
+                Trace Context: the caller's span, the parent of the server's), ``tenant``.
+                Other keys are allowed and passed to the handler as they are. ``null`` is the
+                same as absent; a ``meta`` that breaks a rule gets a 400 (with the request's id
+                and cmdid) and the handler does not run.
     Unknown fields are ignored.
 
 Reply (server to client), exactly one per request line, in the order the requests were read::
@@ -68,7 +78,10 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 import time
+import types
+from collections.abc import Mapping
 from typing import Any, TypeVar, overload
 
 from geventtcp.codec import Codec
@@ -81,6 +94,11 @@ __all__ = [
     "BLANK",
     "PREAUTH_MAX_LINE_BYTES",
     "GOAWAY_FIELD",
+    "MAX_META_ENTRIES",
+    "MAX_META_CHARS",
+    "EMPTY_META",
+    "meta_problem",
+    "encode_meta",
     "Builtin",
     "PREAUTH_CMDIDS",
     "READ_ONLY_BUILTINS",
@@ -105,6 +123,15 @@ MAX_TIMEOUT_MS = 2**31 - 1
 PREAUTH_MAX_LINE_BYTES = 64 * 1024
 #: The key that marks a going-away line (its value is the reason), as opposed to a reply.
 GOAWAY_FIELD = "goaway"
+#: Most entries a request's ``meta`` may have.
+MAX_META_ENTRIES = 32
+#: Most characters of a request's ``meta``, keys and values together (gRPC's default limit on a
+#: call's metadata is 8 KiB; a W3C ``tracestate`` is at most 32 entries of 256 characters).
+MAX_META_CHARS = 8192
+#: ``Request.meta`` of a request without meta: shared and read-only, so a request without meta
+#: costs no allocation and a handler cannot leak an entry into the next request.
+EMPTY_META: Mapping[str, str] = types.MappingProxyType({})
+_META_KEY = re.compile(r"[a-z0-9_.\-]{1,64}\Z")
 
 
 class Builtin(enum.IntEnum):
@@ -226,15 +253,19 @@ class LineBuffer:
 
 
 class Request:
-    """One request as handlers see it (the seed's fields, plus ``id`` and a deadline).
+    """One request as handlers see it (the seed's fields, plus ``id``, a deadline and ``meta``).
 
-    ``rawBody`` is the line as received (without its line ending), decoded as text; ``raw`` is
+    ``meta`` is the request's metadata (see the module docstring): a dict of str to str when the
+    line carried one, else :data:`EMPTY_META` (empty, read-only); never ``None``, so a handler
+    reads ``request.meta.get("tenant")`` without a check. ``rawBody`` is the line as received
+    (without its line ending), decoded as text; ``raw`` is
     the same as bytes. ``deadline`` is a ``time.monotonic()`` value or ``None``. ``cancelled``
     turns true when the client is gone (the reply can no longer be delivered). Only the protocol's
     fields are here: a server serves a subclass that adds its own (``geventtcp.server.request``).
     """
 
-    __slots__ = ("address", "raw", "cmdid", "timestamp", "params", "id", "has_id", "deadline", "timeout_ms")
+    __slots__ = ("address", "raw", "cmdid", "timestamp", "params", "id", "has_id", "deadline", "timeout_ms",
+                 "meta")
 
     def __init__(
         self,
@@ -247,8 +278,10 @@ class Request:
         has_id: bool = False,
         timeout_ms: int | None = None,
         received: float | None = None,
+        meta: Mapping[str, str] = EMPTY_META,
     ) -> None:
         self.address = address
+        self.meta = meta
         self.raw = raw
         self.cmdid = cmdid
         self.params = params
@@ -346,7 +379,37 @@ def parse_request(line: bytes, codec: Codec, address: Any = None, received: floa
     if timeout_ms is not None and (type(timeout_ms) is not int or not 0 < timeout_ms <= MAX_TIMEOUT_MS):
         raise ProtocolError(f"timeout_ms must be an integer from 1 to {MAX_TIMEOUT_MS}", id=rid, has_id=has_id,
                             cmdid=cmdid)
-    return cls(address, line, cmdid, params, timestamp, rid, has_id, timeout_ms, received)
+    meta = get("meta")  # one lookup when absent: a request without meta pays nothing more
+    if meta is None:
+        return cls(address, line, cmdid, params, timestamp, rid, has_id, timeout_ms, received)
+    problem = meta_problem(meta)
+    if problem is not None:
+        raise ProtocolError(problem, id=rid, has_id=has_id, cmdid=cmdid)
+    return cls(address, line, cmdid, params, timestamp, rid, has_id, timeout_ms, received, meta)
+
+
+def meta_problem(meta: Any) -> str | None:
+    """Why ``meta`` is not a valid request ``meta`` (the rules of the module docstring), or ``None``.
+
+    The message never quotes the offending key or value: it goes into a 400 reply, and a value
+    that is not printable ASCII (a lone surrogate) could make that reply unreadable.
+    """
+    if type(meta) is not dict:
+        return "meta must be a JSON object"
+    if len(meta) > MAX_META_ENTRIES:
+        return f"meta has more than {MAX_META_ENTRIES} entries"
+    size = 0
+    for key, value in meta.items():
+        if type(key) is not str or _META_KEY.match(key) is None:
+            return "meta keys must be 1 to 64 characters of a-z, 0-9, '_', '.', '-'"
+        if type(value) is not str:
+            return f"meta value of {key} must be a string"
+        if not (value.isascii() and value.isprintable()):  # space to ``~``, as a regex would say, in C
+            return f"meta value of {key} must be printable ASCII"
+        size += len(key) + len(value)
+    if size > MAX_META_CHARS:
+        return f"meta longer than {MAX_META_CHARS} characters"
+    return None
 
 
 class _Pairs(list):  # type: ignore[type-arg]
@@ -466,12 +529,14 @@ def encode_request(
     id: Any = None,
     timeout_ms: int | None = None,
     timestamp: int | None = None,
+    meta: Mapping[str, str] | None = None,
 ) -> bytes:
     """Encode a request line (the client side of the same contract).
 
     Only ``params`` (and a non-integer ``id``) go through the codec; the envelope is formatted
     directly, which keeps a client's per-call cost down. ``ValueError``/``TypeError`` when ``params``
-    has no strict JSON form or ``cmdid`` is not an integer.
+    has no strict JSON form or ``cmdid`` is not an integer; ``ValueError`` when ``meta`` (sent when
+    not empty) breaks a rule of the module docstring.
     """
     if type(cmdid) is not int and not (isinstance(cmdid, int) and not isinstance(cmdid, bool)):
         raise TypeError(f"cmdid must be an integer, not {type(cmdid).__name__}")
@@ -482,7 +547,19 @@ def encode_request(
         line += b',"id":%d' % id if type(id) is int else b',"id":' + codec.dumps(id)
     if timeout_ms is not None:
         line += b',"timeout_ms":%d' % max(1, int(timeout_ms))
+    if meta:
+        line += encode_meta(codec, meta)
     return line + b"}\n"
+
+
+def encode_meta(codec: Codec, meta: Mapping[str, str]) -> bytes:
+    """``,"meta":{...}``, the request field for ``meta`` (a client adds it to a request line);
+    ``ValueError`` when ``meta`` breaks a rule of the module docstring (the server would answer 400)."""
+    meta = dict(meta)
+    problem = meta_problem(meta)
+    if problem is not None:
+        raise ValueError(f"{problem}: {meta!r}"[:300])
+    return b',"meta":' + codec.dumps(meta)
 
 
 def decode_reply(codec: Codec, line: bytes) -> dict[str, Any]:

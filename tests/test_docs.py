@@ -78,7 +78,7 @@ def test_protocol_page_reply_codes_table_matches_errors() -> None:
 
 @pytest.mark.slow
 @pytest.mark.subprocess
-@pytest.mark.parametrize("page", ["README.md", "docs/quickstart.md", "docs/handlers.md"])
+@pytest.mark.parametrize("page", ["README.md", "docs/quickstart.md", "docs/handlers.md", "docs/observability.md"])
 def test_page_code_runs_against_a_real_server(page: str, tmp_path: Path) -> None:
     """The page's app blocks are served by ``geventtcp serve`` on port 0; each client block runs
     against it (its 127.0.0.1:PORT replaced by the real address) and prints the output block."""

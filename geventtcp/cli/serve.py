@@ -60,7 +60,7 @@ def _serve(args: argparse.Namespace) -> int:
     from geventtcp.log import configure_logging, load_log_config
 
     settings = config.freeze()
-    configure_logging(settings.log_level, settings.log_file or None, settings.app_log_level)
+    configure_logging(settings.log_level, settings.log_file or None, settings.app_log_level, settings.log_format)
     try:
         if settings.log_config:
             # Only read here: the classes it names may be the application's, which the master never

@@ -46,10 +46,10 @@ class BatchingConnection(ClientConnection):
         self._raw_send = sock._sock.send  # the OS socket is non-blocking under gevent
         self._loop = world.key.loop
 
-    def _send(self, cmdid: int, params: Any, deadline: float) -> None:
+    def _send(self, cmdid: int, params: Any, deadline: float, meta: bytes = b"") -> None:
         # ``send`` promises the line was written when it returns: flush now rather than next turn.
         call = Call(0, deadline, True)
-        self._write(cmdid, params, call, deadline)
+        self._write(cmdid, params, call, deadline, False, meta)
         if self.sender is None:
             self._flush()
         while not call.written and self.sender is not None and not self.closed:
@@ -61,10 +61,11 @@ class BatchingConnection(ClientConnection):
             raise NotSent(f"request to {self.address} not sent: {self.reason or 'connection closed'}")
         self.poll()
 
-    def _write(self, cmdid: int, params: Any, call: Call, deadline: float, claim: bool = False) -> bool:
+    def _write(self, cmdid: int, params: Any, call: Call, deadline: float, claim: bool = False,
+               meta: bytes = b"") -> bool:
         """Queue the line (the reader role is never claimed here: the line leaves on the next turn)."""
         now = time.monotonic()
-        line = request_line(self.codec, cmdid, params, call, next(self._ids), now, self.address)
+        line = request_line(self.codec, cmdid, params, call, next(self._ids), now, self.address, meta)
         with self.state:
             self._register_locked(call)
             call.queued = True

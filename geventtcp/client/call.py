@@ -37,13 +37,16 @@ class Call:
         self.abandoned = abandoned  # nobody waits: the reply is read and dropped
 
 
-def request_line(codec: Codec, cmdid: int, params: Any, call: Call, rid: int, now: float, address: str) -> bytes:
+def request_line(codec: Codec, cmdid: int, params: Any, call: Call, rid: int, now: float, address: str,
+                 meta: bytes = b"") -> bytes:
     """Number ``call`` as ``rid``, stamp it sent at ``now`` (and its size) and encode its request line, whose
     ``timeout_ms`` is the call's remaining time less :data:`DEADLINE_MARGIN`.
 
     The line is byte for byte what :func:`geventtcp.protocol.encode_request` writes; its head
     (``{"cmdid":N,"timestamp":T,"params":``) is cached per cmdid for the current second, so a call
-    formats only its id and ``timeout_ms`` (``%d`` truncates a float as ``int()`` does).
+    formats only its id and ``timeout_ms`` (``%d`` truncates a float as ``int()`` does). ``meta`` is
+    the request's ``,"meta":{...}`` field already encoded (:func:`geventtcp.protocol.encode_meta`), or
+    empty.
     Raises :class:`NotSent` when the deadline already passed (nothing is numbered then), and
     ``TypeError``/``ValueError`` when ``cmdid`` is not an integer or ``params`` has no JSON form or
     one the server refuses (see :func:`check_params`; then nothing is numbered or sent either).
@@ -73,7 +76,7 @@ def request_line(codec: Codec, cmdid: int, params: Any, call: Call, rid: int, no
     timeout_ms = (remaining - margin) * 1000
     if timeout_ms < 1:
         timeout_ms = 1
-    line = b'%b%b,"id":%d,"timeout_ms":%d}\n' % (head, body, rid, timeout_ms)
+    line = b'%b%b,"id":%d,"timeout_ms":%d%b}\n' % (head, body, rid, timeout_ms, meta)
     call.id = rid
     call.sent = now
     call.size = len(line)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from geventtcp.client.concurrency import World, current_world, fork_generation, real_lock
@@ -23,8 +23,9 @@ from geventtcp.errors import (
     Unprocessed,
     remote_error,
 )
-from geventtcp.protocol import READ_ONLY_BUILTINS, Builtin
+from geventtcp.protocol import READ_ONLY_BUILTINS, Builtin, encode_meta
 from geventtcp.sockets import parse_address
+from geventtcp.tracing import ClientTracing, client_tracing
 
 __all__ = ["Client", "DEFAULT_TIMEOUT", "DEFAULT_CONNECT_TIMEOUT"]
 
@@ -63,6 +64,13 @@ class Client:
     AUTH command on every new connection before anything else; a wrong one raises
     :class:`~geventtcp.errors.Unauthenticated`.
 
+    Metadata: ``meta`` (a dict of str to str, the rules of :mod:`geventtcp.protocol`) is sent with
+    every request; a call's own ``meta=`` is merged over it. ``tracing`` (``auto``, ``on``, ``off``)
+    makes each call a CLIENT span of OpenTelemetry and sends the current trace context in ``meta``
+    (``traceparent``/``tracestate``): ``auto`` does when ``opentelemetry-api`` is installed and a
+    tracer provider is set when the client is created (or ``tracer_provider`` is given); with
+    tracing off a call costs what it cost without it (see :mod:`geventtcp.tracing`).
+
     Who closes what: the client owns every connection; :meth:`close` (or leaving ``with``) closes them,
     after which calls raise :class:`NotSent`. After ``fork()`` a child opens its own connections and
     never uses or shuts down the parent's.
@@ -88,6 +96,9 @@ class Client:
         ssl_context: Any = None,
         server_hostname: str | None = None,
         auth_token: str | None = None,
+        meta: Mapping[str, str] | None = None,
+        tracing: str = "auto",
+        tracer_provider: Any = None,
     ) -> None:
         self.addresses = [addresses] if isinstance(addresses, str) else list(addresses)
         if not self.addresses:
@@ -114,6 +125,12 @@ class Client:
         self.ssl_context = ssl_context
         self.server_hostname = server_hostname
         self.auth_token = auth_token
+        #: Sent with every request (a call's own ``meta`` is merged over it); read-only after init.
+        self.meta: dict[str, str] = dict(meta) if meta else {}
+        #: ``self.meta`` as the request field, encoded once (``b""`` when empty).
+        self._meta_line = encode_meta(self.codec, self.meta) if self.meta else b""
+        #: ``None`` with tracing off: then a call pays nothing for tracing.
+        self._tracing: ClientTracing | None = client_tracing(tracing, tracer_provider)
         self.closed = False
         self._balancers: dict[Any, Balancer] = {}
         self._generation = fork_generation()
@@ -131,7 +148,8 @@ class Client:
     # -- calls -----------------------------------------------------------------------------------
 
     def call(self, cmdid: int, params: Any = None, timeout: float | None = None,
-             idempotent: bool | None = None, *, _deadline: float | None = None) -> Any:
+             idempotent: bool | None = None, *, meta: Mapping[str, str] | None = None,
+             _deadline: float | None = None, _meta_line: bytes | None = None) -> Any:
         """Send a request and return the reply's ``data``.
 
         Raises the :class:`RemoteError` subclass of a nonzero reply code (``errors.ERROR_CLASSES``),
@@ -147,14 +165,22 @@ class Client:
         or, for a MaybeExecuted, the command is idempotent (``idempotent=True`` here, or its cmdid in
         the client's ``idempotent`` set). A timeout is never retried.
 
+        ``meta`` is merged over the client's ``meta`` and sent as the request's metadata;
+        ``ValueError`` (nothing sent) when it breaks the protocol's rules for ``meta``.
+
         ``_deadline`` (internal, from :meth:`call_async`) is the absolute ``time.monotonic()`` deadline
-        fixed when the call was submitted; it replaces ``timeout``.
+        fixed when the call was submitted; it replaces ``timeout``. ``_meta_line`` (internal, from
+        tracing) is the request's ``meta`` field already encoded.
         """
+        if _meta_line is None:
+            if self._tracing is not None:
+                return self._tracing.call(self, cmdid, params, timeout, idempotent, meta, _deadline)
+            _meta_line = self._meta_line if meta is None else self._encode_meta(meta)
         deadline, balancer, world, pool = self._start(timeout, _deadline)
         attempt = 0
         while True:
             try:
-                reply = pool.acquire(deadline).request(cmdid, params, deadline)
+                reply = pool.acquire(deadline).request(cmdid, params, deadline, False, _meta_line)
             except _SAFE as exc:
                 error: GeventTCPError = exc
             except CallTimeout:
@@ -173,6 +199,13 @@ class Client:
                     raise error
             attempt += 1
             pool = self._retry(attempt, error, deadline, world, balancer, pool)
+
+    def _encode_meta(self, meta: Mapping[str, str] | None) -> bytes:
+        """The request field for ``meta`` merged over the client's ``meta`` (``b""`` when both are
+        empty); ``ValueError`` when the result breaks the protocol's rules."""
+        if not meta:
+            return self._meta_line
+        return encode_meta(self.codec, {**self.meta, **meta} if self.meta else meta)
 
     def _start(self, timeout: float | None, deadline: float | None) -> tuple[float, Balancer, World, Pool]:
         """The deadline of a call or send and where its first attempt goes; NotSent when the deadline
@@ -207,7 +240,8 @@ class Client:
             world.sleep(delay)
         return balancer.pick(avoid=failed)
 
-    def send(self, cmdid: int, params: Any = None, timeout: float | None = None) -> None:
+    def send(self, cmdid: int, params: Any = None, timeout: float | None = None, *,
+             meta: Mapping[str, str] | None = None) -> None:
         """Fire and forget: return once the request line is written; its reply is read later and dropped.
 
         Guarantees: when ``send`` returns, the whole line was written to a connection (the server will
@@ -215,20 +249,22 @@ class Client:
         reader and dropped (a nonzero code is logged at INFO on ``geventtcp.client``), so it can never
         reach another caller. ``timeout`` bounds the write and is the server-side deadline. Raises
         :class:`ConnectError`/:class:`NotSent` when the line could not be written (retried as in
-        :meth:`call` first); nothing tells whether the handler succeeded.
+        :meth:`call` first); nothing tells whether the handler succeeded. ``meta`` as in :meth:`call`;
+        with tracing on, the current trace context is sent (no span: nothing waits for the reply).
         """
+        meta_line = self._encode_meta(meta) if self._tracing is None else self._tracing.send_meta(self, meta)
         deadline, balancer, world, pool = self._start(timeout, None)
         attempt = 0
         while True:
             try:
-                pool.acquire(deadline).request(cmdid, params, deadline, detached=True)
+                pool.acquire(deadline).request(cmdid, params, deadline, True, meta_line)
                 return
             except _SAFE as exc:
                 attempt += 1
                 pool = self._retry(attempt, exc, deadline, world, balancer, pool)
 
     def call_async(self, cmdid: int, params: Any = None, timeout: float | None = None,
-                   idempotent: bool | None = None) -> Any:
+                   idempotent: bool | None = None, *, meta: Mapping[str, str] | None = None) -> Any:
         """Start :meth:`call` concurrently and return a future of its result.
 
         In the threads world it is a ``concurrent.futures.Future`` (run on a small thread pool); in
@@ -237,10 +273,16 @@ class Client:
 
         ``timeout`` counts from now, not from when a pool thread starts the call: a call still
         queued behind busy threads when it expires fails with :class:`NotSent`, never sent.
+
+        ``meta`` as in :meth:`call`. With tracing on, the call's span is a child of the span current
+        here, where the call is submitted (not of whatever the pool thread runs in).
         """
         deadline = time.monotonic() + min(_MAX_TIMEOUT, self.timeout if timeout is None else timeout)
         world = current_world(self.mode)
-        return world.spawn(functools.partial(self.call, _deadline=deadline), cmdid, params, None, idempotent)
+        call: Callable[..., Any] = functools.partial(self.call, meta=meta, _deadline=deadline)
+        if self._tracing is not None:
+            call = self._tracing.bind(call)
+        return world.spawn(call, cmdid, params, None, idempotent)
 
     def ping(self, timeout: float | None = None) -> Any:
         """The server's built-in health check: ``{"pong": true, "draining": ..., "pid": ..., "protocol": 1}``."""

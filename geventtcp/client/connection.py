@@ -81,18 +81,20 @@ class ClientConnection:
 
     # -- the request path ------------------------------------------------------------------------
 
-    def request(self, cmdid: int, params: Any, deadline: float, detached: bool = False) -> dict[str, Any] | None:
+    def request(self, cmdid: int, params: Any, deadline: float, detached: bool = False,
+                meta: bytes = b"") -> dict[str, Any] | None:
         """Send one request and return its reply (a dict with ``code``), or ``None`` when ``detached``.
 
         Raises :class:`NotSent`, :class:`Unprocessed`, :class:`MaybeExecuted` or :class:`CallTimeout`
         as described on the class; ``TypeError``/``ValueError`` if ``params`` has no JSON form.
-        A ``detached`` request is written and its reply dropped when it comes.
+        A ``detached`` request is written and its reply dropped when it comes. ``meta`` is the
+        encoded ``meta`` field of the line (see :func:`~geventtcp.client.call.request_line`).
         """
         if detached:
-            self._send(cmdid, params, deadline)
+            self._send(cmdid, params, deadline, meta)
             return None
         call = Call(0, deadline, False)
-        if self._write(cmdid, params, call, deadline, True):
+        if self._write(cmdid, params, call, deadline, True, meta):
             self._lead(call, deadline)  # nobody was reading: go straight to reading (the lone caller)
         if not call.done:  # ``done`` is set last, after ``reply``/``error``: true means both are final
             self._wait(call, deadline)
@@ -100,12 +102,13 @@ class ClientConnection:
             raise call.error
         return call.reply
 
-    def _send(self, cmdid: int, params: Any, deadline: float) -> None:
+    def _send(self, cmdid: int, params: Any, deadline: float, meta: bytes = b"") -> None:
         """The ``detached`` request: written whole when this returns, its reply dropped when it comes."""
-        self._write(cmdid, params, Call(0, deadline, True), deadline)
+        self._write(cmdid, params, Call(0, deadline, True), deadline, False, meta)
         self.poll()
 
-    def _write(self, cmdid: int, params: Any, call: Call, deadline: float, claim: bool = False) -> bool:
+    def _write(self, cmdid: int, params: Any, call: Call, deadline: float, claim: bool = False,
+               meta: bytes = b"") -> bool:
         """Number, encode and write the request; ids are taken under the write lock so that the order
         of ``calls`` is the order of the lines on the wire (the order of the server's replies).
 
@@ -117,7 +120,8 @@ class ClientConnection:
             if remaining <= 0 or not wlock.acquire(True, remaining):
                 raise NotSent(f"timed out waiting to write to {self.address}")
         try:
-            line = request_line(self.codec, cmdid, params, call, next(self._ids), time.monotonic(), self.address)
+            line = request_line(self.codec, cmdid, params, call, next(self._ids), time.monotonic(), self.address,
+                                meta)
             rid = call.id
             with self.state:
                 self._register_locked(call)

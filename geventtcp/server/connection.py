@@ -63,6 +63,7 @@ from gevent import GreenletExit, get_hub, getcurrent
 from geventtcp.codec import Codec
 from geventtcp.errors import HANDLER_CODES, Code, HandlerError, ProtocolError, RequestCancelled, ServerRefusal
 from geventtcp.handler import SeedReply
+from geventtcp.log import request_frame
 from geventtcp.protocol import (
     BLANK,
     PREAUTH_MAX_LINE_BYTES,
@@ -115,6 +116,9 @@ _BATCH_SLICE = 64
 
 class DeadlineReached(BaseException):
     """Thrown into a handler at its deadline; a BaseException so ``except Exception`` cannot eat it."""
+
+    #: The reply code it becomes (read by middleware that reports codes, such as tracing's span).
+    code = Code.DEADLINE_EXCEEDED
 
 
 class Stop(BaseException):
@@ -876,6 +880,11 @@ class Connection:
                 self._unpark(reason)
             elif reader is not None:
                 reader.throw(Stop(reason))
+
+
+# While ``_dispatch`` runs, its ``req`` is the request being served: log records written meanwhile (in
+# the handler, inline or handed off) carry its cmdid and request id (``geventtcp.log.current_request``).
+request_frame(Connection._dispatch.__code__, "req")
 
 
 def encode_handler_error(codec: Codec, exc: HandlerError, cmdid: Any, id: Any, has_id: bool) -> tuple[bytes, int]:

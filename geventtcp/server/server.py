@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextvars
 import errno
+import functools
 import logging
 import math
 import resource
@@ -45,6 +46,7 @@ from geventtcp.server.security import check_listen_addresses, is_loopback, is_pr
 from geventtcp.server.state import Handler, ServerState
 from geventtcp.sockets import create_listener, format_address, send_and_linger, unsent_bytes
 from geventtcp.tls import handshake, server_context_from_settings
+from geventtcp.tracing import server_middleware, tracer_for
 from geventtcp.urls import Registry, default_registry
 
 __all__ = ["Server"]
@@ -131,6 +133,10 @@ class Server:
     get their error reply; a connection's I/O error closes only that connection. ``stop`` is
     graceful: listeners close at once, every request already read is answered, idle connections
     get a goaway line, and whatever is still running after ``graceful_timeout`` is killed.
+
+    Tracing: with the ``tracing`` setting on (see :mod:`geventtcp.tracing`), each application
+    handler runs in an OpenTelemetry SERVER span; ``tracer_provider`` gives the provider instead of
+    the global one (and turns ``auto`` on).
     """
 
     def __init__(
@@ -141,6 +147,7 @@ class Server:
         config: Config | None = None,
         listeners: Iterable[Any] | None = None,
         ssl_context: Any = None,
+        tracer_provider: Any = None,
         **settings: Any,
     ) -> None:
         resolved = Config(dict(config.values), dict(config.sources)) if config is not None else Config()
@@ -164,6 +171,7 @@ class Server:
         self.stats = self.state.stats
         #: Built-ins replaced by :meth:`set_builtin`, applied again by every :meth:`start`.
         self._builtin_overrides: dict[int, Handler] = {}
+        self._tracer_provider = tracer_provider
         #: Connections one listener accepts per wakeup; the launcher sets 1 when several worker
         #: processes share a listener, so one worker does not take a whole burst (as gunicorn does).
         self.max_accept: int = StreamServer.max_accept
@@ -255,6 +263,14 @@ class Server:
         state.draining = False
         state.new_context = contextvars.copy_context().copy
         calls: dict[int, Handler] = dict(self.registry.calls)
+        # -- INTERIM tracing hook (until the middleware composition of the ``mw`` branch is merged: then
+        # the tracing middleware goes first in the server's middleware list instead). Off, the table
+        # holds the handlers themselves, as without tracing.
+        tracer = tracer_for(self.settings.tracing, self._tracer_provider)
+        if tracer is not None:
+            traced = server_middleware(tracer, self.registry)
+            calls = {cmdid: functools.partial(traced, call_next=call) for cmdid, call in calls.items()}
+        # -- end of the interim tracing hook
         state.cancel_on_disconnect = frozenset(info.cmdid for info in self.registry if info.cancel_on_disconnect)
         calls.update(make_builtins(state))
         calls.update(self._builtin_overrides)
