@@ -93,6 +93,7 @@ class Arbiter(WorkerSupervisor):
         self.boot_failures = 0
         self.stopping = False
         self.fallback: set[int] = set()
+        self.fallback_config = (config, self.settings, self.num_workers)
         self.tmpdir = ""
         self.stats_dir = ""
         self.signals: SignalQueue | None = None
@@ -234,6 +235,12 @@ class Arbiter(WorkerSupervisor):
 
     def handle_hup(self) -> None:
         """Reload: new workers with a fresh import of the app, then the old ones drain."""
+        if not any(w.retiring and not w.signalled for w in self.workers.values()):
+            # No reload pending: what serves now (workers and configuration) is what a failed reload
+            # falls back to. A HUP that overtakes a pending reload keeps the workers that served before
+            # that one.
+            self.fallback = {w.pid for w in self.workers.values() if not w.retiring}
+            self.fallback_config = (self.config, self.settings, self.num_workers)
         if self.reload_config is not None:
             try:
                 config = self.reload_config()
@@ -246,10 +253,6 @@ class Arbiter(WorkerSupervisor):
                 self.config = config
                 self.settings = config.freeze()
                 self.num_workers = self.settings.workers or os.cpu_count() or 1
-        if not any(w.retiring and not w.signalled for w in self.workers.values()):
-            # No reload pending: what serves now is what a failed reload falls back to. A HUP that
-            # overtakes a pending reload keeps the workers that served before that one.
-            self.fallback = {w.pid for w in self.workers.values() if not w.retiring}
         self.generation += 1
         self._hook("on_reload")  # sees the new generation and config; the new workers start after it
         self._reload_started = time.monotonic()
