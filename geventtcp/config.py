@@ -411,7 +411,8 @@ def _read(path: str) -> tuple[dict[str, Any], dict[str, Hook]]:
                 data = tomllib.load(fh)
             data = data.get("geventtcp", data)
         else:
-            data, hooks = _python_names(runpy.run_path(path))
+            data, hooks, functions = _python_names(runpy.run_path(path))
+            _refuse_misspelled_hooks(path, functions)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except (OSError, tomllib.TOMLDecodeError, SyntaxError) as exc:
@@ -438,13 +439,14 @@ def _refuse_unknown(path: str, data: Mapping[str, Any], hooks: Mapping[str, Any]
         raise ConfigError("; ".join(problems))
 
 
-def _python_names(namespace: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Hook]]:
-    """The settings and hooks of a Python config file. A hook is a function named as in :data:`HOOKS`;
-    private names, modules, and other functions and classes are its own machinery (``import os``,
-    ``def helper()``, ``_base = ...``), except a name gunicorn knows, which is kept to be refused;
-    every other name must be a setting."""
+def _python_names(namespace: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Hook], list[str]]:
+    """The settings, hooks and other public functions of a Python config file. A hook is a function
+    named as in :data:`HOOKS`; private names, modules, and other functions and classes are its own
+    machinery (``import os``, ``def helper()``, ``_base = ...``), except a name gunicorn knows, which
+    is kept to be refused; every other name must be a setting."""
     settings: dict[str, Any] = {}
     hooks: dict[str, Hook] = {}
+    functions: list[str] = []
     for name, value in namespace.items():
         if name.startswith("_") or isinstance(value, types.ModuleType):
             continue
@@ -452,7 +454,21 @@ def _python_names(namespace: Mapping[str, Any]) -> tuple[dict[str, Any], dict[st
             hooks[name] = value
         elif name in GUNICORN_ONLY or not callable(value):
             settings[name] = value
-    return settings, hooks
+        elif inspect.isfunction(value):
+            functions.append(name)
+    return settings, hooks, functions
+
+
+def _refuse_misspelled_hooks(path: str, functions: list[str]) -> None:
+    """A function named almost as a hook (``worker_exti``) is a typo that would never run: an error."""
+    if not functions:
+        return
+    import difflib  # only for a file with public functions: importing the package stays cheap
+
+    typos = [f"{name} (did you mean {close[0]!r}?)" for name in functions
+             if (close := difflib.get_close_matches(name, HOOKS, n=1, cutoff=0.85))]
+    if typos:
+        raise ConfigError(f"function(s) in {path} named almost as a hook, which would never run: {', '.join(typos)}")
 
 
 def _did_you_mean(name: str) -> str:

@@ -276,3 +276,13 @@ def test_registry_hook_takes_only_worker_hooks_with_their_arguments() -> None:
         registry.hook("worker_int")(lambda: None)
     registry.clear()
     assert registry.hooks("worker_exit") == []
+
+
+def test_a_function_named_almost_as_a_hook_is_an_error_and_a_helper_is_not(tmp_path: Path) -> None:
+    py = tmp_path / "conf.py"
+    py.write_text("def worker_exti(server, worker):\n    pass\n")
+    with pytest.raises(ConfigError, match=r"named almost as a hook, which would never run: worker_exti \(did you "
+                                          r"mean 'worker_exit'\?\)"):
+        load({}, env={}, config_file=str(py))
+    py.write_text("def double(x):\n    return 2 * x\n\nworkers = double(1)\n")  # a helper, not a typo
+    assert load({}, env={}, config_file=str(py)).values["workers"] == 2
