@@ -71,7 +71,7 @@ class WorkerInfo:
 
     ``exit_reason`` is set for ``worker_int``, ``worker_abort`` and ``worker_exit``: ``shutdown`` (TERM,
     TTOU, master gone), ``reload`` (HUP), ``max_requests``, ``quit`` (INT/QUIT), ``abort`` (heartbeat
-    timeout) or ``boot_error``.
+    timeout), ``boot_error`` or ``error`` (an unexpected exception in the worker).
     """
 
     pid: int | None  #: the worker's process id (None in ``pre_fork``: not forked yet)

@@ -102,6 +102,9 @@ def run_worker(spec: WorkerSpec) -> int:
     worker = _Worker(spec, sockets)
     try:
         return worker.run()
+    except BaseException:
+        worker.exit_reason = worker.exit_reason or "error"  # the caller logs it
+        raise
     finally:
         worker.exit()
 
