@@ -259,3 +259,23 @@ def test_a_failing_post_worker_init_is_a_boot_error_that_halts_the_master(app_di
         _wait_exited(app_dir, booted, "boot_error")
     finally:
         launcher.close()
+
+
+@pytest.mark.slow
+def test_failing_on_reload_pre_fork_and_on_exit_are_logged_and_the_server_goes_on(app_dir: Path) -> None:
+    hooks = (("on_reload", "server"), ("pre_fork", "server, worker"), ("on_exit", "server"))
+    failing = "".join(f"def {name}({args}):\n    raise RuntimeError('{name} broke')\n\n" for name, args in hooks)
+    (app_dir / "failing_conf.py").write_text(failing)
+    launcher = Launcher(app_dir, "-c", "failing_conf.py", "--workers", "1")
+    try:
+        (first,) = launcher.wait_workers(1)
+        launcher.signal(signal.SIGHUP)
+        (second,) = launcher.wait_workers(1, exclude={first})  # the reload went on, with a forked worker
+        launcher.signal(signal.SIGTERM)
+        assert launcher.wait_exit(30) == 0
+        for name in ("on_reload", "pre_fork", "on_exit"):
+            assert f"hook {name} ({name}) failed" in launcher.output, launcher.output
+            assert f"RuntimeError: {name} broke" in launcher.output  # with its traceback
+        assert launcher.output.count("hook pre_fork (pre_fork) failed") == 2  # each fork
+    finally:
+        launcher.close()
