@@ -8,6 +8,7 @@ assignments like gunicorn's) < ``GEVENTTCP_<NAME>`` environment variable < comma
 from __future__ import annotations
 
 import argparse
+import inspect
 import ipaddress
 import os
 import runpy
@@ -20,7 +21,7 @@ from typing import Any, TypeVar, cast
 from geventtcp.errors import ConfigError
 
 __all__ = ["Settings", "setting", "Setting", "SETTINGS", "Config", "add_arguments", "load", "render_markdown",
-           "parse_size", "parse_bool"]
+           "parse_size", "parse_bool", "HOOKS", "Hook", "check_hook"]
 
 ENV_PREFIX = "GEVENTTCP_"
 T = TypeVar("T")
@@ -299,14 +300,82 @@ def _own(value: Any) -> Any:
     return list(value) if isinstance(value, list) else value
 
 
+#: The lifecycle hooks (gunicorn's names, arguments and meaning), settable in a Python config file:
+#: name -> the arguments each receives, by position (see :mod:`geventtcp.hooks` for what they are).
+HOOKS: dict[str, tuple[str, ...]] = {
+    "on_starting": ("server",),
+    "when_ready": ("server",),
+    "on_reload": ("server",),
+    "pre_fork": ("server", "worker"),
+    "post_fork": ("server", "worker"),
+    "post_worker_init": ("worker",),
+    "worker_int": ("worker",),
+    "worker_abort": ("worker",),
+    "worker_exit": ("server", "worker"),
+    "on_exit": ("server",),
+}
+#: A hook function (its arguments: :data:`HOOKS`).
+Hook = Callable[..., Any]
+
+#: gunicorn settings and hooks geventtcp does not have (gunicorn 27's names minus ours): a gunicorn
+#: config file that sets one is refused with its name, never half-applied. Value: what to use instead.
+GUNICORN_ONLY: dict[str, str] = {
+    **dict.fromkeys((
+        "access_log_format", "asgi_disconnect_grace_period", "asgi_lifespan", "asgi_loop", "capture_output",
+        "casefold_http_method", "chdir", "check_config", "child_exit", "ciphers", "config", "control_socket",
+        "control_socket_disable", "control_socket_mode", "daemon", "default_proc_name", "dirty_apps",
+        "dirty_graceful_timeout", "dirty_post_fork", "dirty_threads", "dirty_timeout", "dirty_worker_exit",
+        "dirty_worker_init", "dirty_workers", "disable_redirect_access_to_syslog", "do_handshake_on_connect",
+        "dogstatsd_tags", "enable_backlog_metric", "enable_stdio_inheritance", "forwarded_allow_ips",
+        "forwarder_headers", "group", "header_map", "http2_cleartext", "http2_initial_window_size",
+        "http2_max_concurrent_streams", "http2_max_frame_size", "http2_max_header_list_size", "http_parser",
+        "http_protocols", "initgroups", "keepalive", "limit_request_field_size", "limit_request_fields",
+        "logconfig_dict", "logconfig_json", "logger_class", "nworkers_changed", "on_dirty_starting", "paste",
+        "permit_obsolete_folding", "permit_unconventional_http_method", "permit_unconventional_http_version",
+        "post_request", "pre_exec", "pre_request", "preload_app", "print_config", "proc_name", "protocol",
+        "pythonpath", "raw_env", "raw_paste_global_conf", "reload", "reload_engine", "reload_extra_files",
+        "root_path", "secure_scheme_headers", "sendfile", "spew", "ssl_context", "ssl_version", "statsd_host",
+        "statsd_prefix", "strip_header_spaces", "suppress_ragged_eofs", "syslog", "syslog_addr",
+        "syslog_facility", "syslog_prefix", "threads", "tmp_upload_dir", "umask", "user", "uwsgi_allow_ips",
+        "websocket_max_message_size", "worker_class", "worker_tmp_dir", "wsgi_app"), ""),
+    "accesslog": "access_log",
+    "errorlog": "log_file",
+    "loglevel": "log_level",
+    "logconfig": "log_config",
+    "worker_connections": "max_connections",
+    "limit_request_line": "max_line_bytes",
+    "proxy_allow_ips": "proxy_allow_from",
+    "cert_reqs": "tls_require_client_cert",
+}
+
+
+def check_hook(name: str, fn: Any) -> str | None:
+    """Why ``fn`` cannot be hook ``name`` (not callable, or not callable with its arguments); None when it can."""
+    params = HOOKS[name]
+    if not callable(fn):
+        return f"hook {name} must be a function, not {type(fn).__name__}"
+    try:
+        inspect.signature(fn).bind(*params)
+    except TypeError:
+        return f"hook {name} must take {len(params)} argument(s): {name}({', '.join(params)})"
+    except ValueError:  # no signature to inspect (a builtin): trust it
+        pass
+    return None
+
+
 @dataclass
 class Config:
     """The resolver: each setting's value (``values``) and where it came from (``sources``: ``default``,
     ``file PATH``, ``env NAME``, ``command line``, ``argument``), filled in precedence order by
-    :func:`load`; :meth:`freeze` gives the typed :class:`Settings` everything reads at run time."""
+    :func:`load`; :meth:`freeze` gives the typed :class:`Settings` everything reads at run time.
+
+    ``hooks``: the lifecycle hooks a Python config file defines (name -> function, :data:`HOOKS`);
+    they are not settings (no flag, env var or TOML key), and a worker inherits them across fork.
+    """
 
     values: dict[str, Any] = field(default_factory=lambda: {s.name: _own(s.default) for s in SETTINGS})
     sources: dict[str, str] = field(default_factory=lambda: {s.name: "default" for s in SETTINGS})
+    hooks: dict[str, Hook] = field(default_factory=dict)
 
     def freeze(self) -> Settings:
         """The values as a :class:`Settings` (lists copied, so later changes here do not reach it)."""
@@ -348,31 +417,78 @@ def add_arguments(parser: argparse.ArgumentParser, settings: Iterable[Setting] =
 
 
 def read_file(path: str) -> dict[str, Any]:
-    """Read a config file: ``*.toml`` (top level or a ``[geventtcp]`` table) or a Python file."""
+    """The settings of a config file: ``*.toml`` (top level or a ``[geventtcp]`` table) or a Python file."""
+    return _read(path)[0]
+
+
+def _read(path: str) -> tuple[dict[str, Any], dict[str, Hook]]:
+    """A config file's settings and (a Python file's) hooks; :class:`ConfigError` names every name it
+    refuses: unknown ones, gunicorn's that geventtcp lacks, hooks that cannot be called as documented."""
+    hooks: dict[str, Hook] = {}
     try:
         if path.endswith(".toml"):
             with open(path, "rb") as fh:
                 data = tomllib.load(fh)
             data = data.get("geventtcp", data)
         else:
-            data = _python_settings(runpy.run_path(path))
+            data, hooks, functions = _python_names(runpy.run_path(path))
+            _refuse_misspelled_hooks(path, functions)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except (OSError, tomllib.TOMLDecodeError, SyntaxError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} does not hold a table of settings")
-    unknown = sorted(set(data) - set(_BY_NAME))
+    _refuse_unknown(path, data, hooks)
+    return data, hooks
+
+
+def _refuse_unknown(path: str, data: Mapping[str, Any], hooks: Mapping[str, Any]) -> None:
+    problems = [f"{path}: {problem}" for name, fn in hooks.items() if (problem := check_hook(name, fn))]
+    gunicorn = sorted(name for name in data if name in GUNICORN_ONLY)
+    if gunicorn:
+        named = ", ".join(name + (f" (use {GUNICORN_ONLY[name]})" if GUNICORN_ONLY[name] else "") for name in gunicorn)
+        problems.append(f"{path} uses gunicorn setting(s) or hook(s) geventtcp does not have: {named}")
+    in_toml = sorted(name for name in data if name in HOOKS)
+    if in_toml:
+        problems.append(f"hook(s) in {path}: {', '.join(in_toml)}: hooks are functions, set in a Python config file")
+    unknown = sorted(set(data) - set(_BY_NAME) - set(GUNICORN_ONLY) - set(HOOKS))
     if unknown:
-        raise ConfigError(f"unknown setting(s) in {path}: {', '.join(n + _did_you_mean(n) for n in unknown)}")
-    return data
+        problems.append(f"unknown setting(s) in {path}: {', '.join(n + _did_you_mean(n) for n in unknown)}")
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
-def _python_settings(namespace: Mapping[str, Any]) -> dict[str, Any]:
-    """The assignments of a Python config file: private names, modules, functions and classes are its
-    own machinery (``import os``, ``def helper()``, ``_base = ...``); every other name must be a setting."""
-    return {name: value for name, value in namespace.items()
-            if not name.startswith("_") and not isinstance(value, types.ModuleType) and not callable(value)}
+def _python_names(namespace: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Hook], list[str]]:
+    """The settings, hooks and other public functions of a Python config file. A hook is a function
+    named as in :data:`HOOKS`; private names, modules, and other functions and classes are its own
+    machinery (``import os``, ``def helper()``, ``_base = ...``), except a name gunicorn knows, which
+    is kept to be refused; every other name must be a setting."""
+    settings: dict[str, Any] = {}
+    hooks: dict[str, Hook] = {}
+    functions: list[str] = []
+    for name, value in namespace.items():
+        if name.startswith("_") or isinstance(value, types.ModuleType):
+            continue
+        if name in HOOKS:
+            hooks[name] = value
+        elif name in GUNICORN_ONLY or not callable(value):
+            settings[name] = value
+        elif inspect.isfunction(value):
+            functions.append(name)
+    return settings, hooks, functions
+
+
+def _refuse_misspelled_hooks(path: str, functions: list[str]) -> None:
+    """A function named almost as a hook (``worker_exti``) is a typo that would never run: an error."""
+    if not functions:
+        return
+    import difflib  # only for a file with public functions: importing the package stays cheap
+
+    typos = [f"{name} (did you mean {close[0]!r}?)" for name in functions
+             if (close := difflib.get_close_matches(name, HOOKS, n=1, cutoff=0.85))]
+    if typos:
+        raise ConfigError(f"function(s) in {path} named almost as a hook, which would never run: {', '.join(typos)}")
 
 
 def _did_you_mean(name: str) -> str:
@@ -388,7 +504,8 @@ def load(cli: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = N
     """Resolve every setting from its sources, in precedence order; :class:`ConfigError` on bad input."""
     config = Config()
     if config_file:
-        config.update(read_file(config_file), f"file {config_file}")
+        data, config.hooks = _read(config_file)
+        config.update(data, f"file {config_file}")
     environ = os.environ if env is None else env
     for s in SETTINGS:
         if s.env in environ:

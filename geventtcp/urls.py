@@ -6,13 +6,15 @@ import importlib
 import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
+from geventtcp.config import HOOKS, Hook, check_hook
 from geventtcp.errors import RegistryError
 from geventtcp.handler import BaseHandler, SeedReply
+from geventtcp.hooks import APP_HOOKS
 from geventtcp.protocol import Request
 
-__all__ = ["Registry", "HandlerInfo", "default_registry", "handler", "load_registry", "Handler_mapping"]
+__all__ = ["Registry", "HandlerInfo", "default_registry", "handler", "hook", "load_registry", "Handler_mapping"]
 
 T = TypeVar("T")
 #: A registered handler reduced to one call: request in, reply data out.
@@ -54,6 +56,7 @@ class Registry:
     def __init__(self) -> None:
         self._calls: dict[int, Call] = {}
         self._info: dict[int, HandlerInfo] = {}
+        self._hooks: dict[str, list[Hook]] = {}
 
     def add(self, cmdid: int, target: Any, *, name: str | None = None, idempotent: bool | None = None,
             cancel_on_disconnect: bool | None = None) -> None:
@@ -98,6 +101,29 @@ class Registry:
 
         return decorate
 
+    def hook(self, name: str) -> Callable[[T], T]:
+        """Decorator: register a worker lifecycle hook of the application (``post_worker_init``,
+        ``worker_int``, ``worker_abort``, ``worker_exit``; see :mod:`geventtcp.hooks`), run after the
+        config file's hook of that name. A wrong name or signature raises :class:`RegistryError` at
+        import time, so the worker fails to boot instead of never running it."""
+        if name not in APP_HOOKS:
+            why = ("it runs in the master or before the application is imported: set it in the Python config file"
+                   if name in HOOKS else "no such hook")
+            raise RegistryError(f"{name!r} is not an application hook (one of {', '.join(APP_HOOKS)}): {why}")
+
+        def decorate(target: T) -> T:
+            problem = check_hook(name, target)
+            if problem is not None:
+                raise RegistryError(problem)
+            self._hooks.setdefault(name, []).append(cast(Hook, target))
+            return target
+
+        return decorate
+
+    def hooks(self, name: str) -> list[Hook]:
+        """The application's hooks registered under ``name``, in registration order."""
+        return list(self._hooks.get(name, ()))
+
     def get(self, cmdid: int) -> Call | None:
         """The call for ``cmdid``, or ``None``."""
         return self._calls.get(cmdid)
@@ -108,6 +134,7 @@ class Registry:
     def clear(self) -> None:
         self._calls.clear()
         self._info.clear()
+        self._hooks.clear()
 
     @property
     def calls(self) -> dict[int, Call]:
@@ -128,6 +155,8 @@ class Registry:
 default_registry = Registry()
 #: ``@urls.handler(cmdid)`` as in SCTornadoTCP.
 handler = default_registry.handler
+#: ``@urls.hook("worker_exit")``: a lifecycle hook of the application (see :meth:`Registry.hook`).
+hook = default_registry.hook
 #: The seed's name for the mapping (read-only view of cmdid -> call).
 Handler_mapping = default_registry.calls
 

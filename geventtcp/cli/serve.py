@@ -54,9 +54,11 @@ def _serve(args: argparse.Namespace) -> int:
         for name, value in config.values.items():
             shown = "'<hidden>'" if name == "auth_token" and value else repr(value)  # a secret stays one
             print(f"{name:<{width}} = {shown}  # {config.sources[name]}")
+        for name, hook in config.hooks.items():
+            print(f"{name:<{width}} = {getattr(hook, '__qualname__', hook)}  # hook, file {config_file}")
         return 0
     if args.check_config:
-        return _check_config(args.app, config.freeze())
+        return _check_config(args.app, config.freeze(), sorted(config.hooks))
     from geventtcp.log import configure_logging, load_log_config
 
     settings = config.freeze()
@@ -91,9 +93,10 @@ def _bind_addresses(binds: list[str]) -> list[Any]:
     return addresses
 
 
-def _check_config(app: str, settings: Settings) -> int:
+def _check_config(app: str, settings: Settings, file_hooks: list[str]) -> int:
     """Validate as ``serve`` would (addresses, auth, TLS, protected mode), then import the application
-    as a worker would (patched first) and report what it registers. Binds nothing."""
+    as a worker would (patched first) and report what it registers (commands, hooks). Binds nothing.
+    (The config file's hooks were checked when it was read: name, gunicorn's, signature.)"""
     from gevent import monkey
 
     monkey.patch_all()
@@ -112,5 +115,9 @@ def _check_config(app: str, settings: Settings) -> int:
     except Exception as exc:  # noqa: BLE001 - any failure to load is the answer to "is it valid?"
         print(f"geventtcp: configuration check failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    print(f"configuration OK: {app} registers {len(registry)} command(s)")
+    from geventtcp.hooks import APP_HOOKS
+
+    hooks = [f"{name} (config file)" for name in file_hooks]
+    hooks += [f"{name} (application) x{len(registry.hooks(name))}" for name in APP_HOOKS if registry.hooks(name)]
+    print(f"configuration OK: {app} registers {len(registry)} command(s); hooks: {', '.join(hooks) or 'none'}")
     return 0

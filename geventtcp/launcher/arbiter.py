@@ -15,6 +15,10 @@ USR1        reopen log files (master and workers)
 CHLD        reap: a worker that died (even ``kill -9``) is replaced
 ==========  =================================================================================
 
+Lifecycle hooks (:mod:`geventtcp.hooks`) from the config file run here: ``on_starting``,
+``when_ready``, ``on_reload``, ``pre_fork`` and ``on_exit`` in the master (the worker's hooks run
+in :mod:`geventtcp.launcher.worker`).
+
 A worker whose heartbeat stops for ``timeout`` seconds is sent SIGABRT, then SIGKILL, and replaced.
 Workers that fail to import the application :data:`BOOT_FAILURE_LIMIT` times in a row halt the
 master with exit status 3, except during a reload, which is abandoned: the workers that served
@@ -36,6 +40,7 @@ from typing import TYPE_CHECKING
 
 from geventtcp.config import Config, Settings
 from geventtcp.errors import GeventTCPError
+from geventtcp.hooks import HookFailedError, MasterInfo, WorkerInfo, run_hooks
 from geventtcp.launcher.listeners import ListenerSet
 from geventtcp.launcher.signals import SignalQueue
 from geventtcp.launcher.supervisor import (
@@ -54,6 +59,7 @@ if TYPE_CHECKING:
 __all__ = ["Arbiter", "HaltServerError", "BOOT_FAILURE_LIMIT"]
 
 log = logging.getLogger("geventtcp.arbiter")
+WORKER_LOG = logging.getLogger("geventtcp.worker")  # WorkerInfo.log: the worker's own logger
 
 #: How long a HUP waits for the new workers to boot before draining the old ones anyway.
 RELOAD_BOOT_WAIT = 30.0
@@ -83,10 +89,12 @@ class Arbiter(WorkerSupervisor):
         self.workers: dict[int, WorkerProcess] = {}
         self.num_workers = self.settings.workers or os.cpu_count() or 1
         self.generation = 0
+        self.spawned = 0  # workers forked so far: the next one's WorkerInfo.age
         self.listeners: ListenerSet | None = None
         self.boot_failures = 0
         self.stopping = False
         self.fallback: set[int] = set()
+        self.fallback_config = (config, self.settings, self.num_workers)
         self.tmpdir = ""
         self.stats_dir = ""
         self.signals: SignalQueue | None = None
@@ -157,12 +165,33 @@ class Arbiter(WorkerSupervisor):
 
     # -- main loop -------------------------------------------------------------------------------
 
+    def _master_info(self) -> MasterInfo:
+        return MasterInfo(self.pid, self.app, self.settings, self.num_workers, self.generation, log)
+
+    def _hook(self, name: str, *args: object, abort: bool = False) -> None:
+        """Run the config file's hook ``name`` with the master's view first in its arguments (if set)."""
+        hook = self.config.hooks.get(name)
+        if hook is not None:
+            run_hooks(name, [hook], self._master_info(), *args, abort=abort)
+
     def run(self) -> int:
         """Serve until stopped by a signal; returns 0, or the :class:`HaltServerError` status."""
+        try:
+            self._hook("on_starting", abort=True)
+        except HookFailedError as exc:
+            log.error("cannot start: %s", exc)
+            return 2
+        status = self._run()
+        self._hook("on_exit")
+        log.info("master %d exiting (status %d)", self.pid, status)
+        return status
+
+    def _run(self) -> int:
         status = 0
         try:
             self._setup()
-        except (GeventTCPError, OSError) as exc:
+            self._hook("when_ready", abort=True)
+        except (GeventTCPError, OSError, HookFailedError) as exc:
             log.error("cannot start: %s", exc)
             self._teardown()
             return 2
@@ -195,7 +224,6 @@ class Arbiter(WorkerSupervisor):
             status = 1
         finally:
             self._teardown()
-        log.info("master %d exiting (status %d)", self.pid, status)
         return status
 
     def _announce(self) -> None:
@@ -246,6 +274,12 @@ class Arbiter(WorkerSupervisor):
 
     def handle_hup(self) -> None:
         """Reload: new workers with a fresh import of the app, then the old ones drain."""
+        if not any(w.retiring and not w.signalled for w in self.workers.values()):
+            # No reload pending: what serves now (workers and configuration) is what a failed reload
+            # falls back to. A HUP that overtakes a pending reload keeps the workers that served before
+            # that one.
+            self.fallback = {w.pid for w in self.workers.values() if not w.retiring}
+            self.fallback_config = (self.config, self.settings, self.num_workers)
         if self.reload_config is not None:
             try:
                 config = self.reload_config()
@@ -258,11 +292,8 @@ class Arbiter(WorkerSupervisor):
                 self.config = config
                 self.settings = config.freeze()
                 self.num_workers = self.settings.workers or os.cpu_count() or 1
-        if not any(w.retiring and not w.signalled for w in self.workers.values()):
-            # No reload pending: what serves now is what a failed reload falls back to. A HUP that
-            # overtakes a pending reload keeps the workers that served before that one.
-            self.fallback = {w.pid for w in self.workers.values() if not w.retiring}
         self.generation += 1
+        self._hook("on_reload")  # sees the new generation and config; the new workers start after it
         self._reload_started = time.monotonic()
         for worker in self.workers.values():
             worker.retiring = True  # replaced by the new generation, drained once it has booted
@@ -293,8 +324,13 @@ class Arbiter(WorkerSupervisor):
         # The child closes what is not its own: a copy of another slot's socket held by a worker
         # that never accepts on it would strand the connections the kernel hashes there.
         others = [sock.fileno() for sock in self._listeners().all() if sock not in mine]
+        self.spawned += 1
+        info = WorkerInfo(None, self.spawned, slot, self.generation, self.settings, WORKER_LOG)
         spec = WorkerSpec(self.app, self.config, mine, fd, self.stats_dir, self.pid, self.generation,
-                          close_fds=[*self._signal_fds(), *(self._metrics.fds() if self._metrics else []), *others])
+                          close_fds=[*self._signal_fds(), *(self._metrics.fds() if self._metrics else []), *others],
+                          master=self._master_info(),
+                          info=info)
+        self._hook("pre_fork", info)
         # Signals stay blocked across fork until the child has reset the master's handlers: a TERM
         # that reached the child in between would run the master's queueing handler there and be
         # lost, leaving a worker that boots and serves after the master asked everyone to stop.

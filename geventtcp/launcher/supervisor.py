@@ -9,7 +9,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 
-from geventtcp.config import Settings
+from geventtcp.config import Config, Settings
 from geventtcp.errors import GeventTCPError
 from geventtcp.launcher.worker import STATE_DRAINING, STATE_SERVING, WORKER_BOOT_ERROR
 
@@ -60,13 +60,17 @@ class WorkerSupervisor:
     iteration. Raises :class:`HaltServerError` when workers keep failing to boot.
     """
 
+    config: Config
     settings: Settings
+    num_workers: int
     workers: dict[int, WorkerProcess]
     stats_dir: str
     boot_failures: int
     stopping: bool
-    #: Pids of the workers that served when the pending reload (or chain of reloads) began.
+    #: Pids of the workers that served when the pending reload (or chain of reloads) began, and the
+    #: configuration they serve with: config, settings, number of workers.
     fallback: set[int]
+    fallback_config: tuple[Config, Settings, int]
 
     def _retire(self, worker: WorkerProcess, sig: int) -> None:
         worker.retiring = worker.signalled = True
@@ -119,7 +123,10 @@ class WorkerSupervisor:
         True when a reload was pending (old workers not yet told to drain): the workers that served
         before the first pending HUP (:attr:`fallback`) are current again, and every other worker
         is stopped: the failed generation's, and those of an earlier reload it overtook before they
-        booted (restoring them too would leave two code versions, twice the workers, running).
+        booted (restoring them too would leave two code versions, twice the workers, running). Their
+        configuration is current again too (and with it the number of workers, undoing a TTIN/TTOU
+        sent during the reload): a reload's, had it more workers, would fork the broken release for
+        the extra slots at once, and halt the master once three had failed.
         """
         waiting = [w for w in self.workers.values() if w.retiring and not w.signalled]
         if not waiting or self.stopping:
@@ -130,6 +137,7 @@ class WorkerSupervisor:
                 worker.retiring = False
             elif not worker.signalled:
                 self._retire(worker, signal.SIGTERM)
+        self.config, self.settings, self.num_workers = self.fallback_config
         self.boot_failures = 0
         return True
 

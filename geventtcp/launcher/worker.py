@@ -16,10 +16,21 @@ thread's stack through :mod:`faulthandler` before the process dies.
 
 ``log_config`` is applied here, right after the application is imported (its filters and formatters
 may be the application's); a failure is a boot error whose message carries the cause.
+
+Exit: the worker ends in ``os._exit`` (its caller's), never by unwinding into the master's code
+(whose ``finally`` blocks would remove the master's listeners, pidfile and temporary files) and
+never running the master's ``atexit`` handlers, which fork copied: :func:`run_worker` drops those
+first. What the worker itself registers does run: on every exit after boot began (a drain that
+ended, a fast stop, a boot error), :meth:`_Worker.exit` runs the ``worker_exit`` hooks, then the
+``atexit`` handlers, while the hub still runs (so they may do cooperative I/O). Lifecycle hooks:
+:mod:`geventtcp.hooks`.
 """
 
 from __future__ import annotations
 
+import atexit
+import dataclasses
+import faulthandler
 import logging
 import os
 import random
@@ -32,14 +43,15 @@ from typing import Any
 import gevent
 from gevent import socket as gsocket
 
-from geventtcp.config import Config
+from geventtcp.config import HOOKS, Config, Hook
+from geventtcp.hooks import HookFailedError, MasterInfo, WorkerInfo, run_hooks
 from geventtcp.launcher.metrics import merge, read_snapshots, snapshot, write_snapshot
 from geventtcp.log import apply_log_config, make_access_hook, reopen_log_files
 from geventtcp.protocol import Builtin, encode_goaway
 from geventtcp.server.blocking import enable_blocking_detector, warn_uncooperative_drivers
 from geventtcp.server.server import Server
 from geventtcp.sockets import send_and_linger
-from geventtcp.urls import load_registry
+from geventtcp.urls import Registry, load_registry
 
 __all__ = ["WorkerSpec", "run_worker", "WORKER_BOOT_ERROR", "STATE_BOOTING", "STATE_SERVING", "STATE_DRAINING"]
 
@@ -65,6 +77,8 @@ class WorkerSpec:
     master_pid: int
     generation: int = 0
     close_fds: list[int] = field(default_factory=list)
+    master: MasterInfo | None = None  # the hooks' view of the master and of this worker, as of the fork
+    info: WorkerInfo | None = None
 
 
 def run_worker(spec: WorkerSpec) -> int:
@@ -79,17 +93,23 @@ def run_worker(spec: WorkerSpec) -> int:
             os.close(fd)
         except OSError:
             pass
+    atexit._clear()  # the master's handlers, copied by fork: not this process's to run (see _Worker.exit)
     # gunicorn's order: patch, then reinit the hub the fork copied from the master.
     from gevent import monkey
 
     monkey.patch_all()
     gevent.reinit()
     random.seed()  # the fork copied the master's generator state; workers must not share it
-    import faulthandler
-
     faulthandler.enable()
     sockets = [gsocket.socket(s.family, s.type, fileno=s.detach()) for s in spec.listeners]
-    return _Worker(spec, sockets).run()
+    worker = _Worker(spec, sockets)
+    try:
+        return worker.run()
+    except BaseException:
+        worker.exit_reason = worker.exit_reason or "error"  # the caller logs it
+        raise
+    finally:
+        worker.exit()
 
 
 class _Worker:
@@ -103,6 +123,8 @@ class _Worker:
         self.requests = 0
         self.pending_stop: tuple[str, bool] | None = None
         self.backlog_refused = False
+        self.registry: Registry | None = None
+        self.exit_reason = ""
 
     def run(self) -> int:
         cfg = self.settings
@@ -118,20 +140,29 @@ class _Worker:
         if os.getcwd() not in sys.path and "" not in sys.path:
             sys.path.insert(0, os.getcwd())
         try:
-            registry = load_registry(self.spec.app)
+            self._run_hooks("post_fork", abort=True)
+            registry = self.registry = load_registry(self.spec.app)
             if cfg.log_config:  # here, not in the master: its filters and formatters may be the app's
                 apply_log_config(cfg.log_config)
             server = Server(registry, config=self.config, listeners=self.sockets)
             if cfg.workers != 1:
                 server.max_accept = 1  # share bursts of new connections between workers
             server.access_log = self._request_hook(make_access_hook() if cfg.access_log else None)
+            self._run_hooks("post_worker_init", abort=True)
             server.start()
+        except HookFailedError as exc:  # its traceback is logged
+            log.error("worker failed to boot: %s", exc)
+            self.exit_reason = "boot_error"
+            return WORKER_BOOT_ERROR
         except BaseException:
             # Imported after fork on purpose (HUP re-imports). Failing here is a boot error, which
             # the master counts (and halts on) instead of respawning in a tight loop.
             log.exception("worker failed to boot (application %r)", self.spec.app)
+            self.exit_reason = "boot_error"
             return WORKER_BOOT_ERROR
         self.server = server
+        if self._hooks("worker_abort"):  # else faulthandler's own SIGABRT handler, as without hooks
+            signal.signal(signal.SIGABRT, self._abort)
         server.set_builtin(Builtin.STATS, self._stats_all)  # any worker answers for all of them
         enable_blocking_detector(cfg.blocking_time)
         warn_uncooperative_drivers()
@@ -145,6 +176,43 @@ class _Worker:
         heartbeat.kill(block=False)
         self._write_stats(final=True)
         return 0
+
+    # -- lifecycle hooks (geventtcp.hooks) ---------------------------------------------------------
+
+    def _hooks(self, name: str) -> list[Hook]:
+        """Hook ``name`` of the config file, then the application's (once it is imported)."""
+        own = self.config.hooks.get(name)
+        return ([own] if own is not None else []) + (self.registry.hooks(name) if self.registry is not None else [])
+
+    def _info(self) -> WorkerInfo:
+        assert self.spec.info is not None, "set by the master"
+        return dataclasses.replace(self.spec.info, pid=os.getpid(), exit_reason=self.exit_reason)
+
+    def _run_hooks(self, name: str, abort: bool = False) -> None:
+        hooks = self._hooks(name)
+        if hooks:
+            with_master = len(HOOKS[name]) == 2  # (server, worker) or (worker)
+            args = (self.spec.master, self._info()) if with_master else (self._info(),)
+            run_hooks(name, hooks, *args, abort=abort)
+
+    def exit(self) -> None:
+        """The end of every exit after boot began: ``worker_exit`` hooks, then this process's ``atexit``
+        handlers (``os._exit`` follows, which would skip them)."""
+        self.exit_reason = self.exit_reason or "shutdown"
+        self._run_hooks("worker_exit")
+        atexit._run_exitfuncs()
+
+    def _abort(self, signum: int, frame: Any) -> None:
+        """SIGABRT (the heartbeat kill) with ``worker_abort`` hooks: run them, dump the stacks, die of SIGABRT.
+
+        A Python signal handler runs only between bytecodes: a worker stuck inside C code gets
+        no hook, and the master's SIGKILL ends it (``ABORT_GRACE`` later) as without one.
+        """
+        self.exit_reason = "abort"
+        self._run_hooks("worker_abort")
+        faulthandler.dump_traceback(all_threads=True)
+        signal.signal(signal.SIGABRT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGABRT)
 
     def _request_hook(self, access: Any) -> Any:
         """The per-request hook: access log and/or the max_requests countdown; None (free) when both are off."""
@@ -181,6 +249,7 @@ class _Worker:
             closing = listeners_close or (self.pending_stop is not None and self.pending_stop[1])
             self.pending_stop = (reason, closing)
             return
+        self.exit_reason = self.exit_reason or reason
         if self.state == STATE_DRAINING:
             if listeners_close and not self.backlog_refused:
                 self._refuse_backlog(reason)  # a stop during a restart's drain: see _refuse_backlog
@@ -230,6 +299,8 @@ class _Worker:
     def quit(self) -> None:
         if self.server is None:
             os._exit(0)  # SystemExit here would surface in the import and look like a boot error
+        self.exit_reason = "quit"
+        self._run_hooks("worker_int")
         self._set_state(STATE_DRAINING)
         self.server.close()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -251,3 +252,27 @@ def test_settings_verb_prints_the_readme_table() -> None:
     out = _cli("settings", "--markdown")
     assert out.returncode == 0 and out.stdout.strip() == render_markdown().strip()
     assert "--max-connection-age" in _cli("settings").stdout
+
+
+@pytest.mark.slow
+def test_check_config_refuses_unknown_and_gunicorn_only_names_and_lists_the_hooks(app_dir: Path) -> None:
+    (app_dir / "typo.py").write_text("worker = 4\n")
+    typo = _cli("serve", "opsapp", "-c", "typo.py", "--check-config", cwd=app_dir)
+    assert typo.returncode == 1 and "unknown setting(s) in typo.py: worker (did you mean 'workers'?)" in typo.stderr
+    (app_dir / "gunicorn.conf.py").write_text(
+        "worker_class = 'gevent'\ndef post_fork(server, worker):\n    pass\ndef pre_request(worker, req):\n    pass\n"
+        "def nworkers_changed(server, new_value, old_value):\n    pass\ndef ssl_context(config, default):\n    pass\n")
+    gunicorn = _cli("serve", "opsapp", "-c", "gunicorn.conf.py", "--check-config", cwd=app_dir)
+    assert gunicorn.returncode == 1 and "OK" not in gunicorn.stdout
+    assert ("gunicorn setting(s) or hook(s) geventtcp does not have: nworkers_changed, pre_request, ssl_context, "
+            "worker_class") in gunicorn.stderr
+    served = _cli("serve", "opsapp", "-c", "gunicorn.conf.py", cwd=app_dir)  # serve refuses it the same way
+    assert served.returncode == 2 and "pre_request" in served.stderr
+    (app_dir / "hooks.py").write_text("def post_fork(server, worker):\n    pass\n")
+    with open(app_dir / "opsapp.py", "a") as fh:
+        fh.write("\n@registry.hook('worker_exit')\ndef bye(server, worker):\n    pass\n")
+    ok = _cli("serve", "opsapp", "-c", "hooks.py", "--check-config", cwd=app_dir)
+    assert ok.returncode == 0, ok.stderr
+    assert "hooks: post_fork (config file), worker_exit (application) x1" in ok.stdout
+    printed = _cli("serve", "opsapp", "-c", "hooks.py", "--print-config", cwd=app_dir)
+    assert re.search(r"^post_fork += post_fork  # hook, file hooks.py$", printed.stdout, re.M), printed.stdout

@@ -352,6 +352,29 @@ def test_a_reload_that_cannot_boot_keeps_the_previous_workers_serving(app_dir: P
 
 
 @pytest.mark.slow
+def test_a_failed_reload_restores_the_configuration_the_previous_workers_serve_with(app_dir: Path) -> None:
+    """A reload that cannot boot falls back to what served before it: its workers and its configuration.
+    Keeping the new one (here: one worker more) made the master fork a worker of the broken release
+    for the extra slot right away, and halt once three of those had failed."""
+    conf = app_dir / "geventtcp.conf.py"
+    conf.write_text("workers = 1\n")
+    launcher = Launcher(app_dir, "-c", str(conf))
+    try:
+        (old,) = launcher.wait_workers(1)
+        conf.write_text("workers = 2\n")
+        (app_dir / "opsapp.py").write_text("raise ImportError('half-deployed release')\n")
+        launcher.signal(signal.SIGHUP)
+        launcher.wait_log("reload failed: the new application cannot boot")
+        assert call_once(launcher.address, 9) == {"pid": old, "version": "v1"}
+        launcher.signal(signal.SIGTERM)
+        assert launcher.wait_exit(30) == 0
+        after = launcher.output.split("reload failed")[1]
+        assert "booting worker" not in after, launcher.output  # the abort and a spawn share a loop iteration
+    finally:
+        launcher.close()
+
+
+@pytest.mark.slow
 def test_a_failed_reload_overtaking_a_slow_one_restores_only_the_serving_generation(app_dir: Path) -> None:
     launcher = Launcher(app_dir, "--workers", "2", "--graceful-timeout", "5")
     try:

@@ -11,7 +11,7 @@ import pytest
 
 from geventtcp import Registry, Server
 from geventtcp.config import SETTINGS, Config, Settings, add_arguments, load, parse_size, render_markdown
-from geventtcp.errors import ConfigError
+from geventtcp.errors import ConfigError, RegistryError
 from tests.support.system import ROOT
 
 #: The settings table lives in the docs site; the README links to it.
@@ -203,3 +203,87 @@ def test_server_settings_are_typed_and_frozen_from_keywords_over_config() -> Non
         5, 5.0, ["127.0.0.1:0"])
     assert config.values["max_inflight"] == 10000 and config.values["bind"] == ["127.0.0.1:8889"]
     assert Server(max_line_bytes="2K").settings.max_line_bytes == 2048  # keywords are coerced as flags are
+
+
+GUNICORN_CONF = """
+import multiprocessing
+
+bind = "127.0.0.1:8000"
+workers = multiprocessing.cpu_count() * 2 + 1
+worker_class = "gevent"
+worker_connections = 1000
+keepalive = 5
+
+def post_fork(server, worker):
+    server.log.info("Worker spawned (pid: %s)", worker.pid)
+
+def pre_request(worker, req):
+    pass
+
+def child_exit(server, worker):
+    pass
+"""
+
+
+def test_a_gunicorn_config_with_settings_and_hooks_geventtcp_lacks_is_refused_naming_each(tmp_path: Path) -> None:
+    py = tmp_path / "gunicorn.conf.py"
+    py.write_text(GUNICORN_CONF)
+    with pytest.raises(ConfigError) as caught:
+        load({}, env={}, config_file=str(py))
+    message = str(caught.value)
+    assert ("uses gunicorn setting(s) or hook(s) geventtcp does not have: child_exit, keepalive, pre_request, "
+            "worker_class, worker_connections (use max_connections)") in message
+    assert "post_fork" not in message and "bind" not in message  # those geventtcp has
+    # What geventtcp has is kept: the same file without the rest loads, with its hook.
+    py.write_text(GUNICORN_CONF.split("worker_class")[0] + GUNICORN_CONF[GUNICORN_CONF.index("def post_fork"):]
+                  .split("def pre_request")[0])
+    config = load({}, env={}, config_file=str(py))
+    assert config.values["bind"] == ["127.0.0.1:8000"] and set(config.hooks) == {"post_fork"}
+
+
+def test_hooks_of_a_python_config_file_are_checked_when_it_is_read(tmp_path: Path) -> None:
+    py = tmp_path / "conf.py"
+    py.write_text("def worker_exit(worker):\n    pass\n")  # gunicorn's worker_exit takes (server, worker)
+    with pytest.raises(ConfigError, match=r"hook worker_exit must take 2 argument\(s\): worker_exit\(server, worker\)"):
+        load({}, env={}, config_file=str(py))
+    py.write_text("on_exit = 3\n")
+    with pytest.raises(ConfigError, match="hook on_exit must be a function, not int"):
+        load({}, env={}, config_file=str(py))
+    toml = tmp_path / "conf.toml"
+    toml.write_text('on_exit = "x"\n')
+    with pytest.raises(ConfigError, match="hook.* on_exit: hooks are functions, set in a Python config file"):
+        load({}, env={}, config_file=str(toml))
+    toml.write_text("keepalive = 2\n")  # gunicorn's name in TOML gets the same answer as in Python
+    with pytest.raises(ConfigError, match="gunicorn setting.* keepalive"):
+        load({}, env={}, config_file=str(toml))
+
+
+def test_registry_hook_takes_only_worker_hooks_with_their_arguments() -> None:
+    registry = Registry()
+
+    @registry.hook("worker_exit")
+    def first(server: object, worker: object) -> None: ...
+
+    @registry.hook("worker_exit")
+    def second(*args: object) -> None: ...
+
+    assert registry.hooks("worker_exit") == [first, second] and registry.hooks("worker_int") == []
+    with pytest.raises(RegistryError, match="'post_fork' is not an application hook .*: it runs in the master or "
+                                            "before the application is imported"):
+        registry.hook("post_fork")
+    with pytest.raises(RegistryError, match="'pre_request' is not an application hook .*: no such hook"):
+        registry.hook("pre_request")
+    with pytest.raises(RegistryError, match=r"hook worker_int must take 1 argument\(s\)"):
+        registry.hook("worker_int")(lambda: None)
+    registry.clear()
+    assert registry.hooks("worker_exit") == []
+
+
+def test_a_function_named_almost_as_a_hook_is_an_error_and_a_helper_is_not(tmp_path: Path) -> None:
+    py = tmp_path / "conf.py"
+    py.write_text("def worker_exti(server, worker):\n    pass\n")
+    with pytest.raises(ConfigError, match=r"named almost as a hook, which would never run: worker_exti \(did you "
+                                          r"mean 'worker_exit'\?\)"):
+        load({}, env={}, config_file=str(py))
+    py.write_text("def double(x):\n    return 2 * x\n\nworkers = double(1)\n")  # a helper, not a typo
+    assert load({}, env={}, config_file=str(py)).values["workers"] == 2
