@@ -29,6 +29,7 @@ from gevent.server import StreamServer
 from geventtcp.codec import get_codec
 from geventtcp.config import Config, Settings
 from geventtcp.errors import Code
+from geventtcp.middleware import build_calls, load_middleware
 from geventtcp.protocol import PREAUTH_CMDIDS, Request, encode_error, encode_goaway
 from geventtcp.server.builtins import make_builtins
 from geventtcp.server.connection import WAITING, Connection
@@ -254,7 +255,10 @@ class Server:
         state = self.state
         state.draining = False
         state.new_context = contextvars.copy_context().copy
-        calls: dict[int, Handler] = dict(self.registry.calls)
+        # The application's commands, each in its middleware and concurrency limiter (none: the
+        # registry's own callables), composed once here; the built-ins are never wrapped.
+        calls: dict[int, Handler] = dict(build_calls(self.registry, load_middleware(self.settings.middleware)))
+        state.limited = frozenset(self.registry.limits)
         state.cancel_on_disconnect = frozenset(info.cmdid for info in self.registry if info.cancel_on_disconnect)
         calls.update(make_builtins(state))
         calls.update(self._builtin_overrides)
