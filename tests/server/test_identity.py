@@ -85,7 +85,7 @@ def test_a_request_built_by_hand_has_its_address_as_peer() -> None:
 
 
 def test_behind_a_proxy_the_peer_is_the_real_client(serve: Serve) -> None:
-    server = serve(registry(), proxy_protocol=True)
+    server = serve(registry(), proxy_protocol=True, protected_mode=False)  # the peer is not loopback
     with RawConn(server.address) as conn:
         conn.send(b"PROXY TCP4 203.0.113.7 127.0.0.1 40001 8889\r\n")
         assert conn.call(1, id=1)["data"]["peer"] == ["203.0.113.7", 40001]
