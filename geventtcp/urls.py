@@ -118,25 +118,25 @@ class Registry:
     def before_request(self, fn: M) -> M:
         """Flask's ``before_request``: ``fn(request)`` before the handler, in registration order; a
         result other than ``None`` is the answer (see :class:`~geventtcp.middleware.FlaskHooks`)."""
-        self._flask_hooks().before.append(fn)
+        self._flask_hooks().add_before(fn)
         return fn
 
     def after_request(self, fn: M) -> M:
         """Flask's ``after_request``: ``fn(request, data) -> data`` once the handler returned, in
         reverse registration order."""
-        self._flask_hooks().after.append(fn)
+        self._flask_hooks().add_after(fn)
         return fn
 
     def teardown_request(self, fn: M) -> M:
         """Flask's ``teardown_request``: ``fn(request, exc_or_None)`` last, always, in reverse
         registration order; it cannot change the reply."""
-        self._flask_hooks().teardown.append(fn)
+        self._flask_hooks().add_teardown(fn)
         return fn
 
     def _flask_hooks(self) -> mw.FlaskHooks:
         if self._hooks is None:
             self._hooks = mw.FlaskHooks()
-            self._middlewares.append(self._hooks)
+            self._middlewares.append(self._hooks.middleware())
         return self._hooks
 
     @property
