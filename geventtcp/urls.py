@@ -14,7 +14,8 @@ from geventtcp.handler import BaseHandler
 from geventtcp.middleware import Call, Middleware
 from geventtcp.protocol import Request
 
-__all__ = ["Registry", "HandlerInfo", "default_registry", "handler", "load_registry", "Handler_mapping"]
+__all__ = ["Registry", "HandlerInfo", "default_registry", "handler", "middleware", "before_request", "after_request",
+           "teardown_request", "load_registry", "Handler_mapping"]
 
 T = TypeVar("T")
 M = TypeVar("M", bound=Callable[..., Any])
@@ -182,6 +183,11 @@ class Registry:
 default_registry = Registry()
 #: ``@urls.handler(cmdid)`` as in SCTornadoTCP.
 handler = default_registry.handler
+#: ``@urls.middleware`` and Flask's hooks, on the default registry.
+middleware = default_registry.middleware
+before_request = default_registry.before_request
+after_request = default_registry.after_request
+teardown_request = default_registry.teardown_request
 #: The seed's name for the mapping (read-only view of cmdid -> call).
 Handler_mapping = default_registry.calls
 
