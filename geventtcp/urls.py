@@ -166,7 +166,8 @@ class Registry:
 
     @property
     def calls(self) -> dict[int, Call]:
-        """The live cmdid-to-call table the server dispatches from (do not mutate)."""
+        """The registered calls by cmdid (do not mutate); a server dispatches from these wrapped in their
+        middleware and limits (:func:`geventtcp.middleware.build_calls`), or these themselves when none."""
         return self._calls
 
     def __contains__(self, cmdid: object) -> bool:

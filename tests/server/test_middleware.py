@@ -6,6 +6,7 @@ and nothing in the call table when none is registered. Through real sockets."""
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -17,8 +18,9 @@ from geventtcp.config import Config, add_arguments
 from geventtcp.errors import Code, ConfigError, DeadlineExceeded, InternalServerError, RequestCancelled
 from geventtcp.middleware import build_calls
 from geventtcp.protocol import Request
+from tests.support import client_app
 from tests.support.rawconn import RawConn, rst
-from tests.support.servers import addr
+from tests.support.servers import CliServer, addr
 from tests.support.system import wait_until
 
 Serve = Callable[..., Server]
@@ -293,3 +295,18 @@ def test_a_deadline_in_middleware_after_the_handler_still_504s(serve: Serve, hub
             client.call(1, timeout=0.2)
     wait_until(lambda: done == ["teardown"])
     assert hub_errors == []
+
+
+@pytest.mark.subprocess
+def test_the_cli_flag_names_server_level_middleware_imported_in_the_worker(tmp_path: Any) -> None:
+    config = tmp_path / "geventtcp.toml"
+    config.write_text('middleware = ["tests.server.test_middleware:tagging"]\n')
+    for extra in (["--middleware", "tests.server.test_middleware:tagging"], ["-c", str(config)]):
+        server = CliServer([sys.executable, "-m", "geventtcp", "serve", "tests.support.client_app", "--bind",
+                            "127.0.0.1:0", *extra])
+        try:
+            with Client(server.address, timeout=5) as client:
+                assert client.call(client_app.ECHO, {"a": 1}) == {"server": {"a": 1}}
+                assert client.ping()["pong"] is True  # built-ins unwrapped
+        finally:
+            server.stop()
