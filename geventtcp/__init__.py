@@ -37,6 +37,7 @@ from geventtcp.errors import (
     Unprocessed,
 )
 from geventtcp.handler import BaseHandler
+from geventtcp.identity import Identity
 from geventtcp.log import BaseLogger
 from geventtcp.protocol import Request
 from geventtcp.server.server import Server
@@ -50,6 +51,7 @@ __all__ = [
     "BaseHandler",
     "BaseLogger",
     "Request",
+    "Identity",
     "Registry",
     "Server",
     "Client",

@@ -65,6 +65,15 @@ def _str_list(value: Any) -> list[str]:
     return [str(part) for part in value]
 
 
+def _middleware(value: Any) -> list[Any]:
+    """Comma-separated ``module:attr`` names (config file, env, CLI), or callables (``Server(middleware=[fn])``)."""
+    items = [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else list(value)
+    for item in items:
+        if not callable(item) and (not isinstance(item, str) or not all(item.partition(":")[::2])):
+            raise ValueError(f"{item!r} is not a 'module:attr' name or a callable")
+    return items
+
+
 def _networks(value: Any) -> list[str]:
     """Comma-separated addresses or CIDR networks (``*``: any peer), each checked here."""
     items = [part.strip() for item in ([value] if isinstance(value, str) else value)
@@ -175,6 +184,10 @@ class Settings:
         10000, "Blocked requests in flight per worker; at the limit a command that has blocked before gets a "
         "retryable 503 (built-ins and inline commands still run).",
         convert=int, validate=_positive)
+    middleware: list[Any] = setting(
+        [], "Server-level middleware, outermost first: 'module:attr' names of fn(request, call_next) callables, "
+        "imported in each worker; they run around every application handler, outside the registry's own.",
+        convert=_middleware, metavar="MODULE:ATTR", append=True)
     backlog: int = setting(2048, "Listen backlog.", convert=int, validate=_positive)
     codec: str = setting(
         "simplejson", "JSON codec: simplejson, or orjson when installed (geventtcp[fast]).",

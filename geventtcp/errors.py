@@ -93,8 +93,8 @@ class Code(enum.IntEnum):
     TOO_LARGE = 413
     #: The handler raised, or its result could not be serialized.
     INTERNAL = 500
-    #: Draining, shutting down, or over a connection/in-flight limit; the handler did not run,
-    #: so retrying is safe.
+    #: Draining, shutting down, or over a connection/in-flight/per-command concurrency limit; the
+    #: handler did not run, so retrying is safe.
     UNAVAILABLE = 503
     #: The handler did not finish before the request's deadline (it may have had side effects).
     DEADLINE_EXCEEDED = 504
@@ -194,10 +194,12 @@ class HandlerError(GeventTCPError):
 
 
 class ServerRefusal(HandlerError):
-    """A transport code from one of the server's built-in commands (AUTH's 401); internal.
+    """A transport code from one of the server's built-in commands (AUTH's 401) or from a command's
+    concurrency limiter (503, ``max_concurrency``); internal.
 
-    Only a built-in (negative cmdid, which applications cannot register) is answered with its code;
-    raised by an application's handler it is a 500 like any forged code.
+    Only a built-in (negative cmdid, which applications cannot register) and the limiter, which
+    raises it before the handler runs, are answered with its code; raised by an application's
+    handler or middleware it is a 500 like any forged code (see :mod:`geventtcp.middleware`).
     """
 
     def __init__(self, msg: str, code: int) -> None:

@@ -86,6 +86,7 @@ from typing import Any, TypeVar, overload
 
 from geventtcp.codec import Codec
 from geventtcp.errors import Code, ProtocolError
+from geventtcp.identity import Identity
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -299,6 +300,12 @@ class Request:
         """True once nobody can receive the reply (the connection was reset, failed or was closed);
         always false for a request no connection serves (one a test builds)."""
         return False
+
+    @property
+    def identity(self) -> Identity:
+        """Who sent the request (peer address, verified TLS client certificate, AUTH passed); for a
+        request no connection serves (one a test builds), only its ``address``."""
+        return Identity(self.address)
 
     @property
     def rawBody(self) -> str:  # noqa: N802 - the seed's name

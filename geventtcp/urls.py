@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
+from geventtcp import middleware as mw
 from geventtcp.config import HOOKS, Hook, check_hook
 from geventtcp.errors import RegistryError
 from geventtcp.handler import BaseHandler, SeedReply
 from geventtcp.hooks import APP_HOOKS
+from geventtcp.middleware import Call, Middleware
 from geventtcp.protocol import Request
 
-__all__ = ["Registry", "HandlerInfo", "default_registry", "handler", "hook", "load_registry", "Handler_mapping"]
+__all__ = ["Registry", "HandlerInfo", "default_registry", "handler", "hook", "middleware", "before_request",
+           "after_request", "teardown_request", "load_registry", "Handler_mapping"]
 
 T = TypeVar("T")
-#: A registered handler reduced to one call: request in, reply data out.
-Call = Callable[[Request], Any]
+M = TypeVar("M", bound=Callable[..., Any])
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,9 @@ class HandlerInfo:
     idempotent: bool
     target: Any
     cancel_on_disconnect: bool = False
+    #: At most this many of its handlers run at once in a worker; further requests get a 503
+    #: (``None``: no limit). See :mod:`geventtcp.middleware`.
+    max_concurrency: int | None = None
 
 
 def _class_call(cls: type[BaseHandler]) -> Call:
@@ -57,14 +62,18 @@ class Registry:
         self._calls: dict[int, Call] = {}
         self._info: dict[int, HandlerInfo] = {}
         self._hooks: dict[str, list[Hook]] = {}
+        self._middlewares: list[Middleware] = []
+        self._flask: mw.FlaskHooks | None = None  # created (and put in the chain) by the first Flask hook
+        self._limits: dict[int, int] = {}
 
     def add(self, cmdid: int, target: Any, *, name: str | None = None, idempotent: bool | None = None,
-            cancel_on_disconnect: bool | None = None) -> None:
+            cancel_on_disconnect: bool | None = None, max_concurrency: int | None = None) -> None:
         """Register a ``BaseHandler`` subclass or a function ``f(request) -> data`` under ``cmdid``.
 
         ``cancel_on_disconnect=True`` (default: the class's or function's attribute of that name,
         else False) has :class:`~geventtcp.errors.RequestCancelled` thrown into the handler when
-        its client is gone.
+        its client is gone. ``max_concurrency=k`` answers a retryable 503 before the handler runs
+        once ``k`` of its handlers are running in the worker (size it to a database pool).
         """
         if not isinstance(cmdid, int) or isinstance(cmdid, bool):
             raise RegistryError(f"cmdid must be an int, not {type(cmdid).__name__}")
@@ -73,6 +82,8 @@ class Registry:
             raise RegistryError(f"cmdid {cmdid} is reserved for built-in commands (use >= 0)")
         if cmdid in self._calls:
             raise RegistryError(f"cmdid {cmdid} is already registered to {self._info[cmdid].name}")
+        if max_concurrency is not None and (type(max_concurrency) is not int or max_concurrency < 1):
+            raise RegistryError(f"max_concurrency must be an int >= 1, not {max_concurrency!r}")
         if inspect.isclass(target):
             if not issubclass(target, BaseHandler):
                 raise RegistryError(f"{target!r} is not a BaseHandler subclass")
@@ -89,14 +100,17 @@ class Registry:
         doc = inspect.getdoc(target) or ""
         self._calls[cmdid] = call
         self._info[cmdid] = HandlerInfo(cmdid, label, doc.strip().split("\n\n")[0], idem, target,
-                                        cancel_on_disconnect)
+                                        cancel_on_disconnect, max_concurrency)
+        if max_concurrency is not None:
+            self._limits[cmdid] = max_concurrency
 
     def handler(self, cmdid: int, *, name: str | None = None, idempotent: bool | None = None,
-                cancel_on_disconnect: bool | None = None) -> Callable[[T], T]:
+                cancel_on_disconnect: bool | None = None, max_concurrency: int | None = None) -> Callable[[T], T]:
         """Decorator form of :meth:`add`; returns the class or function unchanged."""
 
         def decorate(target: T) -> T:
-            self.add(cmdid, target, name=name, idempotent=idempotent, cancel_on_disconnect=cancel_on_disconnect)
+            self.add(cmdid, target, name=name, idempotent=idempotent, cancel_on_disconnect=cancel_on_disconnect,
+                     max_concurrency=max_concurrency)
             return target
 
         return decorate
@@ -124,6 +138,48 @@ class Registry:
         """The application's hooks registered under ``name``, in registration order."""
         return list(self._hooks.get(name, ()))
 
+    # -- middleware (composed by geventtcp.middleware.build_calls when a server starts) ------------
+
+    def middleware(self, fn: M) -> M:
+        """Run ``fn(request, call_next) -> data`` around every handler of this registry, inside the
+        server-level middleware and those registered before it; usable as a decorator."""
+        self._middlewares.append(fn)
+        return fn
+
+    def before_request(self, fn: M) -> M:
+        """Flask's ``before_request``: ``fn(request)`` before the handler, in registration order; a
+        result other than ``None`` is the answer (see :class:`~geventtcp.middleware.FlaskHooks`)."""
+        self._flask_hooks().add_before(fn)
+        return fn
+
+    def after_request(self, fn: M) -> M:
+        """Flask's ``after_request``: ``fn(request, data) -> data`` once the handler returned, in
+        reverse registration order."""
+        self._flask_hooks().add_after(fn)
+        return fn
+
+    def teardown_request(self, fn: M) -> M:
+        """Flask's ``teardown_request``: ``fn(request, exc_or_None)`` last, always, in reverse
+        registration order; it cannot change the reply."""
+        self._flask_hooks().add_teardown(fn)
+        return fn
+
+    def _flask_hooks(self) -> mw.FlaskHooks:
+        if self._flask is None:
+            self._flask = mw.FlaskHooks()
+            self._middlewares.append(self._flask.middleware())
+        return self._flask
+
+    @property
+    def middlewares(self) -> Sequence[Middleware]:
+        """This registry's middleware, outermost first (registration order)."""
+        return tuple(self._middlewares)
+
+    @property
+    def limits(self) -> Mapping[int, int]:
+        """``max_concurrency`` per cmdid, for the commands that have one."""
+        return self._limits
+
     def get(self, cmdid: int) -> Call | None:
         """The call for ``cmdid``, or ``None``."""
         return self._calls.get(cmdid)
@@ -135,10 +191,14 @@ class Registry:
         self._calls.clear()
         self._info.clear()
         self._hooks.clear()
+        self._middlewares.clear()
+        self._flask = None
+        self._limits.clear()
 
     @property
     def calls(self) -> dict[int, Call]:
-        """The live cmdid-to-call table the server dispatches from (do not mutate)."""
+        """The registered calls by cmdid (do not mutate); a server dispatches from these wrapped in their
+        middleware and limits (:func:`geventtcp.middleware.build_calls`), or these themselves when none."""
         return self._calls
 
     def __contains__(self, cmdid: object) -> bool:
@@ -157,6 +217,11 @@ default_registry = Registry()
 handler = default_registry.handler
 #: ``@urls.hook("worker_exit")``: a lifecycle hook of the application (see :meth:`Registry.hook`).
 hook = default_registry.hook
+#: ``@urls.middleware`` and Flask's hooks, on the default registry.
+middleware = default_registry.middleware
+before_request = default_registry.before_request
+after_request = default_registry.after_request
+teardown_request = default_registry.teardown_request
 #: The seed's name for the mapping (read-only view of cmdid -> call).
 Handler_mapping = default_registry.calls
 

@@ -27,11 +27,14 @@ def make_builtins(state: ServerState[Any]) -> dict[int, Handler]:
         return {"pong": True, "draining": state.draining, "pid": os.getpid(), "protocol": PROTOCOL_VERSION}
 
     def list_commands(request: Request) -> Any:
-        """The registered cmdids with their handlers' names and docstrings."""
-        return [
-            {"cmdid": info.cmdid, "name": info.name, "doc": info.doc, "idempotent": info.idempotent}
-            for info in state.registry
-        ]
+        """The registered cmdids with their handlers' names, docstrings and concurrency limits."""
+        listed = []
+        for info in state.registry:
+            item = {"cmdid": info.cmdid, "name": info.name, "doc": info.doc, "idempotent": info.idempotent}
+            if info.max_concurrency is not None:  # only commands that have a limit: older listings unchanged
+                item["max_concurrency"] = info.max_concurrency
+            listed.append(item)
+        return listed
 
     def stats(request: Request) -> Any:
         """Counters per cmdid and for this worker."""

@@ -537,6 +537,9 @@ class Connection:
             return encode_error(codec, Code.DEADLINE_EXCEEDED, "deadline exceeded", req.cmdid, req.id,
                                 req.has_id), Code.DEADLINE_EXCEEDED
         if isinstance(exc, HandlerError):  # application codes and 400 only; anything else becomes a 500
+            if type(exc) is ServerRefusal and req.cmdid in self.state.limited:  # its limiter's 503 (see
+                # geventtcp.middleware: the limiter turns one from inside it into a 500): not processed
+                return encode_error(codec, exc.code, exc.msg, req.cmdid, req.id, req.has_id), exc.code
             return encode_handler_error(codec, exc, req.cmdid, req.id, req.has_id)
         if type(exc) is SeedReply:  # a seed handler's own reply line in self.res: not an error
             return self._seed_reply(req, exc.text)

@@ -3,13 +3,15 @@ server needs to schedule it, so the protocol's class carries no server field.
 
 :class:`ServerRequest` adds three slots and no ``__init__``: ``parse_request(..., ServerRequest)``
 builds it directly (one object per request, as before); the connection sets the three fields right
-after admitting it. Handlers see a ``Request`` and use only its public fields and ``cancelled``.
+after admitting it. Handlers see a ``Request`` and use only its public fields, ``cancelled`` and
+``identity`` (who called: computed from the connection when read, so it costs nothing otherwise).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from geventtcp.identity import Identity
 from geventtcp.protocol import Request
 
 __all__ = ["ServerRequest"]
@@ -35,3 +37,19 @@ class ServerRequest(Request):
         Computed from the connection on access, so it costs the request path nothing.
         """
         return bool(self.connection.closed)
+
+    @property
+    def identity(self) -> Identity:
+        """Who called (see :class:`~geventtcp.identity.Identity`), computed from the connection on each
+        access: the peer address, the verified TLS client certificate, whether AUTH passed."""
+        conn = self.connection
+        state = conn.state
+        getpeercert = getattr(conn.sock, "getpeercert", None)  # only an SSL socket has it
+        cert = getpeercert() if getpeercert is not None else None
+        subject = {name: value for rdn in cert.get("subject", ()) for name, value in rdn} if cert else None
+        return Identity(
+            peer=conn.address,
+            tls_subject=subject,
+            tls_cert=cert or None,
+            authenticated=state.token is not None and conn.calls is state.calls,
+        )

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextvars
 import errno
-import functools
 import logging
 import math
 import resource
@@ -30,6 +29,7 @@ from gevent.server import StreamServer
 from geventtcp.codec import get_codec
 from geventtcp.config import Config, Settings
 from geventtcp.errors import Code
+from geventtcp.middleware import build_calls, load_middleware
 from geventtcp.protocol import PREAUTH_CMDIDS, Request, encode_error, encode_goaway
 from geventtcp.server.builtins import make_builtins
 from geventtcp.server.connection import WAITING, Connection
@@ -262,15 +262,15 @@ class Server:
         state = self.state
         state.draining = False
         state.new_context = contextvars.copy_context().copy
-        calls: dict[int, Handler] = dict(self.registry.calls)
-        # -- INTERIM tracing hook (until the middleware composition of the ``mw`` branch is merged: then
-        # the tracing middleware goes first in the server's middleware list instead). Off, the table
-        # holds the handlers themselves, as without tracing.
+        # The application's commands, each in its middleware and concurrency limiter (none: the
+        # registry's own callables), composed once here; the built-ins are never wrapped. Tracing,
+        # when on, is the outermost middleware, so the others run inside its span.
+        middleware = load_middleware(self.settings.middleware)
         tracer = tracer_for(self.settings.tracing, self._tracer_provider)
         if tracer is not None:
-            traced = server_middleware(tracer, self.registry)
-            calls = {cmdid: functools.partial(traced, call_next=call) for cmdid, call in calls.items()}
-        # -- end of the interim tracing hook
+            middleware = [server_middleware(tracer, self.registry), *middleware]
+        calls: dict[int, Handler] = dict(build_calls(self.registry, middleware))
+        state.limited = frozenset(self.registry.limits)
         state.cancel_on_disconnect = frozenset(info.cmdid for info in self.registry if info.cancel_on_disconnect)
         calls.update(make_builtins(state))
         calls.update(self._builtin_overrides)

@@ -77,7 +77,7 @@ class ServerState(Generic[C]):
 
     __slots__ = (
         "settings", "codec", "token", "registry", "stats", "loop", "clock", "readers", "plain_sockets",
-        "calls", "preauth_calls", "cancel_on_disconnect", "new_context", "access_log",
+        "calls", "preauth_calls", "cancel_on_disconnect", "limited", "new_context", "access_log",
         "connections", "peers", "proxy_pending", "all_closed", "inflight", "blocking", "watching",
         "tick", "draining", "drain_reason", "started_at",
     )
@@ -98,6 +98,8 @@ class ServerState(Generic[C]):
         self.preauth_calls: dict[int, Handler] = {}
         #: cmdids registered with ``cancel_on_disconnect``: RequestCancelled is thrown into them.
         self.cancel_on_disconnect: frozenset[int] = frozenset()
+        #: cmdids registered with ``max_concurrency``: only their limiter's ServerRefusal is a 503.
+        self.limited: frozenset[int] = frozenset()
         #: A fresh copy of the worker's base context (the one ``Server.start`` ran in) per request: a
         #: contextvar one request sets (a "current user") is never seen by the next.
         self.new_context: Callable[[], contextvars.Context] = contextvars.Context
