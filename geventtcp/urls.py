@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 from geventtcp.errors import RegistryError
 from geventtcp.handler import BaseHandler
 from geventtcp.protocol import Request
+from geventtcp.schema import ParamsSchema, compile_params
 
 __all__ = ["Registry", "HandlerInfo", "default_registry", "handler", "load_registry", "Handler_mapping"]
 
@@ -29,6 +30,8 @@ class HandlerInfo:
     idempotent: bool
     target: Any
     cancel_on_disconnect: bool = False
+    #: The compiled ``params=`` schema (its ``json_schema`` is what ``list`` shows), or None.
+    params: ParamsSchema | None = None
 
 
 def _class_call(cls: type[BaseHandler]) -> Call:
@@ -52,12 +55,13 @@ class Registry:
         self._info: dict[int, HandlerInfo] = {}
 
     def add(self, cmdid: int, target: Any, *, name: str | None = None, idempotent: bool | None = None,
-            cancel_on_disconnect: bool | None = None) -> None:
+            cancel_on_disconnect: bool | None = None, params: Any = None) -> None:
         """Register a ``BaseHandler`` subclass or a function ``f(request) -> data`` under ``cmdid``.
 
         ``cancel_on_disconnect=True`` (default: the class's or function's attribute of that name,
         else False) has :class:`~geventtcp.errors.RequestCancelled` thrown into the handler when
-        its client is gone.
+        its client is gone. ``params=`` (a dataclass, TypedDict or pydantic model) validates the
+        params before the handler runs and hands it the typed object (:mod:`geventtcp.schema`).
         """
         if not isinstance(cmdid, int) or isinstance(cmdid, bool):
             raise RegistryError(f"cmdid must be an int, not {type(cmdid).__name__}")
@@ -80,16 +84,18 @@ class Registry:
         if cancel_on_disconnect is None:
             cancel_on_disconnect = bool(getattr(target, "cancel_on_disconnect", False))
         doc = inspect.getdoc(target) or ""
-        self._calls[cmdid] = call
+        schema = None if params is None else compile_params(params)
+        self._calls[cmdid] = call if schema is None else schema.wrap(call)
         self._info[cmdid] = HandlerInfo(cmdid, label, doc.strip().split("\n\n")[0], idem, target,
-                                        cancel_on_disconnect)
+                                        cancel_on_disconnect, schema)
 
     def handler(self, cmdid: int, *, name: str | None = None, idempotent: bool | None = None,
-                cancel_on_disconnect: bool | None = None) -> Callable[[T], T]:
+                cancel_on_disconnect: bool | None = None, params: Any = None) -> Callable[[T], T]:
         """Decorator form of :meth:`add`; returns the class or function unchanged."""
 
         def decorate(target: T) -> T:
-            self.add(cmdid, target, name=name, idempotent=idempotent, cancel_on_disconnect=cancel_on_disconnect)
+            self.add(cmdid, target, name=name, idempotent=idempotent, cancel_on_disconnect=cancel_on_disconnect,
+                     params=params)
             return target
 
         return decorate
