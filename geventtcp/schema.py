@@ -13,8 +13,8 @@ What a request gets
 
 How it fails
     Invalid params raise :class:`~geventtcp.errors.HandlerError` 400 (a ``BadRequest`` at the client)
-    whose ``details`` lists every bad field as ``{"path": "items[2].qty", "reason": "..."}`` (at most
-    :data:`MAX_DETAILS`; ``msg`` says how many there were). An annotation this module cannot check
+    whose ``details`` lists every bad field as ``{"path": "items[2].qty", "reason": "..."}`` (up to
+    :data:`MAX_DETAILS`, where validation stops; ``msg`` names the first). An annotation this module cannot check
     raises :class:`~geventtcp.errors.RegistryError` naming the field, at registration (import time).
 
 Rules (dataclass and TypedDict)
@@ -52,8 +52,9 @@ from geventtcp.errors import Code, HandlerError, RegistryError
 
 __all__ = ["ParamsSchema", "compile_params", "MAX_DETAILS"]
 
-#: At most this many bad fields are listed in a 400's ``details`` (a 1 MiB line of ``true`` in a
-#: ``list[int]`` would otherwise answer with megabytes); ``msg`` gives the full count.
+#: At most this many bad fields are listed in a 400's ``details``, and validation stops at that
+#: many (a 1 MiB line of ``true`` in a ``list[int]`` would otherwise cost a second and answer
+#: with megabytes).
 MAX_DETAILS = 100
 
 #: A field's place while validating: ``None`` (the params object) or ``(parent, name or index)``,
@@ -63,6 +64,20 @@ Errors = list[tuple[Path, str]]
 Check = Callable[[Any, Errors, Path], Any]
 
 _INVALID: Any = object()  # what a checker returns after recording an error
+
+
+class _Enough(Exception):
+    """Raised by :class:`_Errors` at :data:`MAX_DETAILS`: validation stops there, so a line of a
+    million bad items costs what parsing it cost, not a second of formatting reasons."""
+
+
+class _Errors(list[tuple[Path, str]]):
+    """The errors of one validation, at most MAX_DETAILS (then :class:`_Enough` ends it)."""
+
+    def append(self, error: tuple[Path, str]) -> None:
+        super().append(error)
+        if len(self) >= MAX_DETAILS:
+            raise _Enough
 _JSON_TYPES = {type(None): "null", bool: "boolean", int: "integer", float: "number", str: "string",
                list: "array", dict: "object"}
 
@@ -76,7 +91,10 @@ def render_path(path: Path) -> str:
     parts: list[str] = []
     while path is not None:
         path, segment = path
-        parts.append(f"[{segment}]" if isinstance(segment, int) else f".{segment}")
+        if isinstance(segment, int):
+            parts.append(f"[{segment}]")
+        else:  # a dict[str, T] key is the client's text: bounded, as the reply must be
+            parts.append(f".{segment}" if len(segment) <= 64 else f".{segment[:61]}...")
     return "".join(reversed(parts)).lstrip(".")
 
 
@@ -232,8 +250,11 @@ class _Compiler:
             if len(real) == 1 and value is not None:  # Optional[X]: X's own errors, paths and all
                 return real[0].check(value, errors, path)
             for member in real:
-                scratch: Errors = []
-                result = member.run(value, scratch, path)
+                scratch = _Errors()
+                try:
+                    result = member.run(value, scratch, path)
+                except _Enough:
+                    continue
                 if not scratch:
                     return result
             errors.append((path, f"expected {expected}, got {_json_type(value)}"))
@@ -248,6 +269,8 @@ class _Compiler:
             if type(value) is not list:
                 errors.append((path, f"expected an array, got {_json_type(value)}"))
                 return _INVALID
+            if exact and set(map(type, value)) <= exact:  # all scalars of the right type: a C-speed pass
+                return value if kind is list else tuple(value)
             out = [v if type(v) in exact else item.check(v, errors, (path, i)) for i, v in enumerate(value)]
             return out if kind is list else tuple(out)
 
@@ -271,6 +294,8 @@ class _Compiler:
             if type(value) is not dict:
                 errors.append((path, f"expected an object, got {_json_type(value)}"))
                 return _INVALID
+            if exact and set(map(type, value.values())) <= exact:
+                return value
             return {k: v if type(v) in exact else item.check(v, errors, (path, k)) for k, v in value.items()}
 
         return _Node(frozenset(), check, {"type": "object", "additionalProperties": item.schema})
@@ -392,11 +417,15 @@ def _short(value: Any) -> str:
     return _json_type(value)
 
 
-def _invalid(errors: Errors) -> HandlerError:
+def _invalid(errors: Errors, stopped: bool = False) -> HandlerError:
+    """The 400 for ``errors``; ``stopped``: validation gave up at MAX_DETAILS, there may be more."""
     details = [{"path": render_path(path), "reason": reason} for path, reason in errors[:MAX_DETAILS]]
     first = details[0]
     where = f"{first['path']}: " if first["path"] else ""
-    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    if stopped or len(errors) > MAX_DETAILS:
+        more = f" (and more: the first {MAX_DETAILS} are listed)"
+    else:
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return HandlerError(f"invalid params: {where}{first['reason']}{more}", Code.BAD_REQUEST, details=details)
 
 
@@ -446,8 +475,11 @@ def compile_params(cls: Any) -> ParamsSchema:
     check = root.check
 
     def validate(params: Any) -> Any:
-        errors: Errors = []
-        result = check(params, errors, None)
+        errors = _Errors()
+        try:
+            result = check(params, errors, None)
+        except _Enough:
+            raise _invalid(errors, stopped=True) from None
         if errors:
             raise _invalid(errors)
         return result

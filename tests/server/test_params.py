@@ -259,12 +259,41 @@ def test_a_missing_params_object_is_empty_params(serve: Any) -> None:
     assert seen == [Paging()]
 
 
-def test_details_are_capped_and_the_message_counts_them_all(serve: Any) -> None:
+def test_details_are_capped_and_the_message_says_so(serve: Any) -> None:
     with _serve_one(serve, Numbers) as client, pytest.raises(BadRequest) as info:
-        client.call(10, {"values": [True] * 500})
+        client.call(10, {"values": [True] * 100_000})
     details: Any = info.value.details
     assert len(details) == MAX_DETAILS and details[-1]["path"] == f"values[{MAX_DETAILS - 1}]"
-    assert info.value.msg.endswith("(and 499 more)")
+    assert info.value.msg.endswith(f"(and more: the first {MAX_DETAILS} are listed)")
+
+
+@dataclasses.dataclass
+class Ones:
+    values: list[Literal[1]]
+
+
+class Tripwire:
+    """An item validation must never reach: it stops at MAX_DETAILS errors."""
+
+    def __hash__(self) -> int:
+        raise AssertionError("validation went on past MAX_DETAILS errors")
+
+
+def test_validation_stops_at_max_details_errors() -> None:
+    schema = compile_params(Ones)
+    with pytest.raises(Exception) as info:
+        schema.validate({"values": [2] * MAX_DETAILS + [Tripwire()]})
+    assert len(getattr(info.value, "details", [])) == MAX_DETAILS
+    with pytest.raises(AssertionError):  # the tripwire works: one error fewer and it is reached
+        schema.validate({"values": [2] * (MAX_DETAILS - 1) + [Tripwire()]})
+
+
+def test_a_long_dict_key_is_shortened_in_the_path() -> None:
+    schema = compile_params(Ints)
+    with pytest.raises(Exception) as info:
+        schema.validate({"table": {"k" * 1000: "x"}})
+    assert getattr(info.value, "details", None) == [{"path": "table." + "k" * 61 + "...",
+                                                    "reason": "expected an integer, got string"}]
 
 
 def test_a_handler_class_gets_the_typed_params(serve: Any) -> None:
