@@ -505,9 +505,9 @@ def _compile_pydantic(model: Any) -> ParamsSchema:
         try:
             return model_validate(params)
         except ValidationError as exc:
-            raise _invalid([(_pydantic_path(err["loc"]), err["msg"])
-                            for err in exc.errors(include_url=False, include_context=False, include_input=False)
-                            ]) from None
+            errors = exc.errors(include_url=False, include_context=False, include_input=False)
+            raise _invalid([(_pydantic_path(err["loc"]), err["msg"]) for err in errors[:MAX_DETAILS]],
+                           stopped=len(errors) > MAX_DETAILS) from None
 
     return ParamsSchema(model, "pydantic", model.model_json_schema(), validate)
 
