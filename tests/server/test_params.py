@@ -374,3 +374,16 @@ def test_a_command_without_params_keeps_its_call_unwrapped() -> None:
 
     reg.add(10, handler)
     assert reg.get(10) is handler and reg.info(10).params is None
+
+
+class NumbersModel(pydantic.BaseModel):
+    values: list[pydantic.StrictInt]
+
+
+def test_pydantic_details_are_capped_too() -> None:
+    with pytest.raises(Exception) as info:
+        compile_params(NumbersModel).validate({"values": [True] * 500})
+    details: Any = getattr(info.value, "details", None)
+    assert len(details) == MAX_DETAILS
+    assert details[0] == {"path": "values[0]", "reason": "Input should be a valid integer"}
+    assert str(info.value).endswith(f"(and more: the first {MAX_DETAILS} are listed)")
