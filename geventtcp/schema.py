@@ -196,7 +196,7 @@ class _Compiler:
         except Exception as exc:  # NameError, TypeError: a hint that cannot be resolved
             raise RegistryError(f"params {cls.__qualname__}: cannot resolve its annotations ({exc}); a params "
                                 "class and the classes it names must be importable from its module") from exc
-        build: Callable[..., Any] = dict if is_typeddict(cls) else cls
+        build = None if is_typeddict(cls) else cls
         fields = self._typeddict_fields(cls, hints) if is_typeddict(cls) else self._dataclass_fields(cls, hints)
         node.check = _object_check(fields, build)
         self.defs[self.def_name(cls)] = _object_schema(cls, fields)
@@ -323,8 +323,10 @@ class _Field:
     default: Any  # _INVALID: none to show in the JSON Schema
 
 
-def _object_check(fields: list[_Field], build: Callable[..., Any]) -> Check:
-    table = [(f.name, f.node, f.required) for f in fields]
+def _object_check(fields: list[_Field], build: Callable[..., Any] | None) -> Check:
+    """The checker of a dataclass (``build`` is the class) or a TypedDict (``build`` is None: the
+    checked dict is the result)."""
+    table = [(f.name, f.node.exact, f.node, f.required) for f in fields]  # exact is fixed: read it once
 
     def check(value: Any, errors: Errors, path: Path) -> Any:
         if type(value) is not dict:
@@ -332,14 +334,16 @@ def _object_check(fields: list[_Field], build: Callable[..., Any]) -> Check:
             return _INVALID
         before = len(errors)
         out = {}
-        for name, node, required in table:
+        for name, exact, node, required in table:
             if name in value:
                 v = value[name]
-                out[name] = v if type(v) in node.exact else node.check(v, errors, (path, name))
+                out[name] = v if type(v) in exact else node.check(v, errors, (path, name))
             elif required:
                 errors.append(((path, name), "field required"))
         if len(errors) > before:
             return _INVALID
+        if build is None:
+            return out
         try:
             return build(**out)
         except ValueError as exc:  # a dataclass's __post_init__ refusing a combination of fields
