@@ -124,7 +124,11 @@ def _refuse(expected: str) -> Check:
 
 def _check_float(value: Any, errors: Errors, path: Path) -> Any:
     if type(value) is int:
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # JSON integers may have up to 4300 digits; a float holds ~308
+            errors.append((path, "number out of range for a float"))
+            return _INVALID
     errors.append((path, f"expected a number, got {_json_type(value)}"))
     return _INVALID
 

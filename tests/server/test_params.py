@@ -387,3 +387,9 @@ def test_pydantic_details_are_capped_too() -> None:
     assert len(details) == MAX_DETAILS
     assert details[0] == {"path": "values[0]", "reason": "Input should be a valid integer"}
     assert str(info.value).endswith(f"(and more: the first {MAX_DETAILS} are listed)")
+
+
+def test_an_integer_too_large_for_a_float_field_is_a_400(serve: Any) -> None:
+    with _serve_one(serve, Order) as client:
+        assert _details(client, {"customer": 1, "items": [], "price": 10**400}) == [
+            {"path": "price", "reason": "number out of range for a float"}]
