@@ -76,6 +76,12 @@ from geventtcp.errors import Code, ProtocolError
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "PROTOCOL",
+    "UNORDERED",
+    "FEATURES",
+    "hello_params",
+    "negotiate",
+    "accepted_features",
     "DEFAULT_MAX_LINE_BYTES",
     "MAX_TIMEOUT_MS",
     "BLANK",
@@ -95,6 +101,12 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION = 1
+#: The newest protocol a server speaks, as HELLO states it (a string: "1.1" is not a number to compare).
+PROTOCOL = "1.1"
+#: The HELLO feature that lets the server answer requests carrying an id in completion order.
+UNORDERED = "unordered"
+#: The features this implementation offers in HELLO.
+FEATURES = (UNORDERED,)
 #: Longest request line accepted, newline included (gRPC's default receive limit is 4 MiB,
 #: Redis's inline limit 64 KiB; parsing 1 MiB of JSON already holds a worker for ~40 ms).
 DEFAULT_MAX_LINE_BYTES = 1 << 20
@@ -114,10 +126,13 @@ class Builtin(enum.IntEnum):
     LIST = -2
     STATS = -3
     AUTH = -4
+    HELLO = -5
 
 
-#: Answered before a connection has authenticated: AUTH itself, and PING for health checks.
-PREAUTH_CMDIDS = (Builtin.AUTH, Builtin.PING)
+#: Answered before a connection has authenticated: AUTH itself, PING for health checks, and HELLO
+#: (it reveals only the protocol version and features, and lets a client negotiate in the same
+#: write as its AUTH).
+PREAUTH_CMDIDS = (Builtin.AUTH, Builtin.PING, Builtin.HELLO)
 #: Built-ins that only read, so a client may always send them again (plain ints: a set lookup
 #: with an application's cmdid never goes through the enum).
 READ_ONLY_BUILTINS = frozenset(int(cmdid) for cmdid in (Builtin.PING, Builtin.LIST, Builtin.STATS))
@@ -457,6 +472,43 @@ def encode_goaway(codec: Codec, reason: str) -> bytes:
     return codec.dumps(
         {"code": int(Code.UNAVAILABLE), "cmdid": None, GOAWAY_FIELD: reason, "msg": f"server is going away ({reason})"}
     ) + b"\n"
+
+
+def hello_params(features: tuple[str, ...] = FEATURES) -> dict[str, Any]:
+    """The params of a client's HELLO asking for ``features``."""
+    return {"protocol": PROTOCOL, "features": list(features)}
+
+
+def negotiate(params: dict[str, Any], in_force: frozenset[str] = frozenset()) -> tuple[dict[str, Any], frozenset[str]]:
+    """The server's side of HELLO: its reply data and the features in force on the connection from
+    the next request on.
+
+    ``params.features`` (optional, default none) is a list of strings: the requested features this
+    server knows are switched on, the others ignored. ``params.protocol`` (optional) is a string, the
+    client's newest protocol, for information. Features once on stay on (``in_force``: a later HELLO
+    cannot switch them off, so replies already allowed out of order never have to be reordered).
+    :class:`ProtocolError` (400) for params of the wrong type.
+    """
+    protocol = params.get("protocol")
+    if protocol is not None and type(protocol) is not str:
+        raise ProtocolError("HELLO params.protocol must be a string")
+    wanted = params.get("features", [])
+    if type(wanted) is not list or any(type(name) is not str for name in wanted):
+        raise ProtocolError("HELLO params.features must be a list of strings")
+    now = in_force | frozenset(name for name in wanted if name in FEATURES)
+    return {"protocol": PROTOCOL, "features": sorted(now)}, now
+
+
+def accepted_features(reply: dict[str, Any]) -> frozenset[str]:
+    """The client's side of HELLO: the features a reply line (decoded) switched on; none for an
+    error reply (a server before 1.1 answers 404 ``unknown cmdid -5``) or a reply it cannot read."""
+    if reply.get("code") != 0:
+        return frozenset()
+    data = reply.get("data")
+    features = data.get("features") if type(data) is dict else None
+    if type(features) is not list:
+        return frozenset()
+    return frozenset(name for name in features if type(name) is str)
 
 
 def encode_request(
