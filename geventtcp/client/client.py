@@ -45,10 +45,14 @@ class Client:
     ``Client("host:port")`` or ``Client(["h1:p", "h2:p"])``; addresses are ``HOST:PORT``,
     ``[IPv6]:PORT`` or ``unix:PATH``. One client may be shared by any number of threads and greenlets:
     each world (plain threads; each gevent hub) gets its own connections, opened lazily, at most
-    ``pool_size`` per address, each carrying many requests at once. Greenlets share a connection until
-    ``multiplex`` requests are in flight on it (the server's ``max_inflight_per_connection`` is 128),
-    since one connection batches best; threads take a connection each while the bound allows, since
-    a thread alone on one reads its own replies without waking another.
+    ``pool_size`` per address, each carrying many requests at once. A call goes to the connection
+    with the fewest requests in flight; another connection is opened (up to ``pool_size``) when that
+    one already has ``multiplex`` in flight (default 1: concurrent callers spread over the pool at
+    once, and so over the worker processes behind one listener). Threads always take a connection
+    each while the bound allows (a thread alone on one reads its own replies without waking another).
+    ``unordered`` (default true) asks each new connection for protocol 1.1's completion order (a
+    HELLO, not waited for): a fast call is then never queued behind a slow one on its connection.
+    A server before 1.1 answers the HELLO 404 and keeps request order. See docs/client.md.
 
     Settings: ``timeout`` bounds a whole call, retries included, and is sent to the server as the
     request's deadline; ``connect_timeout`` bounds each connect; ``retries`` is how many times a
@@ -75,7 +79,7 @@ class Client:
         timeout: float = DEFAULT_TIMEOUT,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         pool_size: int = 4,
-        multiplex: int = 128,
+        multiplex: int = 1,
         retries: int = 2,
         idempotent: Iterable[int] = (),
         idle_timeout: float = 240.0,
@@ -88,6 +92,7 @@ class Client:
         ssl_context: Any = None,
         server_hostname: str | None = None,
         auth_token: str | None = None,
+        unordered: bool = True,
     ) -> None:
         self.addresses = [addresses] if isinstance(addresses, str) else list(addresses)
         if not self.addresses:
@@ -114,6 +119,7 @@ class Client:
         self.ssl_context = ssl_context
         self.server_hostname = server_hostname
         self.auth_token = auth_token
+        self.unordered = unordered
         self.closed = False
         self._balancers: dict[Any, Balancer] = {}
         self._generation = fork_generation()
@@ -269,7 +275,7 @@ class Client:
                          connect_timeout=self.connect_timeout, idle_timeout=self.idle_timeout,
                          validate_after=self.validate_after, max_reply_bytes=self.max_reply_bytes,
                          ssl_context=self.ssl_context, server_hostname=self.server_hostname,
-                         auth_token=self.auth_token)
+                         auth_token=self.auth_token, hello=self.unordered)
                     for address in self.addresses
                 ])
         return balancer

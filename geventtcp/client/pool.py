@@ -32,16 +32,19 @@ def connect_backoff(failures: int) -> float:
 class Pool:
     """Up to ``size`` multiplexed connections to one address, for callers of one world.
 
-    ``acquire`` returns the least busy usable connection, opening another (outside any lock) only
-    when the bound allows it and the chosen one has ``share`` requests in flight or is stalled behind
-    a slow request (the server answers each connection in request order); it never waits for
-    a connection to free up, since connections are shared. At checkout a connection is dropped when
+    ``acquire`` returns the usable connection with the fewest requests in flight (least-in-flight),
+    opening another (outside any lock) when the bound allows it and that one already has ``share``
+    requests in flight, or is stalled behind a slow request (a server answering in request order);
+    it never waits for a connection to free up, since connections are shared. With ``share`` 1 (the
+    default) concurrent callers spread over ``size`` connections at once, and so over the worker
+    processes behind one listener, rather than filling one connection first. At checkout a connection is dropped when
     the server closed it while idle (polled without blocking), when it was idle for ``idle_timeout``
     (kept below the server's own idle timeout, so the server never closes one under a request), when
     a reply is long overdue, or when it was inherited across ``fork()``.
 
-    A new connection is wrapped in TLS when ``ssl_context`` is set, and sends AUTH with
-    ``auth_token`` before anything else when that is set.
+    A new connection is wrapped in TLS when ``ssl_context`` is set; with ``hello`` it first sends
+    HELLO asking for completion order (protocol 1.1; not waited for), then AUTH with ``auth_token``
+    when that is set.
 
     Failure behaviour: a failed connect raises :class:`ConnectError` (nothing was sent) and takes the
     address out of rotation for a jittered, growing backoff; while it is out, ``acquire`` fails at
@@ -51,7 +54,8 @@ class Pool:
 
     def __init__(self, address: str, world: World, codec: Codec, *, size: int, share: int,
                  connect_timeout: float, idle_timeout: float, validate_after: float, max_reply_bytes: int,
-                 ssl_context: Any = None, server_hostname: str | None = None, auth_token: str | None = None) -> None:
+                 ssl_context: Any = None, server_hostname: str | None = None, auth_token: str | None = None,
+                 hello: bool = True) -> None:
         self.address = address
         self.world = world
         self.codec = codec
@@ -65,6 +69,7 @@ class Pool:
         self.ssl_context = ssl_context
         self.server_hostname = server_hostname
         self.auth_token = auth_token
+        self.hello = hello
         self.conns: list[ClientConnection] = []
         self.connecting = 0
         self.failures = 0
@@ -178,11 +183,16 @@ class Pool:
         batching = self.world.name == "gevent" and self.ssl_context is None and hasattr(sock, "_sock")
         conn = (BatchingConnection if batching else ClientConnection)(
             sock, self.address, self.world, self.codec, self.max_reply_bytes)
-        if self.auth_token is not None:
+        if self.hello or self.auth_token is not None:
+            stage = "HELLO not sent"
             try:
-                self._authenticate(conn, deadline)
+                if self.hello:
+                    conn.hello(deadline)
+                stage = "authentication failed"
+                if self.auth_token is not None:
+                    self._authenticate(conn, deadline)
             except BaseException:
-                conn.close("authentication failed")
+                conn.close(stage)
                 with self.lock:
                     self._connect_done()
                 raise
