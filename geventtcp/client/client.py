@@ -46,9 +46,11 @@ class Client:
     ``[IPv6]:PORT`` or ``unix:PATH``. One client may be shared by any number of threads and greenlets:
     each world (plain threads; each gevent hub) gets its own connections, opened lazily, at most
     ``pool_size`` per address, each carrying many requests at once. A call goes to the connection
-    with the fewest requests in flight; another connection is opened (up to ``pool_size``) when that
-    one already has ``multiplex`` in flight (default 1: concurrent callers spread over the pool at
-    once, and so over the worker processes behind one listener). Threads always take a connection
+    with the fewest requests in flight (by server process first); greenlets share a connection until
+    ``multiplex`` requests are in flight on it (the server's ``max_inflight_per_connection`` is 128),
+    since one connection batches best, except that a server with several worker processes behind
+    one listener (its HELLO reply says how many) gets one connection per worker as soon as calls
+    overlap (up to ``pool_size``), so that the load reaches all of them. Threads take a connection
     each while the bound allows (a thread alone on one reads its own replies without waking another).
     ``unordered`` (default true) asks each new connection for protocol 1.1's completion order (a
     HELLO, not waited for): a fast call is then never queued behind a slow one on its connection.
@@ -79,7 +81,7 @@ class Client:
         timeout: float = DEFAULT_TIMEOUT,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         pool_size: int = 4,
-        multiplex: int = 1,
+        multiplex: int = 128,
         retries: int = 2,
         idempotent: Iterable[int] = (),
         idle_timeout: float = 240.0,

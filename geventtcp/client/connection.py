@@ -81,6 +81,11 @@ class ClientConnection:
         self._ids = itertools.count(1)
         self.unordered = False  # the server answers in completion order (HELLO granted it)
         self.hello_id: int | None = None  # the HELLO's id while its reply is awaited
+        # Which server process answers here, and how many share its listener (from HELLO; unknown: None, 1),
+        # so the pool can spread its connections over the workers; ``retiring``: the pool sends no new call.
+        self.server_pid: int | None = None
+        self.server_workers = 1
+        self.retiring = False
 
     def __repr__(self) -> str:
         state = f"closed: {self.reason}" if self.closed else f"{len(self.calls)} in flight"
@@ -124,6 +129,11 @@ class ClientConnection:
         from a server before 1.1 (404) or one that declines, request order as before."""
         self.hello_id = None
         self.unordered = UNORDERED in accepted_features(reply)
+        data = reply.get("data")
+        if type(data) is dict:
+            pid, workers = data.get("pid"), data.get("workers")
+            self.server_pid = pid if type(pid) is int else None
+            self.server_workers = workers if type(workers) is int and workers > 0 else 1
         if reply["code"]:
             log.debug("%s does not speak protocol 1.1 ([%s] %s): replies in request order", self.address,
                       reply["code"], reply.get("msg"))

@@ -3,6 +3,7 @@ server grants it, request order with a server that does not know HELLO, and leas
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -13,10 +14,12 @@ import pytest
 from geventtcp import Server
 from geventtcp.client.client import Client
 from geventtcp.client.connection import ClientConnection
+from geventtcp.client.pool import MAX_REPLACEMENTS
 from geventtcp.protocol import Builtin
 from tests.support.apps import make_registry
 from tests.support.faults import FakeServer
-from tests.support.servers import addr, serve
+from tests.support.servers import CliServer, addr, serve
+from tests.support.system import python_cmd, wait_until
 
 
 def _conns(client: Client) -> list[ClientConnection]:
@@ -114,18 +117,59 @@ def test_against_a_fake_1_0_server_one_hello_per_connection_and_none_when_disabl
         fake.close()
 
 
-@pytest.mark.parametrize("unordered", [True, False], ids=["unordered", "ordered"])
-def test_concurrent_greenlets_spread_over_the_pool_by_least_in_flight(server: Server, unordered: bool) -> None:
-    """40 greenlets at once on a pool of 4: four connections, each carrying a fair share (it used to
-    be one connection until 128 were in flight on it)."""
-    with Client(addr(server), timeout=5, pool_size=4, unordered=unordered) as client:
+def test_against_one_process_greenlets_share_one_connection(server: Server) -> None:
+    """One worker (HELLO says ``workers: 1``): 40 overlapping greenlets batch on one connection."""
+    with Client(addr(server), timeout=5, pool_size=4) as client:
+        client.call(1, {})  # connected (a burst before any connection is open opens up to pool_size)
         jobs = [gevent.spawn(client.call, 2, {"seconds": 0.1, "i": i}) for i in range(40)]
         gevent.joinall(jobs, raise_error=True, timeout=10)
         assert [job.value["slept"] for job in jobs] == [0.1] * 40
-        conns = _conns(client)
-        assert len(conns) == 4
-        served = sorted(conn.requests - (1 if unordered else 0) for conn in server.connections)
-        assert sum(served) == 40 and served[0] >= 5, served
+        (conn,) = _conns(client)
+        assert (conn.server_pid, conn.server_workers) == (os.getpid(), 1)
+
+
+def test_connections_sharing_one_worker_are_replaced_a_bounded_number_of_times() -> None:
+    """A server whose HELLO says 2 workers but that is one process: every new connection lands on
+    the same pid; the pool retires and reopens at most MAX_REPLACEMENTS times, and no call fails."""
+    with serve(make_registry(), workers=2) as server, Client(addr(server), timeout=5, pool_size=4) as client:
+        client.call(1, {})
+        for _ in range(30):
+            jobs = [gevent.spawn(client.call, 2, {"seconds": 0.01}) for _ in range(20)]
+            gevent.joinall(jobs, raise_error=True, timeout=10)
+        (pool,) = client._balancers[next(iter(client._balancers))].pools
+        assert pool.replaced == MAX_REPLACEMENTS
+        assert {conn.server_workers for conn in pool.conns} == {2}
+        assert server.stats.as_dict()["connections_total"] == 2 + MAX_REPLACEMENTS
+
+
+@pytest.mark.subprocess
+@pytest.mark.slow
+def test_one_gevent_clients_load_reaches_both_workers_behind_one_listener() -> None:
+    """Issue 14: ``serve --workers 2`` and 100 greenlets on one Client: each worker serves 35-65 %."""
+    server = CliServer(python_cmd("-m", "geventtcp", "serve", "handlers", "--bind", "127.0.0.1:0", "--workers", "2",
+                                  "--log-level", "info"))
+    try:
+        address = f"{server.host}:{server.port}"
+
+        def served() -> list[int]:  # STATS merges the other worker's snapshot of up to ~1 s ago
+            with Client(address, pool_size=1, unordered=False) as probe:
+                return [w["requests"] for w in probe.stats()["workers"]]
+
+        wait_until(lambda: len(served()) == 2, timeout=20)
+        with Client(address, timeout=10) as client:
+            def caller(k: int) -> None:
+                for i in range(30):
+                    assert client.call(1, {"k": k, "i": i}) == {"k": k, "i": i}
+
+            client.call(1, {})
+            gevent.joinall([gevent.spawn(caller, k) for k in range(100)], raise_error=True, timeout=60)
+            pids = {conn.server_pid for conn in _conns(client)}
+        wait_until(lambda: sum(served()) >= 3000, timeout=10)
+        served_now = served()
+        assert len(pids) == 2 and all(0.35 <= n / sum(served_now) <= 0.65 for n in served_now), served_now
+    finally:
+        server.proc.terminate()
+        server.rest_of_output()
 
 
 def test_a_lone_caller_keeps_one_connection(server: Server) -> None:
