@@ -10,10 +10,11 @@ share of the run's requests each worker served (from the ``workers`` of STATS, b
 
 Clients compared:
 
-* ``1.0``: request order and the old pool policy (``unordered=False, multiplex=128``): greenlets
-  fill one connection up to 128 in flight before another is opened (the Client before issue 14).
-* ``ordered``: request order, spread by least-in-flight (``unordered=False``, default pool).
-* ``1.1``: the default Client: completion order (HELLO) and least-in-flight spreading.
+* ``ordered``: ``Client(unordered=False)``: no HELLO, so request order and the pool of a server
+  before 1.1 (greenlets fill one connection up to ``multiplex``, 128, before another is opened):
+  the Client before issue 14.
+* ``1.1``: the default Client: completion order (HELLO) and a connection per worker, balanced by
+  requests in flight per worker.
 
 Issue 14's targets: with 20 % slow calls, fast-call p90 at most 3x the all-fast p90; with
 ``--workers 2`` each worker serves 35-65 % of one Client's requests.
@@ -42,7 +43,6 @@ sys.path.insert(0, ROOT)
 from geventtcp import Client  # noqa: E402
 
 CLIENTS: dict[str, dict[str, Any]] = {
-    "1.0": {"unordered": False, "multiplex": 128},
     "ordered": {"unordered": False},
     "1.1": {},
 }

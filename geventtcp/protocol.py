@@ -1,4 +1,4 @@
-"""The geventtcp wire protocol, version 1: sans-IO framing, request parsing and reply encoding.
+"""The geventtcp wire protocol, version 1.1: sans-IO framing, request parsing, reply encoding, HELLO.
 
 Nothing here touches a socket, gevent or logging: bytes go in, requests and reply lines come out,
 so every framing edge case is a plain unit test. Server and client share this module.
@@ -30,7 +30,8 @@ Request (client to server)::
                 replying 504.
     Unknown fields are ignored.
 
-Reply (server to client), exactly one per request line, in the order the requests were read::
+Reply (server to client), exactly one per request line, in the order the requests were read
+(unless the connection negotiated completion order, see "Protocol 1.1" below)::
 
     {"code": 0, "cmdid": 10000, "id": 7, "data": <the handler's result>}
     {"code": 404, "cmdid": 99, "id": 7, "msg": "unknown cmdid 99"}
@@ -57,9 +58,40 @@ way as a reply with ``"cmdid": null`` and then the connection is closed.
 
 Reserved cmdids (:class:`Builtin`)
     Negative cmdids are the server's built-in commands; applications register only cmdids >= 0.
-    ``-1`` ping, ``-2`` list, ``-3`` stats (these three only read: always safe to resend) and
-    ``-4`` auth (``params.token``). While a connection has not authenticated (auth on), only
-    :data:`PREAUTH_CMDIDS` are answered and lines are limited to :data:`PREAUTH_MAX_LINE_BYTES`.
+    ``-1`` ping, ``-2`` list, ``-3`` stats (these three only read: always safe to resend),
+    ``-4`` auth (``params.token``) and ``-5`` hello (below). While a connection has not
+    authenticated (auth on), only :data:`PREAUTH_CMDIDS` (auth, ping, hello) are answered and lines
+    are limited to :data:`PREAUTH_MAX_LINE_BYTES`.
+
+Protocol 1.1: HELLO and completion order
+    Version 1.1 is version 1 plus one negotiated, per-connection feature. A client asks with::
+
+        {"cmdid": -5, "params": {"protocol": "1.1", "features": ["unordered"]}, "id": 1}
+
+    ``params.features`` (optional, a list of strings) names the features wanted; a server switches
+    on those it knows and ignores the others; ``params.protocol`` (optional, a string) is the
+    client's newest version, for information. Params of another type: 400, nothing switched on.
+    The reply (in order, like any reply to a request read before it)::
+
+        {"code": 0, "cmdid": -5, "id": 1, "data": {"protocol": "1.1", "features": ["unordered"],
+                                                   "pid": 4242, "workers": 2}}
+
+    ``features`` lists the features now in force on the connection (a later HELLO cannot switch one
+    off); ``pid`` is the server process answering this connection and ``workers`` how many worker
+    processes share its listener (1 for a lone server), so a client can spread its connections.
+    HELLO may be sent at any time, before AUTH too; a client sends it first. A server before 1.1
+    answers it ``404`` (``401`` before AUTH when auth is on): the client then keeps request order.
+
+    ``unordered``: from the request read after the HELLO on, the reply to a request that carries
+    an ``id`` (an integer or a string; ``null`` counts as no id here) may be sent as soon as it is
+    ready, before replies to requests read earlier. A request without an id is a barrier: its reply
+    is sent after the replies of every request read before it, and before the replies of every
+    request read after it. Error lines without an id (a 400 for a line whose id could not be
+    read, a 413 for a line over the limit) are such replies, so a client matches an id-less reply,
+    in both modes, to its oldest request still unanswered. Replies with an id are matched by id.
+    Everything else is unchanged: one reply per request line; the goaway comes only once every
+    request read has been answered; limits, deadlines and the queued-reply bound are the same.
+    Connections that did not ask get exactly the version 1 behaviour, byte for byte.
 
 These wire facts are defined here once; server and client import them, never repeat the numbers.
 """

@@ -1,4 +1,4 @@
-"""One client connection: read lines, run handlers, write one reply per request in order.
+"""One client connection: read lines, run handlers, write one reply per request (in order, or as ready).
 
 The greenlet that holds the *reader* role reads, parses and runs each handler inline, so a fast
 handler costs no greenlet switch and the replies of a pipelined batch go out in one ``send``. When a
@@ -6,6 +6,16 @@ handler blocks (the hub gets control while it runs), a hub callback hands the re
 greenlet: the blocked greenlet keeps only its request and a reserved place in the output queue,
 while the connection goes on reading. Replies therefore stay in request order, slow requests run
 concurrently, and nothing is spawned for requests that never block.
+
+Completion order (protocol 1.1, after a HELLO asking for ``unordered``; see :mod:`geventtcp.protocol`):
+a handed-off request that carries an id reserves no place in ``out``; its slot *floats*
+(``floating``) and its reply is appended to ``out`` when ready (:meth:`Connection._fill`), to go out
+with the next send. An id-less reply (or the slot of an id-less handed-off request) is a barrier:
+before it is queued, the floating slots take their places in ``out`` ahead of it
+(:meth:`Connection._barrier`), so everything read before it is answered first and everything queued
+after it follows it. Inline replies are queued as always, so a pipelined batch still leaves in one
+send, and every reply byte counts in ``queued_bytes`` in both modes. The request path pays one
+attribute test for it (``floating`` is ``None`` on a connection that never had one).
 
 An idle connection holds no greenlet: when ``recv`` finds nothing, the reader *parks* the connection
 on its socket's read watcher and returns its greenlet to the server's
