@@ -37,12 +37,12 @@ def _hello(conn: RawConn) -> dict[str, Any]:
     return conn.line()
 
 
-def test_hello_reply_states_version_features_and_pid(serve: Serve) -> None:
+def test_hello_reply_states_version_features_pid_and_workers(serve: Serve) -> None:
     server = serve()
     with RawConn(server.address) as conn:
         conn.send(_line(-5, {"protocol": "1.1", "features": ["unordered", "zstd-from-the-future"]}, id=1))
         assert conn.raw_line() == (b'{"code":0,"cmdid":-5,"id":1,"data":{"protocol":"1.1","features":["unordered"],'
-                                   b'"pid":%d}}' % os.getpid())
+                                   b'"pid":%d,"workers":1}}' % os.getpid())
         (conn_state,) = server.connections
         assert conn_state.unordered
         # A later HELLO cannot switch it off: the features in force are stated.
@@ -158,6 +158,44 @@ def test_an_ordered_connection_is_unchanged_byte_for_byte(serve: Serve) -> None:
                 assert line == want
         # Unordered, id 2 overtakes id 1; the id-less echo after them is a barrier behind id 1.
         assert [json.loads(unordered.raw_line()).get("id", "-") for _ in expected] == [2, 1, "-", "-", "x", None]
+
+
+def test_a_pipelined_batch_still_leaves_in_one_send(serve: Serve) -> None:
+    """Unordered, a slow request first then 32 echoes in one write: the 32 inline replies leave in
+    one send at the end of the batch (not one send each, not behind the slow one), its reply after."""
+    server = serve()
+    with RawConn(server.address) as conn:
+        _hello(conn)
+        (state,) = server.connections
+        sends: list[int] = []
+        raw_send = state._raw_send
+        assert raw_send is not None
+
+        def counting(data: Any) -> int:
+            sends.append(bytes(data).count(b"\n"))
+            return raw_send(data)
+
+        state._raw_send = counting
+        conn.send(_line(2, {"seconds": 0.2}, id="slow") + b"".join(_line(1, {"i": i}, id=i) for i in range(32)))
+        ids = [conn.line()["id"] for _ in range(33)]
+        assert ids == [*range(32), "slow"]
+        assert sends == [32, 1]
+
+
+def test_a_floating_requests_deadline_504_goes_out_when_due(serve: Serve) -> None:
+    """The 504 of a request carrying an id is sent at its deadline, not behind anything: here it
+    overtakes a slower request read before it."""
+    server = serve()
+    with RawConn(server.address) as conn:
+        _hello(conn)
+        started = time.monotonic()
+        conn.send(_line(2, {"seconds": 1.0}, id=1) + _line(2, {"seconds": 2.0}, id=2, timeout_ms=200)
+                  + _line(1, {}, id=3))
+        assert conn.line()["id"] == 3
+        late = conn.line()
+        assert (late["id"], late["code"]) == (2, 504) and time.monotonic() - started < 0.9
+        assert conn.line()["id"] == 1
+        wait_until(lambda: server.inflight == 0)
 
 
 @pytest.mark.slow
