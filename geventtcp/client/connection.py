@@ -68,7 +68,7 @@ class ClientConnection:
         self.codec = ReplyCodec(codec)
         self.state = real_lock()  # guards the fields below; never held across I/O
         self.wlock = world.lock()  # one writer at a time, so request lines never interleave
-        self.calls: dict[int, Call] = {}  # in write order, which is the server's reply order
+        self.calls: dict[int, Call] = {}  # in write order: the first is the one an id-less reply answers
         self.orphans = 0  # calls in ``calls`` nobody waits on (send(), timed out, cancelled)
         self.reading = False
         self.writing = False
