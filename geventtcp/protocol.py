@@ -78,9 +78,15 @@ __all__ = [
     "PROTOCOL_VERSION",
     "DEFAULT_MAX_LINE_BYTES",
     "MAX_TIMEOUT_MS",
+    "MAX_ID",
+    "MAX_ID_CHARS",
+    "MIN_CMDID",
+    "MAX_CMDID",
+    "MAX_TIMESTAMP",
     "BLANK",
     "PREAUTH_MAX_LINE_BYTES",
     "GOAWAY_FIELD",
+    "GOAWAY_REASONS",
     "Builtin",
     "PREAUTH_CMDIDS",
     "READ_ONLY_BUILTINS",
@@ -103,6 +109,31 @@ MAX_TIMEOUT_MS = 2**31 - 1
 #: Longest line accepted before a connection has authenticated (Redis caps unauthenticated
 #: requests the same way), so an anonymous peer cannot make the server parse megabytes.
 PREAUTH_MAX_LINE_BYTES = 64 * 1024
+#: Why a server ends a connection, the value of a going-away line's ``goaway`` field, with the code
+#: that line carries. Drain and recycling (503: nothing wrong, go elsewhere), then the errors.
+GOAWAY_REASONS: dict[str, int] = {
+    "shutdown": Code.UNAVAILABLE,         # the server is stopping
+    "reload": Code.UNAVAILABLE,           # the worker is being replaced (new code or settings)
+    "idle": Code.UNAVAILABLE,             # no request for idle_timeout
+    "max_age": Code.UNAVAILABLE,          # the connection reached max_connection_age
+    "max_requests": Code.UNAVAILABLE,     # the worker reached max_requests and is recycled
+    "closing": Code.UNAVAILABLE,          # the worker closes the connection for another reason
+    "overloaded": Code.UNAVAILABLE,       # refused at accept: connection limits (max_connections, per peer)
+    "forbidden": Code.PERMISSION_DENIED,  # refused at accept: protected mode
+    "request_timeout": Code.REQUEST_TIMEOUT,  # a request line was not completed within request_timeout
+    "auth_timeout": Code.UNAUTHENTICATED,     # AUTH did not succeed within auth_timeout
+    "auth_failed": Code.UNAUTHENTICATED,      # AUTH failed MAX_AUTH_FAILURES times
+    "bad_input": Code.BAD_REQUEST,            # 1024 blank lines in a row
+}
+#: Request ids: integers exactly representable as an IEEE double (JavaScript's safe integers), or
+#: strings of at most ``MAX_ID_CHARS`` characters; anything else is refused and not echoed.
+MAX_ID = 2**53 - 1
+MAX_ID_CHARS = 256
+#: cmdids are signed 32-bit integers: applications use 0 .. MAX_CMDID, the built-ins negative ones.
+MIN_CMDID = -(2**31)
+MAX_CMDID = 2**31 - 1
+#: Timestamps are signed 64-bit integers (seconds; the server only reports them).
+MAX_TIMESTAMP = 2**63 - 1
 #: The key that marks a going-away line (its value is the reason), as opposed to a reply.
 GOAWAY_FIELD = "goaway"
 
@@ -313,16 +344,14 @@ def parse_request(line: bytes, codec: Codec, address: Any = None, received: floa
         raise ProtocolError("a request must be a JSON object")
     get = body.get
     rid = get("id")
-    if rid is None:
-        has_id = "id" in body
-    else:
-        has_id = True
-        if type(rid) is not int and type(rid) is not str:
-            raise ProtocolError("id must be an integer or a string", cmdid=_int_field(get("cmdid")))
+    has_id = rid is not None  # null is no id: the reply carries none
+    if has_id and not (-MAX_ID <= rid <= MAX_ID if type(rid) is int
+                       else type(rid) is str and len(rid) <= MAX_ID_CHARS):
+        raise _bad_id(get("cmdid"))
     raw_cmdid = get("cmdid")
     cmdid = raw_cmdid if type(raw_cmdid) is int else _int_field(raw_cmdid)
-    if cmdid is None:
-        what = "missing cmdid" if raw_cmdid is None else "cmdid must be an integer"
+    if cmdid is None or not MIN_CMDID <= cmdid <= MAX_CMDID:
+        what = "missing cmdid" if raw_cmdid is None else f"cmdid must be an integer from {MIN_CMDID} to {MAX_CMDID}"
         raise ProtocolError(what, id=rid, has_id=has_id)
     params = get("params")
     if params is None:
@@ -330,23 +359,37 @@ def parse_request(line: bytes, codec: Codec, address: Any = None, received: floa
     elif type(params) is not dict:
         raise ProtocolError("params must be a JSON object", id=rid, has_id=has_id, cmdid=cmdid)
     ts = get("timestamp")
-    if type(ts) is int:
+    if type(ts) is int and -MAX_TIMESTAMP <= ts <= MAX_TIMESTAMP:
         timestamp = ts
     elif ts is None:
         timestamp = int(time.time())
     else:
-        timestamp_or_none = _int_field(ts)
-        if timestamp_or_none is None:
-            if type(ts) is float and ts == ts:
-                timestamp_or_none = int(ts)
-            else:
-                raise ProtocolError("timestamp must be an integer", id=rid, has_id=has_id, cmdid=cmdid)
-        timestamp = timestamp_or_none
+        timestamp = _timestamp(ts, rid, has_id, cmdid)
     timeout_ms = get("timeout_ms")
     if timeout_ms is not None and (type(timeout_ms) is not int or not 0 < timeout_ms <= MAX_TIMEOUT_MS):
         raise ProtocolError(f"timeout_ms must be an integer from 1 to {MAX_TIMEOUT_MS}", id=rid, has_id=has_id,
                             cmdid=cmdid)
     return cls(address, line, cmdid, params, timestamp, rid, has_id, timeout_ms, received)
+
+
+def _timestamp(ts: Any, rid: Any, has_id: bool, cmdid: int) -> int:
+    """A timestamp that is not a plain integer in range: a digit string or a finite float (the seed's
+    clients sent both) becomes its integer; anything else, or out of range, is a 400."""
+    value = _int_field(ts)
+    if value is None and type(ts) is float and -MAX_TIMESTAMP <= ts <= MAX_TIMESTAMP:  # NaN fails both
+        value = int(ts)
+    if value is None or not -MAX_TIMESTAMP <= value <= MAX_TIMESTAMP:
+        raise ProtocolError(f"timestamp must be an integer from -{MAX_TIMESTAMP} to {MAX_TIMESTAMP}", id=rid,
+                            has_id=has_id, cmdid=cmdid)
+    return value
+
+
+def _bad_id(raw_cmdid: Any) -> ProtocolError:
+    """The 400 for an id of the wrong type or out of range: not echoed (a client could not match it)."""
+    cmdid = _int_field(raw_cmdid)
+    return ProtocolError(f"id must be an integer from -{MAX_ID} to {MAX_ID} or a string of at most "
+                         f"{MAX_ID_CHARS} characters",
+                         cmdid=cmdid if cmdid is not None and MIN_CMDID <= cmdid <= MAX_CMDID else None)
 
 
 class _Pairs(list):  # type: ignore[type-arg]
@@ -390,9 +433,12 @@ def _refused(line: bytes, msg: str) -> ProtocolError:
     has_id = False
     if "id" in found and "id" not in twice:
         value = found["id"]
-        if value is None or type(value) is int or (type(value) is str and _encodable(value)):
+        if (type(value) is int and -MAX_ID <= value <= MAX_ID) or (
+                type(value) is str and len(value) <= MAX_ID_CHARS and _encodable(value)):
             rid, has_id = value, True
     cmdid = _int_field(found["cmdid"]) if "cmdid" in found and "cmdid" not in twice else None
+    if cmdid is not None and not MIN_CMDID <= cmdid <= MAX_CMDID:
+        cmdid = None
     return ProtocolError(msg, id=rid, has_id=has_id, cmdid=cmdid)
 
 
@@ -452,11 +498,11 @@ def encode_error(codec: Codec, code: int, msg: str, cmdid: Any = None, id: Any =
         return codec.dumps(reply) + b"\n"
 
 
-def encode_goaway(codec: Codec, reason: str) -> bytes:
-    """Encode the going-away line sent before the server closes an idle connection."""
-    return codec.dumps(
-        {"code": int(Code.UNAVAILABLE), "cmdid": None, GOAWAY_FIELD: reason, "msg": f"server is going away ({reason})"}
-    ) + b"\n"
+def encode_goaway(codec: Codec, reason: str, msg: str | None = None) -> bytes:
+    """Encode a going-away line: the last line the server sends before it closes the connection;
+    ``reason`` is one of :data:`GOAWAY_REASONS`, which gives the line's code (503 for others)."""
+    return codec.dumps({"code": int(GOAWAY_REASONS.get(reason, Code.UNAVAILABLE)), "cmdid": None,
+                        GOAWAY_FIELD: reason, "msg": msg or f"server is going away ({reason})"}) + b"\n"
 
 
 def encode_request(

@@ -361,8 +361,8 @@ class Connection:
         self.state.stats.blank_lines += buffer.blank_lines
         buffer.blank_lines = 0
         if buffer.blank_run > MAX_BLANK_LINES and self.error_line is None:
-            self.error_line = encode_error(self.state.codec, Code.BAD_REQUEST,
-                                           f"more than {MAX_BLANK_LINES} blank lines in a row")
+            self.error_line = encode_goaway(self.state.codec, "bad_input",
+                                            f"more than {MAX_BLANK_LINES} blank lines in a row")
             if self.goaway is None:
                 self.goaway = "closing"  # stop reading once the lines of this read are answered
 
@@ -371,12 +371,12 @@ class Connection:
         if reason == "slow":
             self.state.stats.slow_request_disconnections += 1
             timeout = self.state.settings.request_timeout
-            self.error_line = encode_error(
-                codec, Code.REQUEST_TIMEOUT, f"request line not completed within {timeout:g}s"
-            )
+            self.error_line = encode_goaway(codec, "request_timeout",
+                                            f"request line not completed within {timeout:g}s")
         elif reason == "auth":
             timeout = self.state.settings.auth_timeout
-            self.error_line = encode_error(codec, Code.UNAUTHENTICATED, f"not authenticated within {timeout:g}s")
+            self.error_line = encode_goaway(codec, "auth_timeout",
+                                            f"not authenticated within {timeout:g}s")
         elif reason == "write":
             log.info("connection %s: no write progress for %ss, closing", self.address,
                      self.state.settings.write_timeout)
@@ -389,10 +389,11 @@ class Connection:
         self.calls = self.state.calls
         self.buffer.max_line_bytes = self.state.settings.max_line_bytes
 
-    def close_after_replies(self) -> None:
+    def close_after_replies(self, reason: str, msg: str) -> None:
         """Dispatch no further line, not even one already received: close once the requests answered
-        so far are sent (no goaway line). Called by a handler (AUTH at its failure limit)."""
-        self.error_line = b""
+        so far are sent, with a going-away line for ``reason`` (the lines never dispatched were not
+        processed). Called by a handler (AUTH at its failure limit)."""
+        self.error_line = encode_goaway(self.state.codec, reason, msg)
         if self.goaway is None:
             self.goaway = "closing"
         self._stop_reading()
