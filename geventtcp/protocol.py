@@ -100,6 +100,8 @@ __all__ = [
     "decode_reply",
 ]
 
+#: The protocol's major version, reported by PING (``data.protocol``); minor versions add only
+#: features a client asks for (HELLO), so a 1.0 peer is never surprised.
 PROTOCOL_VERSION = 1
 #: Longest request line accepted, newline included (gRPC's default receive limit is 4 MiB,
 #: Redis's inline limit 64 KiB; parsing 1 MiB of JSON already holds a worker for ~40 ms).
@@ -128,9 +130,11 @@ GOAWAY_REASONS: dict[str, int] = {
 #: Request ids: integers exactly representable as an IEEE double (JavaScript's safe integers), or
 #: strings of at most ``MAX_ID_CHARS`` characters; anything else is refused and not echoed.
 MAX_ID = 2**53 - 1
+#: The longest string id (in characters): an id is a key for matching, not a payload.
 MAX_ID_CHARS = 256
 #: cmdids are signed 32-bit integers: applications use 0 .. MAX_CMDID, the built-ins negative ones.
 MIN_CMDID = -(2**31)
+#: The largest cmdid (2**31 - 1); anything outside MIN_CMDID .. MAX_CMDID is refused (400, cmdid null).
 MAX_CMDID = 2**31 - 1
 #: Timestamps are signed 64-bit integers (seconds; the server only reports them).
 MAX_TIMESTAMP = 2**63 - 1
