@@ -1,109 +1,28 @@
 """The geventtcp wire protocol, version 1.1: sans-IO framing, request parsing, reply encoding, HELLO.
 
+The specification is ``docs/protocol.md`` (one document, written so that a third party can
+implement a client or a server from it); ``conformance/vectors.json`` states its rules as data, and
+the test suite plays them against the real server. This module is their implementation, and the
+numbers it defines (limits, ranges, reserved cmdids, going-away reasons and their codes) are the
+normative ones: ``docs/reference/wire.md`` is generated from them, and server and client import
+them from here, never repeating a number.
+
 Nothing here touches a socket, gevent or logging: bytes go in, requests and reply lines come out,
 so every framing edge case is a plain unit test. Server and client share this module.
 
-Framing
-    A message is one UTF-8 JSON object on one line ending in ``\\n``; ``\\r\\n`` is accepted.
-    Blank lines (empty, or only spaces, tabs and carriage returns: JSON's whitespace) are ignored
-    (no reply); a line with any other byte, ``\\v`` and ``\\f`` included, is a request and gets a
-    reply (400 if it is not valid). Blank lines are counted (the ``blank_lines`` counter); after
-    1024 in a row with no other line the server answers what came before, sends a 400 line with
-    ``"cmdid": null`` and closes. A line longer than ``max_line_bytes`` (default 1 MiB, the
-    newline included; 64 KiB before AUTH) is never buffered whole: the receiver discards it up to
-    the next newline and answers it with one ``413`` reply stating the limit it broke, so the
-    connection stays usable.
+What is where:
 
-Request (client to server)::
-
-    {"cmdid": 10000, "timestamp": 1700000000, "params": {"name": "x"}, "id": 7, "timeout_ms": 500}
-
-    cmdid       integer (a string of digits is accepted, as the seed did ``int()``); required
-    params      object; default ``{}``
-    timestamp   integer seconds; default: the time the server received the line
-    id          optional integer, string or null; echoed in every reply to the line, error
-                replies included, which is how a client matches replies to requests when it has
-                several in flight. An id of another type is refused (400) and not echoed.
-    timeout_ms  optional integer from 1 to 2**31-1: the caller's deadline, counted from when the
-                server read the line. The server does not start a
-                request whose deadline has passed and stops waiting on the handler when it does,
-                replying 504.
-    meta        optional object of request metadata, as gRPC's: who and what the call is part
-                of, not its arguments. Keys are 1 to 64 characters of ``a-z 0-9 _ . -``,
-                values strings of printable ASCII (space to ``~``, so a value can go into a log
-                line as it is); at most 32 entries and 8192 characters, keys and values
-                together. Known keys: ``request_id`` (the caller's id for the whole operation,
-                put on the server's log records), ``traceparent`` and ``tracestate`` (W3C
-                Trace Context: the caller's span, the parent of the server's), ``tenant``.
-                Other keys are allowed and passed to the handler as they are. ``null`` is the
-                same as absent; a ``meta`` that breaks a rule gets a 400 (with the request's id
-                and cmdid) and the handler does not run.
-    Unknown fields are ignored.
-
-Reply (server to client), exactly one per request line, in the order the requests were read
-(unless the connection negotiated completion order, see "Protocol 1.1" below)::
-
-    {"code": 0, "cmdid": 10000, "id": 7, "data": <the handler's result>}
-    {"code": 404, "cmdid": 99, "id": 7, "msg": "unknown cmdid 99"}
-
-    ``id`` is present exactly when the request carried a valid one (``null`` included), in success
-    and error replies alike. A line that is JSON but refused by the strict parse (duplicate keys,
-    lone surrogates, numbers out of range) still gets its id and cmdid in the 400 when each appears
-    once at the top level and is valid. ``cmdid`` is null when the request's could not be read or
-    is not an integer (never the invalid value as sent). ``code`` is 0 for success, otherwise one of
-    :class:`geventtcp.errors.Code` and the reply has ``msg`` (text for a human, never a traceback)
-    instead of ``data``.
-
-Going away (server to client, not a reply)::
-
-    {"code": 503, "cmdid": null, "goaway": "shutdown", "msg": "server is going away"}
-
-    Sent on an idle connection (nothing in flight) just before the server closes it: on drain
-    (``shutdown``, ``reload``), ``idle`` timeout, ``max_age`` or ``max_requests``. Every request
-    the server read before it has been answered; nothing after it was processed, so a client may
-    send those requests again elsewhere.
-
-Errors before a request is readable (too many connections, slow request line) are sent the same
-way as a reply with ``"cmdid": null`` and then the connection is closed.
-
-Reserved cmdids (:class:`Builtin`)
-    Negative cmdids are the server's built-in commands; applications register only cmdids >= 0.
-    ``-1`` ping, ``-2`` list, ``-3`` stats (these three only read: always safe to resend),
-    ``-4`` auth (``params.token``) and ``-5`` hello (below). While a connection has not
-    authenticated (auth on), only :data:`PREAUTH_CMDIDS` (auth, ping, hello) are answered and lines
-    are limited to :data:`PREAUTH_MAX_LINE_BYTES`.
-
-Protocol 1.1: HELLO and completion order
-    Version 1.1 is version 1 plus one negotiated, per-connection feature. A client asks with::
-
-        {"cmdid": -5, "params": {"protocol": "1.1", "features": ["unordered"]}, "id": 1}
-
-    ``params.features`` (optional, a list of strings) names the features wanted; a server switches
-    on those it knows and ignores the others; ``params.protocol`` (optional, a string) is the
-    client's newest version, for information. Params of another type: 400, nothing switched on.
-    The reply (in order, like any reply to a request read before it)::
-
-        {"code": 0, "cmdid": -5, "id": 1, "data": {"protocol": "1.1", "features": ["unordered"],
-                                                   "pid": 4242, "workers": 2}}
-
-    ``features`` lists the features now in force on the connection (a later HELLO cannot switch one
-    off); ``pid`` is the server process answering this connection and ``workers`` how many worker
-    processes share its listener (1 for a lone server), so a client can spread its connections.
-    HELLO may be sent at any time, before AUTH too; a client sends it first. A server before 1.1
-    answers it ``404`` (``401`` before AUTH when auth is on): the client then keeps request order.
-
-    ``unordered``: from the request read after the HELLO on, the reply to a request that carries
-    an ``id`` (an integer or a string; ``null`` counts as no id here) may be sent as soon as it is
-    ready, before replies to requests read earlier. A request without an id is a barrier: its reply
-    is sent after the replies of every request read before it, and before the replies of every
-    request read after it. Error lines without an id (a 400 for a line whose id could not be
-    read, a 413 for a line over the limit) are such replies, so a client matches an id-less reply,
-    in both modes, to its oldest request still unanswered. Replies with an id are matched by id.
-    Everything else is unchanged: one reply per request line; the goaway comes only once every
-    request read has been answered; limits, deadlines and the queued-reply bound are the same.
-    Connections that did not ask get exactly the version 1 behaviour, byte for byte.
-
-These wire facts are defined here once; server and client import them, never repeat the numbers.
+* Framing: :class:`LineBuffer` (lines out of a byte stream, the line limit, blank lines).
+* Requests: :func:`parse_request` (fields, their types and ranges, strict JSON, ``meta``; a
+  :class:`~geventtcp.errors.ProtocolError` carries whatever valid ``id``/``cmdid`` the 400 may
+  echo, recovered by a lenient second parse for JSON the strict parse refused) and
+  :func:`encode_request` (the client side).
+* Replies: :func:`encode_reply`, :func:`encode_error`, :func:`encode_goaway` (the last line before
+  a close, for every reason in :data:`GOAWAY_REASONS`), :func:`decode_reply`.
+* Protocol 1.1: :func:`hello_params`, :func:`negotiate` (the server's side of HELLO),
+  :func:`accepted_features` (the client's). Which replies may leave in completion order is the
+  server connection's business (``geventtcp.server.connection``); the rule is in the spec.
+* Built-in commands: :class:`Builtin`, :data:`PREAUTH_CMDIDS`, :data:`READ_ONLY_BUILTINS`.
 """
 
 from __future__ import annotations
@@ -130,6 +49,11 @@ __all__ = [
     "accepted_features",
     "DEFAULT_MAX_LINE_BYTES",
     "MAX_TIMEOUT_MS",
+    "MAX_ID",
+    "MAX_ID_CHARS",
+    "MIN_CMDID",
+    "MAX_CMDID",
+    "MAX_TIMESTAMP",
     "BLANK",
     "PREAUTH_MAX_LINE_BYTES",
     "GOAWAY_FIELD",
@@ -138,6 +62,7 @@ __all__ = [
     "EMPTY_META",
     "meta_problem",
     "encode_meta",
+    "GOAWAY_REASONS",
     "Builtin",
     "PREAUTH_CMDIDS",
     "READ_ONLY_BUILTINS",
@@ -151,6 +76,8 @@ __all__ = [
     "decode_reply",
 ]
 
+#: The protocol's major version, reported by PING (``data.protocol``); minor versions add only
+#: features a client asks for (HELLO), so a 1.0 peer is never surprised.
 PROTOCOL_VERSION = 1
 #: The newest protocol a server speaks, as HELLO states it (a string: "1.1" is not a number to compare).
 PROTOCOL = "1.1"
@@ -166,6 +93,33 @@ MAX_TIMEOUT_MS = 2**31 - 1
 #: Longest line accepted before a connection has authenticated (Redis caps unauthenticated
 #: requests the same way), so an anonymous peer cannot make the server parse megabytes.
 PREAUTH_MAX_LINE_BYTES = 64 * 1024
+#: Why a server ends a connection, the value of a going-away line's ``goaway`` field, with the code
+#: that line carries. Drain and recycling (503: nothing wrong, go elsewhere), then the errors.
+GOAWAY_REASONS: dict[str, int] = {
+    "shutdown": Code.UNAVAILABLE,         # the server is stopping
+    "reload": Code.UNAVAILABLE,           # the worker is being replaced (new code or settings)
+    "idle": Code.UNAVAILABLE,             # no request for idle_timeout
+    "max_age": Code.UNAVAILABLE,          # the connection reached max_connection_age
+    "max_requests": Code.UNAVAILABLE,     # the worker reached max_requests and is recycled
+    "closing": Code.UNAVAILABLE,          # the worker closes the connection for another reason
+    "overloaded": Code.UNAVAILABLE,       # refused at accept: connection limits (max_connections, per peer)
+    "forbidden": Code.PERMISSION_DENIED,  # refused at accept: protected mode
+    "request_timeout": Code.REQUEST_TIMEOUT,  # a request line was not completed within request_timeout
+    "auth_timeout": Code.UNAUTHENTICATED,     # AUTH did not succeed within auth_timeout
+    "auth_failed": Code.UNAUTHENTICATED,      # AUTH failed MAX_AUTH_FAILURES times
+    "bad_input": Code.BAD_REQUEST,            # 1024 blank lines in a row
+}
+#: Request ids: integers exactly representable as an IEEE double (JavaScript's safe integers), or
+#: strings of at most ``MAX_ID_CHARS`` characters; anything else is refused and not echoed.
+MAX_ID = 2**53 - 1
+#: The longest string id (in characters): an id is a key for matching, not a payload.
+MAX_ID_CHARS = 256
+#: cmdids are signed 32-bit integers: applications use 0 .. MAX_CMDID, the built-ins negative ones.
+MIN_CMDID = -(2**31)
+#: The largest cmdid (2**31 - 1); anything outside MIN_CMDID .. MAX_CMDID is refused (400, cmdid null).
+MAX_CMDID = 2**31 - 1
+#: Timestamps are signed 64-bit integers (seconds; the server only reports them).
+MAX_TIMESTAMP = 2**63 - 1
 #: The key that marks a going-away line (its value is the reason), as opposed to a reply.
 GOAWAY_FIELD = "goaway"
 #: Most entries a request's ``meta`` may have.
@@ -400,16 +354,14 @@ def parse_request(line: bytes, codec: Codec, address: Any = None, received: floa
         raise ProtocolError("a request must be a JSON object")
     get = body.get
     rid = get("id")
-    if rid is None:
-        has_id = "id" in body
-    else:
-        has_id = True
-        if type(rid) is not int and type(rid) is not str:
-            raise ProtocolError("id must be an integer or a string", cmdid=_int_field(get("cmdid")))
+    has_id = rid is not None  # null is no id: the reply carries none
+    if has_id and not (-MAX_ID <= rid <= MAX_ID if type(rid) is int
+                       else type(rid) is str and len(rid) <= MAX_ID_CHARS):
+        raise _bad_id(get("cmdid"))
     raw_cmdid = get("cmdid")
     cmdid = raw_cmdid if type(raw_cmdid) is int else _int_field(raw_cmdid)
-    if cmdid is None:
-        what = "missing cmdid" if raw_cmdid is None else "cmdid must be an integer"
+    if cmdid is None or not MIN_CMDID <= cmdid <= MAX_CMDID:
+        what = "missing cmdid" if raw_cmdid is None else f"cmdid must be an integer from {MIN_CMDID} to {MAX_CMDID}"
         raise ProtocolError(what, id=rid, has_id=has_id)
     params = get("params")
     if params is None:
@@ -417,18 +369,12 @@ def parse_request(line: bytes, codec: Codec, address: Any = None, received: floa
     elif type(params) is not dict:
         raise ProtocolError("params must be a JSON object", id=rid, has_id=has_id, cmdid=cmdid)
     ts = get("timestamp")
-    if type(ts) is int:
+    if type(ts) is int and -MAX_TIMESTAMP <= ts <= MAX_TIMESTAMP:
         timestamp = ts
     elif ts is None:
         timestamp = int(time.time())
     else:
-        timestamp_or_none = _int_field(ts)
-        if timestamp_or_none is None:
-            if type(ts) is float and ts == ts:
-                timestamp_or_none = int(ts)
-            else:
-                raise ProtocolError("timestamp must be an integer", id=rid, has_id=has_id, cmdid=cmdid)
-        timestamp = timestamp_or_none
+        timestamp = _timestamp(ts, rid, has_id, cmdid)
     timeout_ms = get("timeout_ms")
     if timeout_ms is not None and (type(timeout_ms) is not int or not 0 < timeout_ms <= MAX_TIMEOUT_MS):
         raise ProtocolError(f"timeout_ms must be an integer from 1 to {MAX_TIMEOUT_MS}", id=rid, has_id=has_id,
@@ -464,6 +410,26 @@ def meta_problem(meta: Any) -> str | None:
     if size > MAX_META_CHARS:
         return f"meta longer than {MAX_META_CHARS} characters"
     return None
+
+
+def _timestamp(ts: Any, rid: Any, has_id: bool, cmdid: int) -> int:
+    """A timestamp that is not a plain integer in range: a digit string or a finite float (the seed's
+    clients sent both) becomes its integer; anything else, or out of range, is a 400."""
+    value = _int_field(ts)
+    if value is None and type(ts) is float and -MAX_TIMESTAMP <= ts <= MAX_TIMESTAMP:  # NaN fails both
+        value = int(ts)
+    if value is None or not -MAX_TIMESTAMP <= value <= MAX_TIMESTAMP:
+        raise ProtocolError(f"timestamp must be an integer from -{MAX_TIMESTAMP} to {MAX_TIMESTAMP}", id=rid,
+                            has_id=has_id, cmdid=cmdid)
+    return value
+
+
+def _bad_id(raw_cmdid: Any) -> ProtocolError:
+    """The 400 for an id of the wrong type or out of range: not echoed (a client could not match it)."""
+    cmdid = _int_field(raw_cmdid)
+    return ProtocolError(f"id must be an integer from -{MAX_ID} to {MAX_ID} or a string of at most "
+                         f"{MAX_ID_CHARS} characters",
+                         cmdid=cmdid if cmdid is not None and MIN_CMDID <= cmdid <= MAX_CMDID else None)
 
 
 class _Pairs(list):  # type: ignore[type-arg]
@@ -507,9 +473,12 @@ def _refused(line: bytes, msg: str) -> ProtocolError:
     has_id = False
     if "id" in found and "id" not in twice:
         value = found["id"]
-        if value is None or type(value) is int or (type(value) is str and _encodable(value)):
+        if (type(value) is int and -MAX_ID <= value <= MAX_ID) or (
+                type(value) is str and len(value) <= MAX_ID_CHARS and _encodable(value)):
             rid, has_id = value, True
     cmdid = _int_field(found["cmdid"]) if "cmdid" in found and "cmdid" not in twice else None
+    if cmdid is not None and not MIN_CMDID <= cmdid <= MAX_CMDID:
+        cmdid = None
     return ProtocolError(msg, id=rid, has_id=has_id, cmdid=cmdid)
 
 
@@ -569,11 +538,11 @@ def encode_error(codec: Codec, code: int, msg: str, cmdid: Any = None, id: Any =
         return codec.dumps(reply) + b"\n"
 
 
-def encode_goaway(codec: Codec, reason: str) -> bytes:
-    """Encode the going-away line sent before the server closes an idle connection."""
-    return codec.dumps(
-        {"code": int(Code.UNAVAILABLE), "cmdid": None, GOAWAY_FIELD: reason, "msg": f"server is going away ({reason})"}
-    ) + b"\n"
+def encode_goaway(codec: Codec, reason: str, msg: str | None = None) -> bytes:
+    """Encode a going-away line: the last line the server sends before it closes the connection;
+    ``reason`` is one of :data:`GOAWAY_REASONS`, which gives the line's code (503 for others)."""
+    return codec.dumps({"code": int(GOAWAY_REASONS.get(reason, Code.UNAVAILABLE)), "cmdid": None,
+                        GOAWAY_FIELD: reason, "msg": msg or f"server is going away ({reason})"}) + b"\n"
 
 
 def hello_params(features: tuple[str, ...] = FEATURES) -> dict[str, Any]:

@@ -67,21 +67,21 @@ class ReplyCodec(Codec):
 def unsolicited(reply: dict[str, Any]) -> tuple[str, type[TransportError]]:
     """Why the connection must close after ``reply``, a line without ``id``, and how calls on it fail.
 
-    The client always sends ids, so an id-less line is never a caller's reply: it is the server
-    speaking for the connection (a goaway; 503 refusing it at accept; 408 line not completed; 401
-    not authenticated in time; 413 for a line too long to parse, whose id the server never read).
-    Handing it to the oldest waiting caller would blame an innocent request, so the connection
-    closes instead. A 503 (goaway included) promises nothing on the connection ran: ``Unprocessed``,
-    safe to resend; any other code leaves written requests ``MaybeExecuted``. The returned reason
-    carries the server's code and message. (The id-less lines that do answer a caller, a 400 for a
-    line whose id could not be read and a 413 for a line over the limit, are first checked with
-    :func:`answers_oldest`.)
+    The client always sends ids, so an id-less line is never a caller's reply. A going-away line
+    (it has a ``goaway`` field, whatever its code: drain, idle, 408 line not completed, 401 AUTH
+    timeout or failures, 403/503 refused at accept, 400 blank-line flood) ends the connection and,
+    by the protocol's rule, no request it left unanswered was processed: ``Unprocessed``, safe to
+    resend. Any other id-less line that does not answer the oldest call (see
+    :func:`answers_oldest`) is the server speaking outside the protocol: written requests are left
+    ``MaybeExecuted``. The returned reason carries the server's code and message.
     """
     code = reply["code"]
+    goaway = reply.get(GOAWAY_FIELD)
+    if goaway is not None:
+        if code == Code.UNAVAILABLE:
+            return f"server is going away ({goaway}): {reply.get('msg')}", Unprocessed
+        return f"server closed the connection ({goaway}): [{code}] {reply.get('msg')}", Unprocessed
     if code == Code.UNAVAILABLE:
-        goaway = reply.get(GOAWAY_FIELD)
-        if goaway is not None:
-            return f"server is going away ({goaway})", Unprocessed
         return f"server refused the connection: [503] {reply.get('msg')}", Unprocessed
     return f"server closed the connection with an error for no request: [{code}] {reply.get('msg')}", MaybeExecuted
 
@@ -95,6 +95,8 @@ def answers_oldest(reply: dict[str, Any], size: int) -> bool:
     line over the limit, if that request's line is over the limit the 413 states. Anything else
     is :func:`unsolicited`."""
     code = reply["code"]
+    if GOAWAY_FIELD in reply:  # a going-away line answers nobody
+        return False
     if code == Code.BAD_REQUEST:
         return True
     if code != Code.TOO_LARGE:

@@ -215,7 +215,9 @@ class Connection:
         self.unordered = False
         #: Slots of handed-off requests carrying an id, on an unordered connection: not in ``out``;
         #: each reply is appended to ``out`` when it is ready. ``None`` until the first one.
-        self.floating: dict[_Slot, None] | None = None
+        # Floating slots and their requests' ids: in completion order a request reusing an id in
+        # flight is refused, as its reply could overtake the first's and nobody could tell them apart.
+        self.floating: dict[_Slot, Any] | None = None
 
     # -- the read state (see the module docstring) -----------------------------------------------
 
@@ -381,8 +383,8 @@ class Connection:
         self.state.stats.blank_lines += buffer.blank_lines
         buffer.blank_lines = 0
         if buffer.blank_run > MAX_BLANK_LINES and self.error_line is None:
-            self.error_line = encode_error(self.state.codec, Code.BAD_REQUEST,
-                                           f"more than {MAX_BLANK_LINES} blank lines in a row")
+            self.error_line = encode_goaway(self.state.codec, "bad_input",
+                                            f"more than {MAX_BLANK_LINES} blank lines in a row")
             if self.goaway is None:
                 self.goaway = "closing"  # stop reading once the lines of this read are answered
 
@@ -391,12 +393,12 @@ class Connection:
         if reason == "slow":
             self.state.stats.slow_request_disconnections += 1
             timeout = self.state.settings.request_timeout
-            self.error_line = encode_error(
-                codec, Code.REQUEST_TIMEOUT, f"request line not completed within {timeout:g}s"
-            )
+            self.error_line = encode_goaway(codec, "request_timeout",
+                                            f"request line not completed within {timeout:g}s")
         elif reason == "auth":
             timeout = self.state.settings.auth_timeout
-            self.error_line = encode_error(codec, Code.UNAUTHENTICATED, f"not authenticated within {timeout:g}s")
+            self.error_line = encode_goaway(codec, "auth_timeout",
+                                            f"not authenticated within {timeout:g}s")
         elif reason == "write":
             log.info("connection %s: no write progress for %ss, closing", self.address,
                      self.state.settings.write_timeout)
@@ -409,10 +411,11 @@ class Connection:
         self.calls = self.state.calls
         self.buffer.max_line_bytes = self.state.settings.max_line_bytes
 
-    def close_after_replies(self) -> None:
+    def close_after_replies(self, reason: str, msg: str) -> None:
         """Dispatch no further line, not even one already received: close once the requests answered
-        so far are sent (no goaway line). Called by a handler (AUTH at its failure limit)."""
-        self.error_line = b""
+        so far are sent, with a going-away line for ``reason`` (the lines never dispatched were not
+        processed). Called by a handler (AUTH at its failure limit)."""
+        self.error_line = encode_goaway(self.state.codec, reason, msg)
         if self.goaway is None:
             self.goaway = "closing"
         self._stop_reading()
@@ -445,6 +448,8 @@ class Connection:
             return self._bad_line(line, exc)
         self.requests += 1
         cmdid = req.cmdid
+        if self.floating and req.id in self.floating.values():  # completion order, an id in flight
+            return self._duplicate_id(req)
         call = self.calls.get(cmdid)
         if call is None:
             return self._refuse_unknown(req)
@@ -538,6 +543,16 @@ class Connection:
             return True
         state.stats.protocol_errors += 1
         return self._queue_error(encode_error(state.codec, exc.code, exc.msg, exc.cmdid, exc.id, exc.has_id), exc.id)
+
+    def _duplicate_id(self, req: ServerRequest) -> bool:
+        """A request on a completion-order connection whose id is already in flight there: refused
+        (400, not run); its reply goes out in order behind the earlier request's (a barrier), so the
+        client reads the refusal after the first reply, and each answer stays matchable."""
+        state = self.state
+        state.stats.protocol_errors += 1
+        self._barrier()
+        return self._queue_error(encode_error(state.codec, Code.BAD_REQUEST, "id already in flight on this connection",
+                                              req.cmdid, req.id, req.has_id), req.id)
 
     def _refuse(self, req: ServerRequest, refusal: tuple[int, str]) -> bool:
         """Answer a request ``state.admit`` refused (deadline already passed, in-flight limit)."""
@@ -678,7 +693,7 @@ class Connection:
             floating = self.floating
             if floating is None:
                 floating = self.floating = {}
-            floating[slot] = None
+            floating[slot] = req.id
         else:
             if self.floating:
                 self._barrier()

@@ -148,7 +148,8 @@ def make_auth(state: ServerState[Any], token: str | None) -> Callable[[ServerReq
             log.warning("connection %r: authentication failed (closed after %d failures)", conn.address,
                         MAX_AUTH_FAILURES)
         if conn.auth_failures >= MAX_AUTH_FAILURES:
-            conn.close_after_replies()  # no line after this one is dispatched, even from the same read
+            # No line after this one is dispatched, even from the same read.
+            conn.close_after_replies("auth_failed", f"authentication failed {MAX_AUTH_FAILURES} times")
         raise ServerRefusal("invalid credentials", Code.UNAUTHENTICATED)
 
     auth.idempotent = True  # type: ignore[attr-defined]

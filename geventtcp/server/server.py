@@ -28,9 +28,8 @@ from gevent.server import StreamServer
 
 from geventtcp.codec import get_codec
 from geventtcp.config import Config, Settings
-from geventtcp.errors import Code
 from geventtcp.middleware import build_calls, load_middleware
-from geventtcp.protocol import PREAUTH_CMDIDS, Request, encode_error, encode_goaway
+from geventtcp.protocol import PREAUTH_CMDIDS, Request, encode_goaway
 from geventtcp.server.builtins import make_builtins
 from geventtcp.server.connection import WAITING, Connection
 from geventtcp.server.proxyproto import (
@@ -380,21 +379,21 @@ class Server:
             return
         if len(state.connections) >= self.settings.max_connections:
             self.stats.connections_rejected += 1
-            self._refuse(sock, encode_error(self.codec, Code.UNAVAILABLE, "max number of connections reached"))
+            self._refuse(sock, encode_goaway(self.codec, "overloaded", "max number of connections reached"))
             return
         peer = address[0] if isinstance(address, tuple) else None
         if peer is not None:
             if self.protected and not is_loopback(address):
                 self.stats.connections_rejected += 1
                 log.warning("protected mode: denied non-loopback peer %r", peer)
-                self._refuse(sock, encode_error(
-                    self.codec, Code.PERMISSION_DENIED, "protected mode: no authentication is configured, so only "
+                self._refuse(sock, encode_goaway(
+                    self.codec, "forbidden", "protected mode: no authentication is configured, so only "
                     "loopback clients are accepted (see auth_token, --no-protected-mode)"))
                 return
             per_peer = self.settings.max_connections_per_peer
             if per_peer and state.peers.get(peer, 0) >= per_peer:
                 self.stats.connections_rejected += 1
-                self._refuse(sock, encode_error(self.codec, Code.UNAVAILABLE, "too many connections from peer"))
+                self._refuse(sock, encode_goaway(self.codec, "overloaded", "too many connections from peer"))
                 return
         if peer is not None:  # counted from here, so silent TLS handshakes count against the peer too
             state.peers[peer] = state.peers.get(peer, 0) + 1
@@ -447,7 +446,7 @@ class Server:
             # Counted before the wait (proxy_pending includes this one): a silent header must not
             # hold a descriptor past the limit for proxy_protocol_timeout.
             self.stats.connections_rejected += 1
-            self._refuse(sock, encode_error(self.codec, Code.UNAVAILABLE, "max number of connections reached"))
+            self._refuse(sock, encode_goaway(self.codec, "overloaded", "max number of connections reached"))
             return None
         else:
             timeout = self.settings.proxy_protocol_timeout

@@ -126,6 +126,29 @@ def test_goaway_fails_unanswered_requests_as_unprocessed_and_they_are_resent():
         fake.close()
 
 
+@pytest.mark.parametrize("line", [
+    b'{"code":401,"cmdid":null,"goaway":"auth_failed","msg":"authentication failed 3 times"}\n',
+    b'{"code":408,"cmdid":null,"goaway":"request_timeout","msg":"request line not completed within 10s"}\n',
+    b'{"code":400,"cmdid":null,"goaway":"bad_input","msg":"more than 1024 blank lines in a row"}\n',
+])
+def test_an_error_going_away_line_leaves_unanswered_requests_unprocessed(line):
+    """Protocol 1.1: every line that ends a connection carries ``goaway`` and means "no request left
+    unanswered was processed", whatever its code. Before, an id-less 401/408/400 left the caller with
+    MaybeExecuted (and a 400 was even taken as the oldest call's answer)."""
+
+    def behaviour(server, sock, n):
+        server.read_line(sock, [])
+        sock.sendall(line)
+
+    fake = FakeServer(behaviour)
+    try:
+        with Client(fake.address, timeout=2, retries=0) as client, pytest.raises(Unprocessed) as info:
+            client.call(4, {"tag": "x"})
+        assert json.loads(line)["goaway"] in str(info.value)
+    finally:
+        fake.close()
+
+
 def test_connection_lost_after_write_is_maybe_executed_and_retried_only_if_idempotent():
     def behaviour(server, sock, n):
         buf: list[bytes] = []

@@ -155,7 +155,13 @@ def test_parse_keeps_id_and_ignores_unknown_fields() -> None:
         (b'{"cmdid":1.5}', "cmdid must be an integer", None, None),
         (b'{"cmdid":true}', "cmdid must be an integer", None, None),
         (b'{"cmdid":1,"params":[1],"id":9}', "params must be a JSON object", 9, 1),
-        (b'{"cmdid":1,"id":{"a":1}}', "id must be an integer or a string", None, 1),
+        (b'{"cmdid":1,"id":{"a":1}}', "id must be an integer from", None, 1),
+        (b'{"cmdid":1,"id":9007199254740992}', "id must be an integer from", None, 1),
+        (b'{"cmdid":1,"id":"%s"}' % (b"x" * 257), "or a string of at most 256 characters", None, 1),
+        (b'{"cmdid":2147483648,"id":1}', "cmdid must be an integer from -2147483648 to 2147483647", 1, None),
+        (b'{"cmdid":"99999999999","id":1}', "cmdid must be an integer from", 1, None),
+        (b'{"cmdid":1,"timestamp":9223372036854775808,"id":1}', "timestamp must be an integer from", 1, 1),
+        (b'{"cmdid":1,"timestamp":1e300,"id":1}', "timestamp must be an integer from", 1, 1),
         (b'{"cmdid":1,"timestamp":"x"}', "timestamp must be an integer", None, 1),
         (b'{"cmdid":1,"timeout_ms":-5}', "timeout_ms must be an integer from 1", None, 1),
         (b'{"cmdid":1,"timeout_ms":2147483648}', "timeout_ms must be an integer from 1", None, 1),
@@ -182,14 +188,22 @@ def test_invalid_requests(line: bytes, fragment: str, rid: object, cmdid: object
     assert (info.value.id, info.value.cmdid) == (rid, cmdid)
 
 
-def test_id_null_counts_as_present_in_error_replies() -> None:
-    """An ``"id": null`` the request carried is echoed by every reply to it, errors included (item 18)."""
+def test_id_null_is_no_id() -> None:
+    """``"id": null`` is the same as no id (protocol 1.1's clean rule: languages that cannot tell null
+    from absent must be able to match): the reply, error or not, carries no id."""
     with pytest.raises(ProtocolError) as info:
         parse_request(b'{"cmdid":1,"id":null,"params":[]}', CODEC)
-    assert (info.value.id, info.value.has_id, info.value.cmdid) == (None, True, 1)
-    with pytest.raises(ProtocolError) as info:
-        parse_request(b'{"cmdid":1,"params":[]}', CODEC)
-    assert info.value.has_id is False
+    assert (info.value.id, info.value.has_id, info.value.cmdid) == (None, False, 1)
+    req = parse_request(b'{"cmdid":1,"id":null}', CODEC)
+    assert (req.id, req.has_id) == (None, False)
+
+
+def test_ids_and_cmdids_at_their_limits_are_accepted() -> None:
+    for line, rid, cmdid in [(b'{"cmdid":2147483647,"id":9007199254740991}', 2**53 - 1, 2**31 - 1),
+                             (b'{"cmdid":-2147483648,"id":-9007199254740991}', -(2**53 - 1), -(2**31)),
+                             (b'{"cmdid":1,"id":"%s"}' % (b"x" * 256), "x" * 256, 1)]:
+        req = parse_request(line, CODEC)
+        assert (req.id, req.cmdid, req.has_id) == (rid, cmdid, True)
 
 
 @pytest.mark.parametrize(
@@ -197,7 +211,9 @@ def test_id_null_counts_as_present_in_error_replies() -> None:
     [
         (b'{"cmdid":1,"id":7,"params":{"a":1,"a":2}}', "duplicate key", 7, True, 1),
         (b'{"cmdid":"12","id":"k","params":{"s":"\\ud800"}}', "invalid JSON", "k", True, 12),
-        (b'{"params":{"\\udc00":1},"id":null,"cmdid":5}', "invalid JSON", None, True, 5),
+        (b'{"params":{"\\udc00":1},"id":null,"cmdid":5}', "invalid JSON", None, False, 5),  # null is no id
+        (b'{"params":{"a":1,"a":2},"id":9007199254740992,"cmdid":5}', "duplicate key", None, False, 5),
+        (b'{"params":{"a":1,"a":2},"id":1,"cmdid":2147483648}', "duplicate key", 1, True, None),
         (b'{"cmdid":1,"id":1,"id":2}', "duplicate key", None, False, 1),  # which id? none is echoed
         (b'{"cmdid":1,"cmdid":2,"id":3}', "duplicate key", 3, True, None),
         (b'{"cmdid":1,"id":"\\ud800"}', "invalid JSON", None, False, 1),  # a lone surrogate id is unreadable
@@ -289,7 +305,7 @@ def test_wire_facts_are_defined_once_here_and_used_by_both_sides() -> None:
     assert security.PREAUTH_MAX_LINE_BYTES is protocol.PREAUTH_MAX_LINE_BYTES == 64 * 1024
     goaway = decode_reply(CODEC, encode_goaway(CODEC, "reload"))
     assert goaway[protocol.GOAWAY_FIELD] == "reload"
-    assert unsolicited(goaway) == ("server is going away (reload)", Unprocessed)
+    assert unsolicited(goaway) == ("server is going away (reload): server is going away (reload)", Unprocessed)
 
 
 # -- protocol 1.1: HELLO -----------------------------------------------------------------------

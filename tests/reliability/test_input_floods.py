@@ -89,7 +89,7 @@ def test_blank_lines_are_counted_and_a_connection_sending_only_them_is_closed() 
         with RawConn(server.address) as conn:
             conn.send(ECHO + b"\n" * (MAX_BLANK_LINES + 1))
             assert conn.line() == {"code": 0, "cmdid": 1, "id": "flood", "data": {}}  # answered first
-            assert conn.line() == {"code": 400, "cmdid": None,
+            assert conn.line() == {"code": 400, "cmdid": None, "goaway": "bad_input",
                                    "msg": f"more than {MAX_BLANK_LINES} blank lines in a row"}
             conn.expect_eof()
         wait_until(lambda: not server.connections)

@@ -69,7 +69,7 @@ def test_valid_requests_parse_to_their_fields(body: dict[str, object]) -> None:
     except ProtocolError:
         return
     assert req.params == (body.get("params") or {})
-    assert req.has_id == ("id" in body) and (not req.has_id or req.id == body["id"])
+    assert req.has_id == (body.get("id") is not None) and (not req.has_id or req.id == body["id"])
 
 
 @pytest.mark.slow

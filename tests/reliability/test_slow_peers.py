@@ -31,7 +31,8 @@ def test_slowloris_trickle_is_bounded_by_total_line_time() -> None:
                 closed_at = time.monotonic()
                 break
         reply = conn.line(timeout=3)
-        assert reply == {"code": 408, "cmdid": None, "msg": "request line not completed within 0.5s"}
+        assert reply == {"code": 408, "cmdid": None, "goaway": "request_timeout",
+                         "msg": "request line not completed within 0.5s"}
         conn.expect_eof()
         elapsed = (closed_at or time.monotonic()) - started
         assert 0.4 < elapsed < 2.0, elapsed

@@ -31,9 +31,10 @@ def test_the_read_state_goes_reading_parked_done_closed_and_no_stray_attribute(s
         assert conn.parked and not conn.closed
         with pytest.raises(AttributeError):
             conn.recieving = True  # type: ignore[attr-defined]
-        conn.close_after_replies()  # from outside the reader: a parked connection stops reading
+        conn.close_after_replies("closing", "bye")  # from outside the reader: a parked connection stops reading
         assert conn.read_state == DONE and not conn.parked
-        conn._maybe_close()  # nothing in flight: DONE -> CLOSED, no goaway line (error_line is empty)
+        conn._maybe_close()  # nothing in flight: DONE -> CLOSED, after the going-away line
+        assert c.line() == {"code": 503, "cmdid": None, "goaway": "closing", "msg": "bye"}
         c.expect_eof()
     wait_until(lambda: not server.connections)
     assert conn.read_state == CLOSED and conn.closed and READING == 0

@@ -92,13 +92,14 @@ def test_blocked_head_and_large_replies_keep_queued_bytes_bounded_and_in_order(s
 
 @pytest.mark.parametrize("kind", ["unknown cmdid", "invalid params"])
 def test_error_replies_echoing_a_large_id_keep_queued_bytes_bounded(serve: Callable[..., Server], kind: str) -> None:
-    """Item 1 through error replies: every reply echoes the line's id, errors included, and a 512 KiB id
-    of 4-byte characters comes back as a 1.5 MiB 404 (or 400). Behind a blocked first request, with a
-    peer that reads nothing, those error lines must count against MAX_QUEUED_BYTES as replies do (they
-    were appended uncounted: only the 1024-reply count bounded them), then all arrive in order."""
+    """Item 1 through error replies: every reply echoes the line's id, errors included; an id of 250
+    4-byte characters (ids are at most 256 characters since protocol 1.1) comes back escaped as a
+    1.5 KiB 404 (or 400). Behind a blocked first request, with a peer that reads nothing, 1,000 such
+    error lines (1.5 MiB) must count against MAX_QUEUED_BYTES as replies do (they were appended
+    uncounted: only the 1024-reply count bounded them), then all arrive in order."""
     server = serve()
-    chars = 1 << 17  # 512 KiB line, 1.5 MiB reply
-    count = 32
+    chars = 250  # with "k:" an id of at most 255 characters; 1.5 KiB once escaped
+    count = 1000
     text = "\U0001f600" * chars
     body: dict[str, Any] = {"cmdid": 99999} if kind == "unknown cmdid" else {"cmdid": 1, "params": [1]}
     lines = [json.dumps({**body, "id": f"{k}:{text}"}, ensure_ascii=False).encode() + b"\n"

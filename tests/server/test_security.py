@@ -37,20 +37,26 @@ def test_commands_before_auth_get_401_and_ping_is_allowed() -> None:
         assert conn.call(999)["code"] == 404
 
 
+GOAWAY_AUTH_FAILED = {"code": 401, "cmdid": None, "goaway": "auth_failed", "msg": "authentication failed 3 times"}
+
+
 def test_three_wrong_tokens_close_the_connection() -> None:
     with serve(auth_token=TOKEN) as server, RawConn(server.address) as conn:
         for attempt, params in enumerate(({"token": "wrong"}, {}, {"token": 12345})):
             reply = conn.call(Builtin.AUTH, params, id=attempt)
             assert reply == {"code": 401, "cmdid": -4, "id": attempt, "msg": "invalid credentials"}
+        assert conn.line() == GOAWAY_AUTH_FAILED  # the close is announced, as every close is
         conn.expect_eof(timeout=3)
         assert server.stats.auth_failures == 3
     with serve(auth_token=TOKEN) as server, RawConn(server.address) as conn:  # pipelined: same outcome
         conn.send(b'{"cmdid":-4,"params":{"token":"x"}}\n' * 3 + b'{"cmdid":1,"id":"after"}\n')
         codes = [conn.line()["code"] for _ in range(3)]
         assert codes == [401, 401, 401]
+        # The request read in the same batch is not dispatched: it gets no reply, and the going-away
+        # line tells the client that a request left unanswered was not processed.
+        assert conn.line() == GOAWAY_AUTH_FAILED
         conn.expect_eof(timeout=3)
-        for line in conn.buf.splitlines():  # a request read in the same batch is refused, never run
-            assert json.loads(line) == {"code": 401, "cmdid": 1, "id": "after", "msg": "authentication required"}
+        assert conn.buf == b""
 
 
 def test_auth_limit_stops_the_batch_and_only_the_first_failure_is_logged(caplog: pytest.LogCaptureFixture) -> None:
@@ -65,6 +71,7 @@ def test_auth_limit_stops_the_batch_and_only_the_first_failure_is_logged(caplog:
             conn.send(b"".join(lines))
             for i in range(3):
                 assert conn.line() == {"code": 401, "cmdid": -4, "id": i, "msg": "invalid credentials"}
+            assert conn.line() == GOAWAY_AUTH_FAILED
             conn.expect_eof()
             assert conn.buf == b""  # nothing else was answered, the good token least of all
         assert server.stats.auth_failures == 3
@@ -177,7 +184,8 @@ def test_per_peer_connection_limit() -> None:
         for c in conns:
             assert c.call(-1)["code"] == 0
         with RawConn(server.address) as extra:
-            assert extra.line() == {"code": 503, "cmdid": None, "msg": "too many connections from peer"}
+            assert extra.line() == {"code": 503, "cmdid": None, "goaway": "overloaded",
+                                    "msg": "too many connections from peer"}
             extra.expect_eof()
         with RawConn(server.address, source="127.0.0.2") as other:  # another peer is unaffected
             assert other.call(-1)["code"] == 0
@@ -215,7 +223,8 @@ def test_unauthenticated_connection_is_closed_after_auth_timeout() -> None:
             started = time.monotonic()
             assert conn.call(Builtin.PING)["code"] == 0  # pings do not extend the auth deadline
             reply = conn.line(timeout=3)
-            assert reply == {"code": 401, "cmdid": None, "msg": "not authenticated within 0.3s"}
+            assert reply == {"code": 401, "cmdid": None, "goaway": "auth_timeout",
+                             "msg": "not authenticated within 0.3s"}
             conn.expect_eof()
             assert 0.25 < time.monotonic() - started < 2.0
         with RawConn(server.address) as conn:  # authenticated in time: no deadline any more

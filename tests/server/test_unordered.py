@@ -118,7 +118,7 @@ def test_an_id_less_request_is_a_barrier(serve: Serve) -> None:
                   + b'{"cmdid":1, oops}\n'  # 400 without id: a barrier too
                   + _line(1, {}, id=7))
         replies = [conn.line() for _ in range(7)]
-        assert [r.get("id", "-") for r in replies] == [1, "-", 3, 4, None, "-", 7]
+        assert [r.get("id", "-") for r in replies] == [1, "-", 3, 4, "-", "-", 7]  # null is no id
         assert [r["code"] for r in replies] == [0, 0, 0, 0, 0, 400, 0]
 
 
@@ -144,7 +144,7 @@ def test_an_ordered_connection_is_unchanged_byte_for_byte(serve: Serve) -> None:
         b'{"code":0,"cmdid":1,"data":{"k":3}}',
         None,  # the 400's text comes from the JSON parser
         b'{"code":404,"cmdid":99,"id":"x","msg":"unknown cmdid 99"}',
-        b'{"code":0,"cmdid":2,"id":null,"data":{"slept":0.05}}',
+        b'{"code":0,"cmdid":2,"data":{"slept":0.05}}',  # "id": null is no id
     ]
     with RawConn(server.address) as ordered, RawConn(server.address) as unordered:
         _hello(unordered)
@@ -157,7 +157,7 @@ def test_an_ordered_connection_is_unchanged_byte_for_byte(serve: Serve) -> None:
             else:
                 assert line == want
         # Unordered, id 2 overtakes id 1; the id-less echo after them is a barrier behind id 1.
-        assert [json.loads(unordered.raw_line()).get("id", "-") for _ in expected] == [2, 1, "-", "-", "x", None]
+        assert [json.loads(unordered.raw_line()).get("id", "-") for _ in expected] == [2, 1, "-", "-", "x", "-"]
 
 
 def test_a_pipelined_batch_still_leaves_in_one_send(serve: Serve) -> None:
@@ -265,3 +265,21 @@ def test_queued_bytes_stay_bounded_on_an_unordered_connection(serve: Serve) -> N
         sampler.kill()
         conn.close()
     assert peak["queued"] <= MIB + 2 * (3 * MIB // 2 + 128), f"{peak['queued'] / MIB:.1f} MiB queued"
+
+
+def test_an_id_in_flight_reused_on_an_unordered_connection_is_refused_after_the_first_reply(serve: Serve) -> None:
+    """Protocol 1.1's rule for duplicate ids: in completion order a second request with the id of one
+    still in flight would race it, and two replies with one id cannot be told apart. It is refused
+    (400, not run), and its refusal comes after the first request's reply. Before, both ran and the
+    fast duplicate's reply came first."""
+    server = serve()
+    with RawConn(server.address) as conn:
+        assert _hello(conn)["code"] == 0
+        conn.send(_line(2, {"seconds": 0.3}, id="x") + _line(1, {"k": 1}, id="x") + _line(1, {"k": 2}, id="y"))
+        first, second, third = conn.line(), conn.line(), conn.line()
+        assert first == {"code": 0, "cmdid": 2, "id": "x", "data": {"slept": 0.3}}
+        assert second == {"code": 400, "cmdid": 1, "id": "x", "msg": "id already in flight on this connection"}
+        assert third == {"code": 0, "cmdid": 1, "id": "y", "data": {"k": 2}}
+        conn.send(_line(1, {"k": 3}, id="x"))  # answered: the id is free again
+        assert conn.line() == {"code": 0, "cmdid": 1, "id": "x", "data": {"k": 3}}
+        assert server.stats.protocol_errors == 1
