@@ -15,6 +15,7 @@ from geventtcp.handler import BaseHandler, SeedReply
 from geventtcp.hooks import APP_HOOKS
 from geventtcp.middleware import Call, Middleware
 from geventtcp.protocol import Request
+from geventtcp.schema import ParamsSchema, compile_params
 
 __all__ = ["Registry", "HandlerInfo", "default_registry", "handler", "hook", "middleware", "before_request",
            "after_request", "teardown_request", "load_registry", "Handler_mapping"]
@@ -36,6 +37,8 @@ class HandlerInfo:
     #: At most this many of its handlers run at once in a worker; further requests get a 503
     #: (``None``: no limit). See :mod:`geventtcp.middleware`.
     max_concurrency: int | None = None
+    #: The compiled ``params=`` schema (its ``json_schema`` is what ``list`` shows), or None.
+    params: ParamsSchema | None = None
 
 
 def _class_call(cls: type[BaseHandler]) -> Call:
@@ -67,13 +70,16 @@ class Registry:
         self._limits: dict[int, int] = {}
 
     def add(self, cmdid: int, target: Any, *, name: str | None = None, idempotent: bool | None = None,
-            cancel_on_disconnect: bool | None = None, max_concurrency: int | None = None) -> None:
+            cancel_on_disconnect: bool | None = None, max_concurrency: int | None = None,
+            params: Any = None) -> None:
         """Register a ``BaseHandler`` subclass or a function ``f(request) -> data`` under ``cmdid``.
 
         ``cancel_on_disconnect=True`` (default: the class's or function's attribute of that name,
         else False) has :class:`~geventtcp.errors.RequestCancelled` thrown into the handler when
         its client is gone. ``max_concurrency=k`` answers a retryable 503 before the handler runs
         once ``k`` of its handlers are running in the worker (size it to a database pool).
+        ``params=`` (a dataclass, TypedDict or pydantic model) validates the params before the
+        handler runs and hands it the typed object (:mod:`geventtcp.schema`).
         """
         if not isinstance(cmdid, int) or isinstance(cmdid, bool):
             raise RegistryError(f"cmdid must be an int, not {type(cmdid).__name__}")
@@ -98,19 +104,21 @@ class Registry:
         if cancel_on_disconnect is None:
             cancel_on_disconnect = bool(getattr(target, "cancel_on_disconnect", False))
         doc = inspect.getdoc(target) or ""
-        self._calls[cmdid] = call
+        schema = None if params is None else compile_params(params)
+        self._calls[cmdid] = call if schema is None else schema.wrap(call)
         self._info[cmdid] = HandlerInfo(cmdid, label, doc.strip().split("\n\n")[0], idem, target,
-                                        cancel_on_disconnect, max_concurrency)
+                                        cancel_on_disconnect, max_concurrency, schema)
         if max_concurrency is not None:
             self._limits[cmdid] = max_concurrency
 
     def handler(self, cmdid: int, *, name: str | None = None, idempotent: bool | None = None,
-                cancel_on_disconnect: bool | None = None, max_concurrency: int | None = None) -> Callable[[T], T]:
+                cancel_on_disconnect: bool | None = None, max_concurrency: int | None = None,
+                params: Any = None) -> Callable[[T], T]:
         """Decorator form of :meth:`add`; returns the class or function unchanged."""
 
         def decorate(target: T) -> T:
             self.add(cmdid, target, name=name, idempotent=idempotent, cancel_on_disconnect=cancel_on_disconnect,
-                     max_concurrency=max_concurrency)
+                     max_concurrency=max_concurrency, params=params)
             return target
 
         return decorate

@@ -65,7 +65,7 @@ def _ping(args: argparse.Namespace) -> int:
     return _verb(args, lambda client: client.ping(), show, indent=None)
 
 
-@command("list", "list the commands a server registers (cmdid, handler, docstring)", _address_argument)
+@command("list", "list the commands a server registers (cmdid, handler, docstring, params)", _address_argument)
 def _list(args: argparse.Namespace) -> int:
     def show(data: Any) -> None:
         for item in data:
@@ -73,8 +73,17 @@ def _list(args: argparse.Namespace) -> int:
             print(f"{item['cmdid']:>8}  {item['name']}{flag}")
             if item.get("doc"):
                 print(f"{'':>10}{item['doc'].splitlines()[0]}")
+            if isinstance(item.get("params"), dict):
+                print(f"{'':>10}params: {_params_summary(item['params'])}")
 
     return _verb(args, lambda client: client.list(), show)
+
+
+def _params_summary(schema: dict[str, Any]) -> str:
+    """``Order {customer, items, note?}`` from a params JSON Schema (``?``: optional); --json shows it all."""
+    required = set(schema.get("required", ()))
+    fields = ", ".join(name if name in required else f"{name}?" for name in schema.get("properties", {}))
+    return f"{schema.get('title', 'object')} {{{fields}}}"
 
 
 @command("stats", "show a server's per-command and per-worker statistics", _address_argument)

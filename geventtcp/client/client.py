@@ -289,7 +289,8 @@ class Client:
         return self.call(Builtin.PING, None, timeout)
 
     def list(self, timeout: float | None = None) -> Any:
-        """The server's registered commands: ``[{"cmdid", "name", "doc", "idempotent"}, ...]``."""
+        """The server's registered commands: ``[{"cmdid", "name", "doc", "idempotent"}, ...]``, plus
+        ``"params"`` (the params' JSON Schema) for a command registered with ``params=``."""
         return self.call(Builtin.LIST, None, timeout)
 
     def stats(self, timeout: float | None = None) -> Any:

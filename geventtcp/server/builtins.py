@@ -15,6 +15,7 @@ from geventtcp.server.security import make_auth
 
 if TYPE_CHECKING:
     from geventtcp.server.state import Handler, ServerState
+    from geventtcp.urls import HandlerInfo
 
 __all__ = ["Builtin", "make_builtins"]
 
@@ -27,14 +28,10 @@ def make_builtins(state: ServerState[Any]) -> dict[int, Handler]:
         return {"pong": True, "draining": state.draining, "pid": os.getpid(), "protocol": PROTOCOL_VERSION}
 
     def list_commands(request: Request) -> Any:
-        """The registered cmdids with their handlers' names, docstrings and concurrency limits."""
-        listed = []
-        for info in state.registry:
-            item = {"cmdid": info.cmdid, "name": info.name, "doc": info.doc, "idempotent": info.idempotent}
-            if info.max_concurrency is not None:  # only commands that have a limit: older listings unchanged
-                item["max_concurrency"] = info.max_concurrency
-            listed.append(item)
-        return listed
+        """The registered cmdids with their handlers' names, docstrings, concurrency limits (only for
+        commands that have one) and the JSON Schema of their params (``"params"``, only for a command
+        registered with ``params=``)."""
+        return [_listing(info) for info in state.registry]
 
     def stats(request: Request) -> Any:
         """Counters per cmdid and for this worker."""
@@ -49,3 +46,12 @@ def make_builtins(state: ServerState[Any]) -> dict[int, Handler]:
 
     return {Builtin.PING: ping, Builtin.LIST: list_commands, Builtin.STATS: stats,
             Builtin.AUTH: make_auth(state, state.token)}
+
+
+def _listing(info: HandlerInfo) -> dict[str, Any]:
+    item = {"cmdid": info.cmdid, "name": info.name, "doc": info.doc, "idempotent": info.idempotent}
+    if info.max_concurrency is not None:  # only commands that have a limit: older listings unchanged
+        item["max_concurrency"] = info.max_concurrency
+    if info.params is not None:
+        item["params"] = info.params.json_schema
+    return item

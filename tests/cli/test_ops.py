@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -19,6 +20,7 @@ from geventtcp.launcher.metrics_endpoint import SCRAPE_TIMEOUT
 from tests.support.apps import write_app
 from tests.support.launcher import Launcher
 from tests.support.rawconn import call_once
+from tests.support.servers import CliServer
 from tests.support.system import ROOT, non_loopback_ip, wait_until
 
 pytestmark = pytest.mark.subprocess
@@ -276,3 +278,43 @@ def test_check_config_refuses_unknown_and_gunicorn_only_names_and_lists_the_hook
     assert "hooks: post_fork (config file), worker_exit (application) x1" in ok.stdout
     printed = _cli("serve", "opsapp", "-c", "hooks.py", "--print-config", cwd=app_dir)
     assert re.search(r"^post_fork += post_fork  # hook, file hooks.py$", printed.stdout, re.M), printed.stdout
+
+
+PARAMS_APP = '''
+import dataclasses
+from geventtcp import urls
+
+@dataclasses.dataclass
+class Item:
+    sku: str
+    qty: int = 1
+
+@dataclasses.dataclass
+class Order:
+    """An order to place."""
+    customer: int
+    items: list[Item]
+    note: str | None = None
+
+@urls.handler(30, params=Order)
+def place(request):
+    """Place an order."""
+    return sum(item.qty for item in request.params.items)
+'''
+
+
+@pytest.mark.slow
+def test_list_verb_shows_params(tmp_path: Path) -> None:
+    (tmp_path / "paramsapp.py").write_text(PARAMS_APP)
+    server = CliServer([sys.executable, "-m", "geventtcp", "serve", "paramsapp", "--bind", "127.0.0.1:0"],
+                       cwd=tmp_path, env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"})
+    try:
+        listing = _cli("list", server.address)
+        assert listing.returncode == 0, listing.stderr
+        assert "      30  paramsapp.place\n          Place an order.\n" \
+               "          params: Order {customer, items, note?}\n" in listing.stdout
+        as_json = json.loads(_cli("list", server.address, "--json").stdout)
+        [place] = [item for item in as_json if item["cmdid"] == 30]
+        assert place["params"]["$defs"]["Item"]["required"] == ["sku"]
+    finally:
+        server.stop()
