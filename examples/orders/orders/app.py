@@ -20,12 +20,14 @@ Middleware, in this order around every command:
   per request with the command, outcome and time.
 * :func:`authenticate`: ``meta["api_key"]`` must name a key of ``ORDERS_API_KEYS``; it gives the
   tenant (set in :data:`TENANT` for the handlers) and, for the write commands, must allow writing.
-  A refusal is a 400 whose ``details`` say why (``{"meta": "api_key", "reason": ...}``) and the
-  handler does not run.
+  A missing or unknown key is NOT_AUTHENTICATED (1016), a read-only key on a write ACCESS_DENIED
+  (1007), ``details`` saying why; the handler does not run. (401 and 403 are the server's own:
+  its AUTH token and protected mode.)
 
-Errors: NOT_FOUND, ALREADY_EXISTS, DEPENDENCY_UNAVAILABLE (PostgreSQL, redis-less reads degrade
-to the database, or the shipping service down) with ``details``; a retryable 503 when a worker
-already runs ``pool_size`` list queries (``max_concurrency``).
+Errors: NOT_FOUND, ALREADY_EXISTS, NOT_AUTHENTICATED, ACCESS_DENIED and DEPENDENCY_UNAVAILABLE
+(PostgreSQL or the shipping service down; redis down only slows reads, which go to the database),
+each with ``details``; a retryable 503 when a worker already runs ``pool_size`` list queries
+(``max_concurrency``).
 """
 
 from __future__ import annotations
@@ -42,7 +44,16 @@ from typing import Any, Literal, cast
 import psycopg
 import psycopg_pool
 
-from geventtcp import AlreadyExists, Code, DependencyUnavailable, HandlerError, NotFound, Registry, Request
+from geventtcp import (
+    AccessDenied,
+    AlreadyExists,
+    DependencyUnavailable,
+    HandlerError,
+    NotAuthenticated,
+    NotFound,
+    Registry,
+    Request,
+)
 from orders import shipping, store
 from orders.config import ApiKey, Config
 from orders.resources import Resources, register_hooks
@@ -127,18 +138,14 @@ def request_ids(request: Request, call_next: Callable[[Request], Any]) -> Any:
 def authenticate(api_keys: dict[str, ApiKey]) -> Callable[[Request, Callable[[Request], Any]], Any]:
     """The auth middleware for ``api_keys`` (see the module docstring)."""
 
-    def refuse(reason: str) -> HandlerError:
-        return HandlerError(f"refused: {reason}", Code.BAD_REQUEST, details={"meta": "api_key", "reason": reason})
-
     def auth(request: Request, call_next: Callable[[Request], Any]) -> Any:
         key = request.meta.get("api_key")
-        if key is None:
-            raise refuse("missing")
-        who = api_keys.get(key)
+        who = None if key is None else api_keys.get(key)
         if who is None:
-            raise refuse("unknown key")
+            reason = "missing" if key is None else "unknown key"
+            raise NotAuthenticated(f"api_key {reason}", details={"meta": "api_key", "reason": reason})
         if request.cmdid in WRITES and not who.write:
-            raise refuse("read-only key")
+            raise AccessDenied("this api_key is read-only", details={"meta": "api_key", "reason": "read-only key"})
         TENANT.set(who.tenant)
         return call_next(request)
 

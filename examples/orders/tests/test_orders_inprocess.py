@@ -19,7 +19,7 @@ from orders import shipping as shipping_module
 from orders.app import CREATE, GET, LIST, QUOTE, SET_STATUS
 from orders.config import ApiKey, Config
 
-from geventtcp import AlreadyExists, BadRequest, DependencyUnavailable, NotFound
+from geventtcp import AccessDenied, AlreadyExists, BadRequest, DependencyUnavailable, NotAuthenticated, NotFound
 from geventtcp.testing import TestClient
 from tests.support.system import wait_until
 
@@ -139,24 +139,27 @@ def test_list_shows_each_commands_params_and_the_db_limit(tc: TestClient, config
     assert set(commands[CREATE]["params"]["properties"]) == {"idempotency_key", "item", "quantity"}
 
 
-@pytest.mark.parametrize(("key", "cmdid", "reason"), [
-    (None, GET, "missing"),
-    ("nope", GET, "unknown key"),
-    ("ro", CREATE, "read-only key"),
+@pytest.mark.parametrize(("key", "cmdid", "code", "reason"), [
+    (None, CREATE, 1016, "missing"),                      # NOT_AUTHENTICATED
+    ("nope", CREATE, 1016, "unknown key"),
+    ("ro", CREATE, 1007, "read-only key"),                # ACCESS_DENIED
 ])
-def test_auth_refuses_before_the_handler_runs(tc: TestClient, api_keys: dict[str, str], orders_db: str,
-                                              tenant: str, key: str | None, cmdid: int, reason: str) -> None:
+def test_auth_refuses_before_the_handler_runs(tc: TestClient, api_keys: dict[str, str], orders_db: str, tenant: str,
+                                              key: str | None, cmdid: int, code: int, reason: str) -> None:
     meta = {} if key is None else {"api_key": api_keys.get(key, key)}
-    params = {"id": 1} if cmdid == GET else {"idempotency_key": "refused", "item": "tea"}
-    reply = tc.reply(cmdid, params, meta=meta)            # a connection of its own: no default meta
-    assert reply["code"] == 400 and reply["details"] == {"meta": "api_key", "reason": reason}
+    reply = tc.reply(cmdid, {"idempotency_key": "refused", "item": "tea"}, meta=meta)  # no default meta here
+    assert reply["code"] == code and reply["details"] == {"meta": "api_key", "reason": reason}
     with psycopg.connect(orders_db) as conn:
         assert conn.execute("SELECT count(*) FROM orders WHERE tenant = %s", (tenant,)).fetchone() == (0,)
 
 
-def test_a_read_only_key_reads(tc: TestClient, api_keys: dict[str, str]) -> None:
+def test_a_read_only_key_reads_and_the_client_raises_the_auth_classes(tc: TestClient, api_keys: dict[str, str]) -> None:
     order = _create(tc, "ro-read")
     assert tc.call(GET, {"id": order["id"]}, meta={"api_key": api_keys["ro"]})["id"] == order["id"]
+    with pytest.raises(AccessDenied):
+        tc.call(SET_STATUS, {"id": order["id"], "status": "cancelled"}, meta={"api_key": api_keys["ro"]})
+    with pytest.raises(NotAuthenticated):
+        tc.call(GET, {"id": order["id"]}, meta={"api_key": "nope"})
 
 
 def test_shipping_quote_calls_the_http_dependency(tc: TestClient, shipping: Any) -> None:
