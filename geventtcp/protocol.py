@@ -1,4 +1,4 @@
-"""The geventtcp wire protocol, version 1: sans-IO framing, request parsing and reply encoding.
+"""The geventtcp wire protocol, version 1.1: sans-IO framing, request parsing, reply encoding, HELLO.
 
 Nothing here touches a socket, gevent or logging: bytes go in, requests and reply lines come out,
 so every framing edge case is a plain unit test. Server and client share this module.
@@ -40,7 +40,8 @@ Request (client to server)::
                 and cmdid) and the handler does not run.
     Unknown fields are ignored.
 
-Reply (server to client), exactly one per request line, in the order the requests were read::
+Reply (server to client), exactly one per request line, in the order the requests were read
+(unless the connection negotiated completion order, see "Protocol 1.1" below)::
 
     {"code": 0, "cmdid": 10000, "id": 7, "data": <the handler's result>}
     {"code": 404, "cmdid": 99, "id": 7, "msg": "unknown cmdid 99"}
@@ -67,9 +68,40 @@ way as a reply with ``"cmdid": null`` and then the connection is closed.
 
 Reserved cmdids (:class:`Builtin`)
     Negative cmdids are the server's built-in commands; applications register only cmdids >= 0.
-    ``-1`` ping, ``-2`` list, ``-3`` stats (these three only read: always safe to resend) and
-    ``-4`` auth (``params.token``). While a connection has not authenticated (auth on), only
-    :data:`PREAUTH_CMDIDS` are answered and lines are limited to :data:`PREAUTH_MAX_LINE_BYTES`.
+    ``-1`` ping, ``-2`` list, ``-3`` stats (these three only read: always safe to resend),
+    ``-4`` auth (``params.token``) and ``-5`` hello (below). While a connection has not
+    authenticated (auth on), only :data:`PREAUTH_CMDIDS` (auth, ping, hello) are answered and lines
+    are limited to :data:`PREAUTH_MAX_LINE_BYTES`.
+
+Protocol 1.1: HELLO and completion order
+    Version 1.1 is version 1 plus one negotiated, per-connection feature. A client asks with::
+
+        {"cmdid": -5, "params": {"protocol": "1.1", "features": ["unordered"]}, "id": 1}
+
+    ``params.features`` (optional, a list of strings) names the features wanted; a server switches
+    on those it knows and ignores the others; ``params.protocol`` (optional, a string) is the
+    client's newest version, for information. Params of another type: 400, nothing switched on.
+    The reply (in order, like any reply to a request read before it)::
+
+        {"code": 0, "cmdid": -5, "id": 1, "data": {"protocol": "1.1", "features": ["unordered"],
+                                                   "pid": 4242, "workers": 2}}
+
+    ``features`` lists the features now in force on the connection (a later HELLO cannot switch one
+    off); ``pid`` is the server process answering this connection and ``workers`` how many worker
+    processes share its listener (1 for a lone server), so a client can spread its connections.
+    HELLO may be sent at any time, before AUTH too; a client sends it first. A server before 1.1
+    answers it ``404`` (``401`` before AUTH when auth is on): the client then keeps request order.
+
+    ``unordered``: from the request read after the HELLO on, the reply to a request that carries
+    an ``id`` (an integer or a string; ``null`` counts as no id here) may be sent as soon as it is
+    ready, before replies to requests read earlier. A request without an id is a barrier: its reply
+    is sent after the replies of every request read before it, and before the replies of every
+    request read after it. Error lines without an id (a 400 for a line whose id could not be
+    read, a 413 for a line over the limit) are such replies, so a client matches an id-less reply,
+    in both modes, to its oldest request still unanswered. Replies with an id are matched by id.
+    Everything else is unchanged: one reply per request line; the goaway comes only once every
+    request read has been answered; limits, deadlines and the queued-reply bound are the same.
+    Connections that did not ask get exactly the version 1 behaviour, byte for byte.
 
 These wire facts are defined here once; server and client import them, never repeat the numbers.
 """
@@ -90,6 +122,12 @@ from geventtcp.identity import Identity
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "PROTOCOL",
+    "UNORDERED",
+    "FEATURES",
+    "hello_params",
+    "negotiate",
+    "accepted_features",
     "DEFAULT_MAX_LINE_BYTES",
     "MAX_TIMEOUT_MS",
     "BLANK",
@@ -114,6 +152,12 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION = 1
+#: The newest protocol a server speaks, as HELLO states it (a string: "1.1" is not a number to compare).
+PROTOCOL = "1.1"
+#: The HELLO feature that lets the server answer requests carrying an id in completion order.
+UNORDERED = "unordered"
+#: The features this implementation offers in HELLO.
+FEATURES = (UNORDERED,)
 #: Longest request line accepted, newline included (gRPC's default receive limit is 4 MiB,
 #: Redis's inline limit 64 KiB; parsing 1 MiB of JSON already holds a worker for ~40 ms).
 DEFAULT_MAX_LINE_BYTES = 1 << 20
@@ -142,10 +186,13 @@ class Builtin(enum.IntEnum):
     LIST = -2
     STATS = -3
     AUTH = -4
+    HELLO = -5
 
 
-#: Answered before a connection has authenticated: AUTH itself, and PING for health checks.
-PREAUTH_CMDIDS = (Builtin.AUTH, Builtin.PING)
+#: Answered before a connection has authenticated: AUTH itself, PING for health checks, and HELLO
+#: (it reveals only the protocol version and features, and lets a client negotiate in the same
+#: write as its AUTH).
+PREAUTH_CMDIDS = (Builtin.AUTH, Builtin.PING, Builtin.HELLO)
 #: Built-ins that only read, so a client may always send them again (plain ints: a set lookup
 #: with an application's cmdid never goes through the enum).
 READ_ONLY_BUILTINS = frozenset(int(cmdid) for cmdid in (Builtin.PING, Builtin.LIST, Builtin.STATS))
@@ -527,6 +574,43 @@ def encode_goaway(codec: Codec, reason: str) -> bytes:
     return codec.dumps(
         {"code": int(Code.UNAVAILABLE), "cmdid": None, GOAWAY_FIELD: reason, "msg": f"server is going away ({reason})"}
     ) + b"\n"
+
+
+def hello_params(features: tuple[str, ...] = FEATURES) -> dict[str, Any]:
+    """The params of a client's HELLO asking for ``features``."""
+    return {"protocol": PROTOCOL, "features": list(features)}
+
+
+def negotiate(params: dict[str, Any], in_force: frozenset[str] = frozenset()) -> tuple[dict[str, Any], frozenset[str]]:
+    """The server's side of HELLO: its reply data and the features in force on the connection from
+    the next request on.
+
+    ``params.features`` (optional, default none) is a list of strings: the requested features this
+    server knows are switched on, the others ignored. ``params.protocol`` (optional) is a string, the
+    client's newest protocol, for information. Features once on stay on (``in_force``: a later HELLO
+    cannot switch them off, so replies already allowed out of order never have to be reordered).
+    :class:`ProtocolError` (400) for params of the wrong type.
+    """
+    protocol = params.get("protocol")
+    if protocol is not None and type(protocol) is not str:
+        raise ProtocolError("HELLO params.protocol must be a string")
+    wanted = params.get("features", [])
+    if type(wanted) is not list or any(type(name) is not str for name in wanted):
+        raise ProtocolError("HELLO params.features must be a list of strings")
+    now = in_force | frozenset(name for name in wanted if name in FEATURES)
+    return {"protocol": PROTOCOL, "features": sorted(now)}, now
+
+
+def accepted_features(reply: dict[str, Any]) -> frozenset[str]:
+    """The client's side of HELLO: the features a reply line (decoded) switched on; none for an
+    error reply (a server before 1.1 answers 404 ``unknown cmdid -5``) or a reply it cannot read."""
+    if reply.get("code") != 0:
+        return frozenset()
+    data = reply.get("data")
+    features = data.get("features") if type(data) is dict else None
+    if type(features) is not list:
+        return frozenset()
+    return frozenset(name for name in features if type(name) is str)
 
 
 def encode_request(

@@ -46,10 +46,16 @@ class Client:
     ``Client("host:port")`` or ``Client(["h1:p", "h2:p"])``; addresses are ``HOST:PORT``,
     ``[IPv6]:PORT`` or ``unix:PATH``. One client may be shared by any number of threads and greenlets:
     each world (plain threads; each gevent hub) gets its own connections, opened lazily, at most
-    ``pool_size`` per address, each carrying many requests at once. Greenlets share a connection until
+    ``pool_size`` per address, each carrying many requests at once. A call goes to the connection
+    with the fewest requests in flight (by server process first); greenlets share a connection until
     ``multiplex`` requests are in flight on it (the server's ``max_inflight_per_connection`` is 128),
-    since one connection batches best; threads take a connection each while the bound allows, since
-    a thread alone on one reads its own replies without waking another.
+    since one connection batches best, except that a server with several worker processes behind
+    one listener (its HELLO reply says how many) gets one connection per worker as soon as calls
+    overlap (up to ``pool_size``), so that the load reaches all of them. Threads take a connection
+    each while the bound allows (a thread alone on one reads its own replies without waking another).
+    ``unordered`` (default true) asks each new connection for protocol 1.1's completion order (a
+    HELLO, not waited for): a fast call is then never queued behind a slow one on its connection.
+    A server before 1.1 answers the HELLO 404 and keeps request order. See docs/client.md.
 
     Settings: ``timeout`` bounds a whole call, retries included, and is sent to the server as the
     request's deadline; ``connect_timeout`` bounds each connect; ``retries`` is how many times a
@@ -99,6 +105,7 @@ class Client:
         meta: Mapping[str, str] | None = None,
         tracing: str = "auto",
         tracer_provider: Any = None,
+        unordered: bool = True,
     ) -> None:
         self.addresses = [addresses] if isinstance(addresses, str) else list(addresses)
         if not self.addresses:
@@ -131,6 +138,7 @@ class Client:
         self._meta_line = encode_meta(self.codec, self.meta) if self.meta else b""
         #: ``None`` with tracing off: then a call pays nothing for tracing.
         self._tracing: ClientTracing | None = client_tracing(tracing, tracer_provider)
+        self.unordered = unordered
         self.closed = False
         self._balancers: dict[Any, Balancer] = {}
         self._generation = fork_generation()
@@ -312,7 +320,7 @@ class Client:
                          connect_timeout=self.connect_timeout, idle_timeout=self.idle_timeout,
                          validate_after=self.validate_after, max_reply_bytes=self.max_reply_bytes,
                          ssl_context=self.ssl_context, server_hostname=self.server_hostname,
-                         auth_token=self.auth_token)
+                         auth_token=self.auth_token, hello=self.unordered)
                     for address in self.addresses
                 ])
         return balancer

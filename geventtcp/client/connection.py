@@ -13,7 +13,7 @@ from geventtcp.client.io import shutdown
 from geventtcp.client.replycodec import ReplyCodec, answers_oldest, unsolicited
 from geventtcp.codec import Codec
 from geventtcp.errors import CallTimeout, MaybeExecuted, NotSent, ProtocolError, TransportError
-from geventtcp.protocol import LineBuffer
+from geventtcp.protocol import UNORDERED, Builtin, LineBuffer, accepted_features, hello_params
 
 __all__ = ["ClientConnection", "STUCK_GRACE"]
 
@@ -22,10 +22,12 @@ log = logging.getLogger("geventtcp.client")
 #: Seconds past its deadline a request may stay unanswered before the connection is presumed dead:
 #: the server is told the deadline (``timeout_ms``) and answers by then, so silence means a black hole.
 STUCK_GRACE = 1.0
-#: Seconds after which the oldest unanswered request marks a connection as stalled. The server
-#: replies in request order, so everything queued behind a slow request waits for it; the pool opens
-#: another connection (within its bound) rather than queue more behind a stalled one.
+#: Seconds after which the oldest unanswered request marks a connection as stalled. In request order
+#: (a server before protocol 1.1) everything queued behind a slow request waits for it; the pool
+#: opens another connection (within its bound) rather than queue more behind a stalled one.
 STALL_AFTER = 0.05
+
+
 class ClientConnection:
     """A connected socket shared by any number of callers of one world (threads, or one gevent hub).
 
@@ -36,7 +38,14 @@ class ClientConnection:
 
     Failure behaviour: a caller that times out or is cancelled (``gevent.Timeout``, ``kill``,
     ``KeyboardInterrupt``) while waiting leaves its request *abandoned*: the reply is read later and
-    dropped, never given to another caller. Replies come in request order, so an id-less 400 or 413
+    dropped, never given to another caller.
+
+    Protocol 1.1: :meth:`hello` (sent by the pool first on every new connection, without waiting for
+    its reply) asks for replies in completion order; when the reply grants ``unordered``,
+    :attr:`unordered` turns true and the pool no longer treats a slow request as stalling the
+    connection. Matching is by id in both modes. An old server answers the HELLO 404 and the
+    connection stays in request order. In both modes an id-less reply comes after the replies of
+    every earlier request and before those of every later one, so an id-less 400 or 413
     (the server could not read that line's id) is the oldest unanswered request's reply
     (:func:`~geventtcp.client.replycodec.answers_oldest`): one caller's bad line fails that caller only.
     Anything that breaks the byte stream (a write that did not finish, a read error, EOF, an
@@ -59,7 +68,7 @@ class ClientConnection:
         self.codec = ReplyCodec(codec)
         self.state = real_lock()  # guards the fields below; never held across I/O
         self.wlock = world.lock()  # one writer at a time, so request lines never interleave
-        self.calls: dict[int, Call] = {}  # in write order, which is the server's reply order
+        self.calls: dict[int, Call] = {}  # in write order: the first is the one an id-less reply answers
         self.orphans = 0  # calls in ``calls`` nobody waits on (send(), timed out, cancelled)
         self.reading = False
         self.writing = False
@@ -70,6 +79,13 @@ class ClientConnection:
         self.generation = fork_generation()
         self.created = self.last_active = self.last_reply = time.monotonic()
         self._ids = itertools.count(1)
+        self.unordered = False  # the server answers in completion order (HELLO granted it)
+        self.hello_id: int | None = None  # the HELLO's id while its reply is awaited
+        # Which server process answers here, and how many share its listener (from HELLO; unknown: None, 1),
+        # so the pool can spread its connections over the workers; ``retiring``: the pool sends no new call.
+        self.server_pid: int | None = None
+        self.server_workers = 1
+        self.retiring = False
 
     def __repr__(self) -> str:
         state = f"closed: {self.reason}" if self.closed else f"{len(self.calls)} in flight"
@@ -101,6 +117,28 @@ class ClientConnection:
         if call.error is not None:
             raise call.error
         return call.reply
+
+    def hello(self, deadline: float) -> None:
+        """Ask for protocol 1.1's completion order: write a HELLO whose reply nobody waits for (the next
+        reader handles it, :meth:`_on_hello`), so the first call pays no extra round trip. Raises
+        what writing a request raises (:class:`NotSent`); the connection is then unusable anyway."""
+        call = Call(0, deadline, True)
+        self._write(Builtin.HELLO, hello_params(), call, deadline)
+        self.hello_id = call.id
+
+    def _on_hello(self, reply: dict[str, Any]) -> None:
+        """The HELLO's reply (read under ``state``): completion order from the next request on, or,
+        from a server before 1.1 (404) or one that declines, request order as before."""
+        self.hello_id = None
+        self.unordered = UNORDERED in accepted_features(reply)
+        data = reply.get("data")
+        if type(data) is dict:
+            pid, workers = data.get("pid"), data.get("workers")
+            self.server_pid = pid if type(pid) is int else None
+            self.server_workers = workers if type(workers) is int and workers > 0 else 1
+        if reply["code"]:
+            log.debug("%s does not speak protocol 1.1 ([%s] %s): replies in request order", self.address,
+                      reply["code"], reply.get("msg"))
 
     def _send(self, cmdid: int, params: Any, deadline: float, meta: bytes = b"") -> None:
         """The ``detached`` request: written whole when this returns, its reply dropped when it comes."""
@@ -316,6 +354,9 @@ class ClientConnection:
                 return
             if call.abandoned:
                 self.orphans -= 1
+                if rid == self.hello_id:
+                    self._on_hello(reply)
+                    return
                 if reply["code"]:
                     log.info("dropped reply to abandoned request %s to %s: [%s] %s", rid, self.address,
                              reply["code"], reply.get("msg"))
@@ -350,10 +391,11 @@ class ClientConnection:
     # -- health and closing ----------------------------------------------------------------------
 
     def stalled(self, now: float) -> bool:
-        """True when the oldest unanswered request has waited ``STALL_AFTER`` and no reply came in that
-        time: replies come in order, so the connection is stuck behind a slow request (under plain
-        load replies keep coming, and the connection keeps its callers, which batch better)."""
-        if now - self.last_reply <= STALL_AFTER:
+        """True when, in request order, the oldest unanswered request has waited ``STALL_AFTER`` and no
+        reply came in that time: the connection is stuck behind a slow request (under plain load
+        replies keep coming, and the connection keeps its callers, which batch better). Never for a
+        connection in completion order, where a slow request holds up nobody."""
+        if self.unordered or now - self.last_reply <= STALL_AFTER:
             return False
         with self.state:  # other threads add and remove calls meanwhile
             oldest = next(iter(self.calls.values()), None)

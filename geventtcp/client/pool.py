@@ -21,6 +21,9 @@ BACKOFF_INITIAL = 0.1
 BACKOFF_MULTIPLIER = 1.6
 BACKOFF_JITTER = 0.2
 BACKOFF_MAX = 5.0
+#: Connections a pool closes and reopens, over its life, because too many of them landed on one worker
+#: process of a listener shared by several (the kernel or the workers' accept race places them).
+MAX_REPLACEMENTS = 8
 
 
 def connect_backoff(failures: int) -> float:
@@ -32,16 +35,22 @@ def connect_backoff(failures: int) -> float:
 class Pool:
     """Up to ``size`` multiplexed connections to one address, for callers of one world.
 
-    ``acquire`` returns the least busy usable connection, opening another (outside any lock) only
-    when the bound allows it and the chosen one has ``share`` requests in flight or is stalled behind
-    a slow request (the server answers each connection in request order); it never waits for
-    a connection to free up, since connections are shared. At checkout a connection is dropped when
+    ``acquire`` returns the usable connection with the fewest requests in flight (least-in-flight:
+    first by server process, HELLO's ``pid``, then by connection), opening another (outside any
+    lock) when the bound allows it and that one already has ``share`` requests in flight, is stalled
+    behind a slow request (a server answering in request order), or when calls overlap and the pool
+    has fewer connections than the server has worker processes behind its listener (HELLO's
+    ``workers``); it never waits for a connection to free up, since connections are shared. So one
+    gevent Client's load reaches every worker (a connection per worker, retired and reopened, at
+    most :data:`MAX_REPLACEMENTS` times, while two share a worker), while against one process its
+    greenlets still share one connection, which batches best. At checkout a connection is dropped when
     the server closed it while idle (polled without blocking), when it was idle for ``idle_timeout``
     (kept below the server's own idle timeout, so the server never closes one under a request), when
     a reply is long overdue, or when it was inherited across ``fork()``.
 
-    A new connection is wrapped in TLS when ``ssl_context`` is set, and sends AUTH with
-    ``auth_token`` before anything else when that is set.
+    A new connection is wrapped in TLS when ``ssl_context`` is set; with ``hello`` it first sends
+    HELLO asking for completion order (protocol 1.1; not waited for), then AUTH with ``auth_token``
+    when that is set.
 
     Failure behaviour: a failed connect raises :class:`ConnectError` (nothing was sent) and takes the
     address out of rotation for a jittered, growing backoff; while it is out, ``acquire`` fails at
@@ -51,7 +60,8 @@ class Pool:
 
     def __init__(self, address: str, world: World, codec: Codec, *, size: int, share: int,
                  connect_timeout: float, idle_timeout: float, validate_after: float, max_reply_bytes: int,
-                 ssl_context: Any = None, server_hostname: str | None = None, auth_token: str | None = None) -> None:
+                 ssl_context: Any = None, server_hostname: str | None = None, auth_token: str | None = None,
+                 hello: bool = True) -> None:
         self.address = address
         self.world = world
         self.codec = codec
@@ -65,6 +75,7 @@ class Pool:
         self.ssl_context = ssl_context
         self.server_hostname = server_hostname
         self.auth_token = auth_token
+        self.hello = hello
         self.conns: list[ClientConnection] = []
         self.connecting = 0
         self.failures = 0
@@ -73,6 +84,7 @@ class Pool:
         self.last_error = ""
         self.closed = False
         self.opened: Any = None  # set when a connect in progress finishes, for callers waiting on it
+        self.replaced = 0  # connections retired to spread over workers (at most MAX_REPLACEMENTS)
         self.lock = real_lock()
 
     def __repr__(self) -> str:
@@ -102,7 +114,8 @@ class Pool:
                 if not conn.calls:  # idle and recently used: nothing to validate
                     if now - conn.last_active < self.fresh_for:
                         return conn
-                elif len(conn.calls) - conn.orphans < self.share and now - conn.last_reply <= STALL_AFTER:
+                elif len(conn.calls) - conn.orphans < self.share and now - conn.last_reply <= STALL_AFTER \
+                        and (conn.server_workers == 1 or self.size == 1):
                     return conn  # replies are flowing: neither stuck nor stalled behind a slow one
         while True:
             now = time.monotonic()
@@ -111,7 +124,8 @@ class Pool:
                     raise ConnectError(f"pool for {self.address} is closed")
                 best = self._checkout(now)
                 fresh = best is not None and not best.stalled(now)
-                if best is not None and fresh and len(best.calls) - best.orphans < self.share:
+                if best is not None and fresh and len(best.calls) - best.orphans < self.share \
+                        and not (best.calls and len(self.conns) < self._per_worker()):
                     return best
                 backing_off = self.down_until > now or (self.probing and self.failures > 0)
                 if backing_off and best is not None:
@@ -136,9 +150,16 @@ class Pool:
                 raise ConnectError(f"timed out waiting for a connection to {self.address}")
 
     def _checkout(self, now: float) -> ClientConnection | None:
-        """The least busy usable connection (dropping dead, forked or idle ones); holds ``lock``."""
+        """The least busy usable connection (dropping dead, forked or idle ones); holds ``lock``.
+
+        With several connections, least busy means: on the server process (HELLO's ``pid``) with the
+        fewest requests in flight over all its connections, then the connection with the fewest, so
+        that a pool whose connections landed 3 to 1 on two workers still loads both alike.
+        """
         best: ClientConnection | None = None
         conns = self.conns
+        if len(conns) > 1:
+            return self._checkout_spread(now)
         for conn in conns[:] if len(conns) != 1 else conns:
             if conn.orphans and not conn.reading and not conn.closed:
                 conn.poll()  # replies already here (a send()'s, say) must not count as in flight
@@ -157,6 +178,64 @@ class Pool:
                 if not conn.stalled(now) and not conn.closed:
                     return conn
         return best
+
+    def _per_worker(self) -> int:
+        """Connections wanted as soon as calls overlap: one per worker process of the server (HELLO's
+        ``workers``; 1 until a HELLO reply says more), at most ``size``."""
+        workers = max(conn.server_workers for conn in self.conns) if self.conns else 1
+        return min(workers, self.size)
+
+    def _checkout_spread(self, now: float) -> ClientConnection | None:
+        """:meth:`_checkout` for several connections: least-in-flight by server process, then by connection;
+        a connection retiring (see :meth:`_spread_over_workers`) gets no new call and closes once idle."""
+        conns = self.conns
+        loads: dict[int | None, int] = {}
+        for conn in conns[:]:
+            if conn.orphans and not conn.reading and not conn.closed:
+                conn.poll()  # replies already here (a send()'s, say) must not count as in flight
+            if not conn.usable(now, self.validate_after):
+                conns.remove(conn)
+                continue
+            if not conn.calls and (conn.retiring or now - conn.last_active >= self.idle_timeout):
+                conn.close("retired to spread over workers" if conn.retiring else "idle in the pool")
+                conns.remove(conn)
+                continue
+            pid = conn.server_pid
+            loads[pid] = loads.get(pid, 0) + len(conn.calls) - conn.orphans
+        if self.replaced < MAX_REPLACEMENTS and len(conns) >= self._per_worker() > 1:
+            self._spread_over_workers()
+        best: ClientConnection | None = None
+        best_key = (0, 0)
+        for conn in conns:
+            if conn.retiring:
+                continue
+            key = (loads[conn.server_pid], len(conn.calls) - conn.orphans)
+            if best is None or key < best_key:
+                best, best_key = conn, key
+        if best is not None and best.calls and best.stalled(now):
+            # Replies come in request order: prefer a connection not stuck behind a slow request.
+            for conn in conns:
+                if not conn.stalled(now) and not conn.closed and not conn.retiring:
+                    return conn
+        return best
+
+    def _spread_over_workers(self) -> None:
+        """The pool has its connection per worker (or more) and the server has several workers behind one
+        listener (HELLO's ``workers``): when more than a fair share of the connections are on one
+        worker, retire one of them (it closes once its calls are answered) so that a new one, placed
+        anew by the kernel or the workers' accept race, may reach another."""
+        conns = self.conns
+        workers = max(conn.server_workers for conn in conns)
+        if any(conn.retiring or conn.server_pid is None for conn in conns):
+            return
+        fair = -(-len(conns) // min(workers, len(conns)))  # ceil
+        on: dict[int | None, list[ClientConnection]] = {}
+        for conn in conns:
+            on.setdefault(conn.server_pid, []).append(conn)
+        crowded = max(on.values(), key=len)
+        if len(crowded) > fair:
+            min(crowded, key=lambda c: len(c.calls)).retiring = True
+            self.replaced += 1
 
     def _connect(self, deadline: float, fallback: ClientConnection | None) -> ClientConnection:
         try:
@@ -178,11 +257,16 @@ class Pool:
         batching = self.world.name == "gevent" and self.ssl_context is None and hasattr(sock, "_sock")
         conn = (BatchingConnection if batching else ClientConnection)(
             sock, self.address, self.world, self.codec, self.max_reply_bytes)
-        if self.auth_token is not None:
+        if self.hello or self.auth_token is not None:
+            stage = "HELLO not sent"
             try:
-                self._authenticate(conn, deadline)
+                if self.hello:
+                    conn.hello(deadline)
+                stage = "authentication failed"
+                if self.auth_token is not None:
+                    self._authenticate(conn, deadline)
             except BaseException:
-                conn.close("authentication failed")
+                conn.close(stage)
                 with self.lock:
                     self._connect_done()
                 raise

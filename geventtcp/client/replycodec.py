@@ -88,7 +88,8 @@ def unsolicited(reply: dict[str, Any]) -> tuple[str, type[TransportError]]:
 
 def answers_oldest(reply: dict[str, Any], size: int) -> bool:
     """True when ``reply``, a line without ``id``, answers the oldest unanswered request, whose line
-    was ``size`` bytes (newline included): the server answers in request order and keeps the
+    was ``size`` bytes (newline included): the server answers in request order (in completion
+    order too, an id-less reply comes after every earlier request's reply) and keeps the
     connection after a 400 for a line whose id it could not read (bad JSON, a lone surrogate,
     colliding keys; gRPC likewise fails only the stream whose message is bad) and after a 413 for a
     line over the limit, if that request's line is over the limit the 413 states. Anything else

@@ -10,7 +10,8 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from geventtcp.protocol import PROTOCOL_VERSION, Builtin, Request
+from geventtcp.errors import HandlerError, ProtocolError
+from geventtcp.protocol import PROTOCOL_VERSION, UNORDERED, Builtin, Request, negotiate
 from geventtcp.server.security import make_auth
 
 if TYPE_CHECKING:
@@ -44,8 +45,23 @@ def make_builtins(state: ServerState[Any]) -> dict[int, Handler]:
         })
         return data
 
+    def hello(request: Request) -> Any:
+        """Protocol negotiation (1.1): switch on the requested features this server knows, for the
+        requests read after this one on the connection; reply with the version, the features in
+        force, this process's ``pid`` and the number of ``workers`` sharing its listener (so that a
+        client can spread its connections over them)."""
+        conn = request.connection  # type: ignore[attr-defined]  # a ServerRequest, served by a Connection
+        try:
+            data, features = negotiate(request.params, frozenset((UNORDERED,)) if conn.unordered else frozenset())
+        except ProtocolError as exc:
+            raise HandlerError(exc.msg) from None
+        conn.unordered = UNORDERED in features
+        data["pid"] = os.getpid()
+        data["workers"] = state.settings.workers
+        return data
+
     return {Builtin.PING: ping, Builtin.LIST: list_commands, Builtin.STATS: stats,
-            Builtin.AUTH: make_auth(state, state.token)}
+            Builtin.AUTH: make_auth(state, state.token), Builtin.HELLO: hello}
 
 
 def _listing(info: HandlerInfo) -> dict[str, Any]:

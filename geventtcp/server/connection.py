@@ -1,4 +1,4 @@
-"""One client connection: read lines, run handlers, write one reply per request in order.
+"""One client connection: read lines, run handlers, write one reply per request (in order, or as ready).
 
 The greenlet that holds the *reader* role reads, parses and runs each handler inline, so a fast
 handler costs no greenlet switch and the replies of a pipelined batch go out in one ``send``. When a
@@ -6,6 +6,16 @@ handler blocks (the hub gets control while it runs), a hub callback hands the re
 greenlet: the blocked greenlet keeps only its request and a reserved place in the output queue,
 while the connection goes on reading. Replies therefore stay in request order, slow requests run
 concurrently, and nothing is spawned for requests that never block.
+
+Completion order (protocol 1.1, after a HELLO asking for ``unordered``; see :mod:`geventtcp.protocol`):
+a handed-off request that carries an id reserves no place in ``out``; its slot *floats*
+(``floating``) and its reply is appended to ``out`` when ready (:meth:`Connection._fill`), to go out
+with the next send. An id-less reply (or the slot of an id-less handed-off request) is a barrier:
+before it is queued, the floating slots take their places in ``out`` ahead of it
+(:meth:`Connection._barrier`), so everything read before it is answered first and everything queued
+after it follows it. Inline replies are queued as always, so a pipelined batch still leaves in one
+send, and every reply byte counts in ``queued_bytes`` in both modes. The request path pays one
+attribute test for it (``floating`` is ``None`` on a connection that never had one).
 
 An idle connection holds no greenlet: when ``recv`` finds nothing, the reader *parks* the connection
 on its socket's read watcher and returns its greenlet to the server's
@@ -149,7 +159,7 @@ class Connection:
         "flushing", "queued_bytes", "inflight", "reader", "handlers", "running", "watch_armed", "read_state",
         "goaway", "error_line", "active_tick", "partial_tick", "writer", "write_tick",
         "requests", "created_tick", "drained", "_raw_send", "close_pending", "received", "write_unsent",
-        "eager", "_raw_recv", "_read_watcher", "__weakref__",
+        "eager", "_raw_recv", "_read_watcher", "unordered", "floating", "__weakref__",
     )
 
     def __init__(self, state: ServerState[Connection], sock: Any, address: Any) -> None:
@@ -164,7 +174,7 @@ class Connection:
                                  else min(state.settings.max_line_bytes, PREAUTH_MAX_LINE_BYTES), skip_blank=True)
         self.lines: list[bytes | None] = []
         self.pos = 0
-        self.out: list[Any] = []  # reply bytes and _Slots, in request order
+        self.out: list[Any] = []  # reply bytes and _Slots, in request order (completion order: see _fill)
         self.open_slots = 0  # _Slots in ``out``, filled or not
         self.flushing = False
         self.queued_bytes = 0  # reply bytes in ``out`` (replies, error lines, filled slots) not yet taken to send
@@ -201,6 +211,11 @@ class Connection:
         watcher = getattr(sock, "_read_event", None) if raw is not None else None
         self._raw_recv: Callable[[int], bytes] | None = raw.recv if raw is not None and watcher is not None else None
         self._read_watcher: Any = watcher
+        # Protocol 1.1 (see "Completion order" below): set by the HELLO built-in, never cleared.
+        self.unordered = False
+        #: Slots of handed-off requests carrying an id, on an unordered connection: not in ``out``;
+        #: each reply is appended to ``out`` when it is ready. ``None`` until the first one.
+        self.floating: dict[_Slot, None] | None = None
 
     # -- the read state (see the module docstring) -----------------------------------------------
 
@@ -480,6 +495,8 @@ class Connection:
         access_log = state.access_log
         if access_log is not None:
             access_log(self, req, code, elapsed)
+        if self.floating and req.id is None:  # id-less, behind requests answered when ready
+            self._barrier()
         self.out.append(reply)
         self.queued_bytes += len(reply)
         if self.queued_bytes > FLUSH_BYTES:
@@ -488,10 +505,13 @@ class Connection:
 
     # -- the rare paths of _dispatch ----------------------------------------------------------------
 
-    def _queue_error(self, line: bytes) -> bool:
-        """Queue an error reply the dispatcher made (400, 404, 413, a refusal); returns True, as
-        :meth:`_dispatch` does. Counted as replies are: one echoes its line's id, which can be as
-        long as the line (1.5 MiB once escaped), and a blocked head must not let them pile up."""
+    def _queue_error(self, line: bytes, rid: Any = None) -> bool:
+        """Queue an error reply the dispatcher made (400, 404, 413, a refusal) to a line whose id
+        was ``rid``; returns True, as :meth:`_dispatch` does. Counted as replies are: one echoes its
+        line's id, which can be as long as the line (1.5 MiB once escaped), and a blocked head must
+        not let them pile up."""
+        if self.floating and rid is None:
+            self._barrier()
         self.out.append(line)
         self.queued_bytes += len(line)
         if self.queued_bytes > FLUSH_BYTES:
@@ -517,13 +537,13 @@ class Connection:
             state.stats.blank_lines += 1
             return True
         state.stats.protocol_errors += 1
-        return self._queue_error(encode_error(state.codec, exc.code, exc.msg, exc.cmdid, exc.id, exc.has_id))
+        return self._queue_error(encode_error(state.codec, exc.code, exc.msg, exc.cmdid, exc.id, exc.has_id), exc.id)
 
     def _refuse(self, req: ServerRequest, refusal: tuple[int, str]) -> bool:
         """Answer a request ``state.admit`` refused (deadline already passed, in-flight limit)."""
         code, msg = refusal
         self.state.stats.record(req.cmdid, code, 0.0)
-        return self._queue_error(encode_error(self.state.codec, code, msg, req.cmdid, req.id, req.has_id))
+        return self._queue_error(encode_error(self.state.codec, code, msg, req.cmdid, req.id, req.has_id), req.id)
 
     def _handler_raised(self, req: ServerRequest, exc: BaseException, me: Any) -> tuple[bytes, int] | None:
         """The reply and code for a handler that raised ``exc``; ``None`` when nobody is left to answer.
@@ -591,13 +611,36 @@ class Connection:
             if access_log is not None:
                 access_log(self, req, code, elapsed)
         finally:
-            slot.data = reply
-            self.queued_bytes += len(reply)
+            self._fill(slot, reply)
             self._drop_slot(req, me)
         if self.read_state != CLOSED:
             self._flush()
             self._maybe_close()
         return False
+
+    # -- completion order (protocol 1.1) ------------------------------------------------------------
+
+    def _fill(self, slot: _Slot, reply: bytes) -> None:
+        """A handed-off request's reply is ready: into its slot in ``out`` (in request order), or, a
+        floating slot (unordered connection, the request carried an id), at the end of ``out``, to
+        go out with the next send. Counted in ``queued_bytes`` either way (the byte bound)."""
+        slot.data = reply
+        self.queued_bytes += len(reply)
+        floating = self.floating
+        if floating and slot in floating:
+            del floating[slot]
+            self.out.append(reply)
+
+    def _barrier(self) -> None:
+        """An id-less reply (or slot) is about to be queued on an unordered connection: every request
+        read before it must be answered first, so the floating slots take their places in ``out``
+        ahead of it (and anything queued later goes behind it). A client can then match an id-less
+        reply to its oldest unanswered request, as in request order."""
+        floating = self.floating
+        assert floating is not None
+        self.out.extend(floating)
+        self.open_slots += len(floating)
+        floating.clear()
 
     def _drop_slot(self, req: ServerRequest, me: Any) -> None:
         """A handed-off request is over: it no longer counts in flight (its slot stays in ``out``).
@@ -618,7 +661,7 @@ class Connection:
         else:
             code, msg = Code.UNKNOWN_COMMAND, f"unknown cmdid {req.cmdid}"
         state.stats.unknown_commands += 1
-        return self._queue_error(encode_error(state.codec, code, msg, req.cmdid, req.id, req.has_id))
+        return self._queue_error(encode_error(state.codec, code, msg, req.cmdid, req.id, req.has_id), req.id)
 
     def hand_off(self) -> None:
         """Runs in the hub once the reader yielded (the state's watch pass, ``ServerState.watch_all``):
@@ -631,8 +674,16 @@ class Connection:
         state = self.state
         slot = _Slot()
         req._slot = slot
-        self.out.append(slot)
-        self.open_slots += 1
+        if self.unordered and req.id is not None:  # its reply goes out when ready (_fill)
+            floating = self.floating
+            if floating is None:
+                floating = self.floating = {}
+            floating[slot] = None
+        else:
+            if self.floating:
+                self._barrier()
+            self.out.append(slot)
+            self.open_slots += 1
         self.inflight += 1
         state.inflight += 1
         if req.cmdid >= 0:  # an application command that blocks: refused at a full limit from now on
@@ -662,9 +713,8 @@ class Connection:
         if slot is None or slot.data is not None:
             return
         if self.read_state != CLOSED:
-            slot.data = encode_error(self.state.codec, Code.DEADLINE_EXCEEDED, "deadline exceeded", req.cmdid,
-                                     req.id, req.has_id)
-            self.queued_bytes += len(slot.data)
+            self._fill(slot, encode_error(self.state.codec, Code.DEADLINE_EXCEEDED, "deadline exceeded", req.cmdid,
+                                          req.id, req.has_id))
         glet.throw(DeadlineReached)
         if req._timer is not None and self.read_state != CLOSED:  # it swallowed the exception and runs on
             self.state.readers.run(self._deadline_answered, req, glet, self.state.clock() - handed_off)

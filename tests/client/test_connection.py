@@ -176,13 +176,14 @@ def test_black_hole_times_out_then_the_connection_is_presumed_dead(monkeypatch):
 
 
 @pytest.mark.slow
-def test_timed_out_callers_reply_is_dropped_not_given_to_the_next_caller():
+@pytest.mark.parametrize("unordered", [True, False], ids=["unordered", "ordered"])
+def test_timed_out_callers_reply_is_dropped_not_given_to_the_next_caller(unordered):
     """Anchor case 38 (redis-py CVE-2023-28858 class): 100 ms delay each way, A times out at 150 ms,
     B goes out at once on the same connection and must get B's reply."""
     with serve(client_app.registry) as server:
         proxy = FaultProxy(addr(server), latency=0.1)
         try:
-            with Client(proxy.address, timeout=2, pool_size=1) as client:
+            with Client(proxy.address, timeout=2, pool_size=1, unordered=unordered) as client:
                 for round_ in range(3):
                     with pytest.raises(CallTimeout):
                         client.call(1, {"who": "A", "round": round_}, timeout=0.15)
@@ -193,13 +194,14 @@ def test_timed_out_callers_reply_is_dropped_not_given_to_the_next_caller():
 
 
 @pytest.mark.slow
-def test_cancelled_greenlets_never_leave_replies_for_others():
+@pytest.mark.parametrize("unordered", [True, False], ids=["unordered", "ordered"])
+def test_cancelled_greenlets_never_leave_replies_for_others(unordered):
     """Kill and gevent.Timeout waiting callers at random moments while others call: nobody ever
     receives another caller's reply."""
     with serve(client_app.registry) as server:
         proxy = FaultProxy(addr(server), latency=0.02)
         try:
-            with Client(proxy.address, timeout=5, pool_size=1) as client:
+            with Client(proxy.address, timeout=5, pool_size=1, unordered=unordered) as client:
                 def caller(k):
                     for i in range(15):
                         assert client.call(2, {"seconds": 0.01 * (i % 3), "k": k, "i": i})["k"] == k
@@ -220,13 +222,14 @@ def test_cancelled_greenlets_never_leave_replies_for_others():
             proxy.close()
 
 
-def test_write_interrupted_mid_request_discards_the_connection():
+@pytest.mark.parametrize("unordered", [True, False], ids=["unordered", "ordered"])
+def test_write_interrupted_mid_request_discards_the_connection(unordered):
     """A gevent.Timeout during sendall of an 8 MiB request (through a 4 MiB/s link): the partial line
     is never processed and later requests are not corrupted."""
     with serve(client_app.registry, max_line_bytes=16 << 20) as server:
         proxy = FaultProxy(addr(server), rate=4 << 20, slice=65536)
         try:
-            with Client(proxy.address, timeout=5, pool_size=1) as client:
+            with Client(proxy.address, timeout=5, pool_size=1, unordered=unordered) as client:
                 client_app.executed.clear()
                 with pytest.raises(gevent.Timeout):
                     with gevent.Timeout(0.1):
@@ -239,11 +242,12 @@ def test_write_interrupted_mid_request_discards_the_connection():
             proxy.close()
 
 
-def test_one_byte_slices_both_ways():
+@pytest.mark.parametrize("unordered", [True, False], ids=["unordered", "ordered"])
+def test_one_byte_slices_both_ways(unordered):
     with serve(client_app.registry) as server:
         proxy = FaultProxy(addr(server), slice=1)
         try:
-            with Client(proxy.address, timeout=10, pool_size=1) as client:
+            with Client(proxy.address, timeout=10, pool_size=1, unordered=unordered) as client:
                 jobs = [gevent.spawn(client.call, 1, {"i": i, "s": "é✓"}) for i in range(10)]
                 gevent.joinall(jobs, raise_error=True)
                 assert [j.value for j in jobs] == [{"i": i, "s": "é✓"} for i in range(10)]

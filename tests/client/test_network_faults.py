@@ -1,4 +1,7 @@
-"""The real Client through the fault-injection proxy (case 39): what a caller sees under each fault."""
+"""The real Client through the fault-injection proxy (case 39): what a caller sees under each fault.
+
+Every test runs in both reply modes (``unordered``: protocol 1.1's completion order, the default;
+``ordered``: ``Client(unordered=False)``, request order as with a server before 1.1)."""
 
 from __future__ import annotations
 
@@ -31,6 +34,11 @@ def registry() -> Registry:
     return reg
 
 
+@pytest.fixture(params=[True, False], ids=["unordered", "ordered"])
+def unordered(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
+
+
 @pytest.fixture
 def proxied() -> Iterator[tuple[Any, FaultProxy]]:
     executed.clear()
@@ -42,19 +50,19 @@ def proxied() -> Iterator[tuple[Any, FaultProxy]]:
             proxy.close()
 
 
-def test_one_byte_slices_both_ways(proxied: tuple[Any, FaultProxy]) -> None:
+def test_one_byte_slices_both_ways(proxied: tuple[Any, FaultProxy], unordered: bool) -> None:
     _, proxy = proxied
     proxy.slice = 1
-    with Client(proxy.address, timeout=10, pool_size=1) as client:
+    with Client(proxy.address, timeout=10, pool_size=1, unordered=unordered) as client:
         jobs = [gevent.spawn(client.call, 1, {"i": i, "s": "é✓" * i}) for i in range(8)]
         gevent.joinall(jobs, raise_error=True)
         assert [j.value for j in jobs] == [{"i": i, "s": "é✓" * i} for i in range(8)]
 
 
-def test_reset_after_request_written(proxied: tuple[Any, FaultProxy]) -> None:
+def test_reset_after_request_written(proxied: tuple[Any, FaultProxy], unordered: bool) -> None:
     """Non-idempotent: MaybeExecuted and no automatic resend. Idempotent: resent and answered."""
     server, proxy = proxied
-    with Client(proxy.address, timeout=5, pool_size=1) as client:
+    with Client(proxy.address, timeout=5, pool_size=1, unordered=unordered) as client:
         assert client.call(30, {"tag": "warm"}) is not None  # connection (and AUTH-free handshake) done
         proxy.reset_after_upstream = proxy.links[0].up_bytes + 1
         with pytest.raises(MaybeExecuted):
@@ -67,9 +75,9 @@ def test_reset_after_request_written(proxied: tuple[Any, FaultProxy]) -> None:
         assert executed.count("idem") == 2  # ran, reply lost, resent because declared idempotent
 
 
-def test_black_hole_times_out_and_recovers(proxied: tuple[Any, FaultProxy]) -> None:
+def test_black_hole_times_out_and_recovers(proxied: tuple[Any, FaultProxy], unordered: bool) -> None:
     _, proxy = proxied
-    with Client(proxy.address, timeout=5, pool_size=1) as client:
+    with Client(proxy.address, timeout=5, pool_size=1, unordered=unordered) as client:
         assert client.call(1, {"a": 1}) == {"a": 1}
         proxy.blackhole = True
         started = time.monotonic()
@@ -80,10 +88,10 @@ def test_black_hole_times_out_and_recovers(proxied: tuple[Any, FaultProxy]) -> N
         assert client.call(1, {"a": 3}, timeout=5) == {"a": 3}
 
 
-def test_cut_inside_a_reply_line(proxied: tuple[Any, FaultProxy]) -> None:
+def test_cut_inside_a_reply_line(proxied: tuple[Any, FaultProxy], unordered: bool) -> None:
     """The client never parses half a line: MaybeExecuted for a non-idempotent call; resend if idempotent."""
     _, proxy = proxied
-    with Client(proxy.address, timeout=5, pool_size=1) as client:
+    with Client(proxy.address, timeout=5, pool_size=1, unordered=unordered) as client:
         assert client.call(1, {"warm": True}) == {"warm": True}
         proxy.cut_downstream_after = proxy.links[0].down_bytes + 10
         with pytest.raises(MaybeExecuted):
@@ -95,10 +103,10 @@ def test_cut_inside_a_reply_line(proxied: tuple[Any, FaultProxy]) -> None:
 
 
 @pytest.mark.slow
-def test_latency_deadline_is_honoured_and_sent_to_the_server(proxied: tuple[Any, FaultProxy]) -> None:
+def test_latency_deadline_is_honoured_and_sent_to_the_server(proxied: tuple[Any, FaultProxy], unordered: bool) -> None:
     server, proxy = proxied
     proxy.latency = 0.3
-    with Client(proxy.address, timeout=5, pool_size=1) as client:
+    with Client(proxy.address, timeout=5, pool_size=1, unordered=unordered) as client:
         reply = client.call(30, {"tag": "slow-link"}, timeout=3)
         assert reply["tag"] == "slow-link" and 0 < reply["timeout_ms"] <= 3000  # the caller's deadline went along
         started = time.monotonic()

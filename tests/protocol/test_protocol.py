@@ -5,13 +5,22 @@ from __future__ import annotations
 import ast
 import json
 import os
+from typing import Any
 
 import pytest
 
 from geventtcp import protocol
 from geventtcp.codec import SimplejsonCodec
 from geventtcp.errors import Code, ProtocolError
-from geventtcp.protocol import LineBuffer, decode_reply, encode_error, encode_goaway, encode_reply, parse_request
+from geventtcp.protocol import (
+    LineBuffer,
+    decode_reply,
+    encode_error,
+    encode_goaway,
+    encode_reply,
+    encode_request,
+    parse_request,
+)
 
 CODEC = SimplejsonCodec()
 STREAM = (
@@ -272,11 +281,67 @@ def test_wire_facts_are_defined_once_here_and_used_by_both_sides() -> None:
     from geventtcp.errors import Unprocessed
     from geventtcp.server import builtins, security
 
-    assert [(b.name, int(b)) for b in protocol.Builtin] == [("PING", -1), ("LIST", -2), ("STATS", -3), ("AUTH", -4)]
+    assert [(b.name, int(b)) for b in protocol.Builtin] == [("PING", -1), ("LIST", -2), ("STATS", -3), ("AUTH", -4),
+                                                            ("HELLO", -5)]
     assert builtins.Builtin is protocol.Builtin
-    assert protocol.PREAUTH_CMDIDS == (protocol.Builtin.AUTH, protocol.Builtin.PING)
+    assert protocol.PREAUTH_CMDIDS == (protocol.Builtin.AUTH, protocol.Builtin.PING, protocol.Builtin.HELLO)
     assert protocol.READ_ONLY_BUILTINS == {-1, -2, -3}
     assert security.PREAUTH_MAX_LINE_BYTES is protocol.PREAUTH_MAX_LINE_BYTES == 64 * 1024
     goaway = decode_reply(CODEC, encode_goaway(CODEC, "reload"))
     assert goaway[protocol.GOAWAY_FIELD] == "reload"
     assert unsolicited(goaway) == ("server is going away (reload)", Unprocessed)
+
+
+# -- protocol 1.1: HELLO -----------------------------------------------------------------------
+
+
+def test_hello_params_ask_for_the_features_this_implementation_offers() -> None:
+    assert protocol.hello_params() == {"protocol": "1.1", "features": ["unordered"]}
+    assert protocol.hello_params(()) == {"protocol": "1.1", "features": []}
+
+
+@pytest.mark.parametrize(("params", "in_force", "features"), [
+    ({"protocol": "1.1", "features": ["unordered"]}, frozenset(), ["unordered"]),
+    ({"features": ["unordered", "compression", "unordered"]}, frozenset(), ["unordered"]),  # unknown ignored
+    ({"protocol": "1.1"}, frozenset(), []),  # no features asked: nothing switched on
+    ({}, frozenset(), []),
+    ({"protocol": "2.0", "features": []}, frozenset(), []),  # a newer client: the server states its own
+    ({"features": []}, frozenset({"unordered"}), ["unordered"]),  # once on, stays on
+])
+def test_negotiate_switches_on_the_known_features_asked_for(params: dict[str, Any], in_force: frozenset[str],
+                                                           features: list[str]) -> None:
+    data, now = protocol.negotiate(params, in_force)
+    assert data == {"protocol": "1.1", "features": features}
+    assert now == frozenset(features)
+
+
+@pytest.mark.parametrize("params", [
+    {"features": "unordered"}, {"features": [1]}, {"features": None}, {"protocol": 1.1}, {"protocol": ["1.1"]},
+])
+def test_negotiate_refuses_params_of_the_wrong_type(params: dict[str, Any]) -> None:
+    with pytest.raises(ProtocolError) as err:
+        protocol.negotiate(params)
+    assert err.value.code == 400
+
+
+@pytest.mark.parametrize(("line", "features"), [
+    (b'{"code":0,"cmdid":-5,"id":1,"data":{"protocol":"1.1","features":["unordered"],"pid":7}}', {"unordered"}),
+    (b'{"code":0,"cmdid":-5,"id":1,"data":{"protocol":"1.1","features":[]}}', set()),
+    (b'{"code":404,"cmdid":-5,"id":1,"msg":"unknown cmdid -5"}', set()),  # a server before 1.1
+    (b'{"code":401,"cmdid":-5,"id":1,"msg":"authentication required"}', set()),  # a 1.0 server with auth on
+    (b'{"code":0,"cmdid":-5,"id":1,"data":null}', set()),  # anything unexpected: request order
+    (b'{"code":0,"cmdid":-5,"id":1,"data":{"features":"unordered"}}', set()),
+    (b'{"code":0,"cmdid":-5,"id":1,"data":{"features":["unordered",3]}}', {"unordered"}),
+])
+def test_accepted_features_reads_a_hello_reply_and_falls_back_to_request_order(line: bytes,
+                                                                               features: set[str]) -> None:
+    assert protocol.accepted_features(decode_reply(CODEC, line)) == features
+
+
+def test_a_hello_round_trip_from_request_line_to_reply_line() -> None:
+    line = encode_request(CODEC, protocol.Builtin.HELLO, protocol.hello_params(), id=1)
+    req = protocol.parse_request(line[:-1], CODEC)
+    data, now = protocol.negotiate(req.params)
+    reply = encode_reply(CODEC, req.cmdid, data, req.id, req.has_id)
+    assert reply == b'{"code":0,"cmdid":-5,"id":1,"data":{"protocol":"1.1","features":["unordered"]}}\n'
+    assert protocol.accepted_features(decode_reply(CODEC, reply[:-1])) == now == {protocol.UNORDERED}

@@ -7,6 +7,7 @@ while connections are open. ``upstream`` is client-to-server, ``downstream`` ser
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -175,10 +176,17 @@ class FaultProxy:
 
 class FakeServer:
     """A raw listener in this process: each accepted socket goes to ``behaviour(sock, n)`` in a greenlet
-    (``n`` counts connections from 0). For replies a real server would never send."""
+    (``n`` counts connections from 0). For replies a real server would never send.
 
-    def __init__(self, behaviour: Any) -> None:
+    It is a server before protocol 1.1: :meth:`read_line` answers a HELLO (cmdid -5) line with the
+    404 such a server sends, as the first thing on the connection, and returns the next line (the
+    HELLOs answered are counted in ``hellos``). With ``answer_hello=False`` the behaviour sees it.
+    """
+
+    def __init__(self, behaviour: Any, answer_hello: bool = True) -> None:
         self.behaviour = behaviour
+        self.answer_hello = answer_hello
+        self.hellos = 0
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(128)
@@ -217,6 +225,11 @@ class FakeServer:
             data += chunk
         line, _, rest = data.partition(b"\n")
         buf[:] = [rest]
+        if self.answer_hello and line.startswith(b'{"cmdid":-5,'):
+            self.hellos += 1
+            rid = json.loads(line)["id"]
+            sock.sendall(b'{"code":404,"cmdid":-5,"id":%d,"msg":"unknown cmdid -5"}\n' % rid)
+            return self.read_line(sock, buf)
         self.lines.append(line)
         return line
 
