@@ -190,7 +190,7 @@ def create_app(config: Config | None = None) -> Registry:
         store.remember(resources.cache, key, order, cfg.cache_ttl)
         return order
 
-    @registry.handler(CREATE, params=CreateOrder)
+    @registry.handler(CREATE, name="create_order", params=CreateOrder)
     def create_order(request: Request) -> store.Order:
         """Create an order; a known idempotency_key is ALREADY_EXISTS (details: the existing order's id)."""
         p = cast(CreateOrder, request.params)  # validated by params=CreateOrder
@@ -202,12 +202,12 @@ def create_app(config: Config | None = None) -> Registry:
         log.info("order %d created", order["id"])
         return order
 
-    @registry.handler(GET, params=OrderId, idempotent=True)
+    @registry.handler(GET, name="get_order", params=OrderId, idempotent=True)
     def get_order(request: Request) -> store.Order:
         """One order, from the redis cache or PostgreSQL."""
         return load(request, cast(OrderId, request.params).id)
 
-    @registry.handler(LIST, params=ListOrders, idempotent=True, max_concurrency=cfg.pool_size)
+    @registry.handler(LIST, name="list_orders", params=ListOrders, idempotent=True, max_concurrency=cfg.pool_size)
     def list_orders(request: Request) -> dict[str, Any]:
         """One page of the tenant's orders by id; ``next`` is the ``after`` of the next page (null: the last)."""
         p = cast(ListOrders, request.params)  # validated by params=ListOrders
@@ -217,7 +217,7 @@ def create_app(config: Config | None = None) -> Registry:
             orders, cursor = store.page(conn, TENANT.get(), p.after, p.limit)
         return {"orders": orders, "next": cursor}
 
-    @registry.handler(SET_STATUS, params=SetStatus, idempotent=True)
+    @registry.handler(SET_STATUS, name="set_status", params=SetStatus, idempotent=True)
     def set_status(request: Request) -> store.Order:
         """Change an order's status; the cached copy is deleted after the commit."""
         p = cast(SetStatus, request.params)  # validated by params=SetStatus
@@ -229,7 +229,7 @@ def create_app(config: Config | None = None) -> Registry:
         store.forget(resources.cache, store.cache_key(tenant, p.id))
         return order
 
-    @registry.handler(QUOTE, params=QuoteParams, idempotent=True)
+    @registry.handler(QUOTE, name="shipping_quote", params=QuoteParams, idempotent=True)
     def shipping_quote(request: Request) -> dict[str, Any]:
         """The shipping service's price for an order; it being down is DEPENDENCY_UNAVAILABLE."""
         p = cast(QuoteParams, request.params)  # validated by params=QuoteParams

@@ -1,4 +1,4 @@
--- The orders service's one table. Idempotent: orders.store.create_schema runs it at every start of
+-- The orders service's one table. Idempotent: orders.schema.create_schema runs it at every start of
 -- the tests and may be run again on a database that has it.
 CREATE TABLE IF NOT EXISTS orders (
     id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

@@ -10,37 +10,27 @@ then stores the row for ``ttl`` seconds; every write deletes the key after commi
 is not an error: a read goes to the database (logged), a delete that failed leaves at most
 ``ttl`` seconds of a stale row (logged).
 
-:func:`create_schema` runs ``schema.sql`` (idempotent); the tests and ``python -m orders.store
-DATABASE_URL`` call it.
+The schema is :mod:`orders.schema`'s.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import sys
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import psycopg
 import redis
 from psycopg.rows import dict_row
 
-__all__ = ["Order", "create_schema", "insert", "find", "page", "set_status", "cache_key", "cached_order", "remember",
+__all__ = ["Order", "insert", "find", "page", "set_status", "cache_key", "cached_order", "remember",
            "forget"]
 
 log = logging.getLogger("orders.store")
-SCHEMA = Path(__file__).with_name("schema.sql")
 COLUMNS = "id, item, quantity, status, created_at"
 
 Order = dict[str, Any]
-
-
-def create_schema(database_url: str) -> None:
-    """Create the table and index (a no-op when they exist)."""
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(SCHEMA.read_text())  # no parameters: psycopg sends the whole script as is
 
 
 def _order(row: dict[str, Any]) -> Order:
@@ -116,10 +106,3 @@ def forget(cache: redis.Redis, key: str) -> None:
         cache.delete(key)
     except redis.RedisError as exc:
         log.warning("cache invalidation of %s failed; stale for at most the TTL: %s", key, exc)
-
-
-if __name__ == "__main__":  # python -m orders.store DATABASE_URL
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m orders.store DATABASE_URL")
-    create_schema(sys.argv[1])
-    print(f"schema ready in {sys.argv[1]}")

@@ -28,7 +28,7 @@ if str(EXAMPLE_DIR) not in sys.path:  # `import orders` as `geventtcp serve orde
     sys.path.insert(0, str(EXAMPLE_DIR))
 
 from orders.config import ApiKey, Config  # noqa: E402
-from orders.store import create_schema  # noqa: E402
+from orders.schema import create_schema  # noqa: E402
 
 from tests import conftest as suite  # noqa: E402
 from tests.support.postgres import new_database  # noqa: E402

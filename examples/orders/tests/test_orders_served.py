@@ -49,3 +49,22 @@ def test_logs_carry_the_request_id(geventtcp_server: AppServer, geventtcp_client
     log = geventtcp_server.output()
     assert re.search(r"INFO orders \[rid-7f3a\]: cmd 101 code 1005 in [\d.]+ ms", log), log
     assert re.search(r"INFO orders \[[0-9a-f]{16}\]: cmd 102 ok in [\d.]+ ms", log), log
+
+
+def test_the_schema_command_creates_the_table_idempotently(pg_dsn: str) -> None:
+    """``python -m orders.schema URL``, the first of the two commands of docs/example.md."""
+    import subprocess
+    import sys
+
+    import psycopg
+
+    from tests.support.postgres import new_database
+
+    dsn = new_database(pg_dsn, "orders_schema_cli")
+    for _ in range(2):  # a second run finds everything there
+        done = subprocess.run([sys.executable, "-m", "orders.schema", dsn], cwd=EXAMPLE_DIR, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0 and done.stdout == "schema ready\n" and done.stderr == "", done
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT to_regclass('orders'), to_regclass('orders_tenant_id')").fetchone() == (
+            "orders", "orders_tenant_id")
