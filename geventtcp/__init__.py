@@ -6,6 +6,7 @@ from geventtcp import urls
 from geventtcp.client.client import Client
 from geventtcp.errors import (
     Aborted,
+    AccessDenied,
     AlreadyExists,
     ApplicationError,
     BadRequest,
@@ -20,6 +21,7 @@ from geventtcp.errors import (
     HandlerError,
     InternalServerError,
     MaybeExecuted,
+    NotAuthenticated,
     NotFound,
     NotSent,
     PermissionDenied,
@@ -84,6 +86,8 @@ __all__ = [
     "ApplicationError",
     "NotFound",
     "AlreadyExists",
+    "AccessDenied",
+    "NotAuthenticated",
     "ResourceExhausted",
     "FailedPrecondition",
     "Aborted",

@@ -62,6 +62,8 @@ __all__ = [
     "ApplicationError",
     "NotFound",
     "AlreadyExists",
+    "AccessDenied",
+    "NotAuthenticated",
     "FailedPrecondition",
     "Aborted",
     "ResourceExhausted",
@@ -104,6 +106,9 @@ class Code(enum.IntEnum):
     NOT_FOUND = 1005
     #: What the request would create exists already. Retry: not unchanged.
     ALREADY_EXISTS = 1006
+    #: The application knows the caller but does not let it do this (say, a read-only API key on a
+    #: write). Retry: not with the same credentials.
+    ACCESS_DENIED = 1007
     #: A limit or quota of the application is used up. Retry: after a backoff, if idempotent.
     RESOURCE_EXHAUSTED = 1008
     #: The system is not in the state the request needs (say, a non-empty directory to delete).
@@ -115,6 +120,9 @@ class Code(enum.IntEnum):
     #: A dependency of the handler (database, downstream service) is down; the handler ran and may
     #: have done part of its work. Retry: after a backoff, if idempotent.
     DEPENDENCY_UNAVAILABLE = 1014
+    #: The application's own credentials (say, an API key in the request's meta) are missing or not valid; the
+    #: handler's middleware checked them (401 is the server's AUTH). Retry: not without valid ones.
+    NOT_AUTHENTICATED = 1016
 
 
 #: Codes that promise the handler did not run, so any request may be sent again (gRPC A6's rule).
@@ -324,6 +332,20 @@ class AlreadyExists(ApplicationError):
     code = Code.ALREADY_EXISTS
 
 
+class AccessDenied(ApplicationError):
+    """The application knows the caller but does not let it do this (gRPC's PERMISSION_DENIED; 403
+    is the server's protected mode). Retry: not with the same credentials."""
+
+    code = Code.ACCESS_DENIED
+
+
+class NotAuthenticated(ApplicationError):
+    """The application's own credentials (an API key in ``meta``, ...) are missing or not valid
+    (gRPC's UNAUTHENTICATED; 401 is the server's AUTH). Retry: not without valid ones."""
+
+    code = Code.NOT_AUTHENTICATED
+
+
 class ResourceExhausted(ApplicationError):
     """A limit or quota of the application is used up. Retry: after a backoff, if idempotent."""
 
@@ -364,10 +386,12 @@ ERROR_CLASSES: dict[int, type[RemoteError]] = {
         DeadlineExceeded,
         NotFound,
         AlreadyExists,
+        AccessDenied,
         ResourceExhausted,
         FailedPrecondition,
         Aborted,
         DependencyUnavailable,
+        NotAuthenticated,
     )
 }
 

@@ -24,6 +24,10 @@ in a ContextVar (see ``docs/testing.md``). A handler's exception is logged by th
 answered 500, exactly as deployed. A server that cannot start (a bad setting, an import error)
 raises from the constructor.
 
+The application's worker lifecycle hooks (``@registry.hook("post_worker_init")``/``"worker_exit"``)
+run in the server's thread, as a worker runs them, so per-worker resources they open (a database
+pool, a cache client) exist while a test calls and are closed by :meth:`TestClient.close`.
+
 Who closes what: the TestClient owns the Client, the Server and its thread; :meth:`TestClient.close`
 (or leaving ``with``) closes the client's connections first, so the server's drain does not wait
 for them, then stops the server (gracefully, bounded) and joins the thread.
@@ -32,6 +36,8 @@ for them, then stops the server (gracefully, bounded) and joins the thread.
 from __future__ import annotations
 
 import itertools
+import logging
+import os
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -42,7 +48,9 @@ from geventtcp.client.client import Client
 from geventtcp.client.concurrency import current_world, real_lock
 from geventtcp.client.replycodec import ReplyCodec
 from geventtcp.codec import get_codec
+from geventtcp.config import HOOKS
 from geventtcp.errors import ConnectError, remote_error
+from geventtcp.hooks import MasterInfo, WorkerInfo, run_hooks
 from geventtcp.protocol import MAX_TIMEOUT_MS, Builtin, encode_request
 from geventtcp.urls import Registry, load_registry
 
@@ -57,11 +65,20 @@ START_TIMEOUT = 30.0
 
 
 class _ServerThread:
-    """A Server and the OS thread whose hub runs it; ``start()`` returns once it listens (or raises)."""
+    """A Server and the OS thread whose hub runs it; ``start()`` returns once it listens (or raises).
 
-    def __init__(self, registry: Registry, settings: dict[str, Any]) -> None:
+    With ``worker_hooks``, the registry's ``post_worker_init`` hooks run in that thread once the
+    Server is built, before it listens (a failure is the constructor's :class:`HookFailedError`), and
+    its ``worker_exit`` hooks run there after every end that followed them (drained, or a boot
+    error), while the hub still runs: as in a deployed worker, which is this thread's one "worker".
+    """
+
+    def __init__(self, registry: Registry, settings: dict[str, Any], worker_hooks: bool, app: str) -> None:
         self.registry = registry
         self.settings = settings
+        self.worker_hooks = worker_hooks
+        self.app = app
+        self.exit_reason = ""
         self.server: Any = None
         self.error: BaseException | None = None
         self.native_id = 0  # the thread's id in the OS, once it runs
@@ -84,19 +101,44 @@ class _ServerThread:
         from geventtcp.server.server import Server
 
         self.native_id = _get_native_id()
+        hooked = False  # post_worker_init began: worker_exit runs at the end, as in a worker
         try:
             try:
                 self.server = Server(self.registry, **self.settings)  # its loop: this thread's hub
+                if self.worker_hooks and self.registry.hooks("post_worker_init"):
+                    hooked = True
+                    self._run_hooks("post_worker_init", abort=True)
                 self.server.start()
             except BaseException as exc:
                 self.error = exc
+                self.exit_reason = "boot_error"
                 return
             finally:
                 self._ready.release()
             self.server.serve_forever()  # until stop() or close(), from another thread (see stop)
+            self.exit_reason = "shutdown"
         finally:
-            get_hub().destroy(destroy_loop=True)  # this thread's hub and loop, with their descriptors
-            self._done.release()
+            try:
+                if hooked or (self.worker_hooks and self.server is not None and self.error is None):
+                    self._run_hooks("worker_exit")  # logged on failure, like a worker's
+            finally:
+                get_hub().destroy(destroy_loop=True)  # this thread's hub and loop, with their descriptors
+                self._done.release()
+
+    def _run_hooks(self, name: str, abort: bool = False) -> None:
+        """The registry's hooks ``name`` with what a worker passes (:mod:`geventtcp.hooks`): this
+        process as the master and as worker 1 in slot 0 of generation 0."""
+        hooks = self.registry.hooks(name)
+        if not hooks:
+            return
+        pid, settings = os.getpid(), self.server.settings
+        logger = logging.getLogger("geventtcp.testing")
+        worker = WorkerInfo(pid, age=1, slot=0, generation=0, settings=settings, log=logger,
+                            exit_reason=self.exit_reason or ("shutdown" if name == "worker_exit" else ""))
+        if len(HOOKS[name]) == 2:  # (server, worker)
+            run_hooks(name, hooks, MasterInfo(pid, self.app, settings, 1, 0, logger), worker, abort=abort)
+        else:
+            run_hooks(name, hooks, worker, abort=abort)
 
     def stop(self, timeout: float) -> None:
         """Drain gracefully (at most ``timeout`` s) from any thread; returns once the thread ended.
@@ -124,6 +166,13 @@ class TestClient:
     (its ``retries`` default to 0 here, so a test sees each reply as the server sent it, a 503
     included, and a handler runs once per call).
 
+    The application's worker hooks (``@registry.hook``) run as in a deployed worker, in the server's
+    thread: ``post_worker_init`` before the server listens (one that raises fails the constructor
+    with :class:`~geventtcp.hooks.HookFailedError`), ``worker_exit`` when :meth:`close` has drained
+    it (and after a failed start that ran ``post_worker_init``), so the per-worker resources they
+    open and close (a database pool) exist while the test calls. ``worker_hooks=False`` leaves them
+    out (a test that puts fakes in their place). ``worker_int`` and ``worker_abort`` never run here.
+
     Use it with ``with TestClient(app) as tc: tc.call(cmdid, params)``; safe from any thread and
     greenlet. ``address`` is the server's ``HOST:PORT``, ``server`` the running Server (read it,
     e.g. ``server.stats``; change it only from its own thread).
@@ -132,10 +181,10 @@ class TestClient:
     __test__ = False  # a class named Test*: not a test case for pytest
 
     def __init__(self, app: Registry | str, *, client_options: Mapping[str, Any] | None = None,
-                 **settings: Any) -> None:
+                 worker_hooks: bool = True, **settings: Any) -> None:
         registry = app if isinstance(app, Registry) else load_registry(app)
         settings.setdefault("bind", "127.0.0.1:0")
-        self._thread = _ServerThread(registry, settings)
+        self._thread = _ServerThread(registry, settings, worker_hooks, app if isinstance(app, str) else repr(app))
         self._thread.start()
         self.server: Any = self._thread.server
         host, port = self.server.address[:2]

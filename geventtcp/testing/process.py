@@ -13,7 +13,8 @@ with a nonzero status, or a worker crashed meanwhile (the master logs ``Worker (
 by ...``/``exited with code N``/``failed to boot`` and replaces it, so a test could pass without it).
 
 Who closes what: the AppServer owns the process, its client and a temporary directory (bind file
-and log); :meth:`stop` (or leaving ``with``) releases all of them, even when it raises.
+and log); :meth:`stop` (or leaving ``with``) releases all of them, even when it raises, keeping the
+log's text for :meth:`AppServer.output` (a test of shutdown behaviour reads it after ``stop``).
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class AppServer:
         self.addresses: list[str] = []
         self._client: Client | None = None
         self._dir = ""
+        self._final_output: str | None = None  # the log as it was when the temporary directory went
 
     def __repr__(self) -> str:
         return f"<AppServer {self.app} {','.join(self.addresses) or 'not started'}>"
@@ -110,7 +112,10 @@ class AppServer:
         return os.path.join(self._dir, "server.log")
 
     def output(self) -> str:
-        """Everything the server wrote (stdout and stderr) so far."""
+        """Everything the server wrote (stdout and stderr) so far; after :meth:`stop`, all it wrote
+        (what it logged while stopping included: ``worker_exit`` hooks, the drain)."""
+        if self._final_output is not None and not self._dir:
+            return self._final_output
         try:
             with open(self.log_path, encoding="utf-8", errors="replace") as fh:
                 return fh.read()
@@ -120,6 +125,7 @@ class AppServer:
     def start(self) -> None:
         """Start the server and wait until every worker serves; :class:`ServerFailed` if it does not."""
         self._dir = tempfile.mkdtemp(prefix="geventtcp-test-")
+        self._final_output = None
         bind_file = os.path.join(self._dir, "addresses")
         argv = [self.python, "-m", "geventtcp", "serve", self.app, "--bind", "127.0.0.1:0",
                 "--workers", str(self.workers), "--bind-file", bind_file, *self.args]
@@ -193,6 +199,7 @@ class AppServer:
 
     def _cleanup(self) -> None:
         if self._dir:
+            self._final_output = self.output()  # kept for output() once the log file is gone
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = ""
 

@@ -76,3 +76,17 @@ def test_timeout_is_sent_as_the_server_deadline(app_process):
     result = cli("call", app_process.address, "2", '{"seconds": 5}', "--timeout", "0.5")
     assert result.returncode == 1
     assert result.stderr.startswith("error 504:")
+
+
+@pytest.mark.slow
+def test_meta_is_sent_and_error_details_are_printed(app_process):
+    """A service that reads an API key or tenant from meta can be called from the command line, and
+    an error's details (a 400's bad fields, a dependency's reason) are not dropped."""
+    result = cli("call", app_process.address, "7", "--meta", '{"api_key": "k1", "request_id": "r-1"}', "--compact")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"api_key": "k1", "request_id": "r-1"}
+    failed = cli("call", app_process.address, "6", '{"key": "cli-details", "after": 5}')
+    assert failed.returncode == 1 and failed.stdout == ""
+    assert failed.stderr.splitlines() == ["error 1014: try again", 'details: {"seen": 1}']
+    assert cli("call", app_process.address, "7", "--meta", "[1]").returncode == 2
+    assert cli("call", app_process.address, "7", "--meta", '{"Bad Key": "x"}').returncode == 2

@@ -275,3 +275,36 @@ def test_a_handler_error_without_code_or_with_an_unprintable_msg_keeps_the_conne
         reply = c.call({"cmdid": 11, "id": 2})
         assert reply["code"] == 1005 and reply["id"] == 2 and "_NoStr" in reply["msg"]
         assert c.call({"cmdid": 10, "id": 3})["id"] == 3
+
+
+def test_a_middleware_refuses_a_caller_with_the_application_auth_codes(serve: Any) -> None:
+    """Auth checked by the application (an API key in meta) cannot answer 401/403, the transport's
+    AUTH and protected-mode codes; it has NOT_AUTHENTICATED (1016) and ACCESS_DENIED (1007), after
+    gRPC's UNAUTHENTICATED (16) and PERMISSION_DENIED (7), and the handler does not run."""
+    from geventtcp.errors import AccessDenied, NotAuthenticated
+
+    runs: list[int] = []
+    reg = Registry()
+
+    @reg.middleware
+    def api_key(request: Any, call_next: Any) -> Any:
+        key = request.meta.get("api_key")
+        if key is None:
+            raise NotAuthenticated("api_key required", details={"meta": "api_key"})
+        if key != "writer":
+            raise AccessDenied("read-only key", details={"api_key": key})
+        return call_next(request)
+
+    reg.add(10, lambda req: runs.append(1))
+    server = serve(reg)
+    with _client(server, retries=3) as client:
+        with pytest.raises(NotAuthenticated) as missing:
+            client.call(10)
+        with pytest.raises(AccessDenied) as denied:
+            client.call(10, meta={"api_key": "reader"})
+        assert client.call(10, meta={"api_key": "writer"}) is None
+    assert (missing.value.code, missing.value.details) == (Code.NOT_AUTHENTICATED, {"meta": "api_key"})
+    assert (denied.value.code, denied.value.details) == (Code.ACCESS_DENIED, {"api_key": "reader"})
+    assert (Code.NOT_AUTHENTICATED, Code.ACCESS_DENIED) == (1016, 1007)
+    assert not missing.value.retryable and not denied.value.retryable
+    assert runs == [1]

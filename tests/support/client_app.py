@@ -10,7 +10,7 @@ from geventtcp import DependencyUnavailable, Registry, Request
 
 registry = Registry()
 
-ECHO, SLEEP, FAIL, RECORD, PID, UNAVAILABLE = 1, 2, 3, 4, 5, 6
+ECHO, SLEEP, FAIL, RECORD, PID, UNAVAILABLE, META = 1, 2, 3, 4, 5, 6, 7
 #: In-process record of RECORD executions (tag per run); a subprocess server appends to $LEDGER.
 executed: list[str] = []
 
@@ -67,3 +67,9 @@ def unavailable(request: Request) -> Any:
 
 
 _seen: dict[str, int] = {}
+
+
+@registry.handler(META, idempotent=True)
+def meta(request: Request) -> Any:
+    """Reply with the request's meta."""
+    return dict(request.meta)

@@ -208,3 +208,61 @@ def test_in_a_monkey_patched_process_from_greenlets_and_threads() -> None:
     """), timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[0] == "True [0, 1, 2, 3, 4, 5, 6, 7]"
+
+
+def _hooked_registry(events: list[tuple[Any, ...]]) -> Registry:
+    """An application whose per-worker resource (a dict) comes from its lifecycle hooks, as a real one's pool."""
+    reg = Registry()
+    resource: dict[str, Any] = {}
+
+    @reg.hook("post_worker_init")
+    def open_resource(worker: Any) -> None:
+        resource["pool"] = "open"
+        events.append(("post_worker_init", worker.pid, worker.slot, _thread_id()))
+
+    @reg.hook("worker_exit")
+    def close_resource(server: Any, worker: Any) -> None:
+        resource["pool"] = "closed"
+        events.append(("worker_exit", server.pid, worker.exit_reason, _thread_id()))
+
+    reg.add(1, lambda req: {"pool": resource.get("pool"), "thread": _thread_id()}, name="uses_the_resource")
+    return reg
+
+
+def _thread_id() -> int:
+    from geventtcp.testing.client import _get_native_id
+
+    return int(_get_native_id())
+
+
+def test_the_applications_worker_hooks_run_in_the_server_thread_at_start_and_close() -> None:
+    events: list[tuple[Any, ...]] = []
+    with TestClient(_hooked_registry(events)) as tc:
+        served = tc.call(1)
+        assert served["pool"] == "open"                     # post_worker_init ran before the first request
+        assert events == [("post_worker_init", os.getpid(), 0, served["thread"])]
+    # worker_exit ran once the server drained, in the server's thread (where the resource was made)
+    assert events[1:] == [("worker_exit", os.getpid(), "shutdown", served["thread"])]
+
+
+def test_a_failing_post_worker_init_fails_the_constructor_and_still_runs_worker_exit() -> None:
+    from geventtcp.hooks import HookFailedError
+
+    events: list[tuple[Any, ...]] = []
+    reg = _hooked_registry(events)
+
+    @reg.hook("post_worker_init")
+    def fails(worker: Any) -> None:
+        raise RuntimeError("database down")
+
+    with pytest.raises(HookFailedError, match="database down"):
+        TestClient(reg)
+    assert [e[:3] for e in events] == [("post_worker_init", os.getpid(), 0),
+                                       ("worker_exit", os.getpid(), "boot_error")]
+
+
+def test_worker_hooks_can_be_left_out() -> None:
+    events: list[tuple[Any, ...]] = []
+    with TestClient(_hooked_registry(events), worker_hooks=False) as tc:
+        assert tc.call(1)["pool"] is None
+    assert events == []
