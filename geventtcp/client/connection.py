@@ -119,8 +119,11 @@ class ClientConnection:
         try:
             line = request_line(self.codec, cmdid, params, call, next(self._ids), time.monotonic(), self.address)
             rid = call.id
-            with self.state:
-                self._register_locked(call)
+            with self.state:  # _register_locked, inline: this is every call's path
+                if self.closed:
+                    raise NotSent(f"connection to {self.address} closed: {self.reason}")
+                self.calls[rid] = call
+                self.orphans += call.abandoned
                 self.writing = True
                 led = claim and not self.reading
                 if led:
@@ -164,7 +167,8 @@ class ClientConnection:
             wlock.release()
 
     def _register_locked(self, call: Call) -> None:
-        """Enter a numbered call in ``calls`` (under ``state``); NotSent if the connection closed."""
+        """Enter a numbered call in ``calls`` (under ``state``); NotSent if the connection closed.
+        (:meth:`_write` does the same inline, being every call's path.)"""
         if self.closed:
             raise NotSent(f"connection to {self.address} closed: {self.reason}")
         self.calls[call.id] = call
