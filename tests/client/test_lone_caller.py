@@ -147,19 +147,21 @@ FAKE_CASES = [
 
 
 @pytest.mark.parametrize("mode", ["threads", "gevent"])
-def test_odd_replies_and_connection_loss_equal_on_both_paths(path: list[bool], mode: str) -> None:
+@pytest.mark.parametrize(("codec", "taken"), [("simplejson", 3), ("orjson", 5)])
+def test_odd_replies_and_connection_loss_equal_on_both_paths(path: list[bool], mode: str, codec: str,
+                                                             taken: int) -> None:
     fake = FakeServer(scripted)
     try:
         def scenario() -> list[tuple[Any, ...]]:
-            with Client(fake.address, timeout=5, retries=0, mode=mode, pool_size=1) as client:
+            with Client(fake.address, timeout=5, retries=0, mode=mode, pool_size=1, codec=codec) as client:
                 return [outcome(client.call, 1, {"case": case}, timeout=0.1 if case == "late" else None)
                         for case, _ in FAKE_CASES]
 
         assert run_in(mode, scenario) == [expected for _, expected in FAKE_CASES]
     finally:
         fake.close()
-    if path:  # fast: taken for the plain replies only, declined for the rest it saw
-        assert path.count(True) == 3
+    if path:  # fast: taken for the plain replies (orjson: also the other layout and the error reply)
+        assert path.count(True) == taken
 
 
 # -- callers arriving while a lone call is in flight ---------------------------------------------

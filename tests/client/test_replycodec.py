@@ -107,6 +107,20 @@ def test_own_reply_declines_everything_else(line):
     assert ReplyCodec(get_codec("simplejson")).own_reply(line, -1, 7) is None
 
 
-def test_own_reply_declines_with_the_orjson_codec():
-    # orjson parses a whole line faster than the shortcut: reply() does it all.
-    assert ReplyCodec(get_codec("orjson")).own_reply(_success(-1, 7, b"1"), -1, 7) is None
+@pytest.mark.parametrize("line", [
+    _success(-1, 7, b'{"pong":true,"draining":false,"pid":10389,"protocol":1}'), _success(-1, 7, b'"\\ud83d\\ude00"'),
+    b'{"code":0,"cmdid":-1,"data":1,"id":7}', b'{"code":1005,"cmdid":1,"id":7,"msg":"nope"}',  # any layout, code
+])
+def test_own_reply_with_orjson_is_exactly_reply(line):
+    # orjson parses the whole line (faster than the prefix shortcut): the same loads as reply().
+    codec = ReplyCodec(get_codec("orjson"))
+    own = codec.own_reply(line, -1, 7)
+    assert own is not None and own == codec.reply(line) and list(own) == list(codec.reply(line))
+
+
+@pytest.mark.parametrize("line", [
+    _success(-1, 8, b"1"), b'{"code":0,"data":1}', b'{"code":"0","id":7}', b"[1]", _success(-1, 7, b"NaN"),
+    _success(-1, 7, b'"\\ud800"'), _success(-1, 7, b"1") + b"x",
+])
+def test_own_reply_with_orjson_declines_everything_else(line):
+    assert ReplyCodec(get_codec("orjson")).own_reply(line, -1, 7) is None
