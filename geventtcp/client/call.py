@@ -19,11 +19,12 @@ DEADLINE_MARGIN = 0.05
 class Call:
     """One request in flight: the state the reader and the waiting caller share."""
 
-    __slots__ = ("id", "deadline", "sent", "size", "reply", "error", "done", "written", "queued", "signal",
+    __slots__ = ("id", "cmdid", "deadline", "sent", "size", "reply", "error", "done", "written", "queued", "signal",
                  "signaled", "abandoned")
 
     def __init__(self, id: int, deadline: float, abandoned: bool) -> None:
         self.id = id
+        self.cmdid = 0  # set with ``id``: together they name the reply a lone caller expects
         self.sent = 0.0
         self.size = 0  # bytes of the request line, newline included
         self.deadline = deadline
@@ -78,6 +79,7 @@ def request_line(codec: Codec, cmdid: int, params: Any, call: Call, rid: int, no
         timeout_ms = 1
     line = b'%b%b,"id":%d,"timeout_ms":%d%b}\n' % (head, body, rid, timeout_ms, meta)
     call.id = rid
+    call.cmdid = cmdid
     call.sent = now
     call.size = len(line)
     return line

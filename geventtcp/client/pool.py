@@ -107,7 +107,9 @@ class Pool:
         conns = self.conns
         if len(conns) == 1:  # the common cases, checked without the lock
             conn = conns[0]
-            if not conn.closed and conn.generation == fork_generation():
+            # No fork check here: the client checked the process's generation before this call
+            # and replaces every pool after a fork, so a pool only holds its own process's connections.
+            if not conn.closed:
                 if conn.orphans and not conn.reading:  # replies nobody waits on (send()): read them now
                     conn.poll()
                 now = time.monotonic()

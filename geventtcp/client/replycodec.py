@@ -58,6 +58,45 @@ class ReplyCodec(Codec):
             raise ValueError(f"extra data after the JSON value at {end}")
         return self._post_check(line, value) if 92 in line else value
 
+    def own_reply(self, line: bytes, cmdid: int, rid: int) -> dict[str, Any] | None:
+        """What :meth:`reply` returns for ``line`` when it is exactly the success reply a geventtcp
+        server writes to request ``rid`` of ``cmdid`` (``{"code":0,"cmdid":C,"id":R,"data":D}``,
+        ``protocol.encode_reply``); ``None`` for any other line, which :meth:`reply` then parses.
+
+        Why: the lone caller knows the envelope it waits for, so only ``D`` is scanned (each
+        object member costs the C scanner ~1,300 instructions; the envelope's four were a quarter of
+        a ping). The result is the same dict, keys in the same order: the prefix matched byte for
+        byte, the scanner reads ``D`` from its offset exactly as inside the whole line, and the
+        line ends right after it. Anything unusual (an error, another layout, bad text) is None.
+        With the orjson codec, which parses a whole line faster than that, it is the line parsed by
+        the same ``loads`` as :meth:`reply` when that is an object with an integer ``code`` and the
+        ``id`` ``rid``: exactly the reply :meth:`reply` gives and the reader would match to ``rid``.
+        """
+        if self._fast is not None:
+            return self._own_fast(line, rid)
+        prefix = b'{"code":0,"cmdid":%d,"id":%d,"data":' % (cmdid, rid)
+        if not line.startswith(prefix) or line[-1:] != b"}":
+            return None
+        try:
+            text = line.decode("utf-8")
+            data, end = self._scan(text, len(prefix))
+            if end != len(text) - 1:
+                return None
+            reply = {"code": 0, "cmdid": cmdid, "id": rid, "data": data}
+            return self._post_check(line, reply) if 92 in line else reply
+        except (ValueError, StopIteration, RecursionError):  # reply() words the error
+            return None
+
+    def _own_fast(self, line: bytes, rid: int) -> dict[str, Any] | None:
+        assert self._fast is not None
+        try:
+            reply = self._fast(line)
+        except (ValueError, RecursionError):  # reply() words the error
+            return None
+        if type(reply) is not dict or type(reply.get("code")) is not int or reply.get("id") != rid:
+            return None
+        return reply
+
     def reply(self, line: bytes) -> dict[str, Any]:
         """:func:`geventtcp.protocol.decode_reply` with this codec: the reply, or :class:`ProtocolError`
         if the line is not a JSON object with an integer ``code``."""

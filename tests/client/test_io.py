@@ -1,7 +1,10 @@
-"""GeventIO: per-operation deadlines that concurrent greenlets on one socket cannot disturb."""
+"""GeventIO: per-operation deadlines that concurrent greenlets on one socket cannot disturb; ThreadsIO:
+reads bounded by the kernel's receive timeout keep their deadlines exactly as the poll did."""
 
 import socket
 import ssl
+import struct
+import threading
 import time
 
 import gevent
@@ -9,7 +12,7 @@ import pytest
 from gevent import socket as gsocket
 from gevent import ssl as gssl
 
-from geventtcp.client.io import GeventIO
+from geventtcp.client.io import GeventIO, ThreadsIO
 from tests.support.certs import make_pki
 
 
@@ -103,3 +106,86 @@ def test_recv_nowait_never_blocks_and_leaves_no_socket_timeout(pki, tls):
     finally:
         client.close()
         peer.close()
+
+
+# -- ThreadsIO: SO_RCVTIMEO instead of poll before each read -------------------------------------------
+
+@pytest.fixture
+def plain_pair():
+    """A connected (client, peer) pair of plain blocking sockets on loopback."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    client = socket.create_connection(listener.getsockname())
+    peer, _ = listener.accept()
+    listener.close()
+    yield client, peer
+    client.close()
+    peer.close()
+
+
+def _rcvtimeo(sock):
+    seconds, micros = struct.unpack("ll", sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16))
+    return seconds + micros / 1e6
+
+
+def test_threads_recv_times_out_at_its_deadline_not_before(plain_pair):
+    client, _peer = plain_pair
+    io = ThreadsIO(client)
+    for wait in (0.3, 0.01):  # through the kernel's bound, and a short one through poll
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            io.recv(started + wait)
+        elapsed = time.monotonic() - started
+        assert wait <= elapsed < wait + 0.5
+
+
+def test_threads_recv_waits_past_an_early_kernel_bound_for_late_data(plain_pair):
+    # The bound is half the remaining time: it ends the first wait early, the read goes on.
+    client, peer = plain_pair
+    io = ThreadsIO(client)
+    timer = threading.Timer(0.35, peer.sendall, (b"late\n",))
+    timer.start()
+    try:
+        assert io.recv(time.monotonic() + 5.0) == b"late\n"
+    finally:
+        timer.cancel()
+    assert 0 < _rcvtimeo(client) < 5.0
+
+
+def test_threads_recv_keeps_the_kernel_bound_across_calls_with_the_same_timeout(plain_pair):
+    client, peer = plain_pair
+    io = ThreadsIO(client)
+    peer.sendall(b"a\n")
+    assert io.recv(time.monotonic() + 10.0) == b"a\n"
+    bound = _rcvtimeo(client)
+    assert 4.9 < bound <= 5.0  # half of the remaining time, set once
+    for _ in range(3):
+        peer.sendall(b"b\n")
+        assert io.recv(time.monotonic() + 10.0) == b"b\n"
+        assert _rcvtimeo(client) == bound  # no setsockopt per call
+
+
+class _NoTimeoSocket:
+    """A socket whose SO_RCVTIMEO cannot be set, as on a platform without it."""
+
+    def __init__(self, sock):
+        self._sock = sock
+
+    def setsockopt(self, *args):
+        raise OSError("not supported")
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+def test_threads_recv_polls_where_the_kernel_bound_cannot_be_set(plain_pair):
+    client, peer = plain_pair
+    io = ThreadsIO(_NoTimeoSocket(client))
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        io.recv(started + 0.2)
+    assert 0.2 <= time.monotonic() - started < 0.7
+    peer.sendall(b"x\n")
+    assert io.recv(time.monotonic() + 5.0) == b"x\n"
+    assert _rcvtimeo(client) == 0  # never set: the poll bounded every read

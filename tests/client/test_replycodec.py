@@ -67,3 +67,60 @@ def test_orjson_replies_are_exactly_the_default_codecs(line):
         return
     got = fast.reply(line)
     assert got == expected and type(got["data"]) is type(expected["data"])
+
+
+# -- own_reply: the lone caller's shortcut must give exactly what reply() gives, or decline ----------
+
+def _success(cmdid, rid, data_json):
+    return b'{"code":0,"cmdid":%d,"id":%d,"data":%b}' % (cmdid, rid, data_json)
+
+
+@pytest.mark.parametrize("data_json", [
+    b'{"pong":true,"draining":false,"pid":10389,"protocol":1}', b"null", b"0", b"-12.5e3", b'""', b"[]", b"{}",
+    b'{"content":"Hello world!"}', b'[1,2.5,null,"\\u00e9\\n",{"b":100000000000000000000000000000}]',
+    b'"caf\xc3\xa9"', b'"\\ud83d\\ude00"',  # a valid surrogate pair: the post-check runs and accepts it
+    b'{"s":"},\\"id\\":9,\\"data\\":1}"}',  # the envelope's text inside a string
+    b'{"a":{"b":{"c":[[[]]]}}}', b'{"k":1,"k":2}',  # duplicate keys: last wins, as in reply()
+])
+def test_own_reply_is_exactly_reply(data_json):
+    codec = ReplyCodec(get_codec("simplejson"))
+    line = _success(-1, 7, data_json)
+    own = codec.own_reply(line, -1, 7)
+    assert own is not None
+    full = codec.reply(line)
+    assert own == full and list(own) == list(full)  # same keys, same order
+    assert [type(v) for v in own.values()] == [type(v) for v in full.values()]
+    assert repr(own) == repr(full)  # float text, nested types
+
+
+@pytest.mark.parametrize("line", [
+    _success(-1, 8, b"1"), _success(2, 7, b"1"),  # another request's reply, another command's
+    b'{"code":500,"cmdid":-1,"id":7,"msg":"boom"}',  # errors take the reference path
+    b'{"code":0,"cmdid":-1,"data":1,"id":7}',  # another key order (not what our server writes)
+    _success(-1, 7, b"1") + b" ",  # trailing whitespace
+    _success(-1, 7, b"1,\"x\":2"), _success(-1, 7, b"1}"), _success(-1, 7, b""),  # more after data, none
+    _success(-1, 7, b"NaN"), _success(-1, 7, b'"\xff"'), _success(-1, 7, b'"\\ud800"'),  # refused by reply()
+    _success(-1, 7, b"[" * 100000 + b"]" * 100000),  # too deep
+    b'{"code":0,"cmdid":-1,"id":7,"data":',
+])
+def test_own_reply_declines_everything_else(line):
+    assert ReplyCodec(get_codec("simplejson")).own_reply(line, -1, 7) is None
+
+
+@pytest.mark.parametrize("line", [
+    _success(-1, 7, b'{"pong":true,"draining":false,"pid":10389,"protocol":1}'), _success(-1, 7, b'"\\ud83d\\ude00"'),
+    b'{"code":0,"cmdid":-1,"data":1,"id":7}', b'{"code":1005,"cmdid":1,"id":7,"msg":"nope"}',  # any layout, code
+])
+def test_own_reply_with_orjson_is_exactly_reply(line):
+    # orjson parses the whole line (faster than the prefix shortcut): the same loads as reply().
+    codec = ReplyCodec(get_codec("orjson"))
+    own = codec.own_reply(line, -1, 7)
+    assert own is not None and own == codec.reply(line) and list(own) == list(codec.reply(line))
+
+
+@pytest.mark.parametrize("line", [
+    _success(-1, 8, b"1"), b'{"code":0,"data":1}', b'{"code":"0","id":7}', b"[1]", _success(-1, 7, b"NaN"),
+    _success(-1, 7, b'"\\ud800"'), _success(-1, 7, b"1") + b"x",
+])
+def test_own_reply_with_orjson_declines_everything_else(line):
+    assert ReplyCodec(get_codec("orjson")).own_reply(line, -1, 7) is None
