@@ -96,8 +96,9 @@ def test_replies_and_errors_equal_on_both_paths(app_process: Any, path: list[boo
 
     assert run_in(mode, scenario) == [expected for *_, expected in REAL_CASES]
     # Fast: the shortcut completed the plain successes (echo, unicode, none, envelope, ping, after;
-    # the 200 KB reply may come in more than one read); reference: it never ran.
-    assert path == [] or path.count(True) >= 6
+    # the 200 KB reply may come in more than one read); reference: it never ran. The first call's read
+    # may also hold the reply to the HELLO sent with it: then the reference path reads it.
+    assert path == [] or path.count(True) >= 5
 
 
 # -- against a server sending what ours would not (or not in one piece) --------------------------
@@ -161,7 +162,11 @@ def test_odd_replies_and_connection_loss_equal_on_both_paths(path: list[bool], m
     finally:
         fake.close()
     if path:  # fast: taken for the plain replies (orjson: also the other layout and the error reply)
-        assert path.count(True) == taken
+        # The client's HELLO leaves with the first call on each new connection; when its reply comes in
+        # the same read as that call's (usual in the gevent world, a matter of timing with threads), the
+        # reference path reads them. Here that can cost the first "plain" (first connection) and the last
+        # (a new connection after "close"), never another.
+        assert taken - 2 <= path.count(True) <= taken
 
 
 # -- callers arriving while a lone call is in flight ---------------------------------------------
