@@ -177,11 +177,21 @@ class FlaskHooks:
 
 def _tear_down(teardowns: list[Callable[[Request, BaseException | None], Any]], request: Request,
                exc: BaseException | None) -> None:
+    """Run every teardown function, even when one is interrupted: the deadline's ``DeadlineReached``,
+    a cancel or a kill can land in one that waits (a BaseException), and the ones after it (the
+    oldest, often the one that releases a database session) must still run; the first such
+    interruption is raised again once all have run."""
+    interrupted: BaseException | None = None
     for fn in teardowns:
         try:
             fn(request, exc)
         except Exception:
             log.exception("teardown_request function %r raised (cmdid %r); the reply is unchanged", fn, request.cmdid)
+        except BaseException as stop:  # noqa: BLE001 - re-raised below, after the other teardowns
+            if interrupted is None:
+                interrupted = stop
+    if interrupted is not None:
+        raise interrupted
 
 
 # -- the server-level list ------------------------------------------------------------------------------
