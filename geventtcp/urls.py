@@ -44,8 +44,9 @@ def _class_call(cls: type[BaseHandler]) -> Call:
         result = instance.process(request)
         if result is None:
             result = instance.res
-            if type(result) is str or type(result) is bytes:  # maybe the seed's whole reply line
-                raise SeedReply(result)
+            kind = type(result)  # text that may be the seed's whole reply line: see SeedReply
+            if (kind is str and result.lstrip()[:1] == "{") or (kind is bytes and result.lstrip()[:1] == b"{"):
+                return SeedReply(result)
         return result
 
     return call

@@ -468,8 +468,7 @@ class Connection:
                 reply = encode_reply(codec, cmdid, data, req.id, req.has_id)
                 code = 0
             except Exception as exc:  # anything (a LocalProxy out of context, MemoryError): this request's 500
-                reply = self._not_serializable(req, exc)
-                code = Code.INTERNAL
+                reply, code = self._unencodable(req, data, exc)
         slot = req._slot
         if slot is not None:  # handed off while the handler blocked
             return self._finish_handoff(req, slot, reply, code, clock() - started, me)
@@ -541,8 +540,6 @@ class Connection:
                 # geventtcp.middleware: the limiter turns one from inside it into a 500): not processed
                 return encode_error(codec, exc.code, exc.msg, req.cmdid, req.id, req.has_id), exc.code
             return encode_handler_error(codec, exc, req.cmdid, req.id, req.has_id)
-        if type(exc) is SeedReply:  # a seed handler's own reply line in self.res: not an error
-            return self._seed_reply(req, exc.text)
         if self.read_state == CLOSED and isinstance(exc, (GreenletExit, RequestCancelled)):  # nobody to answer
             self._drop_slot(req, me)
             if isinstance(exc, GreenletExit):  # killed by Server.close
@@ -550,6 +547,13 @@ class Connection:
             return None
         log.error("handler for cmdid %d raised (peer %s, id %r)", req.cmdid, self.address, req.id, exc_info=exc)
         return encode_error(codec, Code.INTERNAL, "internal error", req.cmdid, req.id, req.has_id), Code.INTERNAL
+
+    def _unencodable(self, req: ServerRequest, data: Any, exc: Exception) -> tuple[bytes, int]:
+        """The reply to a result ``encode_reply`` failed on: a seed handler's ``self.res`` line
+        (:class:`~geventtcp.handler.SeedReply`, which has no JSON form on purpose), else a 500."""
+        if type(data) is SeedReply:
+            return self._seed_reply(req, data.text)
+        return self._not_serializable(req, exc), Code.INTERNAL
 
     def _seed_reply(self, req: ServerRequest, text: str | bytes) -> tuple[bytes, int]:
         """The reply to a seed handler's ``self.res`` line (:func:`encode_seed_reply`); a 500 if it has no JSON form."""
