@@ -66,6 +66,7 @@ class Registry:
         self._middlewares: list[Middleware] = []
         self._flask: mw.FlaskHooks | None = None  # created (and put in the chain) by the first Flask hook
         self._limits: dict[int, int] = {}
+        self._places: dict[int, list[None]] = {}
 
     def add(self, cmdid: int, target: Any, *, name: str | None = None, idempotent: bool | None = None,
             cancel_on_disconnect: bool | None = None, max_concurrency: int | None = None) -> None:
@@ -104,6 +105,7 @@ class Registry:
                                         cancel_on_disconnect, max_concurrency)
         if max_concurrency is not None:
             self._limits[cmdid] = max_concurrency
+            self._places[cmdid] = [None] * max_concurrency
 
     def handler(self, cmdid: int, *, name: str | None = None, idempotent: bool | None = None,
                 cancel_on_disconnect: bool | None = None, max_concurrency: int | None = None) -> Callable[[T], T]:
@@ -181,6 +183,12 @@ class Registry:
         """``max_concurrency`` per cmdid, for the commands that have one."""
         return self._limits
 
+    def places(self, cmdid: int) -> list[None]:
+        """The free places of ``cmdid``'s concurrency limit (one token each; see
+        :func:`geventtcp.middleware.limit_concurrency`): one list per registry, shared by every server
+        built from it, so the limit holds per process however many servers serve this registry."""
+        return self._places[cmdid]
+
     def get(self, cmdid: int) -> Call | None:
         """The call for ``cmdid``, or ``None``."""
         return self._calls.get(cmdid)
@@ -195,6 +203,7 @@ class Registry:
         self._middlewares.clear()
         self._flask = None
         self._limits.clear()
+        self._places.clear()
 
     @property
     def calls(self) -> dict[int, Call]:
