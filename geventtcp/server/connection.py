@@ -149,7 +149,7 @@ class Connection:
         "flushing", "queued_bytes", "inflight", "reader", "handlers", "running", "watch_armed", "read_state",
         "goaway", "error_line", "active_tick", "partial_tick", "writer", "write_tick",
         "requests", "created_tick", "drained", "_raw_send", "close_pending", "received", "write_unsent",
-        "eager", "_raw_recv", "_read_watcher", "__weakref__",
+        "eager", "_raw_recv", "_read_watcher", "peer_cert", "__weakref__",
     )
 
     def __init__(self, state: ServerState[Connection], sock: Any, address: Any) -> None:
@@ -201,6 +201,10 @@ class Connection:
         watcher = getattr(sock, "_read_event", None) if raw is not None else None
         self._raw_recv: Callable[[int], bytes] | None = raw.recv if raw is not None and watcher is not None else None
         self._read_watcher: Any = watcher
+        #: A TLS peer's certificate as ``getpeercert()`` gave it right after the handshake (set by the
+        #: server; ``None`` for a plain socket): the SSL socket refuses to say once the peer shut its
+        #: side down or the socket closed, and ``request.identity`` must still say who called then.
+        self.peer_cert: Any = None
 
     # -- the read state (see the module docstring) -----------------------------------------------
 

@@ -45,7 +45,7 @@ from geventtcp.server.readers import ReaderPool
 from geventtcp.server.security import check_listen_addresses, is_loopback, is_protected, load_token
 from geventtcp.server.state import Handler, ServerState
 from geventtcp.sockets import create_listener, format_address, send_and_linger, unsent_bytes
-from geventtcp.tls import handshake, server_context_from_settings
+from geventtcp.tls import handshake, peer_certificate, server_context_from_settings
 from geventtcp.tracing import server_middleware, tracer_for
 from geventtcp.urls import Registry, default_registry
 
@@ -407,6 +407,8 @@ class Server:
                 state.release_peer(peer)
                 return
         conn = Connection(state, sock, address or sock.getsockname())
+        if self.ssl_context is not None:  # once per TLS connection (request.identity reads it)
+            conn.peer_cert = peer_certificate(sock)
         state.connections.add(conn)
         state.all_closed.clear()
         self.stats.connections_total += 1
