@@ -121,3 +121,27 @@ def test_the_clients_meta_cannot_change_under_some_calls_only(server_addr: str) 
         merged = client.call(1, meta={"request_id": "r"})["meta"]
         assert plain["tenant"] == merged["tenant"]  # before: "a" and "b"
         assert refused and plain == {"tenant": "a"} and merged == {"tenant": "a", "request_id": "r"}
+
+
+def test_request_meta_is_read_only_with_or_without_meta(serve_meta_writer: str) -> None:
+    """Review round 3: ``request.meta`` is documented read-only, but was read-only only when the request
+    carried none (the shared empty mapping): a middleware that writes into it (``meta["request_id"] =
+    ...``) worked for callers that sent meta and answered 500 to those that did not."""
+    with Client(serve_meta_writer, timeout=5, tracing="off") as client:
+        assert client.call(1) == "refused"
+        assert client.call(1, meta={"tenant": "acme"}) == "refused"  # before: "accepted"
+
+
+@pytest.fixture
+def serve_meta_writer() -> Iterator[str]:
+    def writer(request: Any) -> Any:
+        try:
+            request.meta["request_id"] = "made-up"
+        except TypeError:
+            return "refused"
+        return "accepted"
+
+    registry = Registry()
+    registry.add(1, writer)
+    with serve(registry, tracing="off") as server:
+        yield addr(server)
