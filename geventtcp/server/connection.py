@@ -149,7 +149,7 @@ class Connection:
         "flushing", "queued_bytes", "inflight", "reader", "handlers", "running", "watch_armed", "read_state",
         "goaway", "error_line", "active_tick", "partial_tick", "writer", "write_tick",
         "requests", "created_tick", "drained", "_raw_send", "close_pending", "received", "write_unsent",
-        "eager", "_raw_recv", "_read_watcher", "peer_cert", "__weakref__",
+        "eager", "_raw_recv", "_read_watcher", "peer_cert", "orphans", "__weakref__",
     )
 
     def __init__(self, state: ServerState[Connection], sock: Any, address: Any) -> None:
@@ -205,6 +205,9 @@ class Connection:
         #: server; ``None`` for a plain socket): the SSL socket refuses to say once the peer shut its
         #: side down or the socket closed, and ``request.identity`` must still say who called then.
         self.peer_cert: Any = None
+        #: The handed-off handlers still running when the connection was aborted (``None`` before):
+        #: no longer counted in flight, but ``Server.close`` kills them (``state.orphaned``).
+        self.orphans: dict[Any, ServerRequest] | None = None
 
     # -- the read state (see the module docstring) -----------------------------------------------
 
@@ -613,10 +616,13 @@ class Connection:
         Only once: the counts of a request answered at its deadline, or of a connection aborted,
         were released then (``me`` left :attr:`handlers`).
         """
-        if req._slot is not None and me in self.handlers:
-            del self.handlers[me]
-            self.inflight -= 1
-            self.state.inflight -= 1
+        if req._slot is not None:
+            if me in self.handlers:
+                del self.handlers[me]
+                self.inflight -= 1
+                self.state.inflight -= 1
+            elif self.orphans:  # its connection was aborted meanwhile: nothing left for Server.close to kill
+                self.orphans.pop(me, None)
 
     def _refuse_unknown(self, req: ServerRequest) -> bool:
         """Answer a cmdid this connection may not call: 401 before AUTH, else 404."""
@@ -681,6 +687,8 @@ class Connection:
         """Count and send the 504 of a request answered at its deadline, once: from the handler's
         own completion, or (it swallowed DeadlineReached) from a reader greenlet at the deadline."""
         if glet not in self.handlers:  # the handler finishing after its 504 was sent
+            if self.orphans:
+                self.orphans.pop(glet, None)
             if self.read_state != CLOSED:
                 log.warning("handler for cmdid %d returned after its deadline (it caught DeadlineReached); "
                             "its result was dropped (peer %s, id %r)", req.cmdid, self.address, req.id)
@@ -830,7 +838,10 @@ class Connection:
         if self.inflight:
             self.state.inflight -= self.inflight
             self.inflight = 0
+            self.orphans = dict(self.handlers)  # they run on; Server.close still kills them
             self.handlers.clear()
+        if self.orphans or self.running is not None:
+            self.state.orphaned_by(self)
         if self.drained is not None:
             self.drained.set()  # a reader waiting for the output queue must see the close
         self._release()

@@ -341,6 +341,12 @@ class Server:
             if conn.running is not None and conn.reader is not None:
                 doomed.append(conn.reader)  # an inline handler that yielded before its handoff ran
             conn.abort(cancel=False)  # the handlers are killed below instead
+        for conn in self.state.orphaned:  # aborted earlier (client gone), their handlers still running
+            doomed.extend(conn.orphans or ())
+            if conn.running is not None and conn.reader is not None:
+                doomed.append(conn.reader)
+        self.state.orphaned.clear()
+        doomed = list(dict.fromkeys(doomed))  # the connections aborted just above are orphaned too: once each
         if doomed:  # raw reader greenlets: gevent.killall(block=False) wants gevent Greenlets
             self.loop.run_callback(_kill_all, doomed)
         if self._watchdog is not None:

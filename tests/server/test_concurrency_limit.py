@@ -219,3 +219,24 @@ def test_the_limit_holds_across_servers_sharing_a_registry(serve: Serve, hub_err
         gate.release.set()
         assert other.call(1) == "done"
     assert hub_errors == []
+
+
+def test_server_close_kills_a_handler_whose_connection_was_aborted(serve: Serve, hub_errors: list[Any]) -> None:
+    """Review round 3: ``Server.close`` kills running handlers, but one whose connection had been aborted
+    before (client reset) was forgotten with it and ran on after the close, holding its concurrency
+    place (shared by the registry's other servers) until it ended by itself."""
+    gate = Gate()
+    reg = gate.registry(limit=1)
+    first, second = serve(reg), serve(reg)
+    conn = RawConn(first.address)
+    conn.request(1, {}, id=1)
+    wait_until(lambda: gate.running == 1 and first.inflight == 1)
+    rst(conn.sock)
+    wait_until(lambda: not first.connections)  # aborted; its handler waits on the gate
+    assert gate.running == 1
+    first.close()
+    wait_until(lambda: gate.running == 0, timeout=3)  # killed (GreenletExit), its place given back
+    gate.release.set()
+    with Client(addr(second), timeout=5, retries=0) as client:
+        assert client.call(1) == "done"
+    assert hub_errors == []
