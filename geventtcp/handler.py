@@ -42,14 +42,18 @@ class BaseHandler:
         raise NotImplementedError(f"{type(self).__name__}.process is not implemented")
 
 
-class SeedReply(Exception):  # noqa: N818 - a signal to the server, not an error
-    """Raised by the registry's call of a :class:`BaseHandler` whose ``process`` returned ``None``
-    with a ``str`` or ``bytes`` in ``self.res``: SCTornadoTCP wrote ``res`` to the stream as is, so
-    a seed handler may hold its whole reply line there, e.g. ``json.dumps({"code": 0, ...}) + "\\n"``.
+class SeedReply:
+    """Returned by the registry's call of a :class:`BaseHandler` whose ``process`` returned ``None``
+    with text that starts with ``{`` in ``self.res`` (a ``str`` or ``bytes``): SCTornadoTCP wrote
+    ``res`` to the stream as is, so a seed handler may hold its whole reply line there, e.g.
+    ``json.dumps({"code": 0, ...}) + "\\n"``.
 
-    Raised, not returned, so that the server's request path pays nothing for it: only its error
-    path (:meth:`geventtcp.server.connection.Connection._handler_raised`) looks at it and decides,
-    with the server's codec, what ``text`` is (the rule is in docs/migrating.md):
+    A value, not an exception: middleware and Flask's hooks see a seed handler's answer as what it
+    is, the handler's successful result (``after_request`` runs and gets this object; a
+    ``teardown_request`` gets ``None``). The server's request path pays nothing for it: a
+    ``SeedReply`` has no JSON form, so encoding it fails and only that rare path
+    (:meth:`geventtcp.server.connection.Connection._unencodable`) looks at it and decides, with the
+    server's codec, what ``text`` is (the rule is in docs/migrating.md):
 
     * a JSON object (one value, any JSON whitespace, newlines included, around or inside it) with
       an integer ``code``: the reply is that object, re-encoded on one line, ``id`` set to the
@@ -61,6 +65,10 @@ class SeedReply(Exception):  # noqa: N818 - a signal to the server, not an error
     * anything else: ``text`` is the reply's ``data``, as for any other ``res``.
     """
 
+    __slots__ = ("text",)
+
     def __init__(self, text: str | bytes) -> None:
-        super().__init__("seed reply line")
         self.text = text
+
+    def __repr__(self) -> str:
+        return f"SeedReply({self.text!r})"

@@ -24,11 +24,16 @@ application's. A health check must answer even when the application's middleware
 connection may call anything else.
 
 A command registered with ``max_concurrency=k`` gets a limiter outside all middleware: once ``k``
-of its handlers run in this server (worker), a further request is refused with
+of its handlers run in this process (the worker), a further request is refused with
 :class:`~geventtcp.errors.ServerRefusal` code 503 (``Code.UNAVAILABLE``, the one code the client
 reads as "not processed, safe to retry") before any middleware or the handler runs. The count is
 released in a ``finally``, so every way out of the handler (return, error, deadline, cancel, a kill)
 gives its place back; a handler that swallows the deadline keeps its place until it really ends.
+The places are the registry's (:meth:`~geventtcp.urls.Registry.places`), shared by every server
+built from it: ``k`` is sized to a resource of the process (a database pool), and a process that
+serves one registry from two Servers (two ports, a test's servers, TestClients in their own
+threads) still runs at most ``k``. They are a list of ``k`` tokens taken with ``pop`` and given back
+with ``append``, each one step under the GIL, so servers in different threads share them safely.
 The server answers a ServerRefusal with 503 only for commands that have a limit and only when the
 limiter raised it: one escaping the handler or a middleware inside the limiter becomes a 500, so no
 application code can produce a "not processed" reply.
@@ -67,6 +72,8 @@ class Commands(Protocol):
     @property
     def limits(self) -> Mapping[int, int]: ...
 
+    def places(self, cmdid: int) -> list[None]: ...
+
 
 def build_calls(registry: Commands, middleware: Sequence[Middleware] = ()) -> dict[int, Call]:
     """The application's cmdid -> call table: each handler wrapped in ``middleware`` (the server-level
@@ -82,7 +89,7 @@ def build_calls(registry: Commands, middleware: Sequence[Middleware] = ()) -> di
             call = _link(mw, call)
         limit = limits.get(cmdid)
         if limit is not None:
-            call = limit_concurrency(call, cmdid, limit)
+            call = limit_concurrency(call, cmdid, limit, registry.places(cmdid))
         calls[cmdid] = call
     return calls
 
@@ -96,22 +103,25 @@ def _link(mw: Middleware, call_next: Call) -> Call:
     return call
 
 
-def limit_concurrency(call: Call, cmdid: int, limit: int) -> Call:
-    """``call`` refusing (503, see the module docstring) while ``limit`` of its calls are running."""
-    running = 0
+def limit_concurrency(call: Call, cmdid: int, limit: int, places: list[None] | None = None) -> Call:
+    """``call`` refusing (503, see the module docstring) while ``limit`` of its calls are running;
+    ``places`` (the registry's, shared by its servers) holds the free ones, ``limit`` new ones by default."""
+    free: list[None] = [None] * limit if places is None else places
+    take = free.pop
+    give = free.append
 
     def limited(request: Request) -> Any:
-        nonlocal running
-        if running >= limit:
+        try:
+            take()
+        except IndexError:
             raise ServerRefusal(f"cmdid {cmdid}: {limit} requests already running (max_concurrency)",
-                                Code.UNAVAILABLE)
-        running += 1
+                                Code.UNAVAILABLE) from None
         try:
             return call(request)
         except ServerRefusal as exc:  # from the handler or a middleware: not ours, so the handler ran
             raise RuntimeError(f"cmdid {cmdid}: a handler or middleware raised ServerRefusal") from exc
         finally:
-            running -= 1
+            give(None)
 
     return limited
 
@@ -177,11 +187,21 @@ class FlaskHooks:
 
 def _tear_down(teardowns: list[Callable[[Request, BaseException | None], Any]], request: Request,
                exc: BaseException | None) -> None:
+    """Run every teardown function, even when one is interrupted: the deadline's ``DeadlineReached``,
+    a cancel or a kill can land in one that waits (a BaseException), and the ones after it (the
+    oldest, often the one that releases a database session) must still run; the first such
+    interruption is raised again once all have run."""
+    interrupted: BaseException | None = None
     for fn in teardowns:
         try:
             fn(request, exc)
         except Exception:
             log.exception("teardown_request function %r raised (cmdid %r); the reply is unchanged", fn, request.cmdid)
+        except BaseException as stop:  # noqa: BLE001 - re-raised below, after the other teardowns
+            if interrupted is None:
+                interrupted = stop
+    if interrupted is not None:
+        raise interrupted
 
 
 # -- the server-level list ------------------------------------------------------------------------------

@@ -257,8 +257,8 @@ class LineBuffer:
 class Request:
     """One request as handlers see it (the seed's fields, plus ``id``, a deadline and ``meta``).
 
-    ``meta`` is the request's metadata (see the module docstring): a dict of str to str when the
-    line carried one, else :data:`EMPTY_META` (empty, read-only); never ``None``, so a handler
+    ``meta`` is the request's metadata (see the module docstring): a read-only mapping of str to
+    str, :data:`EMPTY_META` when the line carried none; never ``None``, so a handler
     reads ``request.meta.get("tenant")`` without a check. ``rawBody`` is the line as received
     (without its line ending), decoded as text; ``raw`` is
     the same as bytes. ``deadline`` is a ``time.monotonic()`` value or ``None``. ``cancelled``
@@ -385,7 +385,10 @@ def parse_request(line: bytes, codec: Codec, address: Any = None, received: floa
     problem = meta_problem(meta)
     if problem is not None:
         raise ProtocolError(problem, id=rid, has_id=has_id, cmdid=cmdid)
-    return cls(address, line, cmdid, params, timestamp, rid, has_id, timeout_ms, received, meta)
+    # Read-only, as the empty one is: a handler or middleware that wrote into it would work only for
+    # callers that sent meta (and fail for the others).
+    return cls(address, line, cmdid, params, timestamp, rid, has_id, timeout_ms, received,
+               types.MappingProxyType(meta))
 
 
 def meta_problem(meta: Any) -> str | None:

@@ -13,7 +13,7 @@ from geventtcp.errors import ConfigError
 if TYPE_CHECKING:
     from geventtcp.config import Settings
 
-__all__ = ["server_context", "client_context", "server_context_from_settings", "handshake"]
+__all__ = ["server_context", "client_context", "server_context_from_settings", "handshake", "peer_certificate"]
 
 
 def server_context(
@@ -103,3 +103,15 @@ def handshake(ctx: ssl.SSLContext, sock: Any, timeout: float, server_side: bool 
         tls.close()
         raise
     return tls
+
+
+def peer_certificate(sock: Any) -> Any:
+    """``sock.getpeercert()`` of a TLS socket (a dict; ``{}`` when the peer's certificate was not
+    verified), ``None`` for a plain socket or one already closed (whose certificate is gone with it)."""
+    getpeercert = getattr(sock, "getpeercert", None)  # only an SSL socket has it
+    if getpeercert is None:
+        return None
+    try:
+        return getpeercert()
+    except (AttributeError, ValueError, OSError):  # closed, shut down ("handshake not done yet"), not connected
+        return None

@@ -47,8 +47,9 @@ def _class_call(cls: type[BaseHandler]) -> Call:
         result = instance.process(request)
         if result is None:
             result = instance.res
-            if type(result) is str or type(result) is bytes:  # maybe the seed's whole reply line
-                raise SeedReply(result)
+            kind = type(result)  # text that may be the seed's whole reply line: see SeedReply
+            if (kind is str and result.lstrip()[:1] == "{") or (kind is bytes and result.lstrip()[:1] == b"{"):
+                return SeedReply(result)
         return result
 
     return call
@@ -68,6 +69,7 @@ class Registry:
         self._middlewares: list[Middleware] = []
         self._flask: mw.FlaskHooks | None = None  # created (and put in the chain) by the first Flask hook
         self._limits: dict[int, int] = {}
+        self._places: dict[int, list[None]] = {}
 
     def add(self, cmdid: int, target: Any, *, name: str | None = None, idempotent: bool | None = None,
             cancel_on_disconnect: bool | None = None, max_concurrency: int | None = None,
@@ -110,6 +112,7 @@ class Registry:
                                         cancel_on_disconnect, max_concurrency, schema)
         if max_concurrency is not None:
             self._limits[cmdid] = max_concurrency
+            self._places[cmdid] = [None] * max_concurrency
 
     def handler(self, cmdid: int, *, name: str | None = None, idempotent: bool | None = None,
                 cancel_on_disconnect: bool | None = None, max_concurrency: int | None = None,
@@ -188,6 +191,12 @@ class Registry:
         """``max_concurrency`` per cmdid, for the commands that have one."""
         return self._limits
 
+    def places(self, cmdid: int) -> list[None]:
+        """The free places of ``cmdid``'s concurrency limit (one token each; see
+        :func:`geventtcp.middleware.limit_concurrency`): one list per registry, shared by every server
+        built from it, so the limit holds per process however many servers serve this registry."""
+        return self._places[cmdid]
+
     def get(self, cmdid: int) -> Call | None:
         """The call for ``cmdid``, or ``None``."""
         return self._calls.get(cmdid)
@@ -202,6 +211,7 @@ class Registry:
         self._middlewares.clear()
         self._flask = None
         self._limits.clear()
+        self._places.clear()
 
     @property
     def calls(self) -> dict[int, Call]:

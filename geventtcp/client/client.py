@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import random
 import time
+import types
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -132,8 +133,10 @@ class Client:
         self.ssl_context = ssl_context
         self.server_hostname = server_hostname
         self.auth_token = auth_token
-        #: Sent with every request (a call's own ``meta`` is merged over it); read-only after init.
-        self.meta: dict[str, str] = dict(meta) if meta else {}
+        #: Sent with every request (a call's own ``meta`` is merged over it). Read-only (a mapping
+        #: proxy): its line is encoded once, here, so a change would reach only the calls that pass
+        #: their own ``meta``; a per-request value goes in ``call(..., meta=...)``.
+        self.meta: Mapping[str, str] = types.MappingProxyType(dict(meta) if meta else {})
         #: ``self.meta`` as the request field, encoded once (``b""`` when empty).
         self._meta_line = encode_meta(self.codec, self.meta) if self.meta else b""
         #: ``None`` with tracing off: then a call pays nothing for tracing.

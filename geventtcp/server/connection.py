@@ -159,7 +159,7 @@ class Connection:
         "flushing", "queued_bytes", "inflight", "reader", "handlers", "running", "watch_armed", "read_state",
         "goaway", "error_line", "active_tick", "partial_tick", "writer", "write_tick",
         "requests", "created_tick", "drained", "_raw_send", "close_pending", "received", "write_unsent",
-        "eager", "_raw_recv", "_read_watcher", "unordered", "floating", "__weakref__",
+        "eager", "_raw_recv", "_read_watcher", "unordered", "floating", "peer_cert", "orphans", "__weakref__",
     )
 
     def __init__(self, state: ServerState[Connection], sock: Any, address: Any) -> None:
@@ -213,11 +213,17 @@ class Connection:
         self._read_watcher: Any = watcher
         # Protocol 1.1 (see "Completion order" below): set by the HELLO built-in, never cleared.
         self.unordered = False
-        #: Slots of handed-off requests carrying an id, on an unordered connection: not in ``out``;
-        #: each reply is appended to ``out`` when it is ready. ``None`` until the first one.
-        # Floating slots and their requests' ids: in completion order a request reusing an id in
-        # flight is refused, as its reply could overtake the first's and nobody could tell them apart.
+        #: Slots of handed-off requests carrying an id, on an unordered connection, with those ids:
+        #: not in ``out``; each reply is appended to ``out`` when it is ready. ``None`` until the first.
+        #: A request reusing an id still floating is refused (its reply could overtake the first's).
         self.floating: dict[_Slot, Any] | None = None
+        #: A TLS peer's certificate as ``getpeercert()`` gave it right after the handshake (set by the
+        #: server; ``None`` for a plain socket): the SSL socket refuses to say once the peer shut its
+        #: side down or the socket closed, and ``request.identity`` must still say who called then.
+        self.peer_cert: Any = None
+        #: The handed-off handlers still running when the connection was aborted (``None`` before):
+        #: no longer counted in flight, but ``Server.close`` kills them (``state.orphaned``).
+        self.orphans: dict[Any, ServerRequest] | None = None
 
     # -- the read state (see the module docstring) -----------------------------------------------
 
@@ -488,8 +494,7 @@ class Connection:
                 reply = encode_reply(codec, cmdid, data, req.id, req.has_id)
                 code = 0
             except Exception as exc:  # anything (a LocalProxy out of context, MemoryError): this request's 500
-                reply = self._not_serializable(req, exc)
-                code = Code.INTERNAL
+                reply, code = self._unencodable(req, data, exc)
         slot = req._slot
         if slot is not None:  # handed off while the handler blocked
             return self._finish_handoff(req, slot, reply, code, clock() - started, me)
@@ -576,8 +581,6 @@ class Connection:
                 # geventtcp.middleware: the limiter turns one from inside it into a 500): not processed
                 return encode_error(codec, exc.code, exc.msg, req.cmdid, req.id, req.has_id), exc.code
             return encode_handler_error(codec, exc, req.cmdid, req.id, req.has_id)
-        if type(exc) is SeedReply:  # a seed handler's own reply line in self.res: not an error
-            return self._seed_reply(req, exc.text)
         if self.read_state == CLOSED and isinstance(exc, (GreenletExit, RequestCancelled)):  # nobody to answer
             self._drop_slot(req, me)
             if isinstance(exc, GreenletExit):  # killed by Server.close
@@ -585,6 +588,13 @@ class Connection:
             return None
         log.error("handler for cmdid %d raised (peer %s, id %r)", req.cmdid, self.address, req.id, exc_info=exc)
         return encode_error(codec, Code.INTERNAL, "internal error", req.cmdid, req.id, req.has_id), Code.INTERNAL
+
+    def _unencodable(self, req: ServerRequest, data: Any, exc: Exception) -> tuple[bytes, int]:
+        """The reply to a result ``encode_reply`` failed on: a seed handler's ``self.res`` line
+        (:class:`~geventtcp.handler.SeedReply`, which has no JSON form on purpose), else a 500."""
+        if type(data) is SeedReply:
+            return self._seed_reply(req, data.text)
+        return self._not_serializable(req, exc), Code.INTERNAL
 
     def _seed_reply(self, req: ServerRequest, text: str | bytes) -> tuple[bytes, int]:
         """The reply to a seed handler's ``self.res`` line (:func:`encode_seed_reply`); a 500 if it has no JSON form."""
@@ -663,10 +673,13 @@ class Connection:
         Only once: the counts of a request answered at its deadline, or of a connection aborted,
         were released then (``me`` left :attr:`handlers`).
         """
-        if req._slot is not None and me in self.handlers:
-            del self.handlers[me]
-            self.inflight -= 1
-            self.state.inflight -= 1
+        if req._slot is not None:
+            if me in self.handlers:
+                del self.handlers[me]
+                self.inflight -= 1
+                self.state.inflight -= 1
+            elif self.orphans:  # its connection was aborted meanwhile: nothing left for Server.close to kill
+                self.orphans.pop(me, None)
 
     def _refuse_unknown(self, req: ServerRequest) -> bool:
         """Answer a cmdid this connection may not call: 401 before AUTH, else 404."""
@@ -738,6 +751,8 @@ class Connection:
         """Count and send the 504 of a request answered at its deadline, once: from the handler's
         own completion, or (it swallowed DeadlineReached) from a reader greenlet at the deadline."""
         if glet not in self.handlers:  # the handler finishing after its 504 was sent
+            if self.orphans:
+                self.orphans.pop(glet, None)
             if self.read_state != CLOSED:
                 log.warning("handler for cmdid %d returned after its deadline (it caught DeadlineReached); "
                             "its result was dropped (peer %s, id %r)", req.cmdid, self.address, req.id)
@@ -887,7 +902,10 @@ class Connection:
         if self.inflight:
             self.state.inflight -= self.inflight
             self.inflight = 0
+            self.orphans = dict(self.handlers)  # they run on; Server.close still kills them
             self.handlers.clear()
+        if self.orphans or self.running is not None:
+            self.state.orphaned_by(self)
         if self.drained is not None:
             self.drained.set()  # a reader waiting for the output queue must see the close
         self._release()

@@ -44,8 +44,7 @@ class ServerRequest(Request):
         access: the peer address, the verified TLS client certificate, whether AUTH passed."""
         conn = self.connection
         state = conn.state
-        getpeercert = getattr(conn.sock, "getpeercert", None)  # only an SSL socket has it
-        cert = getpeercert() if getpeercert is not None else None
+        cert = conn.peer_cert  # read once after the handshake: the socket may be shut down or closed by now
         subject = {name: value for rdn in cert.get("subject", ()) for name, value in rdn} if cert else None
         return Identity(
             peer=conn.address,

@@ -44,7 +44,7 @@ from geventtcp.server.readers import ReaderPool
 from geventtcp.server.security import check_listen_addresses, is_loopback, is_protected, load_token
 from geventtcp.server.state import Handler, ServerState
 from geventtcp.sockets import create_listener, format_address, send_and_linger, unsent_bytes
-from geventtcp.tls import handshake, server_context_from_settings
+from geventtcp.tls import handshake, peer_certificate, server_context_from_settings
 from geventtcp.tracing import server_middleware, tracer_for
 from geventtcp.urls import Registry, default_registry
 
@@ -340,6 +340,12 @@ class Server:
             if conn.running is not None and conn.reader is not None:
                 doomed.append(conn.reader)  # an inline handler that yielded before its handoff ran
             conn.abort(cancel=False)  # the handlers are killed below instead
+        for conn in self.state.orphaned:  # aborted earlier (client gone), their handlers still running
+            doomed.extend(conn.orphans or ())
+            if conn.running is not None and conn.reader is not None:
+                doomed.append(conn.reader)
+        self.state.orphaned.clear()
+        doomed = list(dict.fromkeys(doomed))  # the connections aborted just above are orphaned too: once each
         if doomed:  # raw reader greenlets: gevent.killall(block=False) wants gevent Greenlets
             self.loop.run_callback(_kill_all, doomed)
         if self._watchdog is not None:
@@ -406,6 +412,8 @@ class Server:
                 state.release_peer(peer)
                 return
         conn = Connection(state, sock, address or sock.getsockname())
+        if self.ssl_context is not None:  # once per TLS connection (request.identity reads it)
+            conn.peer_cert = peer_certificate(sock)
         state.connections.add(conn)
         state.all_closed.clear()
         self.stats.connections_total += 1

@@ -55,7 +55,10 @@ class Watched(Protocol):
     address: Any
     inflight: int
     running: Any
+    reader: Any
     watch_armed: bool
+    #: Greenlets (and their requests) still running handlers when the connection was aborted.
+    orphans: dict[Any, Any] | None
 
     def hand_off(self) -> None: ...
 
@@ -78,7 +81,7 @@ class ServerState(Generic[C]):
     __slots__ = (
         "settings", "codec", "token", "registry", "stats", "loop", "clock", "readers", "plain_sockets",
         "calls", "preauth_calls", "cancel_on_disconnect", "limited", "new_context", "access_log",
-        "connections", "peers", "proxy_pending", "all_closed", "inflight", "blocking", "watching",
+        "connections", "orphaned", "peers", "proxy_pending", "all_closed", "inflight", "blocking", "watching",
         "tick", "draining", "drain_reason", "started_at",
     )
 
@@ -105,6 +108,9 @@ class ServerState(Generic[C]):
         self.new_context: Callable[[], contextvars.Context] = contextvars.Context
         self.access_log: Callable[[C, Request, int, float], None] | None = None
         self.connections: set[C] = set()
+        #: Aborted connections whose handlers were still running (:meth:`orphaned_by`): closed and
+        #: forgotten, but ``Server.close`` must still kill those handlers.
+        self.orphaned: set[C] = set()
         self.peers: dict[str, int] = {}  # open connections per peer IP
         #: Accepted connections still reading their PROXY header: not yet in ``connections``, but
         #: ``Server.stop()`` waits for them too, so each gets its goaway before the process exits.
@@ -204,6 +210,14 @@ class ServerState(Generic[C]):
         return deadline
 
     # -- open connections -------------------------------------------------------------------------
+
+    def orphaned_by(self, conn: C) -> None:
+        """``conn`` was aborted with handlers still running (its ``orphans``, or an inline one): keep
+        it for ``Server.close``, which kills them; connections whose handlers ended are dropped here."""
+        orphaned = self.orphaned
+        for old in [c for c in orphaned if not c.orphans and c.running is None]:
+            orphaned.discard(old)
+        orphaned.add(conn)
 
     def forget(self, conn: C) -> None:
         """Called by a connection once its socket is closed."""

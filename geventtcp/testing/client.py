@@ -187,14 +187,18 @@ class TestClient:
         self._thread = _ServerThread(registry, settings, worker_hooks, app if isinstance(app, str) else repr(app))
         self._thread.start()
         self.server: Any = self._thread.server
-        host, port = self.server.address[:2]
-        self.address = f"{host}:{port}"
-        options = {"retries": 0, **(client_options or {})}
-        token = self.server.token
-        if token is not None:
-            options.setdefault("auth_token", token)
-        self.client = Client(self.address, **options)
-        self._reply_codec = ReplyCodec(get_codec(self.server.settings.codec))
+        try:
+            host, port = self.server.address[:2]
+            self.address = f"{host}:{port}"
+            options = {"retries": 0, **(client_options or {})}
+            token = self.server.token
+            if token is not None:
+                options.setdefault("auth_token", token)
+            self.client = Client(self.address, **options)
+            self._reply_codec = ReplyCodec(get_codec(self.server.settings.codec))
+        except BaseException:  # a client option the Client refuses: no server thread outlives the failure
+            self._thread.stop(0)
+            raise
         self._ids = itertools.count(1)
         self.closed = False
 

@@ -105,3 +105,43 @@ def test_a_bad_meta_is_refused_by_the_client_before_anything_is_sent(server_addr
                 client.send(2, meta=bad)
         assert client.call(1, meta={"ok": "1"})["meta"] == {"ok": "1"}  # nothing was sent before
     assert SEEN == []
+
+
+def test_the_clients_meta_cannot_change_under_some_calls_only(server_addr: str) -> None:
+    """Review round 3: ``client.meta`` was a plain dict while its encoded line was cached at init: a
+    change (``client.meta["tenant"] = "b"``, per request in a threaded app) reached the calls that
+    pass their own ``meta=`` but not the others. It is read-only, so the mistake raises at once."""
+    with Client(server_addr, meta={"tenant": "a"}, tracing="off") as client:
+        refused = False
+        try:
+            client.meta["tenant"] = "b"  # type: ignore[index]
+        except TypeError:
+            refused = True
+        plain = client.call(1)["meta"]
+        merged = client.call(1, meta={"request_id": "r"})["meta"]
+        assert plain["tenant"] == merged["tenant"]  # before: "a" and "b"
+        assert refused and plain == {"tenant": "a"} and merged == {"tenant": "a", "request_id": "r"}
+
+
+def test_request_meta_is_read_only_with_or_without_meta(serve_meta_writer: str) -> None:
+    """Review round 3: ``request.meta`` is documented read-only, but was read-only only when the request
+    carried none (the shared empty mapping): a middleware that writes into it (``meta["request_id"] =
+    ...``) worked for callers that sent meta and answered 500 to those that did not."""
+    with Client(serve_meta_writer, timeout=5, tracing="off") as client:
+        assert client.call(1) == "refused"
+        assert client.call(1, meta={"tenant": "acme"}) == "refused"  # before: "accepted"
+
+
+@pytest.fixture
+def serve_meta_writer() -> Iterator[str]:
+    def writer(request: Any) -> Any:
+        try:
+            request.meta["request_id"] = "made-up"
+        except TypeError:
+            return "refused"
+        return "accepted"
+
+    registry = Registry()
+    registry.add(1, writer)
+    with serve(registry, tracing="off") as server:
+        yield addr(server)

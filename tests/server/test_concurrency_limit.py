@@ -17,6 +17,7 @@ from geventtcp.errors import (
     DeadlineExceeded,
     HandlerError,
     InternalServerError,
+    MaybeExecuted,
     RegistryError,
     ServerRefusal,
 )
@@ -191,3 +192,51 @@ def test_only_limited_commands_are_wrapped_and_list_shows_the_limit(serve: Serve
 def test_max_concurrency_must_be_a_positive_int(bad: Any) -> None:
     with pytest.raises(RegistryError, match="max_concurrency"):
         Registry().add(1, lambda request: None, max_concurrency=bad)
+
+
+def test_the_limit_holds_across_servers_sharing_a_registry(serve: Serve, hub_errors: list[Any]) -> None:
+    """Review round 3: ``max_concurrency`` is sized to a per-process resource (a database pool); two
+    Servers embedded in one process with one registry (a public and an admin port, tests) must not
+    run 2k handlers at once. A place held by a handler that ``Server.close`` kills is given back."""
+    gate = Gate()
+    reg = gate.registry(limit=1)
+    first, second = serve(reg), serve(reg)
+    with Client(addr(first), timeout=5, retries=0) as holder, Client(addr(second), timeout=5, retries=0) as other:
+        def hold() -> Any:
+            try:
+                return holder.call(1)
+            except MaybeExecuted as exc:  # its server closed under it
+                return exc
+
+        held = gevent.spawn(hold)
+        wait_until(lambda: gate.running == 1)
+        with pytest.raises(ServiceUnavailable):  # the one place is taken, on the other server
+            other.call(1)
+        assert gate.entered == 1
+        first.close()  # kills the holder's handler (GreenletExit): its place comes back
+        wait_until(lambda: gate.running == 0)
+        assert isinstance(held.get(timeout=5), MaybeExecuted)
+        gate.release.set()
+        assert other.call(1) == "done"
+    assert hub_errors == []
+
+
+def test_server_close_kills_a_handler_whose_connection_was_aborted(serve: Serve, hub_errors: list[Any]) -> None:
+    """Review round 3: ``Server.close`` kills running handlers, but one whose connection had been aborted
+    before (client reset) was forgotten with it and ran on after the close, holding its concurrency
+    place (shared by the registry's other servers) until it ended by itself."""
+    gate = Gate()
+    reg = gate.registry(limit=1)
+    first, second = serve(reg), serve(reg)
+    conn = RawConn(first.address)
+    conn.request(1, {}, id=1)
+    wait_until(lambda: gate.running == 1 and first.inflight == 1)
+    rst(conn.sock)
+    wait_until(lambda: not first.connections)  # aborted; its handler waits on the gate
+    assert gate.running == 1
+    first.close()
+    wait_until(lambda: gate.running == 0, timeout=3)  # killed (GreenletExit), its place given back
+    gate.release.set()
+    with Client(addr(second), timeout=5, retries=0) as client:
+        assert client.call(1) == "done"
+    assert hub_errors == []

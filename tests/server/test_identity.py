@@ -7,7 +7,9 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import gevent
 import pytest
+from gevent.event import Event
 
 from geventtcp import Client, Identity, Registry, Server
 from geventtcp.protocol import Request
@@ -15,6 +17,7 @@ from geventtcp.tls import client_context
 from tests.support.certs import Pki, make_pki
 from tests.support.rawconn import RawConn
 from tests.support.servers import addr
+from tests.support.system import wait_until
 
 Serve = Callable[..., Server]
 TOKEN = "identity-test-secret"
@@ -89,3 +92,36 @@ def test_behind_a_proxy_the_peer_is_the_real_client(serve: Serve) -> None:
     with RawConn(server.address) as conn:
         conn.send(b"PROXY TCP4 203.0.113.7 127.0.0.1 40001 8889\r\n")
         assert conn.call(1, id=1)["data"]["peer"] == ["203.0.113.7", 40001]
+
+
+def test_identity_is_readable_after_the_tls_connection_closed(serve: Serve, pki: Pki, hub_errors: list[Any]) -> None:
+    """Review round 3: ``request.identity`` was computed from the live TLS socket, so reading it once the
+    connection had closed (an audit record written by a greenlet the handler started, a handler still
+    running after its connection was aborted) raised AttributeError instead of saying who called."""
+    seen: list[Any] = []
+    closed = Event()
+
+    def audit_later(request: Request) -> None:
+        closed.wait()
+        try:
+            seen.append(request.identity)
+        except Exception as exc:  # what the audit greenlet died of before the fix
+            seen.append(exc)
+
+    def handler(request: Request) -> Any:
+        gevent.spawn(audit_later, request)
+        return "ok"
+
+    reg = Registry()
+    reg.add(1, handler)
+    server = serve(reg, certfile=pki.server_cert, keyfile=pki.server_key, ca_certs=pki.ca,
+                   tls_require_client_cert=True)
+    ctx = client_context(ca_certs=pki.ca, certfile=pki.client_cert, keyfile=pki.client_key)
+    with RawConn.tls(server.address, ctx) as conn:
+        assert conn.call(1, id=1)["data"] == "ok"
+    wait_until(lambda: not server.connections)
+    closed.set()
+    wait_until(lambda: seen)
+    assert isinstance(seen[0], Identity), seen
+    assert seen[0].tls_subject == {"commonName": "client-1"} and seen[0].peer[0] == "127.0.0.1"
+    assert hub_errors == []

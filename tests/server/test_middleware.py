@@ -310,3 +310,35 @@ def test_the_cli_flag_names_server_level_middleware_imported_in_the_worker(tmp_p
                 assert client.ping()["pong"] is True  # built-ins unwrapped
         finally:
             server.stop()
+
+
+def test_every_teardown_runs_when_the_deadline_lands_in_one_of_them(serve: Serve, hub_errors: list[Any]) -> None:
+    """Review round 3: a teardown_request that waits past the deadline gets DeadlineReached (a
+    BaseException); the teardowns after it (Flask runs them newest first, so the oldest, typically
+    ``Session.remove()``, runs last) must still run. The request is still answered 504."""
+    torn: list[str] = []
+    reg = Registry()
+    reg.add(1, lambda request: "fast", name="fast")
+    reg.add(2, lambda request: 1 / 0, name="bug")
+
+    @reg.teardown_request
+    def remove_session(request: Request, exc: BaseException | None) -> None:  # registered first: runs last
+        torn.append(f"remove_session {request.cmdid}")
+
+    @reg.teardown_request
+    def slow_flush(request: Request, exc: BaseException | None) -> None:
+        try:
+            gevent.sleep(5)
+        finally:
+            torn.append(f"slow_flush {request.cmdid}")
+
+    server = serve(reg)
+    with Client(addr(server), timeout=5, retries=0) as client:
+        with pytest.raises(DeadlineExceeded):  # success, then the deadline in a teardown
+            client.call(1, timeout=0.2)
+        wait_until(lambda: len(torn) >= 2)
+        with pytest.raises(DeadlineExceeded):  # an error, then the deadline in a teardown
+            client.call(2, timeout=0.2)
+        wait_until(lambda: len(torn) >= 4)
+    assert torn == ["slow_flush 1", "remove_session 1", "slow_flush 2", "remove_session 2"]
+    assert hub_errors == []

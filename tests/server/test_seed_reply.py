@@ -7,18 +7,19 @@ from __future__ import annotations
 
 import json
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from geventtcp import Client
+from geventtcp import BaseHandler, Client, Registry, Server
 from geventtcp.codec import get_codec
 from geventtcp.errors import InternalServerError, NotFound
+from geventtcp.protocol import Request
 from geventtcp.server.connection import encode_seed_reply
 from tests.support.rawconn import RawConn
-from tests.support.servers import CliServer
+from tests.support.servers import CliServer, addr
 from tests.support.system import python_cmd
 
 #: A seed handler module; only the import lines differ from SCTornadoTCP's (``from tornadoTCP...``).
@@ -166,3 +167,54 @@ def test_seed_reply_module_is_a_real_seed_module(tmp_path: Path) -> None:
     """Guard on the fixture itself: only import lines mention geventtcp."""
     lines = [line for line in SEED_APP.splitlines() if "geventtcp" in line]
     assert lines == ["from geventtcp import urls, BaseHandler, Request"]
+
+
+def test_a_seed_reply_is_a_success_to_middleware_and_flask_hooks(serve: Callable[..., Server]) -> None:
+    """Review round 3: a seed handler's ``self.res`` (a reply line, or plain text) is the handler's
+    answer, not an exception: a middleware must not see an error, after_request must run and
+    teardown_request must get ``None`` (a Flask-style teardown commits on ``None``, rolls back otherwise)."""
+    reg = Registry()
+
+    class Line(BaseHandler):
+        def process(self, request: Request) -> Any:
+            self.res = json.dumps({"code": 0, "cmdid": 1, "data": {"n": 1}}) + "\n"
+
+    class Text(BaseHandler):
+        def process(self, request: Request) -> Any:
+            self.res = "plain text"
+
+    class Missing(BaseHandler):
+        def process(self, request: Request) -> Any:
+            self.res = json.dumps({"code": 1005, "msg": "no order"})
+
+    reg.add(1, Line)
+    reg.add(2, Text)
+    reg.add(3, Missing)
+    events: list[Any] = []
+
+    @reg.middleware
+    def errors(request: Request, call_next: Callable[[Request], Any]) -> Any:
+        try:
+            return call_next(request)
+        except Exception as exc:  # what an error-reporting middleware does
+            events.append(("error", request.cmdid, type(exc).__name__))
+            raise
+
+    @reg.after_request
+    def after(request: Request, data: Any) -> Any:
+        events.append(("after", request.cmdid))
+        return data
+
+    @reg.teardown_request
+    def teardown(request: Request, exc: BaseException | None) -> None:
+        events.append(("teardown", request.cmdid, None if exc is None else type(exc).__name__))
+
+    server = serve(reg)
+    with RawConn(server.address) as conn:
+        assert _seed_call(conn, 1, {}) == {"code": 0, "cmdid": 1, "data": {"n": 1}}
+        assert _seed_call(conn, 2, {}) == {"code": 0, "cmdid": 2, "data": "plain text"}
+        assert _seed_call(conn, 3, {}) == {"code": 1005, "cmdid": 3, "msg": "no order"}
+    with Client(addr(server), timeout=5) as client:  # with ids, through geventtcp's client
+        assert client.call(1) == {"n": 1}
+    assert events == [("after", 1), ("teardown", 1, None), ("after", 2), ("teardown", 2, None),
+                      ("after", 3), ("teardown", 3, None), ("after", 1), ("teardown", 1, None)]

@@ -170,6 +170,15 @@ def test_a_bad_setting_raises_from_the_constructor() -> None:
     wait_until(lambda: _os_threads() <= before)  # the server's thread ended (it was joined: at once)
 
 
+def test_a_bad_client_option_raises_and_stops_the_server_it_started() -> None:
+    """Review round 3: the server's thread is running when the Client is made; a client option the
+    Client refuses must not leave that thread (and its listening port) behind for the test session."""
+    before = _os_threads()
+    with pytest.raises(TypeError, match="no_such_option"):
+        TestClient(_registry(), client_options={"no_such_option": 1})
+    wait_until(lambda: _os_threads() <= before, timeout=5)
+
+
 def test_close_stops_the_server_and_its_thread() -> None:
     tc = TestClient(_registry())
     task = f"/proc/self/task/{tc._thread.native_id}"
