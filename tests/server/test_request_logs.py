@@ -54,6 +54,7 @@ def logged(serve: Callable[..., Server]) -> Iterator[tuple[io.StringIO, str]]:
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter())
     loggers = [app_log, logging.getLogger("geventtcp.server")]
+    levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
@@ -63,8 +64,9 @@ def logged(serve: Callable[..., Server]) -> Iterator[tuple[io.StringIO, str]]:
         stream.truncate()  # from here on: the records of the requests only
         yield stream, address
     finally:
-        for logger in loggers:
+        for logger, level in zip(loggers, levels, strict=True):  # as found: later tests log at DEBUG
             logger.removeHandler(handler)
+            logger.setLevel(level)
 
 
 def records(stream: io.StringIO) -> list[dict[str, Any]]:
@@ -113,6 +115,7 @@ def test_text_format_shows_the_request_id_only_when_there_is_one(serve: Callable
     handler.setFormatter(TextFormatter())
     handler.addFilter(RequestFilter())
     app_log.addHandler(handler)
+    level = app_log.level
     app_log.setLevel(logging.INFO)
     registry = Registry()
     registry.add(1, inline)
@@ -123,6 +126,7 @@ def test_text_format_shows_the_request_id_only_when_there_is_one(serve: Callable
         app_log.info("outside")
     finally:
         app_log.removeHandler(handler)
+        app_log.setLevel(level)
     lines = stream.getvalue().splitlines()
     assert len(lines) == 3
     assert lines[0].endswith(" INFO tests.request_logs [abc-1]: inline handler")
