@@ -97,7 +97,7 @@ def run_as() -> pwd.struct_passwd | None:
     """The user PostgreSQL runs as when this process is root (see the module docstring); None when not root."""
     if os.geteuid() != 0:
         return None
-    if shutil.which("runuser") is None:
+    if _runuser() is None:
         raise PostgresUnavailable("running as root, and runuser (util-linux) is missing: PostgreSQL refuses to run "
                                   f"as root; run the tests as another user, or point ${DSN_ENV} at a running server")
     chosen = os.environ.get(USER_ENV)
@@ -110,6 +110,11 @@ def run_as() -> pwd.struct_passwd | None:
         f"running as root, and no user {chosen or 'postgres or nobody'} (not root) to run PostgreSQL as "
         f"(it refuses root): set ${USER_ENV} to an existing user, run the tests as a user other than root, "
         f"or point ${DSN_ENV} at a running server")
+
+
+def _runuser() -> str | None:
+    """util-linux's runuser: on PATH, else in /usr/sbin or /sbin (a PATH without sbin is common)."""
+    return shutil.which("runuser") or shutil.which("runuser", path="/usr/sbin:/sbin")
 
 
 def _version(bindir: str) -> tuple[int, ...]:
@@ -151,7 +156,7 @@ class PostgresServer:
     def _run(self, tool: str, *args: str, timeout: float = 60.0) -> None:
         argv = [os.path.join(self.bindir, tool), *args]
         if self.user is not None:
-            argv = ["runuser", "-u", self.user.pw_name, "--", *argv]
+            argv = [_runuser() or "runuser", "-u", self.user.pw_name, "--", *argv]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
         if done.returncode != 0:
             log = os.path.join(self.directory, "server.log")
@@ -164,8 +169,8 @@ class PostgresServer:
         if self.user is None:
             return ""
         path = os.path.join(self.bindir, tool)
-        probe = subprocess.run(["runuser", "-u", self.user.pw_name, "--", "test", "-x", path], capture_output=True,
-                               timeout=10, stdin=subprocess.DEVNULL)
+        probe = subprocess.run([_runuser() or "runuser", "-u", self.user.pw_name, "--", "test", "-x", path],
+                               capture_output=True, timeout=10, stdin=subprocess.DEVNULL)
         if probe.returncode == 0:
             return ""
         return (f"\n(user {self.user.pw_name!r}, which runs PostgreSQL because this process is root, cannot execute "
