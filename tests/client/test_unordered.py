@@ -13,7 +13,7 @@ import pytest
 
 from geventtcp import Server
 from geventtcp.client.client import Client
-from geventtcp.client.connection import ClientConnection
+from geventtcp.client.connection import STUCK_GRACE, ClientConnection
 from geventtcp.client.pool import MAX_REPLACEMENTS
 from geventtcp.protocol import Builtin
 from tests.support.apps import make_registry
@@ -177,3 +177,44 @@ def test_a_lone_caller_keeps_one_connection(server: Server) -> None:
         for i in range(20):
             assert client.call(1, {"i": i}) == {"i": i}
         assert len(_conns(client)) == 1
+
+
+def _ignores_hello(fake: FakeServer, sock: Any, n: int) -> None:
+    """A server that never answers HELLO (drops the line) and answers everything else by id; cmdid 2
+    answers after ``params.seconds``, from its own greenlet."""
+    import json
+
+    def reply(req: dict[str, Any], delay: float) -> None:
+        gevent.sleep(delay)
+        sock.sendall(json.dumps({"code": 0, "cmdid": req["cmdid"], "id": req["id"], "data": req["params"]}).encode()
+                     + b"\n")
+
+    buf: list[bytes] = []
+    while (line := fake.read_line(sock, buf)) is not None:
+        req = json.loads(line)
+        if req["cmdid"] == Builtin.HELLO:
+            continue
+        if req["cmdid"] == 2:
+            gevent.spawn(reply, req, req["params"]["seconds"])
+        else:
+            reply(req, 0)
+
+
+def test_a_server_that_never_answers_hello_does_not_fail_calls_in_flight() -> None:
+    """Review round 3: the unanswered HELLO stayed the connection's oldest request, so once its deadline
+    (the first call's) was STUCK_GRACE past, the next checkout declared the connection dead and failed
+    a healthy call in flight with MaybeExecuted (and every connection lived only that long). Replies to
+    later requests prove the server is alive and skipped the HELLO: the client drops it instead."""
+    fake = FakeServer(_ignores_hello, answer_hello=False)
+    try:
+        with Client(fake.address, timeout=5, pool_size=1) as client:
+            assert client.call(1, {"first": 1}, timeout=0.2) == {"first": 1}  # the HELLO's deadline
+            slow = gevent.spawn(client.call, 2, {"seconds": 2.0})
+            gevent.sleep(0.2 + STUCK_GRACE + 0.2)  # the HELLO is long overdue now
+            assert client.call(1, {"next": 1}) == {"next": 1}  # a checkout meanwhile
+            assert slow.get(timeout=5) == {"seconds": 2.0}
+            (conn,) = _conns(client)
+            assert not conn.unordered and conn.hello_id is None and not conn.calls
+        assert fake.accepted == 1
+    finally:
+        fake.close()
