@@ -218,3 +218,37 @@ def test_a_server_that_never_answers_hello_does_not_fail_calls_in_flight() -> No
         assert fake.accepted == 1
     finally:
         fake.close()
+
+
+@pytest.mark.parametrize("how", ["call", "send"])
+def test_a_connection_retired_between_checkout_and_send_is_not_a_failed_attempt(
+        monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """Review round 3: a caller's ``acquire`` returns a connection; before it registers its request
+    (threads: another thread runs meanwhile), another caller's checkout retires that connection
+    (to spread over workers) and, as it has no call in flight, closes it. The request then failed with
+    NotSent "retired to spread over workers" (seen with 8 threads against ``--workers 2``: a failed
+    call with ``retries=0``, otherwise a retry with backoff). The retired connection's NotSent is now
+    sent again at once, without using an attempt."""
+    from geventtcp.client.pool import Pool
+
+    with serve(make_registry(), workers=2) as server, \
+            Client(addr(server), timeout=5, pool_size=2, retries=0) as client:
+        client.call(1, {})
+        real = Pool.acquire
+        raced: list[ClientConnection] = []
+
+        def acquire(pool: Pool, deadline: float) -> ClientConnection:
+            conn = real(pool, deadline)
+            if not raced:  # the other thread's checkouts, between this one and the request
+                raced.append(conn)
+                conn.retiring = True  # as _spread_over_workers marks the least busy of a crowded worker
+                with pool.lock:
+                    pool._checkout_spread(time.monotonic())  # which closes a retiring connection once idle
+            return conn
+
+        monkeypatch.setattr(Pool, "acquire", acquire)
+        if how == "call":
+            assert client.call(1, {"after": 1}) == {"after": 1}
+        else:
+            client.send(1, {"after": 1})
+        assert raced and raced[0].closed and raced[0].reason == "retired to spread over workers"
