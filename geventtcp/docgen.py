@@ -155,7 +155,7 @@ def render_wire() -> str:
     comments = _constant_comments(protocol)
     limits = ["| constant | value | meaning |", "|---|---:|---|"]
     for name in ("PROTOCOL_VERSION", "DEFAULT_MAX_LINE_BYTES", "PREAUTH_MAX_LINE_BYTES", "MAX_TIMEOUT_MS",
-                 "MAX_ID", "MAX_ID_CHARS", "MIN_CMDID", "MAX_CMDID", "MAX_TIMESTAMP"):
+                 "MAX_ID", "MAX_ID_CHARS", "MIN_CMDID", "MAX_CMDID", "MIN_TIMESTAMP", "MAX_TIMESTAMP"):
         limits.append(f"| `{name}` | {getattr(protocol, name)!r} | {_cell(comments.get(name, ''))} |")
     builtins = ["| cmdid | name | before AUTH | only reads (always safe to resend) |", "|---:|---|---|---|"]
     for member in protocol.Builtin:

@@ -54,6 +54,7 @@ __all__ = [
     "MIN_CMDID",
     "MAX_CMDID",
     "MAX_TIMESTAMP",
+    "MIN_TIMESTAMP",
     "BLANK",
     "PREAUTH_MAX_LINE_BYTES",
     "GOAWAY_FIELD",
@@ -118,7 +119,9 @@ MAX_ID_CHARS = 256
 MIN_CMDID = -(2**31)
 #: The largest cmdid (2**31 - 1); anything outside MIN_CMDID .. MAX_CMDID is refused (400, cmdid null).
 MAX_CMDID = 2**31 - 1
-#: Timestamps are signed 64-bit integers (seconds; the server only reports them).
+#: Timestamps are signed 64-bit integers (seconds; the server only reports them): MIN_TIMESTAMP .. MAX_TIMESTAMP.
+MIN_TIMESTAMP = -(2**63)
+#: The largest timestamp (2**63 - 1).
 MAX_TIMESTAMP = 2**63 - 1
 #: The key that marks a going-away line (its value is the reason), as opposed to a reply.
 GOAWAY_FIELD = "goaway"
@@ -369,7 +372,7 @@ def parse_request(line: bytes, codec: Codec, address: Any = None, received: floa
     elif type(params) is not dict:
         raise ProtocolError("params must be a JSON object", id=rid, has_id=has_id, cmdid=cmdid)
     ts = get("timestamp")
-    if type(ts) is int and -MAX_TIMESTAMP <= ts <= MAX_TIMESTAMP:
+    if type(ts) is int and MIN_TIMESTAMP <= ts <= MAX_TIMESTAMP:
         timestamp = ts
     elif ts is None:
         timestamp = int(time.time())
@@ -419,10 +422,10 @@ def _timestamp(ts: Any, rid: Any, has_id: bool, cmdid: int) -> int:
     """A timestamp that is not a plain integer in range: a digit string or a finite float (the seed's
     clients sent both) becomes its integer; anything else, or out of range, is a 400."""
     value = _int_field(ts)
-    if value is None and type(ts) is float and -MAX_TIMESTAMP <= ts <= MAX_TIMESTAMP:  # NaN fails both
+    if value is None and type(ts) is float and MIN_TIMESTAMP <= ts <= MAX_TIMESTAMP:  # NaN fails both
         value = int(ts)
-    if value is None or not -MAX_TIMESTAMP <= value <= MAX_TIMESTAMP:
-        raise ProtocolError(f"timestamp must be an integer from -{MAX_TIMESTAMP} to {MAX_TIMESTAMP}", id=rid,
+    if value is None or not MIN_TIMESTAMP <= value <= MAX_TIMESTAMP:
+        raise ProtocolError(f"timestamp must be an integer from {MIN_TIMESTAMP} to {MAX_TIMESTAMP}", id=rid,
                             has_id=has_id, cmdid=cmdid)
     return value
 

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from geventtcp.client.concurrency import World, current_world, fork_generation, real_lock
+from geventtcp.client.connection import ClientConnection
 from geventtcp.client.pool import Balancer, Pool
 from geventtcp.codec import get_codec
 from geventtcp.errors import (
@@ -189,10 +190,15 @@ class Client:
             _meta_line = self._meta_line if meta is None else self._encode_meta(meta)
         deadline, balancer, world, pool = self._start(timeout, _deadline)
         attempt = 0
+        conn = None
         while True:
             try:
-                reply = pool.acquire(deadline).request(cmdid, params, deadline, False, _meta_line)
+                conn = pool.acquire(deadline)
+                reply = conn.request(cmdid, params, deadline, False, _meta_line)
             except _SAFE as exc:
+                if _retired_under(conn, exc):
+                    conn = None
+                    continue
                 error: GeventTCPError = exc
             except CallTimeout:
                 raise
@@ -266,11 +272,16 @@ class Client:
         meta_line = self._encode_meta(meta) if self._tracing is None else self._tracing.send_meta(self, meta)
         deadline, balancer, world, pool = self._start(timeout, None)
         attempt = 0
+        conn = None
         while True:
             try:
-                pool.acquire(deadline).request(cmdid, params, deadline, True, meta_line)
+                conn = pool.acquire(deadline)
+                conn.request(cmdid, params, deadline, True, meta_line)
                 return
             except _SAFE as exc:
+                if _retired_under(conn, exc):
+                    conn = None
+                    continue
                 attempt += 1
                 pool = self._retry(attempt, exc, deadline, world, balancer, pool)
 
@@ -350,6 +361,15 @@ class Client:
         """Connections and requests in flight per world and address (for debugging and tests)."""
         return {getattr(key, "name", str(key)) if isinstance(key, str) else f"gevent-hub-{id(key):x}":
                 balancer.describe() for key, balancer in list(self._balancers.items())}
+
+
+def _retired_under(conn: ClientConnection | None, exc: Exception) -> bool:
+    """``exc`` is the NotSent of a request on ``conn``, a connection the pool retired (to spread over
+    workers) and closed, idle, between the checkout and the request's registration (another thread's
+    checkout ran in between): nothing was sent and nothing failed, so the caller checks out again at
+    once, without using an attempt (a closed connection leaves the pool, and a pool retires at most
+    ``MAX_REPLACEMENTS`` connections, so this repeats a bounded number of times)."""
+    return conn is not None and conn.retiring and type(exc) is NotSent
 
 
 # Re-exported for ``from geventtcp.client import ...`` convenience.

@@ -440,12 +440,26 @@ class ClientConnection:
         if calls:
             with self.state:  # other threads add and remove calls meanwhile
                 oldest = next(iter(calls.values()), None)
-            if oldest is not None and oldest.deadline + STUCK_GRACE < now:
+            if oldest is not None and oldest.deadline + STUCK_GRACE < now and not self._hello_ignored(oldest):
                 self._fail("no reply long past the request's deadline: connection presumed dead")
                 return False
         elif now - self.last_active >= validate_after and self.io.readable():
             self.poll()  # a goaway or EOF that came while the connection sat idle
         return not self.closed
+
+    def _hello_ignored(self, oldest: Call) -> bool:
+        """``oldest``, overdue, is our HELLO while replies came after it was sent: the server skipped it
+        (a server answers HELLO before any later request, 1.1 or not), so it is dropped (request order
+        stays) rather than taken for a dead connection failing the calls in flight. True if dropped."""
+        if oldest.id != self.hello_id or self.last_reply <= oldest.sent:
+            return False
+        with self.state:
+            if self.calls.pop(oldest.id, None) is not None:
+                self.orphans -= 1
+            self.hello_id = None
+        log.warning("%s never answered the HELLO (protocol 1.1) while answering later requests: "
+                    "replies in request order", self.address)
+        return True
 
     def _fail(self, reason: str, kind: type[TransportError] = MaybeExecuted) -> None:
         with self.state:

@@ -519,8 +519,11 @@ class Connection:
         """Queue an error reply the dispatcher made (400, 404, 413, a refusal) to a line whose id
         was ``rid``; returns True, as :meth:`_dispatch` does. Counted as replies are: one echoes its
         line's id, which can be as long as the line (1.5 MiB once escaped), and a blocked head must
-        not let them pile up."""
-        if self.floating and rid is None:
+        not let them pile up. In completion order an id-less one is a barrier, and so is one carrying
+        the id of a floating request (a 400 for a bad line reusing it): it must not overtake that
+        request's reply, or the two replies with one id could not be told apart."""
+        floating = self.floating
+        if floating and (rid is None or rid in floating.values()):
             self._barrier()
         self.out.append(line)
         self.queued_bytes += len(line)

@@ -13,7 +13,7 @@ import pytest
 
 from geventtcp import Server
 from geventtcp.client.client import Client
-from geventtcp.client.connection import ClientConnection
+from geventtcp.client.connection import STUCK_GRACE, ClientConnection
 from geventtcp.client.pool import MAX_REPLACEMENTS
 from geventtcp.protocol import Builtin
 from tests.support.apps import make_registry
@@ -177,3 +177,78 @@ def test_a_lone_caller_keeps_one_connection(server: Server) -> None:
         for i in range(20):
             assert client.call(1, {"i": i}) == {"i": i}
         assert len(_conns(client)) == 1
+
+
+def _ignores_hello(fake: FakeServer, sock: Any, n: int) -> None:
+    """A server that never answers HELLO (drops the line) and answers everything else by id; cmdid 2
+    answers after ``params.seconds``, from its own greenlet."""
+    import json
+
+    def reply(req: dict[str, Any], delay: float) -> None:
+        gevent.sleep(delay)
+        sock.sendall(json.dumps({"code": 0, "cmdid": req["cmdid"], "id": req["id"], "data": req["params"]}).encode()
+                     + b"\n")
+
+    buf: list[bytes] = []
+    while (line := fake.read_line(sock, buf)) is not None:
+        req = json.loads(line)
+        if req["cmdid"] == Builtin.HELLO:
+            continue
+        if req["cmdid"] == 2:
+            gevent.spawn(reply, req, req["params"]["seconds"])
+        else:
+            reply(req, 0)
+
+
+def test_a_server_that_never_answers_hello_does_not_fail_calls_in_flight() -> None:
+    """Review round 3: the unanswered HELLO stayed the connection's oldest request, so once its deadline
+    (the first call's) was STUCK_GRACE past, the next checkout declared the connection dead and failed
+    a healthy call in flight with MaybeExecuted (and every connection lived only that long). Replies to
+    later requests prove the server is alive and skipped the HELLO: the client drops it instead."""
+    fake = FakeServer(_ignores_hello, answer_hello=False)
+    try:
+        with Client(fake.address, timeout=5, pool_size=1) as client:
+            assert client.call(1, {"first": 1}, timeout=0.2) == {"first": 1}  # the HELLO's deadline
+            slow = gevent.spawn(client.call, 2, {"seconds": 2.0})
+            gevent.sleep(0.2 + STUCK_GRACE + 0.2)  # the HELLO is long overdue now
+            assert client.call(1, {"next": 1}) == {"next": 1}  # a checkout meanwhile
+            assert slow.get(timeout=5) == {"seconds": 2.0}
+            (conn,) = _conns(client)
+            assert not conn.unordered and conn.hello_id is None and not conn.calls
+        assert fake.accepted == 1
+    finally:
+        fake.close()
+
+
+@pytest.mark.parametrize("how", ["call", "send"])
+def test_a_connection_retired_between_checkout_and_send_is_not_a_failed_attempt(
+        monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """Review round 3: a caller's ``acquire`` returns a connection; before it registers its request
+    (threads: another thread runs meanwhile), another caller's checkout retires that connection
+    (to spread over workers) and, as it has no call in flight, closes it. The request then failed with
+    NotSent "retired to spread over workers" (seen with 8 threads against ``--workers 2``: a failed
+    call with ``retries=0``, otherwise a retry with backoff). The retired connection's NotSent is now
+    sent again at once, without using an attempt."""
+    from geventtcp.client.pool import Pool
+
+    with serve(make_registry(), workers=2) as server, \
+            Client(addr(server), timeout=5, pool_size=2, retries=0) as client:
+        client.call(1, {})
+        real = Pool.acquire
+        raced: list[ClientConnection] = []
+
+        def acquire(pool: Pool, deadline: float) -> ClientConnection:
+            conn = real(pool, deadline)
+            if not raced:  # the other thread's checkouts, between this one and the request
+                raced.append(conn)
+                conn.retiring = True  # as _spread_over_workers marks the least busy of a crowded worker
+                with pool.lock:
+                    pool._checkout_spread(time.monotonic())  # which closes a retiring connection once idle
+            return conn
+
+        monkeypatch.setattr(Pool, "acquire", acquire)
+        if how == "call":
+            assert client.call(1, {"after": 1}) == {"after": 1}
+        else:
+            client.send(1, {"after": 1})
+        assert raced and raced[0].closed and raced[0].reason == "retired to spread over workers"

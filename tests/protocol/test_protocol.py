@@ -361,3 +361,14 @@ def test_a_hello_round_trip_from_request_line_to_reply_line() -> None:
     reply = encode_reply(CODEC, req.cmdid, data, req.id, req.has_id)
     assert reply == b'{"code":0,"cmdid":-5,"id":1,"data":{"protocol":"1.1","features":["unordered"]}}\n'
     assert protocol.accepted_features(decode_reply(CODEC, reply[:-1])) == now == {protocol.UNORDERED}
+
+
+@pytest.mark.parametrize("ts", [-(2**63), -(2**63) + 1, 2**63 - 1, "9223372036854775807"])
+def test_timestamp_takes_the_whole_signed_64_bit_range(ts: object) -> None:
+    """Review round 3: the spec says -2^63 to 2^63-1 (a signed 64-bit integer), but -2^63 (Go's and
+    Java's minimum) was refused: the check was symmetric around -(2^63-1)."""
+    line = b'{"cmdid":1,"timestamp":%s,"id":1}' % json.dumps(ts).encode()
+    req = parse_request(line, CODEC)
+    assert req.timestamp == int(ts)  # type: ignore[call-overload]
+    with pytest.raises(ProtocolError, match=r"timestamp must be an integer from -9223372036854775808 to"):
+        parse_request(b'{"cmdid":1,"timestamp":-9223372036854775809,"id":1}', CODEC)

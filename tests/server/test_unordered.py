@@ -283,3 +283,21 @@ def test_an_id_in_flight_reused_on_an_unordered_connection_is_refused_after_the_
         conn.send(_line(1, {"k": 3}, id="x"))  # answered: the id is free again
         assert conn.line() == {"code": 0, "cmdid": 1, "id": "x", "data": {"k": 3}}
         assert server.stats.protocol_errors == 1
+
+
+def test_a_bad_line_reusing_an_id_in_flight_is_answered_after_the_first_reply(serve: Serve) -> None:
+    """Review round 3: a line refused as invalid (400) whose id the server recovered, reusing the id of
+    a floating request, was answered at once: two replies with id "x", the refusal first, so a client
+    matching by id took the 400 for the slow request's reply. Like the duplicate-id refusal, it now
+    waits behind the first request's reply."""
+    server = serve()
+    with RawConn(server.address) as conn:
+        _hello(conn)
+        conn.send(_line(2, {"seconds": 0.3}, id="x")
+                  + b'{"cmdid":1,"params":[],"id":"x"}\n'  # params not an object: 400, id recovered
+                  + b'{"cmdid":1,"params":{"s":"\\ud800"},"id":"x"}\n'  # lone surrogate: 400, id recovered
+                  + _line(1, {"k": 1}, id="y"))
+        replies = [conn.line() for _ in range(4)]
+        assert [(r["id"], r["code"]) for r in replies][0] == ("x", 0)
+        assert sorted((r["id"], r["code"]) for r in replies[1:]) == [("x", 400), ("x", 400), ("y", 0)]
+        assert server.stats.protocol_errors == 2
