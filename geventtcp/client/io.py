@@ -12,6 +12,7 @@ import select
 import socket as _socket
 import ssl
 import struct
+import threading as _threading
 import time
 from typing import Any
 
@@ -27,6 +28,12 @@ RECV_SIZE = 65536
 _allocate_lock: Any = _monkey.get_original("_thread", "allocate_lock")
 _original_poll: Any = _monkey.get_original("select", "poll")
 _DONTWAIT = getattr(_socket, "MSG_DONTWAIT", 0)
+_get_ident: Any = _monkey.get_original("_thread", "get_ident")
+#: The OS thread that runs Python's signal handlers and is interrupted by signals sent to the process
+#: (the kernel gives them to the main thread first). Read with the real ``get_ident``: gevent's
+#: patching renumbers ``threading``'s main thread after the greenlet.
+_MAIN_THREAD: int | None = (
+    _get_ident() if _threading.current_thread() is _threading.main_thread() else _threading.main_thread().ident)
 #: Seconds left to a deadline below which a read polls instead of relying on ``SO_RCVTIMEO``.
 _POLL_BELOW = 0.02
 
@@ -51,6 +58,12 @@ class ThreadsIO:
     holds the connection's reader role, so it has a single user: a read is one ``recv`` instead of
     ``poll`` then ``recv`` (the ``poll`` was ~15 % of a lone call's CPU). Where the option cannot be
     set, reads ``poll`` first as before.
+
+    Not in the main thread: Python restarts a ``recv`` interrupted by a signal whose handler returned
+    (PEP 475), and the kernel then starts ``SO_RCVTIMEO`` afresh, so a signal coming more often than
+    the bound (a program's periodic ``SIGALRM``) would keep a read waiting past its deadline for as
+    long as the signals come. Signals sent to the process interrupt the main thread, so its reads
+    ``poll`` first, whose timeout Python recomputes on each restart (as it does in every thread).
     """
 
     __slots__ = ("sock", "_poller", "_rcvtimeo", "_polling")
@@ -88,11 +101,12 @@ class ThreadsIO:
             poller.poll(math.ceil(remaining * 1000))
 
     def recv(self, deadline: float) -> bytes:
+        main = _get_ident() == _MAIN_THREAD  # signals interrupt this thread: poll (see the class)
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError("timed out waiting for the reply")
-            if remaining < self._rcvtimeo and not self._bound(remaining):
+            if main or (remaining < self._rcvtimeo and not self._bound(remaining)):
                 if self._poller.poll(int(remaining * 1000) + 1):  # rounded up (a whole ms more at worst)
                     data: bytes = self.sock.recv(RECV_SIZE)
                     return data
