@@ -34,8 +34,14 @@ _get_ident: Any = _monkey.get_original("_thread", "get_ident")
 #: patching renumbers ``threading``'s main thread after the greenlet.
 _MAIN_THREAD: int | None = (
     _get_ident() if _threading.current_thread() is _threading.main_thread() else _threading.main_thread().ident)
-#: Seconds left to a deadline below which a read polls instead of relying on ``SO_RCVTIMEO``.
-_POLL_BELOW = 0.02
+#: The most by which the kernel ends a read bounded by ``SO_RCVTIMEO`` after the bound: it rounds the
+#: bound up to whole ticks and its timer wheel up to a granularity of at most 1/8 of the timeout (Linux),
+#: so ``bound * _SLACK_SHARE + _SLACK_TICKS`` (two ticks at the coarsest 100 Hz).
+_SLACK_SHARE = 1.125
+_SLACK_TICKS = 0.02
+#: Seconds left to a deadline below which a read polls instead of relying on ``SO_RCVTIMEO``: with less,
+#: half of it plus the kernel's lateness could pass the deadline.
+_POLL_BELOW = 0.05
 
 
 def shutdown(sock: Any) -> None:
@@ -73,7 +79,9 @@ class ThreadsIO:
         self.sock = sock
         self._poller = _original_poll()
         self._poller.register(sock.fileno(), select.POLLIN)
-        self._rcvtimeo = math.inf  # the kernel's bound on one read (none yet; always while polling)
+        # The time a read bounded by the kernel may take, its lateness included: a read with less time
+        # left sets a new bound first (none yet: inf; always while polling).
+        self._rcvtimeo = math.inf
         self._polling = False  # set for good when SO_RCVTIMEO cannot be set
 
     def send_all(self, data: bytes, deadline: float) -> None:
@@ -118,11 +126,12 @@ class ThreadsIO:
                 continue
 
     def _bound(self, remaining: float) -> bool:
-        """Make the kernel's bound on a read at most ``remaining`` seconds; False where it cannot be
+        """Bound the kernel's wait on a read so that it ends by ``remaining`` seconds, the kernel's
+        lateness included (:data:`_SLACK_SHARE`, :data:`_SLACK_TICKS`); False where the bound cannot be
         set, or when less than :data:`_POLL_BELOW` remains (then reads poll, whose timeout is exact to
-        the ms; the kernel rounds this one up to its tick, a few ms). Half of it, so that the next
-        calls with the same timeout (a little more remaining each) keep it without a ``setsockopt``:
-        the bound may end a wait early, which costs one more ``recv``, never late."""
+        the ms). Half of it, so that the next calls with the same timeout (about as much remaining
+        each) keep it without a ``setsockopt``: the bound may end a wait early, which costs one more
+        ``recv``, never late."""
         if self._polling or remaining < _POLL_BELOW:
             return False
         bound = remaining / 2
@@ -133,7 +142,7 @@ class ThreadsIO:
         except (OSError, struct.error):
             self._polling = True
             return False
-        self._rcvtimeo = bound
+        self._rcvtimeo = bound * _SLACK_SHARE + _SLACK_TICKS  # at most ``remaining`` (see _POLL_BELOW)
         return True
 
     def readable(self) -> bool:

@@ -187,6 +187,32 @@ def test_threads_recv_keeps_the_kernel_bound_across_calls_with_the_same_timeout(
     off_main(reads)
 
 
+@pytest.mark.slow
+def test_threads_recv_is_not_late_when_little_more_than_the_kernel_bound_remains(plain_pair):
+    # A read whose remaining time is just above the bound an earlier call left (1 s, from a 2 s timeout)
+    # used that bound as it was; the kernel rounds a timeout up to its timer wheel's granularity (up to
+    # 1/8 of it, plus a tick), so the read ended up to ~30 ms past its deadline (7-27 ms measured). Over
+    # three reads the lateness averages ~16 ms that way; poll is late by its 1 ms rounding.
+    client, peer = plain_pair
+
+    def lateness():
+        late = []
+        for _ in range(3):
+            io = ThreadsIO(client)  # no bound known yet: the first read sets one
+            peer.sendall(b"a\n")
+            assert io.recv(time.monotonic() + 2.0) == b"a\n"  # leaves the kernel's bound at 1 s
+            assert 0.99 < _rcvtimeo(client) <= 1.0
+            deadline = time.monotonic() + 1.002
+            with pytest.raises(TimeoutError):
+                io.recv(deadline)
+            late.append(time.monotonic() - deadline)
+        return late
+
+    late = off_main(lateness)
+    assert min(late) >= 0
+    assert sum(late) / len(late) < 0.005, late
+
+
 class _NoTimeoSocket:
     """A socket whose SO_RCVTIMEO cannot be set, as on a platform without it."""
 
