@@ -8,6 +8,7 @@ buffered) and ``readable()`` (never blocks). None of them closes the socket: its
 from __future__ import annotations
 
 import math
+import os as _os
 import select
 import socket as _socket
 import ssl
@@ -34,6 +35,15 @@ _get_ident: Any = _monkey.get_original("_thread", "get_ident")
 #: patching renumbers ``threading``'s main thread after the greenlet.
 _MAIN_THREAD: int | None = (
     _get_ident() if _threading.current_thread() is _threading.main_thread() else _threading.main_thread().ident)
+
+
+def _main_thread_after_fork() -> None:
+    """In a forked child the thread that forked is the main one (Python's and the kernel's)."""
+    global _MAIN_THREAD
+    _MAIN_THREAD = _get_ident()
+
+
+_os.register_at_fork(after_in_child=_main_thread_after_fork)
 #: The most by which the kernel ends a read bounded by ``SO_RCVTIMEO`` after the bound: it rounds the
 #: bound up to whole ticks and its timer wheel up to a granularity of at most 1/8 of the timeout (Linux),
 #: so ``bound * _SLACK_SHARE + _SLACK_TICKS`` (two ticks at the coarsest 100 Hz).

@@ -295,3 +295,46 @@ def test_threads_call_from_the_main_thread_times_out_while_signals_keep_coming(t
         silent.close()
     assert len(ticking_signals) >= 5
     assert 0.6 <= elapsed < 1.6
+
+
+FORK_FROM_A_THREAD = r"""
+import os, signal, socket, sys, threading, time
+from geventtcp.client.io import ThreadsIO
+
+def in_child():
+    # This thread forked: in the child it is the main thread (Python runs signal handlers here).
+    signal.signal(signal.SIGALRM, lambda signum, frame: None)
+    signal.setitimer(signal.ITIMER_REAL, 0.05, 0.05)
+    threading.Timer(4.0, signal.setitimer, (signal.ITIMER_REAL, 0)).start()
+    a, b = socket.socketpair()
+    started = time.monotonic()
+    try:
+        ThreadsIO(a).recv(started + 0.5)
+    except TimeoutError:
+        pass
+    elapsed = time.monotonic() - started
+    print(f"{elapsed:.2f}", flush=True)
+    os._exit(0 if elapsed < 1.5 else 3)
+
+def forker():
+    pid = os.fork()
+    if pid == 0:
+        in_child()
+    _, status = os.waitpid(pid, 0)
+    result.append(os.waitstatus_to_exitcode(status))
+
+result = []
+thread = threading.Thread(target=forker)
+thread.start()
+thread.join()
+sys.exit(result[0])
+"""
+
+
+@pytest.mark.subprocess
+def test_threads_recv_keeps_its_deadline_under_signals_in_a_child_forked_from_a_thread():
+    # The thread that forks is the child's main thread, where signals land: its reads must poll too.
+    from tests.support.system import run_python
+
+    result = run_python(FORK_FROM_A_THREAD)
+    assert result.returncode == 0, result.stdout + result.stderr
