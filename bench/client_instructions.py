@@ -1,14 +1,16 @@
 """Client instructions per call under valgrind callgrind (user space of the client process only).
 
-    python bench/client_instructions.py [--calls 3000] [--shape thread|orjson|greenlets|redis]
+    python bench/client_instructions.py [--calls 3000] [--shape thread|worker|orjson|greenlets|redis]
 
 Starts ``geventtcp serve handlers -w 1`` (or ``redis-server`` for ``--shape redis``) in its own
 process, then runs the client twice under callgrind, with ``--warmup`` calls and with ``--warmup +
 --calls`` calls, and prints the difference divided by ``--calls``: start-up, imports and connecting
 cancel out, leaving what one call costs. Instruction counts do not depend on the machine's load,
 unlike the wall-clock rates of ``client_bench.py``. Shapes: ``thread`` (one plain thread, sync
-ping, the default codec), ``orjson`` (the same with ``codec="orjson"``), ``greenlets`` (100
-greenlets sharing one Client), ``redis`` (redis-py ``PING`` against redis-server, 1 thread).
+ping, the default codec: the main thread, whose reads poll first), ``worker`` (the same from
+another thread, whose reads are one ``recv`` bounded by ``SO_RCVTIMEO``), ``orjson`` (the same
+with ``codec="orjson"``), ``greenlets`` (100 greenlets sharing one Client), ``redis`` (redis-py
+``PING`` against redis-server, 1 thread).
 """
 
 from __future__ import annotations
@@ -34,6 +36,16 @@ if shape == "redis":
     r = redis.Redis(host="127.0.0.1", port=port)
     for _ in range(n):
         r.ping()
+elif shape == "worker":
+    import threading
+    from geventtcp.client.client import Client
+    with Client(f"127.0.0.1:{port}", timeout=30) as client:
+        def worker():
+            for _ in range(n):
+                client.call(-1)
+        thread = threading.Thread(target=worker)
+        thread.start()
+        thread.join()
 elif shape == "greenlets":
     import gevent
     from geventtcp.client.client import Client
@@ -67,7 +79,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--calls", type=int, default=3000)
     parser.add_argument("--warmup", type=int, default=500)
-    parser.add_argument("--shape", choices=("thread", "orjson", "greenlets", "redis"), default="thread")
+    parser.add_argument("--shape", choices=("thread", "worker", "orjson", "greenlets", "redis"), default="thread")
     args = parser.parse_args()
     port = free_port()
     if args.shape == "redis":

@@ -8,10 +8,12 @@ buffered) and ``readable()`` (never blocks). None of them closes the socket: its
 from __future__ import annotations
 
 import math
+import os as _os
 import select
 import socket as _socket
 import ssl
 import struct
+import threading as _threading
 import time
 from typing import Any
 
@@ -27,8 +29,29 @@ RECV_SIZE = 65536
 _allocate_lock: Any = _monkey.get_original("_thread", "allocate_lock")
 _original_poll: Any = _monkey.get_original("select", "poll")
 _DONTWAIT = getattr(_socket, "MSG_DONTWAIT", 0)
-#: Seconds left to a deadline below which a read polls instead of relying on ``SO_RCVTIMEO``.
-_POLL_BELOW = 0.02
+_get_ident: Any = _monkey.get_original("_thread", "get_ident")
+#: The OS thread that runs Python's signal handlers and is interrupted by signals sent to the process
+#: (the kernel gives them to the main thread first). Read with the real ``get_ident``: gevent's
+#: patching renumbers ``threading``'s main thread after the greenlet.
+_MAIN_THREAD: int | None = (
+    _get_ident() if _threading.current_thread() is _threading.main_thread() else _threading.main_thread().ident)
+
+
+def _main_thread_after_fork() -> None:
+    """In a forked child the thread that forked is the main one (Python's and the kernel's)."""
+    global _MAIN_THREAD
+    _MAIN_THREAD = _get_ident()
+
+
+_os.register_at_fork(after_in_child=_main_thread_after_fork)
+#: The most by which the kernel ends a read bounded by ``SO_RCVTIMEO`` after the bound: it rounds the
+#: bound up to whole ticks and its timer wheel up to a granularity of at most 1/8 of the timeout (Linux),
+#: so ``bound * _SLACK_SHARE + _SLACK_TICKS`` (two ticks at the coarsest 100 Hz).
+_SLACK_SHARE = 1.125
+_SLACK_TICKS = 0.02
+#: Seconds left to a deadline below which a read polls instead of relying on ``SO_RCVTIMEO``: with less,
+#: half of it plus the kernel's lateness could pass the deadline.
+_POLL_BELOW = 0.05
 
 
 def shutdown(sock: Any) -> None:
@@ -51,6 +74,12 @@ class ThreadsIO:
     holds the connection's reader role, so it has a single user: a read is one ``recv`` instead of
     ``poll`` then ``recv`` (the ``poll`` was ~15 % of a lone call's CPU). Where the option cannot be
     set, reads ``poll`` first as before.
+
+    Not in the main thread: Python restarts a ``recv`` interrupted by a signal whose handler returned
+    (PEP 475), and the kernel then starts ``SO_RCVTIMEO`` afresh, so a signal coming more often than
+    the bound (a program's periodic ``SIGALRM``) would keep a read waiting past its deadline for as
+    long as the signals come. Signals sent to the process interrupt the main thread, so its reads
+    ``poll`` first, whose timeout Python recomputes on each restart (as it does in every thread).
     """
 
     __slots__ = ("sock", "_poller", "_rcvtimeo", "_polling")
@@ -60,7 +89,9 @@ class ThreadsIO:
         self.sock = sock
         self._poller = _original_poll()
         self._poller.register(sock.fileno(), select.POLLIN)
-        self._rcvtimeo = math.inf  # the kernel's bound on one read (none yet; always while polling)
+        # The time a read bounded by the kernel may take, its lateness included: a read with less time
+        # left sets a new bound first (none yet: inf; always while polling).
+        self._rcvtimeo = math.inf
         self._polling = False  # set for good when SO_RCVTIMEO cannot be set
 
     def send_all(self, data: bytes, deadline: float) -> None:
@@ -88,11 +119,12 @@ class ThreadsIO:
             poller.poll(math.ceil(remaining * 1000))
 
     def recv(self, deadline: float) -> bytes:
+        main = _get_ident() == _MAIN_THREAD  # signals interrupt this thread: poll (see the class)
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError("timed out waiting for the reply")
-            if remaining < self._rcvtimeo and not self._bound(remaining):
+            if main or (remaining < self._rcvtimeo and not self._bound(remaining)):
                 if self._poller.poll(int(remaining * 1000) + 1):  # rounded up (a whole ms more at worst)
                     data: bytes = self.sock.recv(RECV_SIZE)
                     return data
@@ -104,11 +136,12 @@ class ThreadsIO:
                 continue
 
     def _bound(self, remaining: float) -> bool:
-        """Make the kernel's bound on a read at most ``remaining`` seconds; False where it cannot be
+        """Bound the kernel's wait on a read so that it ends by ``remaining`` seconds, the kernel's
+        lateness included (:data:`_SLACK_SHARE`, :data:`_SLACK_TICKS`); False where the bound cannot be
         set, or when less than :data:`_POLL_BELOW` remains (then reads poll, whose timeout is exact to
-        the ms; the kernel rounds this one up to its tick, a few ms). Half of it, so that the next
-        calls with the same timeout (a little more remaining each) keep it without a ``setsockopt``:
-        the bound may end a wait early, which costs one more ``recv``, never late."""
+        the ms). Half of it, so that the next calls with the same timeout (about as much remaining
+        each) keep it without a ``setsockopt``: the bound may end a wait early, which costs one more
+        ``recv``, never late."""
         if self._polling or remaining < _POLL_BELOW:
             return False
         bound = remaining / 2
@@ -119,7 +152,7 @@ class ThreadsIO:
         except (OSError, struct.error):
             self._polling = True
             return False
-        self._rcvtimeo = bound
+        self._rcvtimeo = bound * _SLACK_SHARE + _SLACK_TICKS  # at most ``remaining`` (see _POLL_BELOW)
         return True
 
     def readable(self) -> bool:

@@ -6,6 +6,7 @@ import random
 import time
 from typing import Any
 
+from geventtcp.client import concurrency as _concurrency
 from geventtcp.client.batch import BatchingConnection
 from geventtcp.client.concurrency import World, fork_generation, real_lock
 from geventtcp.client.connection import STALL_AFTER, ClientConnection
@@ -107,9 +108,9 @@ class Pool:
         conns = self.conns
         if len(conns) == 1:  # the common cases, checked without the lock
             conn = conns[0]
-            # No fork check here: the client checked the process's generation before this call
-            # and replaces every pool after a fork, so a pool only holds its own process's connections.
-            if not conn.closed:
+            # The fork check reads the counter as a module attribute (no Python call): the client checks
+            # at the start of a call only, and a greenlet in a retry's backoff may wake in a forked child.
+            if not conn.closed and conn.generation == _concurrency._fork_generation:
                 if conn.orphans and not conn.reading:  # replies nobody waits on (send()): read them now
                     conn.poll()
                 now = time.monotonic()

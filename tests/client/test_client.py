@@ -382,3 +382,70 @@ def test_call_async_timeout_counts_from_submission_in_threads():
                     future.result(timeout=10)
     finally:
         server.close()
+
+
+FORK_IN_BACKOFF = r"""
+import os, sys
+import gevent, gevent.event
+from geventtcp.client import client as client_module
+from geventtcp.client.client import Client
+
+client_module.random.uniform = lambda low, high: high  # the whole backoff: the fork lands inside it
+backing_off = gevent.event.Event()
+retry = Client._retry
+
+def announced_retry(self, *args):
+    backing_off.set()  # wakes the main greenlet once this one sleeps in the backoff
+    return retry(self, *args)
+
+Client._retry = announced_retry
+client = Client(sys.argv[1], timeout=10, mode="gevent", backoff=0.5, max_backoff=0.5)
+assert client.call(1, {"case": "warm"}) == "ok"  # the connection is open, idle and fresh
+caller = gevent.spawn(client.call, 1, {"case": "busy"})  # 503 first: retried after the backoff
+backing_off.wait(5)
+pid = gevent.fork()
+if pid:
+    caller.kill()  # the parent's copy never retries: only the child's uses the connection
+    _, status = os.waitpid(pid, 0)
+    sys.exit(os.waitstatus_to_exitcode(status))
+try:
+    result = caller.get(timeout=8)
+except BaseException as exc:
+    result = repr(exc)
+print("child got", result, flush=True)
+os._exit(0 if result == "ok" else 3)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_a_retry_in_a_forked_child_opens_its_own_connection():
+    # A greenlet sleeps in its retry's backoff while another forks (gevent.fork): in the child it resumes
+    # with the parent's pool, whose one-connection fast path lost its fork check (the client checks at
+    # the start of a call only). The retry then went out on the parent's socket, whose replies the parent
+    # reads too. The in-process fake server records which of its connections each request came on.
+    from gevent import subprocess
+
+    from tests.support.system import ROOT, env, python_cmd
+
+    arrivals: list[tuple[int, str]] = []
+
+    def answer(fake, sock, n):
+        buf: list[bytes] = []
+        while (line := fake.read_line(sock, buf)) is not None:
+            request = json.loads(line)
+            case = request["params"]["case"]
+            arrivals.append((n, case))
+            code = 503 if (n, case) == (0, "busy") else 0
+            body = b'"msg":"busy"' if code else b'"data":"ok"'
+            sock.sendall(b'{"code":%d,"cmdid":1,"id":%d,%b}\n' % (code, request["id"], body))
+
+    fake = FakeServer(answer)
+    try:
+        run = subprocess.run([*python_cmd("-c", FORK_IN_BACKOFF), fake.address], cwd=ROOT, env=env(),
+                             capture_output=True, text=True, timeout=60)
+    finally:
+        fake.close()
+    assert arrivals[:2] == [(0, "warm"), (0, "busy")]
+    assert arrivals[2:] == [(1, "busy")], run.stdout + run.stderr  # the child's retry, on its own connection
+    assert run.returncode == 0, run.stdout + run.stderr
