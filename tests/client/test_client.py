@@ -424,9 +424,13 @@ def test_a_retry_in_a_forked_child_opens_its_own_connection():
     # with the parent's pool, whose one-connection fast path lost its fork check (the client checks at
     # the start of a call only). The retry then went out on the parent's socket, whose replies the parent
     # reads too. The in-process fake server records which of its connections each request came on.
-    from gevent import subprocess
+    # Stdlib subprocess, waited on cooperatively: gevent's subprocess would install libev's SIGCHLD
+    # watcher in this process, which reaps every child, and later tests' Popen.poll() then read
+    # the exit status of their servers as 0 (ECHILD).
+    import subprocess
+    import tempfile
 
-    from tests.support.system import ROOT, env, python_cmd
+    from tests.support.system import ROOT, env, python_cmd, wait_until
 
     arrivals: list[tuple[int, str]] = []
 
@@ -441,11 +445,15 @@ def test_a_retry_in_a_forked_child_opens_its_own_connection():
             sock.sendall(b'{"code":%d,"cmdid":1,"id":%d,%b}\n' % (code, request["id"], body))
 
     fake = FakeServer(answer)
-    try:
-        run = subprocess.run([*python_cmd("-c", FORK_IN_BACKOFF), fake.address], cwd=ROOT, env=env(),
-                             capture_output=True, text=True, timeout=60)
-    finally:
-        fake.close()
+    with tempfile.TemporaryFile("w+") as out:
+        try:
+            proc = subprocess.Popen([*python_cmd("-c", FORK_IN_BACKOFF), fake.address], cwd=ROOT, env=env(),
+                                    stdout=out, stderr=subprocess.STDOUT, text=True)
+            wait_until(lambda: proc.poll() is not None, 60)  # the hub (the fake server) runs meanwhile
+        finally:
+            fake.close()
+        out.seek(0)
+        printed = out.read()
     assert arrivals[:2] == [(0, "warm"), (0, "busy")]
-    assert arrivals[2:] == [(1, "busy")], run.stdout + run.stderr  # the child's retry, on its own connection
-    assert run.returncode == 0, run.stdout + run.stderr
+    assert arrivals[2:] == [(1, "busy")], printed  # the child's retry, on its own connection
+    assert proc.returncode == 0, printed

@@ -8,15 +8,16 @@ that answers wrongly, so a green run means the vectors were matched, not skipped
 from __future__ import annotations
 
 import json
+import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
-from gevent import subprocess  # cooperative: a FakeServer in this process's hub answers meanwhile
 
 from tests.support.faults import FakeServer
 from tests.support.servers import CliServer
-from tests.support.system import ROOT, python_cmd
+from tests.support.system import ROOT, python_cmd, wait_until
 
 VECTORS = Path(ROOT) / "conformance" / "vectors.json"
 GROUPS = json.loads(VECTORS.read_text(encoding="utf-8"))["groups"]
@@ -25,10 +26,16 @@ pytestmark = pytest.mark.subprocess
 
 
 def run_vectors(address: str, *args: str) -> dict[str, Any]:
-    done = subprocess.run(python_cmd(str(Path(ROOT) / "conformance" / "run.py"), address, "--json", *args),
-                          capture_output=True, text=True, timeout=120)
-    result: dict[str, Any] = json.loads(done.stdout)
-    result["exit"] = done.returncode
+    """The runner as a subprocess, waited on cooperatively (a FakeServer in this process's hub answers
+    meanwhile). Stdlib subprocess: gevent's would install libev's SIGCHLD watcher in this process,
+    which reaps every child, so later tests' ``Popen.poll()`` would read their servers' status as 0."""
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(python_cmd(str(Path(ROOT) / "conformance" / "run.py"), address, "--json", *args),
+                                stdout=out, text=True)
+        wait_until(lambda: proc.poll() is not None, 120)
+        out.seek(0)
+        result: dict[str, Any] = json.loads(out.read())
+    result["exit"] = proc.returncode
     return result
 
 
