@@ -430,12 +430,16 @@ def _timestamp(ts: Any, rid: Any, has_id: bool, cmdid: int) -> int:
     return value
 
 
+def _valid_cmdid(raw_cmdid: Any) -> int | None:
+    """``raw_cmdid`` as the cmdid an error reply may echo: an integer in range, else ``None``."""
+    cmdid = _int_field(raw_cmdid)
+    return cmdid if cmdid is not None and MIN_CMDID <= cmdid <= MAX_CMDID else None
+
+
 def _bad_id(raw_cmdid: Any) -> ProtocolError:
     """The 400 for an id of the wrong type or out of range: not echoed (a client could not match it)."""
-    cmdid = _int_field(raw_cmdid)
     return ProtocolError(f"id must be an integer from -{MAX_ID} to {MAX_ID} or a string of at most "
-                         f"{MAX_ID_CHARS} characters",
-                         cmdid=cmdid if cmdid is not None and MIN_CMDID <= cmdid <= MAX_CMDID else None)
+                         f"{MAX_ID_CHARS} characters", cmdid=_valid_cmdid(raw_cmdid))
 
 
 class _Pairs(list):  # type: ignore[type-arg]
@@ -482,9 +486,7 @@ def _refused(line: bytes, msg: str) -> ProtocolError:
         if (type(value) is int and -MAX_ID <= value <= MAX_ID) or (
                 type(value) is str and len(value) <= MAX_ID_CHARS and _encodable(value)):
             rid, has_id = value, True
-    cmdid = _int_field(found["cmdid"]) if "cmdid" in found and "cmdid" not in twice else None
-    if cmdid is not None and not MIN_CMDID <= cmdid <= MAX_CMDID:
-        cmdid = None
+    cmdid = _valid_cmdid(found["cmdid"]) if "cmdid" in found and "cmdid" not in twice else None
     return ProtocolError(msg, id=rid, has_id=has_id, cmdid=cmdid)
 
 

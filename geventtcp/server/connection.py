@@ -554,11 +554,10 @@ class Connection:
 
     def _duplicate_id(self, req: ServerRequest) -> bool:
         """A request on a completion-order connection whose id is already in flight there: refused
-        (400, not run); its reply goes out in order behind the earlier request's (a barrier), so the
-        client reads the refusal after the first reply, and each answer stays matchable."""
+        (400, not run); :meth:`_queue_error` puts it behind the earlier request's reply (its id is
+        floating), so the client reads the refusal after the first reply and each stays matchable."""
         state = self.state
         state.stats.protocol_errors += 1
-        self._barrier()
         return self._queue_error(encode_error(state.codec, Code.BAD_REQUEST, "id already in flight on this connection",
                                               req.cmdid, req.id, req.has_id), req.id)
 

@@ -24,19 +24,10 @@ from geventtcp import Registry, Server
 from geventtcp.server.builtins import Builtin
 from tests.support.apps import make_registry
 from tests.support.rawconn import RawConn
+from tests.support.servers import queued_bytes
 from tests.support.system import rss_kib, wait_until
 
 MIB = 1 << 20
-
-
-def _queued(server: Server) -> int:
-    """Bytes of replies the server holds in its connections' output queues (what RSS would hold)."""
-    total = 0
-    for conn in list(server.connections):
-        for item in conn.out:
-            data = item if type(item) is bytes else item.data
-            total += len(data or b"")
-    return total
 
 
 @pytest.mark.slow
@@ -58,7 +49,7 @@ def test_blocked_head_and_large_replies_keep_queued_bytes_bounded_and_in_order(s
 
     def sample() -> None:
         while True:
-            peak["queued"] = max(peak["queued"], _queued(server))
+            peak["queued"] = max(peak["queued"], queued_bytes(server))
             if not head_done.is_set():
                 peak["rss"] = max(peak["rss"], rss_kib() - before)
             gevent.sleep(0.005)
@@ -109,7 +100,7 @@ def test_error_replies_echoing_a_large_id_keep_queued_bytes_bounded(serve: Calla
 
     def sample() -> None:
         while True:
-            peak["queued"] = max(peak["queued"], _queued(server))
+            peak["queued"] = max(peak["queued"], queued_bytes(server))
             gevent.sleep(0.005)
 
     sampler = gevent.spawn(sample)

@@ -21,6 +21,7 @@ import pytest
 from geventtcp import Server
 from geventtcp.protocol import Builtin
 from tests.support.rawconn import RawConn
+from tests.support.servers import queued_bytes
 from tests.support.system import wait_until
 
 Serve = Callable[..., Server]
@@ -216,15 +217,6 @@ def test_drain_answers_every_request_read_on_an_unordered_connection(serve: Serv
     assert hub_errors == []
 
 
-def _queued(server: Server) -> int:
-    total = 0
-    for conn in list(server.connections):
-        for item in conn.out:
-            data = item if type(item) is bytes else item.data
-            total += len(data or b"")
-    return total
-
-
 @pytest.mark.slow
 def test_queued_bytes_stay_bounded_on_an_unordered_connection(serve: Serve) -> None:
     """A peer that reads nothing: 24 handed-off requests each finishing with a 1 MiB reply, and 24
@@ -237,7 +229,7 @@ def test_queued_bytes_stay_bounded_on_an_unordered_connection(serve: Serve) -> N
 
     def sample() -> None:
         while True:
-            peak["queued"] = max(peak["queued"], _queued(server))
+            peak["queued"] = max(peak["queued"], queued_bytes(server))
             gevent.sleep(0.005)
 
     sampler = gevent.spawn(sample)

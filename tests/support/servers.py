@@ -19,7 +19,7 @@ from geventtcp.urls import Registry
 from tests.support.apps import make_registry
 from tests.support.system import ROOT, env
 
-__all__ = ["serve", "addr", "settled", "ServerProcess", "CliServer"]
+__all__ = ["serve", "addr", "settled", "queued_bytes", "ServerProcess", "CliServer"]
 
 
 @contextlib.contextmanager
@@ -45,6 +45,16 @@ def settled(server: Server) -> bool:
     """Nothing armed, nothing in flight: every watch armed was checked and every handoff answered."""
     return (not server.state.watching and server.inflight == 0
             and not any(c.watch_armed or c.inflight or c.running is not None for c in server.connections))
+
+
+def queued_bytes(server: Server) -> int:
+    """Bytes of replies the server holds in its connections' output queues (what RSS would hold)."""
+    total = 0
+    for conn in list(server.connections):
+        for item in conn.out:
+            data = item if type(item) is bytes else item.data
+            total += len(data or b"")
+    return total
 
 
 class ServerProcess:
