@@ -245,7 +245,7 @@ def main() -> int:
             # The two rows of one round ran seconds apart, so their ratio moves less with the machine's load
             # than a ratio of medians taken over different rounds.
             for name in [n for n in rows if n.startswith("geventtcp Client, 1 thread")]:
-                ratios = [ours[1] / theirs[1] for ours, theirs in zip(results[name], results[redis_name])]
+                ratios = [ours[1] / theirs[1] for ours, theirs in zip(results[name], results[redis_name], strict=True)]
                 print(f"{name}: client CPU per call / redis-py PING's, each round: "
                       f"{', '.join(f'{r:.2f}' for r in ratios)}; median {statistics.median(ratios):.2f}x "
                       "(issue 14 target <= 0.5x)")
