@@ -5,7 +5,7 @@ import json
 import pytest
 
 from geventtcp.client.replycodec import ReplyCodec
-from geventtcp.codec import get_codec
+from geventtcp.codec import OrjsonCodec, get_codec
 from geventtcp.errors import ProtocolError
 
 
@@ -141,10 +141,16 @@ def test_own_reply_with_orjson_declines_everything_else(line):
 def test_own_reply_with_orjson_takes_orjsons_parse_not_the_exact_codecs(monkeypatch):
     # The read's newline must not reach the orjson codec's round-trip check, which would then send
     # every reply through the strict simplejson parse (correct, but the shortcut's point is lost).
-    codec = ReplyCodec(get_codec("orjson"))
+    orjson_codec = get_codec("orjson")
+    assert isinstance(orjson_codec, OrjsonCodec)
+    codec = ReplyCodec(orjson_codec)
     exact_calls = []
-    exact = codec._fast.__self__.exact
-    monkeypatch.setattr(exact, "loads", lambda line: exact_calls.append(line) or {})
+
+    def exact_loads(line):
+        exact_calls.append(line)
+        return {}
+
+    monkeypatch.setattr(orjson_codec.exact, "loads", exact_loads)
     line = _success(-1, 7, b'{"pong":true,"draining":false,"pid":10389,"protocol":1}')
     own = codec.own_reply(line + b"\n", -1, 7)
     assert own == {"code": 0, "cmdid": -1, "id": 7, "data": {"pong": True, "draining": False, "pid": 10389,
