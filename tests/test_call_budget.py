@@ -39,7 +39,7 @@ SERVER_LONE_BUDGET = 16
 #: Calls into geventtcp per echo request, N requests pipelined in one write (per-read costs amortized).
 SERVER_PIPELINED_BUDGET = 10
 #: Calls into geventtcp per ``Client.call``, one caller in one thread (the threads world).
-CLIENT_CALL_BUDGET = 16
+CLIENT_CALL_BUDGET = 12
 #: What one added call costs (see the module docstring), for the failure message.
 NS_PER_CALL = 50
 

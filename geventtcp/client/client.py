@@ -9,6 +9,7 @@ import types
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from geventtcp.client import concurrency as _concurrency
 from geventtcp.client.concurrency import World, current_world, fork_generation, real_lock
 from geventtcp.client.connection import ClientConnection
 from geventtcp.client.pool import Balancer, Pool
@@ -188,7 +189,18 @@ class Client:
             if self._tracing is not None:
                 return self._tracing.call(self, cmdid, params, timeout, idempotent, meta, _deadline)
             _meta_line = self._meta_line if meta is None else self._encode_meta(meta)
-        deadline, balancer, world, pool = self._start(timeout, _deadline)
+        # _start's work, inline (every call's path): the deadline, then the caller's world's pool
+        if _deadline is None:
+            if timeout is None:
+                timeout = self.timeout
+            deadline = time.monotonic() + (timeout if timeout < _MAX_TIMEOUT else _MAX_TIMEOUT)
+        else:
+            deadline = _unexpired(_deadline)
+        balancer = self._balancers.get(current_world(self.mode).key)
+        if balancer is None or self._generation != _concurrency._fork_generation:
+            balancer = self._balancer(current_world(self.mode))
+        pools = balancer.pools
+        pool = pools[0] if len(pools) == 1 else balancer.pick()
         attempt = 0
         conn = None
         while True:
@@ -215,7 +227,7 @@ class Client:
                 if code not in RETRYABLE_CODES:
                     raise error
             attempt += 1
-            pool = self._retry(attempt, error, deadline, world, balancer, pool)
+            pool = self._retry(attempt, error, deadline, pool)
 
     def _encode_meta(self, meta: Mapping[str, str] | None) -> bytes:
         """The request field for ``meta`` merged over the client's ``meta`` (``b""`` when both are
@@ -224,26 +236,27 @@ class Client:
             return self._meta_line
         return encode_meta(self.codec, {**self.meta, **meta} if self.meta else meta)
 
-    def _start(self, timeout: float | None, deadline: float | None) -> tuple[float, Balancer, World, Pool]:
-        """The deadline of a call or send and where its first attempt goes; NotSent when the deadline
-        fixed at submission (``call_async``) passed while the call waited to start."""
+    def _start(self, timeout: float | None, deadline: float | None) -> tuple[float, Pool]:
+        """The deadline of a send and where its first attempt goes; NotSent when the deadline fixed
+        at submission passed while the call waited to start (:meth:`call` does the same inline)."""
         if deadline is None:
             if timeout is None:
                 timeout = self.timeout
             deadline = time.monotonic() + (timeout if timeout < _MAX_TIMEOUT else _MAX_TIMEOUT)
-        elif deadline <= time.monotonic():
-            raise NotSent("the call's timeout expired while it waited to start; it was never sent")
-        world = current_world(self.mode)
-        if self._generation != fork_generation():
+        else:
+            deadline = _unexpired(deadline)
+        balancer = self._balancer(current_world(self.mode))
+        pools = balancer.pools
+        return deadline, pools[0] if len(pools) == 1 else balancer.pick()
+
+    def _balancer(self, world: World) -> Balancer:
+        """The balancer of ``world``'s connections: made on its first call, and afresh in a forked child."""
+        if self._generation != _concurrency._fork_generation:
             self._after_fork()
         balancer = self._balancers.get(world.key)
-        if balancer is None:
-            balancer = self._new_balancer(world)
-        pools = balancer.pools
-        return deadline, balancer, world, pools[0] if len(pools) == 1 else balancer.pick()
+        return balancer if balancer is not None else self._new_balancer(world)
 
-    def _retry(self, attempt: int, error: GeventTCPError, deadline: float, world: World, balancer: Balancer,
-               failed: Pool) -> Pool:
+    def _retry(self, attempt: int, error: GeventTCPError, deadline: float, failed: Pool) -> Pool:
         """Decide on retry ``attempt`` after ``error`` (a kind safe to resend): re-raise ``error`` when
         retries are used up, the client is closed, or the deadline would pass during the backoff;
         otherwise sleep the backoff (none right after a goaway) and pick where the retry goes."""
@@ -253,9 +266,10 @@ class Client:
             random.uniform(0, min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
         if time.monotonic() + delay >= deadline:
             raise error
+        world = current_world(self.mode)
         if delay:
             world.sleep(delay)
-        return balancer.pick(avoid=failed)
+        return self._balancer(world).pick(avoid=failed)
 
     def send(self, cmdid: int, params: Any = None, timeout: float | None = None, *,
              meta: Mapping[str, str] | None = None) -> None:
@@ -270,7 +284,7 @@ class Client:
         with tracing on, the current trace context is sent (no span: nothing waits for the reply).
         """
         meta_line = self._encode_meta(meta) if self._tracing is None else self._tracing.send_meta(self, meta)
-        deadline, balancer, world, pool = self._start(timeout, None)
+        deadline, pool = self._start(timeout, None)
         attempt = 0
         conn = None
         while True:
@@ -283,7 +297,7 @@ class Client:
                     conn = None
                     continue
                 attempt += 1
-                pool = self._retry(attempt, exc, deadline, world, balancer, pool)
+                pool = self._retry(attempt, exc, deadline, pool)
 
     def call_async(self, cmdid: int, params: Any = None, timeout: float | None = None,
                    idempotent: bool | None = None, *, meta: Mapping[str, str] | None = None) -> Any:
@@ -361,6 +375,14 @@ class Client:
         """Connections and requests in flight per world and address (for debugging and tests)."""
         return {getattr(key, "name", str(key)) if isinstance(key, str) else f"gevent-hub-{id(key):x}":
                 balancer.describe() for key, balancer in list(self._balancers.items())}
+
+
+def _unexpired(deadline: float) -> float:
+    """``deadline``, fixed when a call was submitted (``call_async``), unless it passed while the call
+    waited to start: then NotSent."""
+    if deadline <= time.monotonic():
+        raise NotSent("the call's timeout expired while it waited to start; it was never sent")
+    return deadline
 
 
 def _retired_under(conn: ClientConnection | None, exc: Exception) -> bool:

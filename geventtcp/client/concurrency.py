@@ -124,9 +124,9 @@ class ThreadsWorld(World):
     """Plain threads: real locks, blocking stdlib sockets, a thread pool for concurrent calls."""
 
     name = "threads"
-    key = "threads"
 
     def __init__(self) -> None:
+        self.key = "threads"  # an instance attribute: read on every call, where a class attribute is a slow lookup
         self._executor: Any = None
         self._executor_pid = -1
         self._guard = _allocate_lock()

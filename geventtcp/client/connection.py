@@ -161,15 +161,20 @@ class ClientConnection:
             line = request_line(self.codec, cmdid, params, call, next(self._ids), time.monotonic(), self.address,
                                 meta)
             rid = call.id
-            with self.state:  # _register_locked, inline: this is every call's path
+            state = self.state
+            state.acquire()  # _register_locked, inline: this is every call's path (``with`` costs twice this)
+            try:
                 if self.closed:
                     raise NotSent(f"connection to {self.address} closed: {self.reason}")
                 self.calls[rid] = call
-                self.orphans += call.abandoned
+                if call.abandoned:
+                    self.orphans += 1
                 self.writing = True
                 led = claim and not self.reading
                 if led:
                     self.reading = True
+            finally:
+                state.release()
             try:
                 self.io.send_all(line, deadline)
             except OSError as exc:  # timeouts too: the line did not go out whole, and closing drops it
@@ -258,22 +263,40 @@ class ClientConnection:
             raise CallTimeout(f"no reply from {self.address} within the timeout")
 
     def _lead(self, call: Call, deadline: float) -> None:
-        """Read as the reader until ``call`` is done, then hand the role on."""
+        """Read as the reader until ``call`` is done, then hand the role on.
+
+        The lone caller's shortcut: a read that is exactly one line and ``call``'s own success reply
+        (:meth:`ReplyCodec.own_reply`; not for a caller that waited on a signal before leading, nor
+        after a partial line or with a line over the limit) completes ``call`` straight away, past
+        the line buffer and :meth:`_on_line`, exactly as they would; any other read goes to them
+        unchanged. The call is taken out of ``calls`` without the lock: the pop is atomic (the GIL)
+        and, as we hold the reader role, only :meth:`_fail_locked` can race it. Popped first, the
+        call is ours to complete; or ``calls`` was emptied first, and :meth:`_on_line` does what is
+        due; or the pop fell between that method's snapshot of ``calls`` and its clear: then it
+        fails the call after we complete it, and the caller gets the MaybeExecuted it gets when the
+        close comes first (the outcome of a legal order, never a reply lost silently).
+        """
         in_io = False
         try:
-            recv = self.io.recv
-            feed = self.buffer.feed
+            io = self.io
+            buffer = self.buffer
             while not call.done and not self.closed:
                 in_io = True
-                data = recv(deadline)
+                data = io.recv(deadline)
                 in_io = False
                 if self.closed:  # failed meanwhile by another thread: these bytes are not ours to parse
                     break
                 if not data:
                     self._fail("server closed the connection")
                     break
-                if data[-1] != 10 or not self._took_own(data, call):  # 10: a read ending a line
-                    for line in feed(data):
+                reply = None
+                if not buffer.incomplete and len(data) <= buffer.max_line_bytes and call.signal is None:
+                    reply = self.codec.own_reply(data, call.cmdid, call.id)
+                if reply is not None and self.calls.pop(call.id, None) is not None:
+                    call.reply = reply
+                    call.done = True
+                else:
+                    for line in buffer.feed(data):
                         self._on_line(line)
                         if self.closed:
                             break
@@ -291,35 +314,21 @@ class ClientConnection:
                 self._fail("interrupted while reading")
             raise
         finally:
-            self._release_reader()
-
-    def _took_own(self, data: bytes, call: Call) -> bool:
-        """The lone caller's shortcut past the line buffer and :meth:`_on_line`: True when ``data``, a
-        read ending in a newline, is one line and ``call``'s own success reply, which then completes
-        ``call`` exactly as :meth:`_on_line` would (see :meth:`ReplyCodec.own_reply`). False leaves
-        ``data`` to the reference path, unchanged: a partial line held, a line over the limit, more
-        lines, any other reply, or a call whose caller waited on a signal before leading."""
-        buffer = self.buffer
-        if (buffer.incomplete or len(data) > buffer.max_line_bytes or data.find(b"\n") != len(data) - 1
-                or call.signal is not None):
-            return False
-        reply = self.codec.own_reply(data[:-1], call.cmdid, call.id)
-        if reply is None:
-            return False
-        with self.state:
-            if self.calls.pop(call.id, None) is None:  # failed meanwhile: _on_line does what is due
-                return False
-            call.reply = reply
-            call.done = True
-        return True
+            self.reading = False  # _release_reader, inline: see there
+            if self.calls or self.closed:
+                self._hand_on()
 
     def _release_reader(self) -> None:
         # Only the role's holder clears ``reading`` (others set it under ``state`` when false): no
         # lock needed. With no call to hand the role to, that is all (a later caller, registering
         # under ``state``, sees it false and leads); a call present takes the locked path.
         self.reading = False
-        if not self.calls and not self.closed:
-            return
+        if self.calls or self.closed:
+            self._hand_on()
+
+    def _hand_on(self) -> None:
+        """After ``reading`` was cleared: close the socket if the connection closed meanwhile, or wake a
+        caller still waiting to take the reader role (unless a caller took it meanwhile)."""
         with self.state:
             if self.closed:
                 self._close_socket_if_unused()

@@ -59,28 +59,35 @@ class ReplyCodec(Codec):
         return self._post_check(line, value) if 92 in line else value
 
     def own_reply(self, line: bytes, cmdid: int, rid: int) -> dict[str, Any] | None:
-        """What :meth:`reply` returns for ``line`` when it is exactly the success reply a geventtcp
-        server writes to request ``rid`` of ``cmdid`` (``{"code":0,"cmdid":C,"id":R,"data":D}``,
-        ``protocol.encode_reply``); ``None`` for any other line, which :meth:`reply` then parses.
+        """What :meth:`reply` returns for ``line`` (one read, its newline included) when it is exactly
+        one line, the success reply a geventtcp server writes to request ``rid`` of ``cmdid``
+        (``{"code":0,"cmdid":C,"id":R,"data":D}``, ``protocol.encode_reply``); ``None`` for anything
+        else (another reply, more than one line, a line not ending the read), which the line buffer
+        and :meth:`reply` then take.
 
         Why: the lone caller knows the envelope it waits for, so only ``D`` is scanned (each
         object member costs the C scanner ~1,300 instructions; the envelope's four were a quarter of
         a ping). The result is the same dict, keys in the same order: the prefix matched byte for
         byte, the scanner reads ``D`` from its offset exactly as inside the whole line, and the
-        line ends right after it. Anything unusual (an error, another layout, bad text) is None.
-        With the orjson codec, which parses a whole line faster than that, it is the line parsed by
-        the same ``loads`` as :meth:`reply` when that is an object with an integer ``code`` and the
-        ``id`` ``rid``: exactly the reply :meth:`reply` gives and the reader would match to ``rid``.
+        line ends right after it (the first newline is the last byte: JSON whitespace inside ``D``
+        may be a newline, which would end the line there). Anything unusual (an error, another
+        layout, bad text) is None. With the orjson codec, which parses a whole line faster than
+        that, it is the line parsed by the same ``loads`` as :meth:`reply` when that is an object
+        with an integer ``code`` and the ``id`` ``rid``: exactly the reply :meth:`reply` gives and
+        the reader would match to ``rid``.
         """
-        if self._fast is not None:
-            return self._own_fast(line, rid)
-        prefix = b'{"code":0,"cmdid":%d,"id":%d,"data":' % (cmdid, rid)
-        if not line.startswith(prefix) or line[-1:] != b"}":
+        if line.find(b"\n") != len(line) - 1:  # -1 too (no newline): a partial line
             return None
+        if self._fast is not None:
+            return self._own_fast(line[:-1], rid)  # without the newline: the codec's round-trip check compares it
+        prefix = b'{"code":0,"cmdid":%d,"id":%d,"data":' % (cmdid, rid)
+        if not line.startswith(prefix) or not line.endswith(b"}\n"):
+            return None
+        scan = self._scan  # an instance attribute: called through a local, the fast call
         try:
             text = line.decode("utf-8")
-            data, end = self._scan(text, len(prefix))
-            if end != len(text) - 1:
+            data, stop = scan(text, len(prefix))
+            if stop != len(text) - 2:  # in characters: D, then the "}" and the newline checked above
                 return None
             reply = {"code": 0, "cmdid": cmdid, "id": rid, "data": data}
             return self._post_check(line, reply) if 92 in line else reply

@@ -1,6 +1,6 @@
 """The lone caller's shortcut (issue 14) equals the reference path, and callers arriving mid-call share.
 
-``ClientConnection._took_own`` lets the reader complete its own call straight from a read holding
+``ClientConnection._lead`` lets the reader complete its own call straight from a read holding
 exactly that call's success reply, past the line buffer, ``_on_line`` and the envelope's parse.
 Every scenario here runs twice: with the shortcut (``fast``, which must then have been taken) and
 with it disabled (``reference``: every line through the line buffer and ``_on_line``); the outcomes
@@ -19,6 +19,7 @@ import pytest
 
 from geventtcp.client.client import Client
 from geventtcp.client.connection import ClientConnection
+from geventtcp.client.replycodec import ReplyCodec
 from geventtcp.errors import GeventTCPError, RemoteError
 from tests.support import client_app
 from tests.support.faults import FakeServer
@@ -29,17 +30,17 @@ from tests.support.system import in_thread, wait_until
 def path(request: Any, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """Which path replies take; the list records each shortcut decision (``fast`` only)."""
     taken: list[bool] = []
-    if request.param == "reference":
-        monkeypatch.setattr(ClientConnection, "_took_own", lambda self, data, call: False)
+    if request.param == "reference":  # no read is ever its caller's own reply: all take the reference path
+        monkeypatch.setattr(ReplyCodec, "own_reply", lambda self, data, cmdid, rid: None)
     else:
-        original = ClientConnection._took_own
+        original = ReplyCodec.own_reply
 
-        def spy(self: ClientConnection, data: bytes, call: Any) -> bool:
-            took = original(self, data, call)
-            taken.append(took)
-            return took
+        def spy(self: ReplyCodec, data: bytes, cmdid: int, rid: int) -> Any:
+            reply = original(self, data, cmdid, rid)
+            taken.append(reply is not None)
+            return reply
 
-        monkeypatch.setattr(ClientConnection, "_took_own", spy)
+        monkeypatch.setattr(ReplyCodec, "own_reply", spy)
     return taken
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from geventtcp.client.replycodec import ReplyCodec
-from geventtcp.codec import get_codec
+from geventtcp.codec import OrjsonCodec, get_codec
 from geventtcp.errors import ProtocolError
 
 
@@ -85,7 +85,7 @@ def _success(cmdid, rid, data_json):
 def test_own_reply_is_exactly_reply(data_json):
     codec = ReplyCodec(get_codec("simplejson"))
     line = _success(-1, 7, data_json)
-    own = codec.own_reply(line, -1, 7)
+    own = codec.own_reply(line + b"\n", -1, 7)  # one read: the line and its newline
     assert own is not None
     full = codec.reply(line)
     assert own == full and list(own) == list(full)  # same keys, same order
@@ -102,9 +102,21 @@ def test_own_reply_is_exactly_reply(data_json):
     _success(-1, 7, b"NaN"), _success(-1, 7, b'"\xff"'), _success(-1, 7, b'"\\ud800"'),  # refused by reply()
     _success(-1, 7, b"[" * 100000 + b"]" * 100000),  # too deep
     b'{"code":0,"cmdid":-1,"id":7,"data":',
+    _success(-1, 7, b'{"a":\n1}'),  # a newline as JSON whitespace: the reference path splits the line there
+    b'{"code":0,"cmdid":-1,"id":7,"data":{"a":"\xc3\xa9"}',  # no closing brace, a 2-byte character before it
 ])
 def test_own_reply_declines_everything_else(line):
-    assert ReplyCodec(get_codec("simplejson")).own_reply(line, -1, 7) is None
+    assert ReplyCodec(get_codec("simplejson")).own_reply(line + b"\n", -1, 7) is None
+
+
+@pytest.mark.parametrize("codec", ["simplejson", "orjson"])
+@pytest.mark.parametrize("read", [
+    _success(-1, 7, b"1"),  # no newline: a partial line, held by the line buffer
+    _success(-1, 7, b"1") + b"\n" + _success(-1, 8, b"2") + b"\n",  # two lines in one read
+    _success(-1, 7, b"1") + b"\n" + b'{"code":0',  # a line and the start of the next
+])
+def test_own_reply_declines_a_read_that_is_not_exactly_one_line(codec, read):
+    assert ReplyCodec(get_codec(codec)).own_reply(read, -1, 7) is None
 
 
 @pytest.mark.parametrize("line", [
@@ -114,7 +126,7 @@ def test_own_reply_declines_everything_else(line):
 def test_own_reply_with_orjson_is_exactly_reply(line):
     # orjson parses the whole line (faster than the prefix shortcut): the same loads as reply().
     codec = ReplyCodec(get_codec("orjson"))
-    own = codec.own_reply(line, -1, 7)
+    own = codec.own_reply(line + b"\n", -1, 7)
     assert own is not None and own == codec.reply(line) and list(own) == list(codec.reply(line))
 
 
@@ -123,4 +135,24 @@ def test_own_reply_with_orjson_is_exactly_reply(line):
     _success(-1, 7, b'"\\ud800"'), _success(-1, 7, b"1") + b"x",
 ])
 def test_own_reply_with_orjson_declines_everything_else(line):
-    assert ReplyCodec(get_codec("orjson")).own_reply(line, -1, 7) is None
+    assert ReplyCodec(get_codec("orjson")).own_reply(line + b"\n", -1, 7) is None
+
+
+def test_own_reply_with_orjson_takes_orjsons_parse_not_the_exact_codecs(monkeypatch):
+    # The read's newline must not reach the orjson codec's round-trip check, which would then send
+    # every reply through the strict simplejson parse (correct, but the shortcut's point is lost).
+    orjson_codec = get_codec("orjson")
+    assert isinstance(orjson_codec, OrjsonCodec)
+    codec = ReplyCodec(orjson_codec)
+    exact_calls = []
+
+    def exact_loads(line):
+        exact_calls.append(line)
+        return {}
+
+    monkeypatch.setattr(orjson_codec.exact, "loads", exact_loads)
+    line = _success(-1, 7, b'{"pong":true,"draining":false,"pid":10389,"protocol":1}')
+    own = codec.own_reply(line + b"\n", -1, 7)
+    assert own == {"code": 0, "cmdid": -1, "id": 7, "data": {"pong": True, "draining": False, "pid": 10389,
+                                                            "protocol": 1}}
+    assert exact_calls == []
