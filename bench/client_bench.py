@@ -184,7 +184,7 @@ def bench_grpc(port: int, seconds: float) -> Result:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         ping = channel.unary_unary("/bench.Bench/Ping")
         ping(b"PING", timeout=5)
-        return rate(lambda: ping(b"PING", timeout=5), seconds)
+        return rate(functools.partial(ping, b"PING", timeout=5), seconds)
 
 
 def main() -> int:
