@@ -190,24 +190,29 @@ class Client:
                 return self._tracing.call(self, cmdid, params, timeout, idempotent, meta, _deadline)
             _meta_line = self._meta_line if meta is None else self._encode_meta(meta)
         # _start's work, inline (every call's path): the deadline, then the caller's world's pool
+        start = time.monotonic()
         if _deadline is None:
             if timeout is None:
                 timeout = self.timeout
-            deadline = time.monotonic() + (timeout if timeout < _MAX_TIMEOUT else _MAX_TIMEOUT)
+            deadline = start + (timeout if timeout < _MAX_TIMEOUT else _MAX_TIMEOUT)
         else:
             deadline = _unexpired(_deadline)
         balancer = self._balancers.get(current_world(self.mode).key)
         if balancer is None or self._generation != _concurrency._fork_generation:
             balancer = self._balancer(current_world(self.mode))
-        pools = balancer.pools
-        pool = pools[0] if len(pools) == 1 else balancer.pick()
+        pool = balancer.only
+        if pool is None:
+            pool = balancer.pick()
         attempt = 0
         conn = None
+        now: float | None = start  # the first checkout's clock reading; later ones read it afresh
         while True:
             try:
-                conn = pool.acquire(deadline)
+                conn = pool.acquire(deadline, now)
+                now = None
                 reply = conn.request(cmdid, params, deadline, False, _meta_line)
             except _SAFE as exc:
+                now = None
                 if _retired_under(conn, exc):
                     conn = None
                     continue

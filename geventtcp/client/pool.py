@@ -99,11 +99,12 @@ class Pool:
         """In rotation: not backing off after failed connects, or still holding a connection."""
         return (self.down_until <= now and not self.probing) or bool(self.conns)
 
-    def acquire(self, deadline: float) -> ClientConnection:
+    def acquire(self, deadline: float, now: float | None = None) -> ClientConnection:
         """A connection to send on; :class:`ConnectError` if none is open and none can be opened.
 
         While the bound is reached only by connects still in progress, the caller waits (until its
-        deadline) for one of them instead of opening more.
+        deadline) for one of them instead of opening more. ``now``, if given, is a ``time.monotonic()``
+        reading taken just before (the call's start: one clock reading less per call).
         """
         conns = self.conns
         if len(conns) == 1:  # the common cases, checked without the lock
@@ -113,7 +114,9 @@ class Pool:
             if not conn.closed and conn.generation == _concurrency._fork_generation:
                 if conn.orphans and not conn.reading:  # replies nobody waits on (send()): read them now
                     conn.poll()
-                now = time.monotonic()
+                    now = None
+                if now is None:
+                    now = time.monotonic()
                 if not conn.calls:  # idle and recently used: nothing to validate
                     if now - conn.last_active < self.fresh_for:
                         return conn
@@ -326,6 +329,8 @@ class Balancer:
 
     def __init__(self, pools: list[Pool]) -> None:
         self.pools = pools
+        #: The pool when there is one address (every call goes there: no pick), else None.
+        self.only: Pool | None = pools[0] if len(pools) == 1 else None
         self.generation = fork_generation()
         self._next = 0
 

@@ -237,8 +237,8 @@ def test_a_connection_retired_between_checkout_and_send_is_not_a_failed_attempt(
         real = Pool.acquire
         raced: list[ClientConnection] = []
 
-        def acquire(pool: Pool, deadline: float) -> ClientConnection:
-            conn = real(pool, deadline)
+        def acquire(pool: Pool, deadline: float, now: float | None = None) -> ClientConnection:
+            conn = real(pool, deadline, now)
             if not raced:  # the other thread's checkouts, between this one and the request
                 raced.append(conn)
                 conn.retiring = True  # as _spread_over_workers marks the least busy of a crowded worker
