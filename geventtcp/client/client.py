@@ -345,6 +345,8 @@ class Client:
         if self.closed:
             raise NotSent("the client is closed")
         with self._lock:
+            if self.closed:  # close() ran whole since the check above: nothing may be opened now
+                raise NotSent("the client is closed")
             balancer = self._balancers.get(world.key)
             if balancer is None:
                 balancer = self._balancers[world.key] = Balancer([

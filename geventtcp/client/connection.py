@@ -302,8 +302,10 @@ class ClientConnection:
                             break
                 self.last_reply = time.monotonic()
             self.last_active = self.last_reply
-        except TimeoutError:
-            if self._abandon(call):
+        except TimeoutError as exc:
+            if exc.errno is not None:  # the kernel's ETIMEDOUT (TCP gave up on the peer), not our deadline
+                self._fail(f"read failed: {exc}")
+            elif self._abandon(call):
                 raise CallTimeout(f"no reply from {self.address} within the timeout") from None
         except OSError as exc:
             self._fail(f"read failed: {exc}")

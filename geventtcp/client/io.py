@@ -1,8 +1,9 @@
 """Deadline-bounded socket I/O for client connections, one flavour per concurrency world.
 
-Each class offers ``send_all(data, deadline)`` and ``recv(deadline)`` (``TimeoutError`` at the
-``time.monotonic()`` deadline, ``OSError`` on failure), ``recv_nowait()`` (``None`` when nothing is
-buffered) and ``readable()`` (never blocks). None of them closes the socket: its connection does.
+Each class offers ``send_all(data, deadline)`` and ``recv(deadline)`` (``TimeoutError`` without an
+``errno`` at the ``time.monotonic()`` deadline; ``OSError`` on failure, the kernel's ``ETIMEDOUT``
+included), ``recv_nowait()`` (``None`` when nothing is buffered) and ``readable()`` (never
+blocks). None of them closes the socket: its connection does.
 """
 
 from __future__ import annotations

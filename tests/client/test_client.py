@@ -1,11 +1,14 @@
 """The Client API over real loopback servers: errors, sharing, send/call_async, retries, restart, kill, failover."""
 
+import errno
 import json
 import os
 import random
 import signal
+import threading
 import time
 from collections import Counter
+from typing import Any
 
 import gevent
 import pytest
@@ -457,3 +460,53 @@ def test_a_retry_in_a_forked_child_opens_its_own_connection():
     assert arrivals[:2] == [(0, "warm"), (0, "busy")]
     assert arrivals[2:] == [(1, "busy")], printed  # the child's retry, on its own connection
     assert proc.returncode == 0, printed
+
+
+# -- review of the lone-caller pass (session 6): two older defects --------------------------------
+
+def test_a_kernel_etimedout_on_a_read_fails_the_connection_not_as_the_callers_deadline(
+        app_process: ServerProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read failing with the kernel's ETIMEDOUT (TCP gave up on the peer: keepalive or retransmission
+    timeout) is the connection's death, not this caller's deadline: it used to be taken for the
+    latter (both are ``TimeoutError``), so the caller got CallTimeout at once, long before its
+    deadline, and the dead connection stayed in the pool for the next callers."""
+    from geventtcp.client import io as client_io
+
+    with Client(app_process.address, timeout=5, retries=0, mode="threads", pool_size=1) as client:
+        assert client.call(client_app.ECHO, {"warm": 1}) == {"warm": 1}
+        (conn,) = [c for b in client._balancers.values() for p in b.pools for c in p.conns]
+
+        def dead(fd: int, size: int) -> bytes:
+            raise TimeoutError(errno.ETIMEDOUT, os.strerror(errno.ETIMEDOUT))
+
+        monkeypatch.setattr(client_io, "_read", dead)
+        with pytest.raises(MaybeExecuted) as info:
+            client.call(client_app.ECHO, {"x": 1})
+        assert not isinstance(info.value, CallTimeout)
+        assert conn.closed and "read failed" in conn.reason
+
+
+def test_a_close_racing_a_first_calls_balancer_leaves_no_connection_behind(app_process: ServerProcess) -> None:
+    """``close()`` completing between a first call's ``closed`` check and its taking the client's lock
+    used to let that call build a balancer on the closed client, open a connection nobody would
+    close, and succeed after ``close()`` had returned."""
+    client = Client(app_process.address, timeout=5, retries=0, mode="threads")
+    real = client._lock
+    raced: list[bool] = []
+
+    class Racing:  # the first entry lets close() run whole, in another thread, before taking the lock
+        def __enter__(self) -> Any:
+            if not raced:
+                raced.append(True)
+                closer = threading.Thread(target=client.close)
+                closer.start()
+                closer.join()
+            return real.__enter__()
+
+        def __exit__(self, *exc: Any) -> Any:
+            return real.__exit__(*exc)
+
+    client._lock = Racing()
+    with pytest.raises(NotSent):
+        client.call(client_app.ECHO, {"after": "close"})
+    assert raced and client.closed and client._balancers == {}
