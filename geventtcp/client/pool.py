@@ -22,9 +22,14 @@ BACKOFF_INITIAL = 0.1
 BACKOFF_MULTIPLIER = 1.6
 BACKOFF_JITTER = 0.2
 BACKOFF_MAX = 5.0
-#: Connections a pool closes and reopens, over its life, because too many of them landed on one worker
-#: process of a listener shared by several (the kernel or the workers' accept race places them).
+#: Connections a pool closes and reopens, per :data:`REPLACEMENT_WINDOW`, because too many of them landed
+#: on one worker process of a listener shared by several (the kernel or the workers' accept race places
+#: them): bounded, so a server that says it has workers it never lets accept costs little churn.
 MAX_REPLACEMENTS = 8
+#: Seconds after which a spent replacement budget renews: where connections land changes (a worker was
+#: busy and is not any more, a reload's new workers came up one after the other), so a pool must not
+#: stay on one worker for good because its budget went early in its life.
+REPLACEMENT_WINDOW = 10.0
 
 
 def connect_backoff(failures: int) -> float:
@@ -43,11 +48,12 @@ class Pool:
     has fewer connections than the server has worker processes behind its listener (HELLO's
     ``workers``); it never waits for a connection to free up, since connections are shared. So one
     gevent Client's load reaches every worker (a connection per worker, retired and reopened, at
-    most :data:`MAX_REPLACEMENTS` times, while two share a worker), while against one process its
-    greenlets still share one connection, which batches best. At checkout a connection is dropped when
-    the server closed it while idle (polled without blocking), when it was idle for ``idle_timeout``
-    (kept below the server's own idle timeout, so the server never closes one under a request), when
-    a reply is long overdue, or when it was inherited across ``fork()``.
+    most :data:`MAX_REPLACEMENTS` times per :data:`REPLACEMENT_WINDOW`, while two share a worker),
+    while against one process its greenlets still share one connection, which batches best. At
+    checkout a connection is dropped when the server closed it while idle (polled without
+    blocking), when it was idle for ``idle_timeout`` (kept below the server's own idle timeout, so
+    the server never closes one under a request), when a reply is long overdue, or when it was
+    inherited across ``fork()``.
 
     A new connection is wrapped in TLS when ``ssl_context`` is set; with ``hello`` it first sends
     HELLO asking for completion order (protocol 1.1; not waited for), then AUTH with ``auth_token``
@@ -85,7 +91,8 @@ class Pool:
         self.last_error = ""
         self.closed = False
         self.opened: Any = None  # set when a connect in progress finishes, for callers waiting on it
-        self.replaced = 0  # connections retired to spread over workers (at most MAX_REPLACEMENTS)
+        self.replaced = 0  # connections retired to spread over workers in the current window (at most MAX_REPLACEMENTS)
+        self.window_start = 0.0  # when the current window's first replacement was made
         self.lock = real_lock()
 
     def __repr__(self) -> str:
@@ -208,8 +215,10 @@ class Pool:
                 continue
             pid = conn.server_pid
             loads[pid] = loads.get(pid, 0) + len(conn.calls) - conn.orphans
+        if self.replaced >= MAX_REPLACEMENTS and now - self.window_start >= REPLACEMENT_WINDOW:
+            self.replaced = 0  # a new window: a new budget
         if self.replaced < MAX_REPLACEMENTS and len(conns) >= self._per_worker() > 1:
-            self._spread_over_workers()
+            self._spread_over_workers(now)
         best: ClientConnection | None = None
         best_key = (0, 0)
         for conn in conns:
@@ -225,7 +234,7 @@ class Pool:
                     return conn
         return best
 
-    def _spread_over_workers(self) -> None:
+    def _spread_over_workers(self, now: float) -> None:
         """The pool has its connection per worker (or more) and the server has several workers behind one
         listener (HELLO's ``workers``): when more than a fair share of the connections are on one
         worker, retire one of them (it closes once its calls are answered) so that a new one, placed
@@ -241,6 +250,8 @@ class Pool:
         crowded = max(on.values(), key=len)
         if len(crowded) > fair:
             min(crowded, key=lambda c: len(c.calls)).retiring = True
+            if not self.replaced:
+                self.window_start = now
             self.replaced += 1
 
     def _connect(self, deadline: float, fallback: ClientConnection | None) -> ClientConnection:

@@ -12,6 +12,7 @@ import gevent
 import pytest
 
 from geventtcp import Server
+from geventtcp.client import pool as pool_module
 from geventtcp.client.client import Client
 from geventtcp.client.connection import STUCK_GRACE, ClientConnection
 from geventtcp.client.pool import MAX_REPLACEMENTS
@@ -140,6 +141,26 @@ def test_connections_sharing_one_worker_are_replaced_a_bounded_number_of_times()
         assert pool.replaced == MAX_REPLACEMENTS
         assert {conn.server_workers for conn in pool.conns} == {2}
         assert server.stats.as_dict()["connections_total"] == 2 + MAX_REPLACEMENTS
+
+
+def test_the_replacement_budget_renews_after_its_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The budget of MAX_REPLACEMENTS is per REPLACEMENT_WINDOW, not per pool life: a pool whose
+    connections all landed on one worker while the other was busy (or while a reload's new workers
+    came up one after the other) used to stay there for good once the budget was spent; it tries
+    again in the next window, and never more than the budget per window."""
+    monkeypatch.setattr(pool_module, "REPLACEMENT_WINDOW", 0.3)
+    with serve(make_registry(), workers=2) as server, Client(addr(server), timeout=5, pool_size=4) as client:
+        client.call(1, {})
+        started = time.monotonic()
+        rounds = 0
+        while time.monotonic() - started < 1.0 or rounds < 30:
+            jobs = [gevent.spawn(client.call, 2, {"seconds": 0.01}) for _ in range(20)]
+            gevent.joinall(jobs, raise_error=True, timeout=10)
+            rounds += 1
+        elapsed = time.monotonic() - started
+        opened = server.stats.as_dict()["connections_total"] - 2  # beyond the first two
+        assert opened > MAX_REPLACEMENTS  # a second window's budget was used: before, exactly MAX_REPLACEMENTS
+        assert opened <= MAX_REPLACEMENTS * (elapsed / 0.3 + 1)
 
 
 @pytest.mark.subprocess
