@@ -251,8 +251,8 @@ class Client:
         else:
             deadline = _unexpired(deadline)
         balancer = self._balancer(current_world(self.mode))
-        pools = balancer.pools
-        return deadline, pools[0] if len(pools) == 1 else balancer.pick()
+        pool = balancer.only
+        return deadline, pool if pool is not None else balancer.pick()
 
     def _balancer(self, world: World) -> Balancer:
         """The balancer of ``world``'s connections: made on its first call, and afresh in a forked child."""

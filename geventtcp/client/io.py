@@ -95,7 +95,7 @@ class ThreadsIO:
         # nobody reads (ClientConnection), so it never names another file while read here.
         self._fd: int = sock.fileno()
         self._poller = _original_poll()
-        self._poller.register(sock.fileno(), select.POLLIN)
+        self._poller.register(self._fd, select.POLLIN)
         # The time a read bounded by the kernel may take, its lateness included: a read with less time
         # left sets a new bound first (none yet: inf; always while polling).
         self._rcvtimeo = math.inf
