@@ -13,6 +13,11 @@ Rows (each the median of ``--rounds`` interleaved runs of ``--seconds``):
 * redis-py ``PING`` against redis-server, 1 thread (skipped if redis-server is not installed)
 * grpcio sync unary call, 1 thread (a generic-handler servicer, no codegen), server in a subprocess
 
+With redis-server present, a paired measurement follows (:func:`paired`): our 1-thread call, the bare
+protocol loop in Python (the floor of any Python client of this protocol) and redis-py ``PING``, in
+interleaved slices of 500 calls, in the main thread and then in another thread; it prints each row's CPU
+per call over redis-py's, per slice (median and quartiles): the figure for issue 14's CPU target.
+
 Servers run in their own processes: ``geventtcp serve handlers -w 1``, ``redis-server``, and this
 script with ``--grpc-server`` for gRPC. Issue 6 targets: 1-thread sync >= 1.5x redis-py PING;
 100 greenlets >= 3x our own 1-thread rate.
@@ -76,6 +81,73 @@ def threaded_rate(make: Callable[[], Callable[[], object]], threads: int, second
         w.join()
     n = sum(counts)
     return n / (time.perf_counter() - started), (time.process_time() - cpu) / n * 1e6
+
+
+def bare_loop(port: int) -> Callable[[], object]:
+    """The protocol in as little Python as it takes, for scale: format the line, send, poll, read, check the
+    reply's head and parse its ``data``; no ids kept, no deadline, lock, pool or error handling. What the
+    client's bookkeeping adds is the difference to this row."""
+    import json
+    import select
+
+    s = socket.create_connection(("127.0.0.1", port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    fd, poller, scan = s.fileno(), select.poll(), json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+    poller.register(fd, select.POLLIN)
+    ids = iter(range(1, 1 << 62))
+
+    def call(cmdid: int = -1) -> Any:
+        rid = next(ids)
+        line = b'{"cmdid":%d,"timestamp":%d,"params":{},"id":%d,"timeout_ms":%d}\n' % (cmdid, time.time(), rid, 9950)
+        s.send(line)
+        poller.poll(10_000.0)
+        data = os.read(fd, 65536)
+        head = b'{"code":0,"cmdid":%d,"id":%d,"data":' % (cmdid, rid)
+        if not data.startswith(head):
+            raise RuntimeError(data)
+        return scan(data.decode(), len(head))[0]
+
+    return call
+
+
+def paired(fns: dict[str, Callable[[], object]], seconds: float, calls: int = 500) -> dict[str, list[float]]:
+    """CPU microseconds per call of each of ``fns``, measured in interleaved slices of ``calls`` calls
+    (one slice of each in turn, for ``seconds``): rows a few milliseconds apart see the same machine, so
+    the ratio of two rows moves far less with the machine's load than rows run seconds apart do. The
+    calling thread's CPU time (``time.thread_time``), so it measures the thread it runs in."""
+    slices: dict[str, list[float]] = {name: [] for name in fns}
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for name, fn in fns.items():
+            cpu = time.thread_time()
+            for _ in range(calls):
+                fn()
+            slices[name].append((time.thread_time() - cpu) / calls * 1e6)
+    return slices
+
+
+def report_paired(address: str, port: int, redis_port: int, seconds: float, where: str) -> None:
+    """Our 1-thread call, the bare loop and redis-py PING, paired (see :func:`paired`), in this thread."""
+    import redis
+
+    from geventtcp.client.client import Client
+
+    with Client(address, timeout=10) as client, redis.Redis(host="127.0.0.1", port=redis_port) as r:
+        fns: dict[str, Callable[[], object]] = {
+            "geventtcp Client, sync ping": functools.partial(client.call, -1),
+            "bare protocol loop in Python (the floor)": bare_loop(port),
+            "redis-py PING": r.ping,
+        }
+        for fn in fns.values():
+            fn()
+        slices = paired(fns, seconds)
+    theirs = slices["redis-py PING"]
+    print(f"\nPaired, {where}: {len(theirs)} slices of 500 calls each, interleaved\n")
+    print("| row | client CPU us/call (median slice) | / redis-py's, per slice: median [quartiles] |")
+    print("|---|---:|---|")
+    for name, ours in slices.items():
+        q = statistics.quantiles([a / b for a, b in zip(ours, theirs, strict=True)], n=4)
+        print(f"| {name} | {statistics.median(ours):.1f} | {q[1]:.3f} [{q[0]:.3f}, {q[2]:.3f}] |")
 
 
 # -- the gRPC peer --------------------------------------------------------------------------------
@@ -252,6 +324,14 @@ def main() -> int:
                 print(f"{name}: client CPU per call / redis-py PING's, each round: "
                       f"{', '.join(f'{r:.2f}' for r in ratios)}; median {statistics.median(ratios):.2f}x "
                       "(issue 14 target <= 0.5x)")
+        if redis_port:
+            paired_seconds = args.seconds * args.rounds
+            report_paired(address, ours, redis_port, paired_seconds, "the main thread")
+            other = threading.Thread(target=report_paired,
+                                     args=(address, ours, redis_port, paired_seconds, "another thread"))
+            other.start()
+            other.join()
+            print()
         print(f"100 greenlets vs our 1 thread: {median['geventtcp Client, 100 greenlets, one Client'] / one:.2f}x "
               "(target >= 3x)")
         print(f"1-thread sync vs grpcio unary: {one / median['grpcio sync unary, 1 thread']:.2f}x")
