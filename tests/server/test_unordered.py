@@ -293,3 +293,25 @@ def test_a_bad_line_reusing_an_id_in_flight_is_answered_after_the_first_reply(se
         assert [(r["id"], r["code"]) for r in replies][0] == ("x", 0)
         assert sorted((r["id"], r["code"]) for r in replies[1:]) == [("x", 400), ("x", 400), ("y", 0)]
         assert server.stats.protocol_errors == 2
+
+
+def test_replies_ready_before_an_auth_lockout_are_not_held_behind_requests_in_flight(serve: Serve) -> None:
+    """Review (rv-server): the third failed AUTH stops reading (``close_after_replies``) in the middle of
+    a batch; the replies already queued (the HELLO's, the AUTH's, a fast echo's, the 401s) then waited
+    until the last request in flight had finished, though they were ready: here a 1 s sleep held the
+    echo that overtakes it in completion order, and the 401s with it."""
+    server = serve(auth_token="s3cret")
+    with RawConn(server.address) as conn:
+        started = time.monotonic()
+        conn.send(HELLO + _line(Builtin.AUTH, {"token": "s3cret"}, id=0) + _line(2, {"seconds": 1.0}, id=1)
+                  + _line(1, {"k": 2}, id=2)
+                  + b"".join(_line(Builtin.AUTH, {"token": "wrong"}, id=f"a{k}") for k in range(3))
+                  + _line(1, {"k": 9}, id=9))  # read after the lockout: never processed
+        early = [conn.line() for _ in range(6)]
+        early_at = time.monotonic() - started
+        assert [r["id"] for r in early] == ["h", 0, 2, "a0", "a1", "a2"]
+        assert [r["code"] for r in early] == [0, 0, 0, 401, 401, 401]
+        assert early_at < 0.8, early_at  # not behind the 1 s sleep
+        assert conn.line() == {"code": 0, "cmdid": 2, "id": 1, "data": {"slept": 1.0}}
+        assert conn.line()["goaway"] == "auth_failed"
+        conn.expect_eof()
