@@ -297,7 +297,7 @@ class Connection:
                     if not dispatch(lines[pos - 1], me):
                         return  # handed off: this greenlet now only answers its own request
                     if self.read_state:  # READING is 0; here any other is DONE or CLOSED: no further line
-                        self._maybe_close()
+                        self._stopped_in_batch()
                         return
                 if pos < len(lines):  # a long batch: every _BATCH_SLICE lines, is the hub due a turn?
                     turn = self._take_turn(turn)
@@ -361,6 +361,14 @@ class Connection:
             self.abort()
             return
         self._stop_reading()
+        self._maybe_close()
+
+    def _stopped_in_batch(self) -> None:
+        """Reading stopped in the middle of a batch (AUTH's failure limit, an abort): send the replies
+        already queued before waiting for the requests in flight, which may take long (in completion
+        order the replies of later requests are ready too), then close once they are answered."""
+        if self.read_state == DONE and self.out:
+            self._flush()
         self._maybe_close()
 
     def _take_turn(self, since: float) -> float:
