@@ -315,3 +315,34 @@ def test_replies_ready_before_an_auth_lockout_are_not_held_behind_requests_in_fl
         assert conn.line() == {"code": 0, "cmdid": 2, "id": 1, "data": {"slept": 1.0}}
         assert conn.line()["goaway"] == "auth_failed"
         conn.expect_eof()
+
+
+def test_an_id_less_request_does_not_hold_earlier_replies_in_request_order(serve: Serve) -> None:
+    """Review (rv-server): the spec lets each reply carrying an id leave when ready and makes an
+    id-less request wait for every earlier one, so a 504 read before the id-less request leaves at its
+    deadline. The server put the earlier requests' slots in request order ahead of the id-less reply
+    instead: the 504 due at 150 ms waited for the 1 s request read before it."""
+    server = serve()
+    with RawConn(server.address) as conn:
+        _hello(conn)
+        started = time.monotonic()
+        conn.send(_line(2, {"seconds": 1.0}, id=1) + _line(2, {"seconds": 2.0}, id=2, timeout_ms=150)
+                  + _line(2, {"seconds": 0.05}, id=3) + _line(1, {"k": "barrier"}) + _line(1, {}, id=5))
+        first, second = conn.line(), conn.line()
+        assert [(first["id"], first["code"]), (second["id"], second["code"])] == [(3, 0), (2, 504)]
+        assert time.monotonic() - started < 0.8  # not behind the 1 s request
+        assert [r.get("id", "-") for r in (conn.line(), conn.line(), conn.line())] == [1, "-", 5]
+        wait_until(lambda: server.inflight == 0)
+
+
+def test_an_id_in_flight_behind_an_id_less_request_is_still_refused(serve: Serve) -> None:
+    """Review (rv-server): the spec refuses a request reusing the id of one still unanswered on a
+    completion-order connection; once an id-less request had been read, the earlier request's id was
+    forgotten and the duplicate ran (two replies "x", both code 0)."""
+    server = serve()
+    with RawConn(server.address) as conn:
+        _hello(conn)
+        conn.send(_line(2, {"seconds": 0.3}, id="x") + _line(1, {"k": "barrier"}) + _line(1, {"k": 1}, id="x"))
+        replies = [conn.line() for _ in range(3)]
+        assert [(r.get("id", "-"), r["code"]) for r in replies] == [("x", 0), ("-", 0), ("x", 400)]
+        assert replies[2]["msg"] == "id already in flight on this connection"
