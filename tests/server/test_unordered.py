@@ -346,3 +346,20 @@ def test_an_id_in_flight_behind_an_id_less_request_is_still_refused(serve: Serve
         replies = [conn.line() for _ in range(3)]
         assert [(r.get("id", "-"), r["code"]) for r in replies] == [("x", 0), ("-", 0), ("x", 400)]
         assert replies[2]["msg"] == "id already in flight on this connection"
+
+
+def test_a_large_id_less_reply_behind_an_opened_gate_is_sent(serve: Serve) -> None:
+    """The gate an id-less reply waits behind opens as an empty item in the output queue: a large
+    reply right behind it (over the one-send chunk) must still go out once the gate opens, here a
+    1.5 MiB id-less echo behind a floating request with a 1.5 MiB reply of its own."""
+    server = serve()
+    text = "\U0001f600" * (1 << 17)  # a 512 KiB line, a 1.5 MiB reply
+    with RawConn(server.address, timeout=10) as conn:
+        _hello(conn)
+        conn.send(_line(9, {"seconds": 0.2, "size": 3 * MIB // 2}, id=1)
+                  + json.dumps({"cmdid": 1, "params": {"s": text}}, ensure_ascii=False).encode() + b"\n"
+                  + _line(1, {"k": "after"}, id=3))
+        first, second, third = conn.line(), conn.line(), conn.line()
+        assert (first["id"], len(first["data"])) == (1, 3 * MIB // 2)
+        assert "id" not in second and second["data"] == {"s": text}
+        assert third == {"code": 0, "cmdid": 1, "id": 3, "data": {"k": "after"}}
