@@ -11,8 +11,9 @@ Completion order (protocol 1.1, after a HELLO asking for ``unordered``; see :mod
 a handed-off request that carries an id reserves no place in ``out``; its slot *floats*
 (``floating``) and its reply is appended to ``out`` when ready (:meth:`Connection._fill`), to go out
 with the next send. An id-less reply (or the slot of an id-less handed-off request) is a barrier:
-before it is queued, the floating slots take their places in ``out`` ahead of it
-(:meth:`Connection._barrier`), so everything read before it is answered first and everything queued
+before it is queued, a *gate* goes into ``out`` ahead of it (:meth:`Connection._barrier`) that opens
+once the floating requests read before it are answered (their replies still leave as each is ready,
+put in front of the gate), so everything read before it is answered first and everything queued
 after it follows it. Inline replies are queued as always, so a pipelined batch still leaves in one
 send, and every reply byte counts in ``queued_bytes`` in both modes. The request path pays one
 attribute test for it (``floating`` is ``None`` on a connection that never had one).
@@ -140,12 +141,28 @@ class Stop(BaseException):
 
 
 class _Slot:
-    """A reserved place in the output queue for the reply of a request that is still running."""
+    """A reserved place in the output queue for the reply of a request that is still running.
 
-    __slots__ = ("data",)
+    ``gate``: for a floating slot (completion order) that an id-less reply was queued behind, the
+    :class:`_Gate` its reply must go out before (``None``: at the end of ``out``, when ready)."""
+
+    __slots__ = ("data", "gate")
 
     def __init__(self) -> None:
         self.data: bytes | None = None
+        self.gate: _Gate | None = None
+
+
+class _Gate(_Slot):
+    """Completion order: a place in ``out`` ahead of an id-less reply that opens (``data`` becomes
+    ``b""``) once the ``pending`` floating requests read before that reply are answered; their
+    replies are put in front of it as each is ready, in completion order."""
+
+    __slots__ = ("pending",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending = 0
 
 
 class Connection:
@@ -297,7 +314,7 @@ class Connection:
                     if not dispatch(lines[pos - 1], me):
                         return  # handed off: this greenlet now only answers its own request
                     if self.read_state:  # READING is 0; here any other is DONE or CLOSED: no further line
-                        self._maybe_close()
+                        self._stopped_in_batch()
                         return
                 if pos < len(lines):  # a long batch: every _BATCH_SLICE lines, is the hub due a turn?
                     turn = self._take_turn(turn)
@@ -361,6 +378,14 @@ class Connection:
             self.abort()
             return
         self._stop_reading()
+        self._maybe_close()
+
+    def _stopped_in_batch(self) -> None:
+        """Reading stopped in the middle of a batch (AUTH's failure limit, an abort): send the replies
+        already queued before waiting for the requests in flight, which may take long (in completion
+        order the replies of later requests are ready too), then close once they are answered."""
+        if self.read_state == DONE and self.out:
+            self._flush()
         self._maybe_close()
 
     def _take_turn(self, since: float) -> float:
@@ -649,25 +674,43 @@ class Connection:
 
     def _fill(self, slot: _Slot, reply: bytes) -> None:
         """A handed-off request's reply is ready: into its slot in ``out`` (in request order), or, a
-        floating slot (unordered connection, the request carried an id), at the end of ``out``, to
-        go out with the next send. Counted in ``queued_bytes`` either way (the byte bound)."""
+        floating slot (unordered connection, the request carried an id), at the end of ``out`` (just
+        ahead of its gate, if an id-less reply was queued after it), to go out with the next send.
+        Counted in ``queued_bytes`` either way (the byte bound)."""
         slot.data = reply
         self.queued_bytes += len(reply)
         floating = self.floating
         if floating and slot in floating:
             del floating[slot]
-            self.out.append(reply)
+            gate = slot.gate
+            if gate is None:
+                self.out.append(reply)
+                return
+            out = self.out
+            out.insert(out.index(gate), reply)
+            gate.pending -= 1
+            if not gate.pending:
+                gate.data = b""  # every request read before the id-less reply is answered: open
 
     def _barrier(self) -> None:
         """An id-less reply (or slot) is about to be queued on an unordered connection: every request
-        read before it must be answered first, so the floating slots take their places in ``out``
-        ahead of it (and anything queued later goes behind it). A client can then match an id-less
-        reply to its oldest unanswered request, as in request order."""
+        read before it must be answered first, so a :class:`_Gate` goes into ``out`` ahead of it
+        (anything queued later goes behind it) and opens once the floating requests not yet behind an
+        earlier gate are answered; their replies still leave as each is ready, in front of the gate
+        (and their ids stay in ``floating`` until then). A client can then match an id-less reply to
+        its oldest unanswered request, as in request order."""
         floating = self.floating
         assert floating is not None
-        self.out.extend(floating)
-        self.open_slots += len(floating)
-        floating.clear()
+        gate: _Gate | None = None
+        for slot in floating:
+            if slot.gate is None:  # those behind an earlier gate are ahead of it in ``out`` already
+                if gate is None:
+                    gate = _Gate()
+                slot.gate = gate
+                gate.pending += 1
+        if gate is not None:
+            self.out.append(gate)
+            self.open_slots += 1
 
     def _drop_slot(self, req: ServerRequest, me: Any) -> None:
         """A handed-off request is over: it no longer counts in flight (its slot stays in ``out``).
@@ -786,7 +829,7 @@ class Connection:
                 data = item.data
                 if data is None:
                     break
-            if size + len(data) > FLUSH_BYTES and ready:
+            if size + len(data) > FLUSH_BYTES and size:  # ``size``, not ``ready``: an open gate is b""
                 break
             if data is not item:
                 slots += 1

@@ -293,3 +293,73 @@ def test_a_bad_line_reusing_an_id_in_flight_is_answered_after_the_first_reply(se
         assert [(r["id"], r["code"]) for r in replies][0] == ("x", 0)
         assert sorted((r["id"], r["code"]) for r in replies[1:]) == [("x", 400), ("x", 400), ("y", 0)]
         assert server.stats.protocol_errors == 2
+
+
+def test_replies_ready_before_an_auth_lockout_are_not_held_behind_requests_in_flight(serve: Serve) -> None:
+    """Review (rv-server): the third failed AUTH stops reading (``close_after_replies``) in the middle of
+    a batch; the replies already queued (the HELLO's, the AUTH's, a fast echo's, the 401s) then waited
+    until the last request in flight had finished, though they were ready: here a 1 s sleep held the
+    echo that overtakes it in completion order, and the 401s with it."""
+    server = serve(auth_token="s3cret")
+    with RawConn(server.address) as conn:
+        started = time.monotonic()
+        conn.send(HELLO + _line(Builtin.AUTH, {"token": "s3cret"}, id=0) + _line(2, {"seconds": 1.0}, id=1)
+                  + _line(1, {"k": 2}, id=2)
+                  + b"".join(_line(Builtin.AUTH, {"token": "wrong"}, id=f"a{k}") for k in range(3))
+                  + _line(1, {"k": 9}, id=9))  # read after the lockout: never processed
+        early = [conn.line() for _ in range(6)]
+        early_at = time.monotonic() - started
+        assert [r["id"] for r in early] == ["h", 0, 2, "a0", "a1", "a2"]
+        assert [r["code"] for r in early] == [0, 0, 0, 401, 401, 401]
+        assert early_at < 0.8, early_at  # not behind the 1 s sleep
+        assert conn.line() == {"code": 0, "cmdid": 2, "id": 1, "data": {"slept": 1.0}}
+        assert conn.line()["goaway"] == "auth_failed"
+        conn.expect_eof()
+
+
+def test_an_id_less_request_does_not_hold_earlier_replies_in_request_order(serve: Serve) -> None:
+    """Review (rv-server): the spec lets each reply carrying an id leave when ready and makes an
+    id-less request wait for every earlier one, so a 504 read before the id-less request leaves at its
+    deadline. The server put the earlier requests' slots in request order ahead of the id-less reply
+    instead: the 504 due at 150 ms waited for the 1 s request read before it."""
+    server = serve()
+    with RawConn(server.address) as conn:
+        _hello(conn)
+        started = time.monotonic()
+        conn.send(_line(2, {"seconds": 1.0}, id=1) + _line(2, {"seconds": 2.0}, id=2, timeout_ms=150)
+                  + _line(2, {"seconds": 0.05}, id=3) + _line(1, {"k": "barrier"}) + _line(1, {}, id=5))
+        first, second = conn.line(), conn.line()
+        assert [(first["id"], first["code"]), (second["id"], second["code"])] == [(3, 0), (2, 504)]
+        assert time.monotonic() - started < 0.8  # not behind the 1 s request
+        assert [r.get("id", "-") for r in (conn.line(), conn.line(), conn.line())] == [1, "-", 5]
+        wait_until(lambda: server.inflight == 0)
+
+
+def test_an_id_in_flight_behind_an_id_less_request_is_still_refused(serve: Serve) -> None:
+    """Review (rv-server): the spec refuses a request reusing the id of one still unanswered on a
+    completion-order connection; once an id-less request had been read, the earlier request's id was
+    forgotten and the duplicate ran (two replies "x", both code 0)."""
+    server = serve()
+    with RawConn(server.address) as conn:
+        _hello(conn)
+        conn.send(_line(2, {"seconds": 0.3}, id="x") + _line(1, {"k": "barrier"}) + _line(1, {"k": 1}, id="x"))
+        replies = [conn.line() for _ in range(3)]
+        assert [(r.get("id", "-"), r["code"]) for r in replies] == [("x", 0), ("-", 0), ("x", 400)]
+        assert replies[2]["msg"] == "id already in flight on this connection"
+
+
+def test_a_large_id_less_reply_behind_an_opened_gate_is_sent(serve: Serve) -> None:
+    """The gate an id-less reply waits behind opens as an empty item in the output queue: a large
+    reply right behind it (over the one-send chunk) must still go out once the gate opens, here a
+    1.5 MiB id-less echo behind a floating request with a 1.5 MiB reply of its own."""
+    server = serve()
+    text = "\U0001f600" * (1 << 17)  # a 512 KiB line, a 1.5 MiB reply
+    with RawConn(server.address, timeout=10) as conn:
+        _hello(conn)
+        conn.send(_line(9, {"seconds": 0.2, "size": 3 * MIB // 2}, id=1)
+                  + json.dumps({"cmdid": 1, "params": {"s": text}}, ensure_ascii=False).encode() + b"\n"
+                  + _line(1, {"k": "after"}, id=3))
+        first, second, third = conn.line(), conn.line(), conn.line()
+        assert (first["id"], len(first["data"])) == (1, 3 * MIB // 2)
+        assert "id" not in second and second["data"] == {"s": text}
+        assert third == {"code": 0, "cmdid": 1, "id": 3, "data": {"k": "after"}}
