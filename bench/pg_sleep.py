@@ -27,7 +27,6 @@ import sys
 import time
 
 import gevent
-
 from benchutil import free_port, wait_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,10 +7,11 @@ Run (``pip install atheris``; needs a clang-built CPython wheel or a source buil
     python fuzz/fuzz_protocol.py -runs=20000 fuzz/corpus fuzz/seeds                     # a smoke run
 
 ``fuzz/seeds`` holds hand-written starting inputs; ``fuzz/corpus`` (not committed; always name it
-first, libFuzzer writes new inputs to the first directory) is where it keeps what it learns; keep it between runs so coverage accumulates. A failure writes
-``crash-<sha1>`` holding the input that broke the contract; replay it with
-``python fuzz/fuzz_protocol.py crash-<sha1>``. The LineBuffer is fuzzed in the same run: the input is also fed in
-chunks whose sizes come from the data, and the lines must match a one-shot split.
+first, libFuzzer writes new inputs to the first directory) is where it keeps what it learns; keep it
+between runs so coverage accumulates. A failure writes ``crash-<sha1>`` holding the input that broke
+the contract; replay it with ``python fuzz/fuzz_protocol.py crash-<sha1>``. The LineBuffer is fuzzed in
+the same run: the input is also fed in chunks whose sizes come from the data, and the lines must match
+a one-shot split.
 """
 
 from __future__ import annotations
