@@ -363,3 +363,27 @@ def test_a_large_id_less_reply_behind_an_opened_gate_is_sent(serve: Serve) -> No
         assert (first["id"], len(first["data"])) == (1, 3 * MIB // 2)
         assert "id" not in second and second["data"] == {"s": text}
         assert third == {"code": 0, "cmdid": 1, "id": 3, "data": {"k": "after"}}
+
+
+@pytest.mark.parametrize("reuse", [
+    _line(1, {"k": "dup"}, id="x"),  # refused: id in flight
+    b'{"cmdid":1,"params":[],"id":"x"}\n',  # invalid for another reason, its id recovered
+], ids=["duplicate", "bad-line"])
+def test_a_refused_reuse_of_an_id_holds_only_behind_that_ids_reply(serve: Serve, reuse: bytes) -> None:
+    """Review (rv-gate): a 400 carrying the id of a floating request must follow that request's reply,
+    and nothing more: a reply carrying an id leaves when ready unless read after an id-less (or
+    pre-HELLO) request still unanswered (docs/protocol.md, deadlines in completion order). The refusal
+    was queued as a barrier behind every floating request, so the fast echo read after it (id "f") and
+    the refusal itself waited for the unrelated 1 s request "a"."""
+    server = serve()
+    with RawConn(server.address) as conn:
+        _hello(conn)
+        started = time.monotonic()
+        conn.send(_line(2, {"seconds": 1.0}, id="a") + _line(2, {"seconds": 0.1}, id="x") + reuse
+                  + _line(1, {"k": "fast"}, id="f"))
+        early = [conn.line() for _ in range(3)]
+        early_at = time.monotonic() - started
+        assert [(r["id"], r["code"]) for r in early] == [("f", 0), ("x", 0), ("x", 400)]
+        assert early_at < 0.7, early_at  # not behind the 1 s request "a"
+        assert (conn.line()["id"]) == "a"
+        wait_until(lambda: server.inflight == 0)
