@@ -1,6 +1,7 @@
 """Completion order against a model of what the spec allows (docs/protocol.md, protocol 1.1).
 
-Random pipelined mixes after a HELLO granting ``unordered``: requests with and without ids, inline
+Random pipelined mixes around a HELLO granting ``unordered`` (a few requests before it, in request
+order, the rest in one to three writes some time apart): requests with and without ids, inline
 (echo, handler errors, unknown cmdids, bad lines, lines over the limit) and handed off (sleeps, a
 ``504`` at a deadline, a handler error after blocking, a reply over ``max_reply_bytes``), and reuses
 of an id in flight. Each case is checked for: one reply per request line, each the expected one; an
@@ -17,7 +18,7 @@ import json
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import gevent
@@ -60,7 +61,8 @@ class Req:
     dup_of: int | None = None  # index of the request whose id it reuses
     send: float = 0.0  # model: earliest time the spec lets its reply leave
     handed_off: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    at: float = 0.0  # when its line is written (seconds after the first write)
+    barrier: bool = False  # its reply keeps request order: id-less, or read before the HELLO (or the HELLO)
 
 
 def _line(cmdid: int, params: dict[str, Any], rid: Any, **fields: Any) -> bytes:
@@ -71,10 +73,20 @@ def _line(cmdid: int, params: dict[str, Any], rid: Any, **fields: Any) -> bytes:
 
 
 def _make_case(rng: random.Random, n: int) -> list[Req]:
+    """``n`` random requests after the HELLO (and up to 3 before it, in request order), written in
+    one to three writes some time apart."""
     reqs: list[Req] = []
     next_id = 0
     idless = rng.choice((0.0, 0.1, 0.3))  # the share of id-less requests (barriers) in this case
+    for _ in range(rng.choice((0, 0, 1, 3))):  # read before the HELLO: in request order
+        next_id += 1
+        s = rng.choice(SLEEPS)
+        reqs.append(Req(_line(2, {"seconds": s}, next_id), next_id, 0, s, data={"slept": s}, barrier=True))
+    reqs.append(Req(HELLO, "h", 0, 0.0, barrier=True))
+    now = 0.0
     for _ in range(n):
+        if rng.random() < 0.1:  # the lines from here on go in a later write
+            now += rng.choice((0.05, 0.2, 0.35))
         rid: Any = None
         if rng.random() >= idless:
             next_id += 1
@@ -109,13 +121,17 @@ def _make_case(rng: random.Random, n: int) -> list[Req]:
         elif kind == "slowrefuse":
             reqs.append(Req(_line(41, {"seconds": s}, rid), rid, 1005, s, handed_off=True))
         else:  # reuse the id of a handed-off request still running (all are, when the batch is read)
-            running = [i for i, r in enumerate(reqs) if r.handed_off and r.rid is not None]
+            running = [i for i, r in enumerate(reqs)  # still running when this line is read (with a margin)
+                       if r.handed_off and not r.barrier and r.rid is not None and r.at + r.ready > now + MARGIN]
             if not running:
                 continue
             first = rng.choice(running)
             frid = reqs[first].rid
             line = _line(1, {"k": "dup"}, frid) if rng.random() < 0.6 else _line(1, [], frid)  # type: ignore[arg-type]
             reqs.append(Req(line, frid, 400, 0.0, dup_of=first))
+        last = reqs[-1]
+        last.at = now
+        last.barrier = last.barrier or last.rid is None
     _model(reqs)
     return reqs
 
@@ -126,10 +142,10 @@ def _model(reqs: list[Req]) -> None:
     barrier = 0.0  # the latest model time of an id-less reply read so far
     latest = 0.0  # the latest model time of any reply read so far
     for r in reqs:
-        t = max(r.ready, barrier)
+        t = max(r.at + r.ready, barrier)
         if r.dup_of is not None:
             t = max(t, reqs[r.dup_of].send)
-        if r.rid is None:
+        if r.barrier:
             t = max(t, latest)
             barrier = t
         r.send = t
@@ -140,14 +156,19 @@ def _run_case(server: Server, seed: int) -> None:
     rng = random.Random(seed)
     reqs = _make_case(rng, rng.randint(4, 16))
     with RawConn(server.address, timeout=10) as conn:
-        conn.send(HELLO)
-        assert conn.line()["id"] == "h"
         started = time.monotonic()
-        conn.send(b"".join(r.line for r in reqs))
+
+        def write() -> None:
+            for at in sorted({r.at for r in reqs}):
+                gevent.sleep(max(0.0, started + at - time.monotonic()))
+                conn.send(b"".join(r.line for r in reqs if r.at == at))
+
+        writer = gevent.spawn(write)
         got: list[tuple[dict[str, Any], float]] = []
         for _ in reqs:
             reply = conn.line(timeout=10)
             got.append((reply, time.monotonic() - started))
+        writer.get(timeout=1)
     # Match: ids by id (a reused id: the first reply is the first request's), id-less by order.
     where: dict[int, int] = {}
     by_id: dict[Any, list[int]] = {}
@@ -173,9 +194,11 @@ def _run_case(server: Server, seed: int) -> None:
         assert reply["code"] == r.code, f"request {i}: {reply}; {ctx}"
         if r.data is not None:
             assert reply["data"] == r.data, ctx
+        elif r.rid == "h":
+            assert reply["data"]["features"] == ["unordered"], ctx
         if r.dup_of is not None:
             assert where[r.dup_of] < where[i], f"refusal {i} before the reply of {r.dup_of}; {ctx}"
-        if r.rid is None:  # the barrier rule
+        if r.barrier:  # the barrier rule (request order before the HELLO)
             assert all(where[j] < where[i] for j in range(i)), f"id-less {i} overtook an earlier one; {ctx}"
             assert all(where[j] > where[i] for j in range(i + 1, len(reqs))), f"overtook id-less {i}; {ctx}"
         assert at <= r.send + SLACK, f"request {i} at {at:.3f}, model {r.send:.3f}; {ctx}"
