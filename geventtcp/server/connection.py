@@ -14,8 +14,10 @@ with the next send. An id-less reply (or the slot of an id-less handed-off reque
 before it is queued, a *gate* goes into ``out`` ahead of it (:meth:`Connection._barrier`) that opens
 once the floating requests read before it are answered (their replies still leave as each is ready,
 put in front of the gate), so everything read before it is answered first and everything queued
-after it follows it. Inline replies are queued as always, so a pipelined batch still leaves in one
-send, and every reply byte counts in ``queued_bytes`` in both modes. The request path pays one
+after it follows it. A refusal carrying the id of a floating request (a reused id) is held aside
+(``held``) and queued right after that request's reply, holding back nothing else. Inline replies are
+queued as always, so a pipelined batch still leaves in one send, and every reply byte counts in
+``queued_bytes`` in both modes. The request path pays one
 attribute test for it (``floating`` is ``None`` on a connection that never had one).
 
 An idle connection holds no greenlet: when ``recv`` finds nothing, the reader *parks* the connection
