@@ -3,7 +3,8 @@
 Random pipelined mixes around a HELLO granting ``unordered`` (a few requests before it, in request
 order, the rest in one to three writes some time apart): requests with and without ids, inline
 (echo, handler errors, unknown cmdids, bad lines, lines over the limit) and handed off (sleeps, a
-``504`` at a deadline, a handler error after blocking, a reply over ``max_reply_bytes``), and reuses
+``504`` at a deadline, also for a handler that swallows it, a handler error after blocking, a reply
+over ``max_reply_bytes``, a handler that yields once: inline or handed off), and reuses
 of an id in flight. Each case is checked for: one reply per request line, each the expected one; an
 id-less reply after the replies of every request read before it and before those read after it (the
 client matches id-less replies by order); a refusal for a reused id after that id's first reply; and
@@ -51,6 +52,21 @@ def _sleep_then_refuse(req: Any) -> Any:
     raise HandlerError("gone", Code.NOT_FOUND)
 
 
+def _swallow_deadline(req: Any) -> Any:
+    """Catches the DeadlineReached thrown at its deadline and runs on: the 504 still leaves at the deadline."""
+    try:
+        gevent.sleep(2.0)
+    except BaseException:  # noqa: BLE001 - on purpose: the server must not wait for it
+        gevent.sleep(0.3)
+    return "late"
+
+
+def _yield_once(req: Any) -> Any:
+    """Yields to the hub once: answered inline or handed off, whichever the watch pass decides."""
+    gevent.sleep(0)
+    return req.params
+
+
 @dataclass
 class Req:
     line: bytes
@@ -92,7 +108,8 @@ def _make_case(rng: random.Random, n: int) -> list[Req]:
             next_id += 1
             rid = next_id if rng.random() < 0.5 else f"r{next_id}"
         kind = rng.choice(["echo", "echo", "sleep", "sleep", "sleep", "timeout", "fail", "refuse", "unknown",
-                           "badjson", "badparams", "toolong", "big", "slowfail", "slowrefuse", "dup", "dup"])
+                           "badjson", "badparams", "toolong", "big", "slowfail", "slowrefuse", "dup", "dup",
+                           "swallow", "yield"])
         s = rng.choice(SLEEPS)
         if kind == "echo":
             params = {"k": len(reqs)}
@@ -102,6 +119,12 @@ def _make_case(rng: random.Random, n: int) -> list[Req]:
         elif kind == "timeout":
             ms = rng.choice((200, 400))
             reqs.append(Req(_line(21, {}, rid, timeout_ms=ms), rid, 504, ms / 1000, handed_off=True))
+        elif kind == "swallow":
+            ms = rng.choice((200, 400))
+            reqs.append(Req(_line(42, {}, rid, timeout_ms=ms), rid, 504, ms / 1000, handed_off=True))
+        elif kind == "yield":
+            params = {"y": len(reqs)}
+            reqs.append(Req(_line(43, params, rid), rid, 0, 0.0, data=params))
         elif kind == "fail":
             reqs.append(Req(_line(3, {}, rid), rid, 500, 0.0))
         elif kind == "refuse":
@@ -213,6 +236,8 @@ def test_random_mixes_follow_the_completion_order_model(serve: Serve, hub_errors
     registry = make_registry()
     registry.add(40, _sleep_then_fail, name="sleep_then_fail")
     registry.add(41, _sleep_then_refuse, name="sleep_then_refuse")
+    registry.add(42, _swallow_deadline, name="swallow_deadline")
+    registry.add(43, _yield_once, name="yield_once")
     server = serve(registry, max_line_bytes=MAX_LINE, max_reply_bytes=MAX_REPLY)
     for first in range(0, 60, 6):
         jobs = [gevent.spawn(_run_case, server, seed) for seed in range(first, first + 6)]
