@@ -14,8 +14,10 @@ with the next send. An id-less reply (or the slot of an id-less handed-off reque
 before it is queued, a *gate* goes into ``out`` ahead of it (:meth:`Connection._barrier`) that opens
 once the floating requests read before it are answered (their replies still leave as each is ready,
 put in front of the gate), so everything read before it is answered first and everything queued
-after it follows it. Inline replies are queued as always, so a pipelined batch still leaves in one
-send, and every reply byte counts in ``queued_bytes`` in both modes. The request path pays one
+after it follows it. A refusal carrying the id of a floating request (a reused id) is held aside
+(``held``) and queued right after that request's reply, holding back nothing else. Inline replies are
+queued as always, so a pipelined batch still leaves in one send, and every reply byte counts in
+``queued_bytes`` in both modes. The request path pays one
 attribute test for it (``floating`` is ``None`` on a connection that never had one).
 
 An idle connection holds no greenlet: when ``recv`` finds nothing, the reader *parks* the connection
@@ -116,6 +118,9 @@ FLUSH_BYTES = 1 << 20
 #: reader stops reading until the queue drains to half: with a blocked first request and a peer
 #: that reads nothing, the worker holds about this much plus one reply per request in flight.
 MAX_QUEUED_BYTES = FLUSH_BYTES
+#: Completion order: refusals carrying the id of a floating request that a connection may hold aside
+#: until that request's reply (see ``Connection._behind_floating``); past it they queue behind a barrier.
+MAX_HELD_REPLIES = 64
 #: Blank lines in a row (no request line among them) after which a connection is answered 400 and
 #: closed: a peer that sends nothing else is broken or hostile (Redis closes on protocol errors).
 MAX_BLANK_LINES = 1024
@@ -176,7 +181,8 @@ class Connection:
         "flushing", "queued_bytes", "inflight", "reader", "handlers", "running", "watch_armed", "read_state",
         "goaway", "error_line", "active_tick", "partial_tick", "writer", "write_tick",
         "requests", "created_tick", "drained", "_raw_send", "close_pending", "received", "write_unsent",
-        "eager", "_raw_recv", "_read_watcher", "unordered", "floating", "peer_cert", "orphans", "__weakref__",
+        "eager", "_raw_recv", "_read_watcher", "unordered", "floating", "held", "peer_cert", "orphans",
+        "__weakref__",
     )
 
     def __init__(self, state: ServerState[Connection], sock: Any, address: Any) -> None:
@@ -234,6 +240,9 @@ class Connection:
         #: not in ``out``; each reply is appended to ``out`` when it is ready. ``None`` until the first.
         #: A request reusing an id still floating is refused (its reply could overtake the first's).
         self.floating: dict[_Slot, Any] | None = None
+        #: Refusals (400) carrying the id of a floating request with no barrier read since, each held
+        #: until that request's reply is ready and then queued right after it (:meth:`_behind_floating`).
+        self.held: dict[_Slot, list[bytes]] | None = None
         #: A TLS peer's certificate as ``getpeercert()`` gave it right after the handshake (set by the
         #: server; ``None`` for a plain socket): the SSL socket refuses to say once the peer shut its
         #: side down or the socket closed, and ``request.identity`` must still say who called then.
@@ -544,12 +553,12 @@ class Connection:
         """Queue an error reply the dispatcher made (400, 404, 413, a refusal) to a line whose id
         was ``rid``; returns True, as :meth:`_dispatch` does. Counted as replies are: one echoes its
         line's id, which can be as long as the line (1.5 MiB once escaped), and a blocked head must
-        not let them pile up. In completion order an id-less one is a barrier, and so is one carrying
-        the id of a floating request (a 400 for a bad line reusing it): it must not overtake that
-        request's reply, or the two replies with one id could not be told apart."""
+        not let them pile up. In completion order an id-less one is a barrier, and one carrying the id
+        of a floating request (a 400 for a bad line reusing it) must not overtake that request's reply,
+        or the two replies with one id could not be told apart (:meth:`_behind_floating`)."""
         floating = self.floating
-        if floating and (rid is None or rid in floating.values()):
-            self._barrier()
+        if floating and (rid is None or rid in floating.values()) and self._behind_floating(line, rid):
+            return True
         self.out.append(line)
         self.queued_bytes += len(line)
         if self.queued_bytes > FLUSH_BYTES:
@@ -683,11 +692,13 @@ class Connection:
         if floating and slot in floating:
             del floating[slot]
             gate = slot.gate
-            if gate is None:
-                self.out.append(reply)
-                return
             out = self.out
-            out.insert(out.index(gate), reply)
+            at = len(out) if gate is None else out.index(gate)
+            out.insert(at, reply)
+            if self.held and slot in self.held:
+                self._release_held(slot, at + 1)
+            if gate is None:
+                return
             gate.pending -= 1
             if not gate.pending:
                 gate.data = b""  # every request read before the id-less reply is answered: open
@@ -711,6 +722,39 @@ class Connection:
         if gate is not None:
             self.out.append(gate)
             self.open_slots += 1
+
+    def _behind_floating(self, line: bytes, rid: Any) -> bool:
+        """Before an error reply ``line`` is queued on an unordered connection, with ``rid`` its id:
+        ``None`` (id-less) makes it a barrier; the id of a floating request must follow only that
+        request's reply, not hold the replies read after it behind every request in flight. Returns
+        True when the line is held (queued right after that reply, by :meth:`_fill`), else the caller
+        appends it to ``out``: behind the gate of a barrier read since that request (its reply goes in
+        front of the gate), or, past :data:`MAX_HELD_REPLIES` held (a peer reusing ids on purpose),
+        behind a barrier, which the output queue's bounds cover."""
+        if rid is None:
+            self._barrier()
+            return False
+        floating = self.floating
+        assert floating is not None
+        slot = next(s for s, i in floating.items() if i == rid)
+        if slot.gate is not None:
+            return False
+        held = self.held
+        if held is None:
+            held = self.held = {}
+        if sum(map(len, held.values())) >= MAX_HELD_REPLIES:
+            self._barrier()
+            return False
+        held.setdefault(slot, []).append(line)
+        return True
+
+    def _release_held(self, slot: _Slot, at: int) -> None:
+        """The reply of floating ``slot`` went into ``out`` before index ``at``: the refusals held for
+        its id go right after it, counted in ``queued_bytes`` from now on."""
+        assert self.held is not None
+        lines = self.held.pop(slot)
+        self.out[at:at] = lines
+        self.queued_bytes += sum(map(len, lines))
 
     def _drop_slot(self, req: ServerRequest, me: Any) -> None:
         """A handed-off request is over: it no longer counts in flight (its slot stays in ``out``).

@@ -269,9 +269,9 @@ def test_an_id_in_flight_reused_on_an_unordered_connection_is_refused_after_the_
         assert _hello(conn)["code"] == 0
         conn.send(_line(2, {"seconds": 0.3}, id="x") + _line(1, {"k": 1}, id="x") + _line(1, {"k": 2}, id="y"))
         first, second, third = conn.line(), conn.line(), conn.line()
-        assert first == {"code": 0, "cmdid": 2, "id": "x", "data": {"slept": 0.3}}
-        assert second == {"code": 400, "cmdid": 1, "id": "x", "msg": "id already in flight on this connection"}
-        assert third == {"code": 0, "cmdid": 1, "id": "y", "data": {"k": 2}}
+        assert first == {"code": 0, "cmdid": 1, "id": "y", "data": {"k": 2}}  # not behind the refusal: at once
+        assert second == {"code": 0, "cmdid": 2, "id": "x", "data": {"slept": 0.3}}
+        assert third == {"code": 400, "cmdid": 1, "id": "x", "msg": "id already in flight on this connection"}
         conn.send(_line(1, {"k": 3}, id="x"))  # answered: the id is free again
         assert conn.line() == {"code": 0, "cmdid": 1, "id": "x", "data": {"k": 3}}
         assert server.stats.protocol_errors == 1
@@ -290,8 +290,8 @@ def test_a_bad_line_reusing_an_id_in_flight_is_answered_after_the_first_reply(se
                   + b'{"cmdid":1,"params":{"s":"\\ud800"},"id":"x"}\n'  # lone surrogate: 400, id recovered
                   + _line(1, {"k": 1}, id="y"))
         replies = [conn.line() for _ in range(4)]
-        assert [(r["id"], r["code"]) for r in replies][0] == ("x", 0)
-        assert sorted((r["id"], r["code"]) for r in replies[1:]) == [("x", 400), ("x", 400), ("y", 0)]
+        # "y" at once (it follows no id-less request), the refusals right after the first "x" reply
+        assert [(r["id"], r["code"]) for r in replies] == [("y", 0), ("x", 0), ("x", 400), ("x", 400)]
         assert server.stats.protocol_errors == 2
 
 
@@ -363,3 +363,48 @@ def test_a_large_id_less_reply_behind_an_opened_gate_is_sent(serve: Serve) -> No
         assert (first["id"], len(first["data"])) == (1, 3 * MIB // 2)
         assert "id" not in second and second["data"] == {"s": text}
         assert third == {"code": 0, "cmdid": 1, "id": 3, "data": {"k": "after"}}
+
+
+@pytest.mark.parametrize("reuse", [
+    _line(1, {"k": "dup"}, id="x"),  # refused: id in flight
+    b'{"cmdid":1,"params":[],"id":"x"}\n',  # invalid for another reason, its id recovered
+], ids=["duplicate", "bad-line"])
+def test_a_refused_reuse_of_an_id_holds_only_behind_that_ids_reply(serve: Serve, reuse: bytes) -> None:
+    """Review (rv-gate): a 400 carrying the id of a floating request must follow that request's reply,
+    and nothing more: a reply carrying an id leaves when ready unless read after an id-less (or
+    pre-HELLO) request still unanswered (docs/protocol.md, deadlines in completion order). The refusal
+    was queued as a barrier behind every floating request, so the fast echo read after it (id "f") and
+    the refusal itself waited for the unrelated 1 s request "a"."""
+    server = serve()
+    with RawConn(server.address) as conn:
+        _hello(conn)
+        started = time.monotonic()
+        conn.send(_line(2, {"seconds": 1.0}, id="a") + _line(2, {"seconds": 0.1}, id="x") + reuse
+                  + _line(1, {"k": "fast"}, id="f"))
+        early = [conn.line() for _ in range(3)]
+        early_at = time.monotonic() - started
+        assert [(r["id"], r["code"]) for r in early] == [("f", 0), ("x", 0), ("x", 400)]
+        assert early_at < 0.7, early_at  # not behind the 1 s request "a"
+        assert (conn.line()["id"]) == "a"
+        wait_until(lambda: server.inflight == 0)
+
+
+def test_held_refusals_keep_the_barrier_rule_and_their_bound(serve: Serve) -> None:
+    """The refusals held after a floating request's reply still come before an id-less reply read
+    after them, and after one read before them; past MAX_HELD_REPLIES a peer reusing an id on purpose
+    gets them queued behind a barrier instead (each still after the first reply, each answered once)."""
+    from geventtcp.server.connection import MAX_HELD_REPLIES
+
+    server = serve()
+    dup = _line(1, {"k": "dup"}, id="x")
+    with RawConn(server.address, timeout=10) as conn:
+        _hello(conn)
+        conn.send(_line(2, {"seconds": 0.2}, id="x") + dup + _line(1, {"k": "barrier"}) + dup + _line(1, {}, id="f"))
+        replies = [conn.line() for _ in range(5)]
+        assert [(r.get("id", "-"), r["code"]) for r in replies] == [
+            ("x", 0), ("x", 400), ("-", 0), ("x", 400), ("f", 0)]
+        many = MAX_HELD_REPLIES + 8
+        conn.send(_line(2, {"seconds": 0.2}, id="x") + dup * many + _line(1, {}, id="g"))
+        replies = [conn.line() for _ in range(many + 2)]
+        assert [(r["id"], r["code"]) for r in replies] == [("x", 0)] + [("x", 400)] * many + [("g", 0)]
+        wait_until(lambda: server.inflight == 0)
