@@ -16,6 +16,7 @@ import pytest
 from geventtcp import errors
 from geventtcp.client import client as client_module
 from geventtcp.client.client import Client
+from geventtcp.client.connection import STUCK_GRACE
 from geventtcp.errors import (
     CallTimeout,
     ConnectError,
@@ -285,6 +286,7 @@ def test_client_used_after_fork_in_the_child_opens_its_own_connections():
         code = f"""
 import os, sys
 from geventtcp.client.client import Client
+from geventtcp.client.connection import STUCK_GRACE
 c = Client({server.address!r}, timeout=5)
 parent_conns = c.call(-3)["connections"]
 c.call(1, {{"from": "parent"}})
@@ -392,6 +394,7 @@ import os, sys
 import gevent, gevent.event
 from geventtcp.client import client as client_module
 from geventtcp.client.client import Client
+from geventtcp.client.connection import STUCK_GRACE
 
 client_module.random.uniform = lambda low, high: high  # the whole backoff: the fork lands inside it
 backing_off = gevent.event.Event()
@@ -510,3 +513,48 @@ def test_a_close_racing_a_first_calls_balancer_leaves_no_connection_behind(app_p
     with pytest.raises(NotSent):
         client.call(client_app.ECHO, {"after": "close"})
     assert raced and client.closed and client._balancers == {}
+
+
+# -- review rv-client (session 6) -----------------------------------------------------------------
+
+def test_ctrl_c_landing_just_after_a_read_took_the_bytes_does_not_leave_a_request_that_fails_others(
+        app_process: ServerProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGINT arriving while the main thread's ``read(2)`` returns a reply raises KeyboardInterrupt at
+    the first check after it: the bytes are out of the socket and gone with the exception. The caller
+    was treated as cancelled before any byte was taken (its call abandoned, "its reply read later and
+    dropped"), but that reply never comes: the abandoned call stayed in flight for good and, once its
+    deadline was STUCK_GRACE past, the next checkout declared the healthy connection dead and failed
+    another thread's call in flight on it with MaybeExecuted. (Random SIGINTs into 20,000 lone calls
+    left 42-88 such requests per run.)"""
+    from geventtcp.client import io as client_io
+
+    with Client(app_process.address, timeout=5, retries=0, mode="threads", pool_size=1) as client:
+        assert client.call(client_app.ECHO, {"warm": 1}) == {"warm": 1}
+        real = client_io._read
+        fired: list[int] = []
+
+        def read_then_ctrl_c(fd: int, size: int) -> bytes:
+            data: bytes = real(fd, size)
+            if not fired:
+                fired.append(len(data))
+                signal.raise_signal(signal.SIGINT)  # the default handler raises KeyboardInterrupt here
+            return data
+
+        monkeypatch.setattr(client_io, "_read", read_then_ctrl_c)
+        with pytest.raises(KeyboardInterrupt):
+            client.call(client_app.ECHO, {"interrupted": 1}, timeout=0.3)
+        assert fired and fired[0] > 0
+        other: list[Any] = []
+
+        def slow_call() -> None:
+            try:
+                other.append(client.call(client_app.SLEEP, {"seconds": 1.5}))
+            except Exception as exc:
+                other.append(exc)
+
+        thread = threading.Thread(target=slow_call)
+        thread.start()
+        time.sleep(0.3 + STUCK_GRACE + 0.1)  # the interrupted call's deadline is long past
+        assert client.call(client_app.ECHO, {"later": 1}) == {"later": 1}  # a checkout meanwhile
+        thread.join(10)
+        assert other == [{"seconds": 1.5}]
