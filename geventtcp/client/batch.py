@@ -152,11 +152,14 @@ class BatchingConnection(ClientConnection):
                 call.queued = False
                 self.calls.pop(call.id, None)
                 return True
-            # Written, or its line in the hands of the sender greenlet, which finishes it on its own
-            # (the stream stays whole): its reply, if any, is dropped when it comes.
             call.abandoned = True
             self.orphans += 1
-            return True
+            if call.written:  # its reply, if any, is dropped when it comes
+                return True
+        # Cancelled while its line is partly sent: stop sending (as an interrupted sendall would),
+        # which breaks the stream, so the connection goes; the server never sees a partial line.
+        self._fail("request cancelled while being written")
+        return True
 
     def _fail_locked(self, reason: str, kind: Any = None) -> None:
         self.out, self.out_calls = [], []
