@@ -310,7 +310,9 @@ class ClientConnection:
         except OSError as exc:
             self._fail(f"read failed: {exc}")
         except BaseException:
-            if in_io:  # cancelled while waiting in recv: no byte was taken from the stream
+            # Cancelled while waiting in recv: no byte was taken from the stream. But a signal's
+            # exception right after a read returned (ThreadsIO ``taking``) carries the bytes away.
+            if in_io and not getattr(self.io, "taking", False):
                 self._abandon(call)
             else:
                 self._fail("interrupted while reading")

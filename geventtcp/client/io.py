@@ -84,7 +84,7 @@ class ThreadsIO:
     ``poll`` first, whose timeout Python recomputes on each restart (as it does in every thread).
     """
 
-    __slots__ = ("sock", "_fd", "_poller", "_rcvtimeo", "_polling")
+    __slots__ = ("sock", "_fd", "_poller", "_rcvtimeo", "_polling", "taking")
 
     def __init__(self, sock: Any) -> None:
         sock.settimeout(None)
@@ -100,6 +100,10 @@ class ThreadsIO:
         # left sets a new bound first (none yet: inf; always while polling).
         self._rcvtimeo = math.inf
         self._polling = False  # set for good when SO_RCVTIMEO cannot be set
+        # True while a read that polled may be taking bytes out of the socket: an exception then (a
+        # signal handler's, run in this thread right after ``read(2)`` returned) may carry away
+        # bytes of the stream, so the connection cannot be trusted (ClientConnection._lead).
+        self.taking = False
 
     def send_all(self, data: bytes, deadline: float) -> None:
         sock = self.sock
@@ -133,7 +137,9 @@ class ThreadsIO:
                 raise TimeoutError("timed out waiting for the reply")
             if main or (remaining < self._rcvtimeo and not self._bound(remaining)):
                 if self._poller.poll(remaining * 1000.0):  # in ms, a float: poll rounds it up
+                    self.taking = True
                     data: bytes = _read(self._fd, RECV_SIZE)
+                    self.taking = False
                     return data
                 continue
             try:
