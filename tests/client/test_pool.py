@@ -150,7 +150,7 @@ def test_a_keyboardinterrupt_while_opening_a_connection_leaves_the_pool_able_to_
     from geventtcp.client import concurrency, io
 
     def ctrl_c_once(real):
-        fired = []
+        fired: list[int] = []
 
         def wrapper(*args, **kwargs):
             if not fired:
