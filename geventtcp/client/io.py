@@ -322,20 +322,17 @@ class GeventIO:
             except BlockingIOError:
                 return None
             return data
-        # TLS: bytes on the socket may be only part of a record. A zero timer lets the read take
-        # whatever is decryptable now, and stops it at the next loop turn instead of waiting.
+        # TLS: bytes on the socket may be only part of a record. OpenSSL's own read takes whatever
+        # is decryptable now and never waits (the socket under a gevent SSL socket is non-blocking),
+        # so it never switches greenlets: this runs under the pool's lock, a real lock, where a
+        # switch (gevent's SSL read waits for the rest of a record) let the next greenlet to check
+        # out block the thread, and so the hub, for good.
         if not self.readable():
             return None
-        timer = _Timeout(0)
-        timer.start()
         try:
-            data = self.sock.recv(RECV_SIZE)
-        except _Timeout as exc:
-            if exc is not timer:
-                raise
-            return None
+            data = self.sock._sslobj.read(RECV_SIZE)
         except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return None
-        finally:
-            timer.close()
+        except ssl.SSLEOFError:  # closed without close_notify: EOF, as gevent's read has it (ragged EOFs)
+            return b""
         return data
