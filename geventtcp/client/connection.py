@@ -161,9 +161,10 @@ class ClientConnection:
             line = request_line(self.codec, cmdid, params, call, next(self._ids), time.monotonic(), self.address,
                                 meta)
             rid = call.id
-            state = self.state
-            state.acquire()  # _register_locked, inline: this is every call's path (``with`` costs twice this)
-            try:
+            # _register_locked, inline: this is every call's path. ``with``, not acquire() then try: the
+            # interpreter checks for signals after a call returns, and a KeyboardInterrupt raised there
+            # would leave the lock held for good; entering ``with`` has no such check.
+            with self.state:
                 if self.closed:
                     raise NotSent(f"connection to {self.address} closed: {self.reason}")
                 self.calls[rid] = call
@@ -173,8 +174,6 @@ class ClientConnection:
                 led = claim and not self.reading
                 if led:
                     self.reading = True
-            finally:
-                state.release()
             try:
                 self.io.send_all(line, deadline)
             except OSError as exc:  # timeouts too: the line did not go out whole, and closing drops it
