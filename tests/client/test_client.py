@@ -677,9 +677,12 @@ def test_ctrl_c_right_after_the_state_lock_is_taken_never_leaves_it_held(app_pro
 @pytest.mark.xfail(strict=True, reason=(
     "not fixed: the write lock's fast path is acquire(False), then try; a Ctrl-C handled at the check "
     "after that call leaves it held, and every later call on the connection waits its whole timeout "
-    "and fails NotSent 'timed out waiting to write' (2 of 3 runs of 6 s under external random SIGINTs). "
-    "'with' is the only signal-safe acquisition in Python and takes no timeout, which a contended "
-    "writer needs; an RLock (whose _is_owned() tells the handler to release) is one way out"))
+    "and fails NotSent 'timed out waiting to write' (5 of 6 runs of 6 s under random SIGINTs from "
+    "another process, the leak located at that line). 'with' is the only signal-safe acquisition and "
+    "takes no timeout, which a contended writer needs. Ways out: an RLock whose _is_owned() lets an "
+    "except around the acquisition give it back (but a signal handler calling the client mid-write "
+    "would then re-enter and interleave lines: guard re-entry), or take it in a FOR_ITER "
+    "(for got in iter(partial(wlock.acquire, False), None): break), which has no signal check"))
 def test_ctrl_c_right_after_the_write_lock_is_taken_never_leaves_it_held(app_process: ServerProcess) -> None:
     with Client(app_process.address, timeout=5, retries=0, mode="threads", pool_size=1) as client:
         assert client.call(client_app.ECHO, {"warm": 1}) == {"warm": 1}
