@@ -397,8 +397,10 @@ def _retired_under(conn: ClientConnection | None, exc: Exception) -> bool:
     workers) and closed, idle, between the checkout and the request's registration (another thread's
     checkout ran in between): nothing was sent and nothing failed, so the caller checks out again at
     once, without using an attempt (a closed connection leaves the pool, and a pool retires at most
-    ``MAX_REPLACEMENTS`` connections, so this repeats a bounded number of times)."""
-    return conn is not None and conn.retiring and type(exc) is NotSent
+    ``MAX_REPLACEMENTS`` connections, so this repeats a bounded number of times). Only when ``conn`` is
+    closed: a NotSent it is still open after (the deadline passed before the line was numbered) is
+    the call's own, and a pool's lone retiring connection would be checked out again for ever."""
+    return conn is not None and conn.retiring and conn.closed and type(exc) is NotSent
 
 
 # Re-exported for ``from geventtcp.client import ...`` convenience.

@@ -161,9 +161,10 @@ class ClientConnection:
             line = request_line(self.codec, cmdid, params, call, next(self._ids), time.monotonic(), self.address,
                                 meta)
             rid = call.id
-            state = self.state
-            state.acquire()  # _register_locked, inline: this is every call's path (``with`` costs twice this)
-            try:
+            # _register_locked, inline: this is every call's path. ``with``, not acquire() then try: the
+            # interpreter checks for signals after a call returns, and a KeyboardInterrupt raised there
+            # would leave the lock held for good; entering ``with`` has no such check.
+            with self.state:
                 if self.closed:
                     raise NotSent(f"connection to {self.address} closed: {self.reason}")
                 self.calls[rid] = call
@@ -173,8 +174,6 @@ class ClientConnection:
                 led = claim and not self.reading
                 if led:
                     self.reading = True
-            finally:
-                state.release()
             try:
                 self.io.send_all(line, deadline)
             except OSError as exc:  # timeouts too: the line did not go out whole, and closing drops it
@@ -270,7 +269,8 @@ class ClientConnection:
         after a partial line or with a line over the limit) completes ``call`` straight away, past
         the line buffer and :meth:`_on_line`, exactly as they would; any other read goes to them
         unchanged. The call is taken out of ``calls`` without the lock: the pop is atomic (the GIL)
-        and, as we hold the reader role, only :meth:`_fail_locked` can race it. Popped first, the
+        and, as we hold the reader role, only :meth:`_fail_locked` can race it (and the checks that
+        read the oldest call, :meth:`_oldest_locked`, which start again). Popped first, the
         call is ours to complete; or ``calls`` was emptied first, and :meth:`_on_line` does what is
         due; or the pop fell between that method's snapshot of ``calls`` and its clear: then it
         fails the call after we complete it, and the caller gets the MaybeExecuted it gets when the
@@ -310,7 +310,9 @@ class ClientConnection:
         except OSError as exc:
             self._fail(f"read failed: {exc}")
         except BaseException:
-            if in_io:  # cancelled while waiting in recv: no byte was taken from the stream
+            # Cancelled while waiting in recv: no byte was taken from the stream. But a signal's
+            # exception right after a read returned (ThreadsIO ``taking``) carries the bytes away.
+            if in_io and not getattr(self.io, "taking", False):
                 self._abandon(call)
             else:
                 self._fail("interrupted while reading")
@@ -434,8 +436,18 @@ class ClientConnection:
         if self.unordered or now - self.last_reply <= STALL_AFTER:
             return False
         with self.state:  # other threads add and remove calls meanwhile
-            oldest = next(iter(self.calls.values()), None)
+            oldest = self._oldest_locked()
         return oldest is not None and now - oldest.sent > STALL_AFTER
+
+    def _oldest_locked(self) -> Call | None:
+        """The oldest call in flight (holds ``state``). The reader pops its own call without the lock
+        (:meth:`_lead`), which a thread switch can put between ``iter()`` and ``next()``: the dict
+        then changed size during the iteration, which starts again (the pop is done by then)."""
+        while True:
+            try:
+                return next(iter(self.calls.values()), None)
+            except RuntimeError:
+                continue
 
     def usable(self, now: float, validate_after: float) -> bool:
         """Checkout check: False once closed, forked, or stuck (a reply overdue past its deadline).
@@ -450,7 +462,7 @@ class ClientConnection:
         calls = self.calls
         if calls:
             with self.state:  # other threads add and remove calls meanwhile
-                oldest = next(iter(calls.values()), None)
+                oldest = self._oldest_locked()
             if oldest is not None and oldest.deadline + STUCK_GRACE < now and not self._hello_ignored(oldest):
                 self._fail("no reply long past the request's deadline: connection presumed dead")
                 return False

@@ -84,7 +84,7 @@ class ThreadsIO:
     ``poll`` first, whose timeout Python recomputes on each restart (as it does in every thread).
     """
 
-    __slots__ = ("sock", "_fd", "_poller", "_rcvtimeo", "_polling")
+    __slots__ = ("sock", "_fd", "_poller", "_rcvtimeo", "_polling", "taking")
 
     def __init__(self, sock: Any) -> None:
         sock.settimeout(None)
@@ -100,6 +100,10 @@ class ThreadsIO:
         # left sets a new bound first (none yet: inf; always while polling).
         self._rcvtimeo = math.inf
         self._polling = False  # set for good when SO_RCVTIMEO cannot be set
+        # True while a read that polled may be taking bytes out of the socket: an exception then (a
+        # signal handler's, run in this thread right after ``read(2)`` returned) may carry away
+        # bytes of the stream, so the connection cannot be trusted (ClientConnection._lead).
+        self.taking = False
 
     def send_all(self, data: bytes, deadline: float) -> None:
         sock = self.sock
@@ -133,7 +137,9 @@ class ThreadsIO:
                 raise TimeoutError("timed out waiting for the reply")
             if main or (remaining < self._rcvtimeo and not self._bound(remaining)):
                 if self._poller.poll(remaining * 1000.0):  # in ms, a float: poll rounds it up
+                    self.taking = True
                     data: bytes = _read(self._fd, RECV_SIZE)
+                    self.taking = False
                     return data
                 continue
             try:
@@ -316,20 +322,17 @@ class GeventIO:
             except BlockingIOError:
                 return None
             return data
-        # TLS: bytes on the socket may be only part of a record. A zero timer lets the read take
-        # whatever is decryptable now, and stops it at the next loop turn instead of waiting.
+        # TLS: bytes on the socket may be only part of a record. OpenSSL's own read takes whatever
+        # is decryptable now and never waits (the socket under a gevent SSL socket is non-blocking),
+        # so it never switches greenlets: this runs under the pool's lock, a real lock, where a
+        # switch (gevent's SSL read waits for the rest of a record) let the next greenlet to check
+        # out block the thread, and so the hub, for good.
         if not self.readable():
             return None
-        timer = _Timeout(0)
-        timer.start()
         try:
-            data = self.sock.recv(RECV_SIZE)
-        except _Timeout as exc:
-            if exc is not timer:
-                raise
-            return None
+            data = self.sock._sslobj.read(RECV_SIZE)
         except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return None
-        finally:
-            timer.close()
+        except ssl.SSLEOFError:  # closed without close_notify: EOF, as gevent's read has it (ragged EOFs)
+            return b""
         return data

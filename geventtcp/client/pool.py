@@ -132,33 +132,45 @@ class Pool:
                     return conn  # replies are flowing: neither stuck nor stalled behind a slow one
         while True:
             now = time.monotonic()
-            with self.lock:
-                if self.closed:
-                    raise ConnectError(f"pool for {self.address} is closed")
-                best = self._checkout(now)
-                fresh = best is not None and not best.stalled(now)
-                if best is not None and fresh and len(best.calls) - best.orphans < self.share \
-                        and not (best.calls and len(self.conns) < self._per_worker()):
-                    return best
-                backing_off = self.down_until > now or (self.probing and self.failures > 0)
-                if backing_off and best is not None:
-                    return best
-                if backing_off:
-                    wait = max(0.0, self.down_until - now)
-                    raise ConnectError(f"{self.address} is out of rotation after {self.failures} failed "
-                                       f"connect(s) ({self.last_error}); next try in {wait:.2f}s")
-                opened = None
-                if len(self.conns) + self.connecting < self.size:
-                    self.connecting += 1
-                    self.probing = self.failures > 0
-                    if self.opened is None:
-                        self.opened = self.world.event()
-                elif best is not None and (fresh or not self.connecting):
-                    return best
-                else:  # only stalled connections, and one is being opened: wait for it
-                    opened = self.opened
-            if opened is None:
-                return self._connect(deadline, best)
+            # A connect counted in ``connecting`` for this caller, given back in ``finally`` whatever
+            # happens: a KeyboardInterrupt landing anywhere after the count (Ctrl-C runs its handler
+            # wherever the main thread is) must not leave a connect that never ends, which with
+            # ``size`` of them made every later call wait for one until its deadline.
+            reserved = False
+            try:
+                with self.lock:
+                    if self.closed:
+                        raise ConnectError(f"pool for {self.address} is closed")
+                    best = self._checkout(now)
+                    fresh = best is not None and not best.stalled(now)
+                    if best is not None and fresh and len(best.calls) - best.orphans < self.share \
+                            and not (best.calls and len(self.conns) < self._per_worker()):
+                        return best
+                    backing_off = self.down_until > now or (self.probing and self.failures > 0)
+                    if backing_off and best is not None:
+                        return best
+                    if backing_off:
+                        wait = max(0.0, self.down_until - now)
+                        raise ConnectError(f"{self.address} is out of rotation after {self.failures} failed "
+                                           f"connect(s) ({self.last_error}); next try in {wait:.2f}s")
+                    opened = None
+                    if len(self.conns) + self.connecting < self.size:
+                        self.connecting += 1
+                        reserved = True  # no signal handler runs between these two stores
+                        self.probing = self.failures > 0
+                        if self.opened is None:
+                            self.opened = self.world.event()
+                    elif best is not None and (fresh or not self.connecting):
+                        return best
+                    else:  # only stalled connections, and one is being opened: wait for it
+                        opened = self.opened
+                if opened is None:
+                    return self._connect(deadline, best)
+            finally:
+                if reserved:
+                    with self.lock:
+                        self.connecting -= 1  # first: nothing between the lock and it runs a handler
+                        self._connect_done()
             if not opened.wait(max(0.0, deadline - now)):
                 raise ConnectError(f"timed out waiting for a connection to {self.address}")
 
@@ -255,6 +267,9 @@ class Pool:
             self.replaced += 1
 
     def _connect(self, deadline: float, fallback: ClientConnection | None) -> ClientConnection:
+        """Open, set up and add a connection (or return ``fallback`` when the connect fails). The
+        caller holds the ``connecting`` count and gives it back; whatever interrupts the set-up
+        closes the socket opened."""
         try:
             sock = self.world.connect(self.address, min(self.connect_timeout, max(0.001, deadline - time.monotonic())),
                                       self.ssl_context, self.server_hostname)
@@ -263,39 +278,35 @@ class Pool:
                 self.last_error = str(exc)
                 self.failures += 1
                 self.down_until = time.monotonic() + connect_backoff(self.failures)
-                self._connect_done()
             if fallback is not None:
                 return fallback
             raise
-        except BaseException:
-            with self.lock:
-                self._connect_done()
-            raise
-        batching = self.world.name == "gevent" and self.ssl_context is None and hasattr(sock, "_sock")
-        conn = (BatchingConnection if batching else ClientConnection)(
-            sock, self.address, self.world, self.codec, self.max_reply_bytes)
-        if self.hello or self.auth_token is not None:
-            stage = "HELLO not sent"
-            try:
-                if self.hello:
-                    conn.hello(deadline)
+        conn = None
+        stage = "interrupted while connecting"
+        try:
+            batching = self.world.name == "gevent" and self.ssl_context is None and hasattr(sock, "_sock")
+            conn = (BatchingConnection if batching else ClientConnection)(
+                sock, self.address, self.world, self.codec, self.max_reply_bytes)
+            if self.hello:
+                stage = "HELLO not sent"
+                conn.hello(deadline)
+            if self.auth_token is not None:
                 stage = "authentication failed"
-                if self.auth_token is not None:
-                    self._authenticate(conn, deadline)
-            except BaseException:
+                self._authenticate(conn, deadline)
+            with self.lock:
+                self.failures = 0
+                self.down_until = 0.0
+                if self.closed:
+                    stage = "pool closed"
+                    raise ConnectError(f"pool for {self.address} is closed")
+                self.conns.append(conn)
+            return conn
+        except BaseException:
+            if conn is None:
+                sock.close()
+            else:
                 conn.close(stage)
-                with self.lock:
-                    self._connect_done()
-                raise
-        with self.lock:
-            self.failures = 0
-            self.down_until = 0.0
-            self._connect_done()
-            if self.closed:
-                conn.close("pool closed")
-                raise ConnectError(f"pool for {self.address} is closed")
-            self.conns.append(conn)
-        return conn
+            raise
 
     def _authenticate(self, conn: ClientConnection, deadline: float) -> None:
         """Send AUTH first; its :class:`RemoteError` (401) propagates as is."""
@@ -305,7 +316,7 @@ class Pool:
             raise remote_error(reply)
 
     def _connect_done(self) -> None:
-        self.connecting -= 1
+        """A connect ended (holds ``lock``; ``connecting`` already counts it out): wake who waits for it."""
         self.probing = False
         opened = self.opened
         if opened is not None and not self.connecting:

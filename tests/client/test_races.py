@@ -361,3 +361,53 @@ def test_killed_waiters_never_leave_a_reply_to_another_greenlet(app_process):
                 elif job not in victims:
                     raise AssertionError(job.exception)
         assert client.call(client_app.ECHO, {"end": 1}) == {"end": 1}
+
+
+# -- review rv-client (session 6) -----------------------------------------------------------------
+
+class _ReaderPopsMidIteration(dict[int, Call]):
+    """``calls`` where the reader's lock-free pop of its own reply (``_lead``) lands, once, between
+    ``iter()`` of the values and the first ``next()``: what a thread switch does there."""
+
+    def __init__(self, calls: dict[int, Call], reader: int) -> None:
+        super().__init__(calls)
+        self.reader: int | None = reader
+
+    def values(self) -> Any:
+        view = super().values()
+        outer = self
+
+        class Values:
+            def __iter__(self) -> Any:
+                it = iter(view)
+                if outer.reader is not None:
+                    outer.pop(outer.reader)  # the reader, in another thread, takes its own call
+                    outer.reader = None
+                return it
+
+        return Values()
+
+
+@pytest.mark.parametrize("check", ["usable", "stalled"])
+def test_a_checkout_never_fails_when_the_reader_pops_its_own_reply_meanwhile(app_process, check):
+    """Review (rv-client): the lone-caller pass lets the reader pop its own call from ``calls``
+    without the state lock, its docstring saying only ``_fail_locked`` can race it. But the checkout's
+    ``usable()`` and ``stalled()`` read the oldest call as ``next(iter(calls.values()))``, two steps
+    between which a thread switch lets the pop in: RuntimeError "dictionary changed size during
+    iteration" out of another thread's ``Client.call`` (1 in 6 runs of
+    ``test_f1_eight_threads_on_one_connection_never_see_errors``; located by traceback)."""
+    with Client(app_process.address, timeout=5, retries=0, mode="threads", pool_size=1) as client:
+        assert client.call(1, {"warm": 1}) == {"warm": 1}
+        (conn,) = [c for b in client._balancers.values() for p in b.pools for c in p.conns]
+        now = time.monotonic()
+        oldest, reader = Call(0, now + 5, False), Call(0, now + 5, False)
+        oldest.id, reader.id = 101, 102
+        oldest.sent = reader.sent = now - 1.0  # a request older than STALL_AFTER, nothing read since
+        conn.last_reply = now - 1.0
+        conn.calls = _ReaderPopsMidIteration({101: oldest, 102: reader}, reader=102)
+        if check == "usable":
+            assert conn.usable(now, 1.0)
+        else:
+            conn.unordered = False  # stalled() is about request order
+            assert conn.stalled(now)
+        conn.calls = {}

@@ -16,6 +16,7 @@ from geventtcp.client import pool as pool_module
 from geventtcp.client.client import Client
 from geventtcp.client.connection import STUCK_GRACE, ClientConnection
 from geventtcp.client.pool import MAX_REPLACEMENTS
+from geventtcp.errors import NotSent
 from geventtcp.protocol import Builtin
 from tests.support.apps import make_registry
 from tests.support.faults import FakeServer
@@ -273,3 +274,38 @@ def test_a_connection_retired_between_checkout_and_send_is_not_a_failed_attempt(
         else:
             client.send(1, {"after": 1})
         assert raced and raced[0].closed and raced[0].reason == "retired to spread over workers"
+
+
+@pytest.mark.parametrize("how", ["call", "send"])
+def test_a_request_past_its_deadline_on_a_lone_retiring_connection_fails_instead_of_spinning(
+        monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """Review (rv-client): a pool's only connection can be a retiring one (it was retired with calls in
+    flight, then the pool's other connection closed; the lone-connection checkout never closes it). A
+    request on it whose deadline passes before its line is numbered raises NotSent without closing the
+    connection; that NotSent was taken for "retired under us" and the call checked out again at once,
+    got the same open connection, and so on: the call never returned (a busy loop past its deadline).
+    It now fails with the NotSent (nothing was sent)."""
+    from geventtcp.client.pool import Pool
+
+    with serve(make_registry(), workers=2) as server, Client(addr(server), timeout=5, retries=0) as client:
+        client.call(1, {})
+        (conn,) = _conns(client)
+        conn.retiring = True  # as _spread_over_workers left it, its pool's other connection gone since
+        real = Pool.acquire
+        checkouts: list[ClientConnection] = []
+
+        def acquire(pool: Pool, deadline: float, now: float | None = None) -> ClientConnection:
+            got = real(pool, deadline, now)
+            checkouts.append(got)
+            assert len(checkouts) < 50, "the call keeps checking out the same connection past its deadline"
+            return got
+
+        monkeypatch.setattr(Pool, "acquire", acquire)
+        # A deadline that passes between the checkout and the request line (a loaded machine, a tiny timeout).
+        with pytest.raises(NotSent):
+            if how == "call":
+                client.call(1, {"late": 1}, timeout=1e-9)
+            else:
+                client.send(1, {"late": 1}, timeout=1e-9)
+        assert checkouts == [conn]
+        assert not conn.closed and conn.calls == {}
