@@ -674,22 +674,75 @@ def test_ctrl_c_right_after_the_state_lock_is_taken_never_leaves_it_held(app_pro
         assert _later_call_finishes(client) == [{"later": 1}]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "not fixed: the write lock's fast path is acquire(False), then try; a Ctrl-C handled at the check "
-    "after that call leaves it held, and every later call on the connection waits its whole timeout "
-    "and fails NotSent 'timed out waiting to write' (5 of 6 runs of 6 s under random SIGINTs from "
-    "another process, the leak located at that line). 'with' is the only signal-safe acquisition and "
-    "takes no timeout, which a contended writer needs. Ways out: an RLock whose _is_owned() lets an "
-    "except around the acquisition give it back (but a signal handler calling the client mid-write "
-    "would then re-enter and interleave lines: guard re-entry), or take it in a FOR_ITER "
-    "(for got in iter(partial(wlock.acquire, False), None): break), which has no signal check"))
-def test_ctrl_c_right_after_the_write_lock_is_taken_never_leaves_it_held(app_process: ServerProcess) -> None:
+class _CtrlCAtCheck:
+    """Raise KeyboardInterrupt in a function's frame where CPython would run a pending SIGINT's handler:
+    the signal checks at the end of each call the frame makes and at each backward jump (3.11's eval
+    breaker), here the ``k``-th of them (counted from 1), once. An opcode trace models it exactly:
+    the exception comes before the instruction that follows the check, as a real Ctrl-C's does."""
+
+    CHECKS = {"CALL", "CALL_FUNCTION_EX", "JUMP_BACKWARD"}
+
+    def __init__(self, code: Any, k: int) -> None:
+        import dis
+
+        self.code, self.k, self.seen, self.fired = code, k, 0, False
+        self.opname = dis.opname
+
+    def __enter__(self) -> "_CtrlCAtCheck":
+        import sys
+
+        sys.settrace(self._global)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import sys
+
+        sys.settrace(None)
+
+    def _global(self, frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code is not self.code or self.fired:
+            return None
+        frame.f_trace_opcodes = True
+        last: list[str] = [""]
+
+        def local(frame: Any, event: str, arg: Any) -> Any:
+            if event == "opcode":
+                if last[0] in self.CHECKS and not self.fired:
+                    self.seen += 1
+                    if self.seen == self.k:
+                        self.fired = True
+                        raise KeyboardInterrupt
+                last[0] = self.opname[frame.f_code.co_code[frame.f_lasti]]
+            return local
+
+        return local
+
+
+def test_ctrl_c_at_any_signal_check_of_a_write_leaves_no_lock_held(app_process: ServerProcess) -> None:
+    """Review (rv-client): ``_write`` took the write lock with ``acquire(False)`` and entered its
+    ``try`` after it; a Ctrl-C handled at the signal check that ends that call left the lock held,
+    and every later call on the connection waited its whole timeout and failed NotSent 'timed out
+    waiting to write' (random SIGINTs from another process hit it in 5 of 6 runs of 6 s). Here a
+    KeyboardInterrupt lands at each signal check of ``_write`` in turn, as a real one would: neither
+    lock is ever left held, and the connection's next call (or a new connection's) is answered."""
+    from geventtcp.client.connection import ClientConnection
+
+    code = ClientConnection._write.__code__
     with Client(app_process.address, timeout=5, retries=0, mode="threads", pool_size=1) as client:
         assert client.call(client_app.ECHO, {"warm": 1}) == {"warm": 1}
-        (conn,) = [c for b in client._balancers.values() for p in b.pools for c in p.conns]
-        conn.wlock = _CtrlCAfterAcquire(conn.wlock)
-        try:
-            client.call(client_app.ECHO, {"interrupted": 1})
-        except KeyboardInterrupt:
-            pass
-        assert _later_call_finishes(client) == [{"later": 1}]
+        k = 0
+        while True:
+            k += 1
+            conns = [c for b in client._balancers.values() for p in b.pools for c in p.conns]
+            with _CtrlCAtCheck(code, k) as ctrl_c:
+                try:
+                    client.call(client_app.ECHO, {"k": k})
+                except KeyboardInterrupt:
+                    pass
+            for conn in conns:
+                assert not conn.wlock.locked(), f"write lock held after a Ctrl-C at check {k}"
+                assert not conn.state.locked(), f"state lock held after a Ctrl-C at check {k}"
+            assert client.call(client_app.ECHO, {"after": k}, timeout=2) == {"after": k}
+            if not ctrl_c.fired:
+                break
+        assert k > 5  # the write has that many checks: the trace did reach them
