@@ -20,7 +20,7 @@ class Call:
     """One request in flight: the state the reader and the waiting caller share."""
 
     __slots__ = ("id", "cmdid", "deadline", "sent", "size", "reply", "error", "done", "written", "queued", "signal",
-                 "signaled", "abandoned")
+                 "signaled", "abandoned", "leading")
 
     def __init__(self, id: int, deadline: float, abandoned: bool) -> None:
         self.id = id
@@ -36,6 +36,7 @@ class Call:
         self.signal: Any = None
         self.signaled = False
         self.abandoned = abandoned  # nobody waits: the reply is read and dropped
+        self.leading = False  # written, and its caller took the reader role (ClientConnection.request)
 
 
 def request_line(codec: Codec, cmdid: int, params: Any, call: Call, rid: int, now: float, address: str,

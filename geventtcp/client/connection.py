@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from geventtcp.client.call import Call, request_line
@@ -68,6 +70,8 @@ class ClientConnection:
         self.codec = ReplyCodec(codec)
         self.state = real_lock()  # guards the fields below; never held across I/O
         self.wlock = world.lock()  # one writer at a time, so request lines never interleave
+        # ``wlock.acquire(False)`` as an endless iterator, for a signal-safe take (see :meth:`_write`).
+        self._try_wlock: Iterator[bool] = iter(functools.partial(self.wlock.acquire, False), None)
         self.calls: dict[int, Call] = {}  # in write order: the first is the one an id-less reply answers
         self.orphans = 0  # calls in ``calls`` nobody waits on (send(), timed out, cancelled)
         self.reading = False
@@ -110,7 +114,16 @@ class ClientConnection:
             self._send(cmdid, params, deadline, meta)
             return None
         call = Call(0, deadline, False)
-        if self._write(cmdid, params, call, deadline, True, meta):
+        try:
+            led = self._write(cmdid, params, call, deadline, True, meta)
+        except BaseException:
+            # A signal's exception (Ctrl-C) at a check after the write succeeded, the reader role ours:
+            # the reply will come, and nobody else may read until the role is handed on.
+            if call.leading:
+                self._abandon(call)
+                self._release_reader()
+            raise
+        if led:
             self._lead(call, deadline)  # nobody was reading: go straight to reading (the lone caller)
         if not call.done:  # ``done`` is set last, after ``reply``/``error``: true means both are final
             self._wait(call, deadline)
@@ -153,29 +166,43 @@ class ClientConnection:
         With ``claim``, also take the reader role if it is free; True when it was taken (and the
         line written): the caller must then :meth:`_lead`, which hands the role on."""
         wlock = self.wlock
-        if not wlock.acquire(False):  # free (the common case): no clock reading, no timed wait
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not wlock.acquire(True, remaining):
-                raise NotSent(f"timed out waiting to write to {self.address}")
+        got = False  # the write lock is ours
         try:
+            # The lock is taken through an iterator: FOR_ITER stores ``acquire``'s result before the
+            # interpreter next checks for signals, which it does at the end of a call, where a Ctrl-C
+            # handled after ``acquire`` returned True left the lock held for good (and every later
+            # call on the connection waiting to write until its deadline).
+            for got in self._try_wlock:  # noqa: B007 (read after the loop) acquire(False): free is the common case
+                break
+            if not got:
+                remaining = deadline - time.monotonic()
+                if remaining > 0.0:
+                    for got in iter(functools.partial(wlock.acquire, True, remaining), None):  # noqa: B007
+                        break
+                if not got:
+                    raise NotSent(f"timed out waiting to write to {self.address}")
             line = request_line(self.codec, cmdid, params, call, next(self._ids), time.monotonic(), self.address,
                                 meta)
             rid = call.id
-            # _register_locked, inline: this is every call's path. ``with``, not acquire() then try: the
-            # interpreter checks for signals after a call returns, and a KeyboardInterrupt raised there
-            # would leave the lock held for good; entering ``with`` has no such check.
-            with self.state:
-                if self.closed:
-                    raise NotSent(f"connection to {self.address} closed: {self.reason}")
-                self.calls[rid] = call
-                if call.abandoned:
-                    self.orphans += 1
-                self.writing = True
-                led = claim and not self.reading
-                if led:
-                    self.reading = True
+            led = False
             try:
+                # _register_locked, inline: this is every call's path. ``with``, not acquire() then try:
+                # the interpreter checks for signals after a call returns, and a KeyboardInterrupt raised
+                # there would leave the lock held for good; entering ``with`` has no such check. Its
+                # exit does: an exception there finds the call registered, and the handlers below.
+                with self.state:
+                    if self.closed:
+                        raise NotSent(f"connection to {self.address} closed: {self.reason}")
+                    self.calls[rid] = call
+                    if call.abandoned:
+                        self.orphans += 1
+                    self.writing = True
+                    led = claim and not self.reading
+                    if led:
+                        self.reading = True
                 self.io.send_all(line, deadline)
+            except NotSent:  # closed before the call was registered: nothing to undo
+                raise
             except OSError as exc:  # timeouts too: the line did not go out whole, and closing drops it
                 self._forget(call)
                 self._fail(f"write failed: {exc}")
@@ -204,13 +231,15 @@ class ClientConnection:
                     raise MaybeExecuted(f"{self.address}: {self.reason}")
                 return False  # its reply came just before the close; the reader role is given up
             self.last_active = call.sent
+            call.leading = led  # from here the reader role is the caller's (see request)
             return led
         finally:
-            if self.writing:  # only on the failure paths above
-                with self.state:
-                    self.writing = False
-                    self._close_socket_if_unused()
-            wlock.release()
+            if got:
+                if self.writing:  # only on the failure paths above
+                    with self.state:
+                        self.writing = False
+                        self._close_socket_if_unused()
+                wlock.release()
 
     def _register_locked(self, call: Call) -> None:
         """Enter a numbered call in ``calls`` (under ``state``); NotSent if the connection closed.
