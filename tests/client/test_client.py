@@ -676,16 +676,19 @@ def test_ctrl_c_right_after_the_state_lock_is_taken_never_leaves_it_held(app_pro
 
 class _CtrlCAtCheck:
     """Raise KeyboardInterrupt in a function's frame where CPython would run a pending SIGINT's handler:
-    the signal checks at the end of each call the frame makes and at each backward jump (3.11's eval
-    breaker), here the ``k``-th of them (counted from 1), once. An opcode trace models it exactly:
-    the exception comes before the instruction that follows the check, as a real Ctrl-C's does."""
+    the signal checks at the frame's entry (``RESUME``), at the end of each call the frame makes and
+    at each backward jump (3.11's eval breaker), here the ``k``-th of them (counted from 1), once;
+    with ``when``, only the checks at which ``when(frame)`` holds are counted. An opcode trace models
+    it exactly: the exception comes before the instruction that follows the check, as a real
+    Ctrl-C's does."""
 
-    CHECKS = {"CALL", "CALL_FUNCTION_EX", "JUMP_BACKWARD"}
+    CHECKS = {"RESUME", "CALL", "CALL_FUNCTION_EX", "JUMP_BACKWARD"}
 
-    def __init__(self, code: Any, k: int) -> None:
+    def __init__(self, code: Any, k: int, when: Any = None) -> None:
         import dis
 
         self.code, self.k, self.seen, self.fired = code, k, 0, False
+        self.when = when
         self.opname = dis.opname
 
     def __enter__(self) -> "_CtrlCAtCheck":
@@ -703,11 +706,11 @@ class _CtrlCAtCheck:
         if frame.f_code is not self.code or self.fired:
             return None
         frame.f_trace_opcodes = True
-        last: list[str] = [""]
+        last: list[str] = ["RESUME"]  # the trace sees no opcode event for the frame's RESUME
 
         def local(frame: Any, event: str, arg: Any) -> Any:
             if event == "opcode":
-                if last[0] in self.CHECKS and not self.fired:
+                if last[0] in self.CHECKS and not self.fired and (self.when is None or self.when(frame)):
                     self.seen += 1
                     if self.seen == self.k:
                         self.fired = True
@@ -753,3 +756,30 @@ def test_ctrl_c_at_any_signal_check_of_a_call_leaves_the_connection_usable(app_p
             if not ctrl_c.fired:
                 break
         assert k > 3  # each function has more checks than that: the trace did reach them
+
+
+def test_ctrl_c_right_after_a_waiting_caller_takes_the_reader_role_hands_it_on(app_process: ServerProcess) -> None:
+    """Review (rv-final): a caller waiting on its signal that is handed the free reader role takes it
+    (``reading = True``) under the state lock in ``_wait``; a Ctrl-C at the signal check that ends
+    the ``with`` (or at ``_lead``'s entry) left the role held by nobody, and every later call on the
+    connection waited its whole timeout for a reader that never came (CallTimeout)."""
+    from geventtcp.client.connection import ClientConnection
+
+    with Client(app_process.address, timeout=5, retries=0, mode="threads", pool_size=1) as client:
+        assert client.call(client_app.ECHO, {"warm": 1}) == {"warm": 1}
+        (conn,) = [c for b in client._balancers.values() for p in b.pools for c in p.conns]
+        first: list[Any] = []
+        leader = threading.Thread(target=lambda: first.append(client.call(client_app.SLEEP, {"seconds": 0.2})))
+        leader.start()
+        wait_until(lambda: conn.reading and len(conn.calls) == 1)
+        # This caller waits behind the leader, is handed the role when the leader's reply comes
+        # (its own, longer, is still due), and is interrupted right after taking it.
+        with _CtrlCAtCheck(ClientConnection._wait.__code__, 1, when=lambda f: f.f_locals.get("lead") is True) as ctrl_c:
+            try:
+                client.call(client_app.SLEEP, {"seconds": 0.6})
+            except KeyboardInterrupt:
+                pass
+        leader.join(5)
+        assert ctrl_c.fired
+        assert first == [{"seconds": 0.2}]
+        assert _later_call_finishes(client) == [{"later": 1}]
