@@ -783,3 +783,28 @@ def test_ctrl_c_right_after_a_waiting_caller_takes_the_reader_role_hands_it_on(a
         assert ctrl_c.fired
         assert first == [{"seconds": 0.2}]
         assert _later_call_finishes(client) == [{"later": 1}]
+
+
+def test_ctrl_c_at_any_signal_check_of_a_poll_leaves_the_reader_role_free(app_process: ServerProcess) -> None:
+    """Review (rv-final): ``poll`` (a checkout's read of replies nobody waits on, a ``send()``'s) takes
+    the reader role under the state lock and enters its ``try`` after the ``with``; a Ctrl-C at the
+    signal check that ends the ``with`` left the role held by nobody: every later call on the
+    connection waited its whole timeout for a reader (CallTimeout)."""
+    from geventtcp.client.connection import ClientConnection
+
+    with Client(app_process.address, timeout=5, retries=0, mode="threads", pool_size=1) as client:
+        assert client.call(client_app.ECHO, {"warm": 1}) == {"warm": 1}
+        (conn,) = [c for b in client._balancers.values() for p in b.pools for c in p.conns]
+        k = 0
+        while True:
+            k += 1
+            with _CtrlCAtCheck(ClientConnection.poll.__code__, k) as ctrl_c:
+                try:
+                    conn.poll()
+                except KeyboardInterrupt:
+                    pass
+            assert not conn.reading, f"reader role held by nobody after a Ctrl-C at check {k}"
+            if not ctrl_c.fired:
+                break
+        assert k > 2
+        assert _later_call_finishes(client) == [{"later": 1}]
