@@ -438,11 +438,13 @@ class ClientConnection:
 
     def poll(self) -> None:
         """Read and dispatch whatever replies are already buffered, without blocking (if nobody reads)."""
-        with self.state:
-            if self.reading or self.closed:
-                return
-            self.reading = True
+        took = False  # the reader role is ours
         try:
+            # Taken inside the ``try``: the signal check at the end of the ``with`` may raise (Ctrl-C).
+            with self.state:
+                if self.reading or self.closed:
+                    return
+                self.reading = took = True
             while not self.closed:
                 data = self.io.recv_nowait()
                 if data is None:
@@ -455,7 +457,8 @@ class ClientConnection:
         except OSError as exc:
             self._fail(f"read failed: {exc}")
         finally:
-            self._release_reader()
+            if took:
+                self._release_reader()
 
     # -- health and closing ----------------------------------------------------------------------
 
