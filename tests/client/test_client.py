@@ -808,3 +808,31 @@ def test_ctrl_c_at_any_signal_check_of_a_poll_leaves_the_reader_role_free(app_pr
                 break
         assert k > 2
         assert _later_call_finishes(client) == [{"later": 1}]
+
+
+def test_ctrl_c_while_a_poll_reads_never_loses_a_reply_silently(app_process: ServerProcess) -> None:
+    """Review (rv-final): a Ctrl-C at a signal check of ``poll`` after ``recv_nowait`` took bytes (a
+    detached request's reply) and before they were fed carried them away: the request stayed in
+    ``calls`` for good (so a later checkout failed the connection as 'presumed dead', with other
+    threads' calls in flight), or the stream went out of step. Either the reply is read, or the
+    connection is failed at once."""
+    from geventtcp.client.connection import ClientConnection
+
+    with Client(app_process.address, timeout=5, retries=0, mode="threads", pool_size=1) as client:
+        assert client.call(client_app.ECHO, {"warm": 1}) == {"warm": 1}
+        (conn,) = [c for b in client._balancers.values() for p in b.pools for c in p.conns]
+        k = 0
+        while not conn.closed:
+            k += 1
+            conn.request(client_app.ECHO, {"detached": k}, time.monotonic() + 5, detached=True)
+            wait_until(lambda: not conn.calls or conn.io.readable())
+            with _CtrlCAtCheck(ClientConnection.poll.__code__, k) as ctrl_c:
+                try:
+                    conn.poll()
+                except KeyboardInterrupt:
+                    pass
+            conn.poll()
+            assert conn.closed or not conn.calls, f"a reply lost after a Ctrl-C at check {k}"
+            if not ctrl_c.fired:
+                break
+        assert k > 2
