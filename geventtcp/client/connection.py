@@ -439,6 +439,7 @@ class ClientConnection:
     def poll(self) -> None:
         """Read and dispatch whatever replies are already buffered, without blocking (if nobody reads)."""
         took = False  # the reader role is ours
+        taking = False  # bytes may be out of the socket and not yet fed
         try:
             # Taken inside the ``try``: the signal check at the end of the ``with`` may raise (Ctrl-C).
             with self.state:
@@ -446,6 +447,7 @@ class ClientConnection:
                     return
                 self.reading = took = True
             while not self.closed:
+                taking = True
                 data = self.io.recv_nowait()
                 if data is None:
                     break
@@ -454,8 +456,15 @@ class ClientConnection:
                     break
                 for line in self.buffer.feed(data):
                     self._on_line(line)
+                taking = False
         except OSError as exc:
             self._fail(f"read failed: {exc}")
+        except BaseException:
+            # A signal's exception (Ctrl-C) after a read returned carries its bytes away: the stream
+            # cannot be trusted (it may also have come before any byte was taken: failing is safe).
+            if taking:
+                self._fail("interrupted while reading")
+            raise
         finally:
             if took:
                 self._release_reader()
