@@ -810,23 +810,28 @@ def test_ctrl_c_at_any_signal_check_of_a_poll_leaves_the_reader_role_free(app_pr
         assert _later_call_finishes(client) == [{"later": 1}]
 
 
-def test_ctrl_c_while_a_poll_reads_never_loses_a_reply_silently(app_process: ServerProcess) -> None:
-    """Review (rv-final): a Ctrl-C at a signal check of ``poll`` after ``recv_nowait`` took bytes (a
-    detached request's reply) and before they were fed carried them away: the request stayed in
-    ``calls`` for good (so a later checkout failed the connection as 'presumed dead', with other
-    threads' calls in flight), or the stream went out of step. Either the reply is read, or the
-    connection is failed at once."""
+@pytest.mark.parametrize("where", ["ClientConnection.poll", "ThreadsIO.recv_nowait"])
+def test_ctrl_c_while_a_poll_reads_never_loses_a_reply_silently(app_process: ServerProcess, where: str) -> None:
+    """Review (rv-final): a Ctrl-C at the signal check after ``recv(2)`` returned in ``recv_nowait``
+    (or at one of ``poll`` before the bytes were fed) carried a detached request's reply away: the
+    request stayed in ``calls`` for good (so a later checkout failed the connection as 'presumed
+    dead', with other threads' calls in flight), or the stream went out of step. Either the reply
+    is read, or the connection is failed at once."""
     from geventtcp.client.connection import ClientConnection
+    from geventtcp.client.io import ThreadsIO
+
+    owner, name = where.split(".")
+    code = getattr({"ClientConnection": ClientConnection, "ThreadsIO": ThreadsIO}[owner], name).__code__
 
     with Client(app_process.address, timeout=5, retries=0, mode="threads", pool_size=1) as client:
-        assert client.call(client_app.ECHO, {"warm": 1}) == {"warm": 1}
-        (conn,) = [c for b in client._balancers.values() for p in b.pools for c in p.conns]
         k = 0
-        while not conn.closed:
+        while True:
             k += 1
+            assert client.call(client_app.ECHO, {"before": k}) == {"before": k}  # a new connection if failed
+            (conn,) = [c for b in client._balancers.values() for p in b.pools for c in p.conns]
             conn.request(client_app.ECHO, {"detached": k}, time.monotonic() + 5, detached=True)
             wait_until(lambda: not conn.calls or conn.io.readable())
-            with _CtrlCAtCheck(ClientConnection.poll.__code__, k) as ctrl_c:
+            with _CtrlCAtCheck(code, k) as ctrl_c:
                 try:
                     conn.poll()
                 except KeyboardInterrupt:
