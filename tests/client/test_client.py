@@ -841,3 +841,43 @@ def test_ctrl_c_while_a_poll_reads_never_loses_a_reply_silently(app_process: Ser
             if not ctrl_c.fired:
                 break
         assert k > 2
+
+
+@pytest.mark.subprocess
+def test_ctrl_c_right_after_a_tls_read_in_threads_never_loses_a_reply_silently(tmp_path: Any) -> None:
+    """Review (rv-final): in the threads world over TLS (``ThreadsTLSIO``), a Ctrl-C at the signal check
+    after OpenSSL's read returned (in ``ssl.SSLSocket.read``) carried the decrypted reply away, and
+    ``_lead`` took it for a cancel while waiting (no byte taken): it abandoned the call and left the
+    connection open, its reply gone for good. The abandoned call stayed in ``calls`` (a later
+    checkout failed the connection as 'presumed dead', with other threads' calls in flight). Either
+    the reply is read later, or the connection is failed at once."""
+    import ssl
+    import sys
+
+    from geventtcp.tls import client_context
+    from tests.support.certs import make_pki
+    from tests.support.servers import CliServer
+
+    pki = make_pki(str(tmp_path))
+    server = CliServer([sys.executable, "-m", "geventtcp", "serve", "tests.support.client_app", "--bind",
+                        "127.0.0.1:0", "--certfile", pki.server_cert, "--keyfile", pki.server_key])
+    try:
+        with Client(server.address, timeout=5, retries=0, mode="threads", pool_size=1,
+                    ssl_context=client_context(ca_certs=pki.ca)) as client:
+            k = 0
+            while True:
+                k += 1
+                assert client.call(client_app.ECHO, {"before": k}) == {"before": k}  # a new connection if failed
+                (conn,) = [c for b in client._balancers.values() for p in b.pools for c in p.conns]
+                with _CtrlCAtCheck(ssl.SSLSocket.read.__code__, k) as ctrl_c:
+                    try:
+                        client.call(client_app.ECHO, {"k": k})
+                    except KeyboardInterrupt:
+                        pass
+                assert client.call(client_app.ECHO, {"after": k}) == {"after": k}
+                assert conn.closed or not conn.calls, f"a reply lost after a Ctrl-C at check {k}"
+                if not ctrl_c.fired:
+                    break
+            assert k > 2
+    finally:
+        server.stop()
