@@ -342,7 +342,7 @@ class ClientConnection:
             self._fail(f"read failed: {exc}")
         except BaseException:
             # Cancelled while waiting in recv: no byte was taken from the stream. But a signal's
-            # exception right after a read returned (ThreadsIO ``taking``) carries the bytes away.
+            # exception right after a read returned (the I/O's ``taking``) carries the bytes away.
             if in_io and not getattr(self.io, "taking", False):
                 self._abandon(call)
             else:

@@ -183,7 +183,7 @@ class ThreadsTLSIO:
     """A non-blocking TLS socket driven with ``poll``. OpenSSL must not run a read and a write on one
     connection at once, so each (never blocking) SSL call holds a lock; waits happen outside it."""
 
-    __slots__ = ("sock", "_lock", "_poller")
+    __slots__ = ("sock", "_lock", "_poller", "taking")
 
     def __init__(self, sock: Any) -> None:
         sock.setblocking(False)
@@ -191,6 +191,7 @@ class ThreadsTLSIO:
         self._lock = _allocate_lock()
         self._poller = _original_poll()
         self._poller.register(sock.fileno(), select.POLLIN)
+        self.taking = False  # as ThreadsIO's: an exception while true may carry decrypted bytes away
 
     def _wait(self, events: int, deadline: float, what: str) -> None:
         remaining = deadline - time.monotonic()
@@ -219,14 +220,22 @@ class ThreadsTLSIO:
     def recv(self, deadline: float) -> bytes:
         while True:
             want = select.POLLIN
+            data: bytes | None = None
             with self._lock:
+                # ``taking`` from before OpenSSL's read (the signal check after it runs in ssl.py) to
+                # the return, past the signal check that ends the ``with``: a Ctrl-C there carries the
+                # bytes away, and the reader must fail the connection (ClientConnection._lead).
+                self.taking = True
                 try:
-                    data: bytes = self.sock.recv(RECV_SIZE)
-                    return data
+                    data = self.sock.recv(RECV_SIZE)
                 except ssl.SSLWantWriteError:
+                    self.taking = False
                     want = select.POLLOUT
                 except (ssl.SSLWantReadError, BlockingIOError):
-                    pass
+                    self.taking = False
+            if data is not None:
+                self.taking = False
+                return data
             self._wait(want, deadline, "waiting for the reply")
 
     def readable(self) -> bool:
