@@ -881,3 +881,29 @@ def test_ctrl_c_right_after_a_tls_read_in_threads_never_loses_a_reply_silently(t
             assert k > 2
     finally:
         server.stop()
+
+
+def test_ctrl_c_right_after_a_read_in_the_gevent_world_never_loses_a_reply_silently(app_process: ServerProcess) -> None:
+    """Review (rv-final): in the gevent world the main greenlet reads itself (a script's lone caller),
+    and a Ctrl-C runs its handler wherever that greenlet is: at the signal check after the socket's
+    ``recv`` returned in ``GeventIO.recv``, the reply was carried away and ``_lead`` took it for a
+    cancel while waiting (no byte taken): it abandoned the call and kept the connection, the reply
+    gone for good. Either the reply is read later, or the connection is failed at once."""
+    from geventtcp.client.io import GeventIO
+
+    with Client(app_process.address, timeout=5, retries=0, mode="gevent", pool_size=1) as client:
+        k = 0
+        while True:
+            k += 1
+            assert client.call(client_app.ECHO, {"before": k}) == {"before": k}  # a new connection if failed
+            (conn,) = [c for b in client._balancers.values() for p in b.pools for c in p.conns]
+            with _CtrlCAtCheck(GeventIO.recv.__code__, k) as ctrl_c:
+                try:
+                    client.call(client_app.ECHO, {"k": k})
+                except KeyboardInterrupt:
+                    pass
+            assert client.call(client_app.ECHO, {"after": k}) == {"after": k}
+            assert conn.closed or not conn.calls, f"a reply lost after a Ctrl-C at check {k}"
+            if not ctrl_c.fired:
+                break
+        assert k > 2
