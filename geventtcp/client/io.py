@@ -259,7 +259,7 @@ class GeventIO:
     by its own :class:`gevent.Timeout` instead, which belongs to the greenlet that started it.
     """
 
-    __slots__ = ("sock", "_poller", "_raw_recv", "_raw_send")
+    __slots__ = ("sock", "_poller", "_raw_recv", "_raw_send", "taking")
 
     def __init__(self, sock: Any) -> None:
         sock.settimeout(None)
@@ -270,6 +270,10 @@ class GeventIO:
         raw = None if hasattr(sock, "pending") else getattr(sock, "_sock", None)
         self._raw_recv: Any = None if raw is None else raw.recv
         self._raw_send: Any = None if raw is None else raw.send
+        # As ThreadsIO's: true from a plain socket's read to its return. A Ctrl-C runs its handler in
+        # the main greenlet wherever it is, so also right after ``recv(2)`` returned, carrying bytes
+        # of the stream away (ClientConnection._lead then fails the connection).
+        self.taking = False
 
     def readable(self) -> bool:
         # poll(0) never blocks, so the real poll is fine in a greenlet; TLS may hold decrypted bytes.
@@ -305,12 +309,18 @@ class GeventIO:
         if remaining <= 0:
             raise TimeoutError("timed out waiting for the reply")
         raw_recv = self._raw_recv
-        if raw_recv is not None:  # plain socket: bytes already there need no timer
-            try:
-                ready: bytes = raw_recv(RECV_SIZE)
-                return ready
-            except BlockingIOError:
-                pass
+        if raw_recv is not None:  # plain socket: read it ourselves (bytes already there need no timer)
+            while True:
+                self.taking = True
+                try:
+                    ready: bytes = raw_recv(RECV_SIZE)
+                except BlockingIOError:
+                    self.taking = False
+                else:
+                    self.taking = False
+                    return ready
+                self._wait_readable(deadline)
+        # TLS: gevent's read loop (a Ctrl-C right after OpenSSL's read returned there is not seen).
         timer = _Timeout(remaining)
         timer.start()
         try:
@@ -322,6 +332,24 @@ class GeventIO:
         finally:
             timer.close()
         return data
+
+    def _wait_readable(self, deadline: float) -> None:
+        """Wait (this greenlet) until the plain socket is readable; TimeoutError at ``deadline``.
+        Whatever interrupts the wait (a timeout, a kill, a Ctrl-C) took no byte."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("timed out waiting for the reply")
+        sock = self.sock
+        timer = _Timeout(remaining)
+        timer.start()
+        try:
+            sock._wait(sock._read_event)
+        except _Timeout as exc:
+            if exc is not timer:
+                raise
+            raise TimeoutError("timed out waiting for the reply") from None
+        finally:
+            timer.close()
 
     def recv_nowait(self) -> bytes | None:
         raw_recv = self._raw_recv
