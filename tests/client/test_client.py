@@ -907,3 +907,42 @@ def test_ctrl_c_right_after_a_read_in_the_gevent_world_never_loses_a_reply_silen
             if not ctrl_c.fired:
                 break
         assert k > 2
+
+
+def _in_client(frame: Any) -> bool:
+    """``frame`` runs for the client (the in-process server's greenlets share the thread's trace)."""
+    while frame is not None:
+        if "geventtcp/client/" in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def test_ctrl_c_right_after_a_tls_read_in_the_gevent_world_never_loses_a_reply_silently(tmp_path: Any) -> None:
+    """Review (rv-final): the same over TLS in the gevent world: a Ctrl-C at the signal check after
+    OpenSSL's read returned in gevent's ``SSLSocket.read`` carried the decrypted reply away, and
+    ``_lead`` abandoned the call, its reply gone for good, the connection kept."""
+    from gevent.ssl import SSLSocket
+
+    from geventtcp.tls import client_context
+    from tests.support.certs import make_pki
+
+    pki = make_pki(str(tmp_path))
+    with serve(client_app.registry, certfile=pki.server_cert, keyfile=pki.server_key) as server:
+        with Client(addr(server), timeout=5, retries=0, mode="gevent", pool_size=1,
+                    ssl_context=client_context(ca_certs=pki.ca)) as client:
+            k = 0
+            while True:
+                k += 1
+                assert client.call(client_app.ECHO, {"before": k}) == {"before": k}  # a new connection if failed
+                (conn,) = [c for b in client._balancers.values() for p in b.pools for c in p.conns]
+                with _CtrlCAtCheck(SSLSocket.read.__code__, k, when=_in_client) as ctrl_c:
+                    try:
+                        client.call(client_app.ECHO, {"k": k})
+                    except KeyboardInterrupt:
+                        pass
+                assert client.call(client_app.ECHO, {"after": k}) == {"after": k}
+                assert conn.closed or not conn.calls, f"a reply lost after a Ctrl-C at check {k}"
+                if not ctrl_c.fired:
+                    break
+            assert k > 2
