@@ -909,21 +909,12 @@ def test_ctrl_c_right_after_a_read_in_the_gevent_world_never_loses_a_reply_silen
         assert k > 2
 
 
-def _in_client(frame: Any) -> bool:
-    """``frame`` runs for the client (the in-process server's greenlets share the thread's trace)."""
-    while frame is not None:
-        if "geventtcp/client/" in frame.f_code.co_filename:
-            return True
-        frame = frame.f_back
-    return False
-
-
 def test_ctrl_c_right_after_a_tls_read_in_the_gevent_world_never_loses_a_reply_silently(tmp_path: Any) -> None:
     """Review (rv-final): the same over TLS in the gevent world: a Ctrl-C at the signal check after
-    OpenSSL's read returned in gevent's ``SSLSocket.read`` carried the decrypted reply away, and
-    ``_lead`` abandoned the call, its reply gone for good, the connection kept."""
-    from gevent.ssl import SSLSocket
-
+    OpenSSL's read returned (in gevent's ``SSLSocket.read``, which ``GeventIO.recv`` called) carried
+    the decrypted reply away, and ``_lead`` abandoned the call, its reply gone for good, the
+    connection kept. Here at each check of ``GeventIO.recv`` (which now reads with OpenSSL itself)."""
+    from geventtcp.client.io import GeventIO
     from geventtcp.tls import client_context
     from tests.support.certs import make_pki
 
@@ -936,7 +927,7 @@ def test_ctrl_c_right_after_a_tls_read_in_the_gevent_world_never_loses_a_reply_s
                 k += 1
                 assert client.call(client_app.ECHO, {"before": k}) == {"before": k}  # a new connection if failed
                 (conn,) = [c for b in client._balancers.values() for p in b.pools for c in p.conns]
-                with _CtrlCAtCheck(SSLSocket.read.__code__, k, when=_in_client) as ctrl_c:
+                with _CtrlCAtCheck(GeventIO.recv.__code__, k) as ctrl_c:
                     try:
                         client.call(client_app.ECHO, {"k": k})
                     except KeyboardInterrupt:
