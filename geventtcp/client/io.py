@@ -270,7 +270,7 @@ class GeventIO:
         raw = None if hasattr(sock, "pending") else getattr(sock, "_sock", None)
         self._raw_recv: Any = None if raw is None else raw.recv
         self._raw_send: Any = None if raw is None else raw.send
-        # As ThreadsIO's: true from a plain socket's read to its return. A Ctrl-C runs its handler in
+        # As ThreadsIO's: true from a read to its return. A Ctrl-C runs its handler in
         # the main greenlet wherever it is, so also right after ``recv(2)`` returned, carrying bytes
         # of the stream away (ClientConnection._lead then fails the connection).
         self.taking = False
@@ -308,42 +308,38 @@ class GeventIO:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError("timed out waiting for the reply")
+        # Read here, not in gevent's read loop: bytes already there need no timer, and ``taking`` spans
+        # the read to its return. TLS: OpenSSL's own read (as recv_nowait), which never waits.
         raw_recv = self._raw_recv
-        if raw_recv is not None:  # plain socket: read it ourselves (bytes already there need no timer)
-            while True:
-                self.taking = True
-                try:
-                    ready: bytes = raw_recv(RECV_SIZE)
-                except BlockingIOError:
-                    self.taking = False
-                else:
-                    self.taking = False
-                    return ready
-                self._wait_readable(deadline)
-        # TLS: gevent's read loop (a Ctrl-C right after OpenSSL's read returned there is not seen).
-        timer = _Timeout(remaining)
-        timer.start()
-        try:
-            data: bytes = self.sock.recv(RECV_SIZE)
-        except _Timeout as exc:
-            if exc is not timer:
-                raise
-            raise TimeoutError("timed out waiting for the reply") from None
-        finally:
-            timer.close()
-        return data
+        sock = self.sock
+        while True:
+            event = sock._read_event
+            self.taking = True
+            try:
+                ready: bytes = raw_recv(RECV_SIZE) if raw_recv is not None else sock._sslobj.read(RECV_SIZE)
+            except (BlockingIOError, ssl.SSLWantReadError):
+                self.taking = False
+            except ssl.SSLWantWriteError:
+                self.taking = False
+                event = sock._write_event
+            except ssl.SSLEOFError:  # closed without close_notify: EOF, as gevent's read has it (ragged EOFs)
+                self.taking = False
+                return b""
+            else:
+                self.taking = False
+                return ready
+            self._wait_for(event, deadline)
 
-    def _wait_readable(self, deadline: float) -> None:
-        """Wait (this greenlet) until the plain socket is readable; TimeoutError at ``deadline``.
+    def _wait_for(self, event: Any, deadline: float) -> None:
+        """Wait (this greenlet) for the socket's read or write ``event``; TimeoutError at ``deadline``.
         Whatever interrupts the wait (a timeout, a kill, a Ctrl-C) took no byte."""
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError("timed out waiting for the reply")
-        sock = self.sock
         timer = _Timeout(remaining)
         timer.start()
         try:
-            sock._wait(sock._read_event)
+            self.sock._wait(event)
         except _Timeout as exc:
             if exc is not timer:
                 raise
