@@ -1,6 +1,7 @@
 """The Client API over real loopback servers: errors, sharing, send/call_async, retries, restart, kill, failover."""
 
 import errno
+import functools
 import json
 import os
 import random
@@ -810,6 +811,10 @@ def test_ctrl_c_at_any_signal_check_of_a_poll_leaves_the_reader_role_free(app_pr
         assert _later_call_finishes(client) == [{"later": 1}]
 
 
+def _reply_waits(conn: Any) -> bool:
+    return not conn.calls or bool(conn.io.readable())
+
+
 @pytest.mark.parametrize("where", ["ClientConnection.poll", "ThreadsIO.recv_nowait"])
 def test_ctrl_c_while_a_poll_reads_never_loses_a_reply_silently(app_process: ServerProcess, where: str) -> None:
     """Review (rv-final): a Ctrl-C at the signal check after ``recv(2)`` returned in ``recv_nowait``
@@ -830,7 +835,7 @@ def test_ctrl_c_while_a_poll_reads_never_loses_a_reply_silently(app_process: Ser
             assert client.call(client_app.ECHO, {"before": k}) == {"before": k}  # a new connection if failed
             (conn,) = [c for b in client._balancers.values() for p in b.pools for c in p.conns]
             conn.request(client_app.ECHO, {"detached": k}, time.monotonic() + 5, detached=True)
-            wait_until(lambda: not conn.calls or conn.io.readable())
+            wait_until(functools.partial(_reply_waits, conn))
             with _CtrlCAtCheck(code, k) as ctrl_c:
                 try:
                     conn.poll()
