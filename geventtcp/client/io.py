@@ -259,7 +259,7 @@ class GeventIO:
     by its own :class:`gevent.Timeout` instead, which belongs to the greenlet that started it.
     """
 
-    __slots__ = ("sock", "_poller", "_raw_recv", "_raw_send", "taking")
+    __slots__ = ("sock", "_poller", "_raw_recv", "_raw_send", "taking", "_pid")
 
     def __init__(self, sock: Any) -> None:
         sock.settimeout(None)
@@ -274,6 +274,7 @@ class GeventIO:
         # the main greenlet wherever it is, so also right after ``recv(2)`` returned, carrying bytes
         # of the stream away (ClientConnection._lead then fails the connection).
         self.taking = False
+        self._pid = _os.getpid()  # a reader waiting across gevent.fork() wakes in the child too
 
     def readable(self) -> bool:
         # poll(0) never blocks, so the real poll is fine in a greenlet; TLS may hold decrypted bytes.
@@ -329,6 +330,8 @@ class GeventIO:
                 self.taking = False
                 return ready
             self._wait_for(event, deadline)
+            if _os.getpid() != self._pid:  # woken in a forked child: the bytes are the parent's
+                raise OSError("the connection was inherited across fork: the child does not read it")
 
     def _wait_for(self, event: Any, deadline: float) -> None:
         """Wait (this greenlet) for the socket's read or write ``event``; TimeoutError at ``deadline``.

@@ -584,12 +584,6 @@ os.waitpid(pid, 0)
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "not fixed: a greenlet blocked in a read when gevent.fork() runs wakes in the child inside gevent's "
-    "recv, which reads before any of our code runs; a fix needs a fork hook closing every live "
-    "connection's descriptor in the child (a WeakSet of connections, forget_after_fork) so that the "
-    "blocked read is cancelled, and closing gevent sockets in an at-fork hook before gevent's reinit "
-    "needs care"))
 @pytest.mark.subprocess
 def test_a_read_in_flight_at_fork_is_not_taken_by_the_child(app_process: ServerProcess) -> None:
     """Review (rv-client): the Client promises that after fork() the child never uses the parent's
