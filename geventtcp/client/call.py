@@ -36,7 +36,7 @@ class Call:
         self.signal: Any = None
         self.signaled = False
         self.abandoned = abandoned  # nobody waits: the reply is read and dropped
-        self.leading = False  # written, and its caller took the reader role (ClientConnection.request)
+        self.leading = False  # its caller holds the reader role, not yet in _lead (ClientConnection.request)
 
 
 def request_line(codec: Codec, cmdid: int, params: Any, call: Call, rid: int, now: float, address: str,

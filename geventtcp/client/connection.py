@@ -115,18 +115,19 @@ class ClientConnection:
             return None
         call = Call(0, deadline, False)
         try:
-            led = self._write(cmdid, params, call, deadline, True, meta)
+            if self._write(cmdid, params, call, deadline, True, meta):
+                self._lead(call, deadline)  # nobody was reading: go straight to reading (the lone caller)
+            if not call.done:  # ``done`` is set last, after ``reply``/``error``: true means both are final
+                self._wait(call, deadline)
         except BaseException:
-            # A signal's exception (Ctrl-C) at a check after the write succeeded, the reader role ours:
-            # the reply will come, and nobody else may read until the role is handed on.
+            # A signal's exception (Ctrl-C) at a check between taking the reader role (in _write or
+            # _wait) and entering _lead, whose ``finally`` hands it on: the reply will come, and
+            # nobody else may read until the role is handed on.
             if call.leading:
+                call.leading = False
                 self._abandon(call)
                 self._release_reader()
             raise
-        if led:
-            self._lead(call, deadline)  # nobody was reading: go straight to reading (the lone caller)
-        if not call.done:  # ``done`` is set last, after ``reply``/``error``: true means both are final
-            self._wait(call, deadline)
         if call.error is not None:
             raise call.error
         return call.reply
@@ -261,7 +262,7 @@ class ClientConnection:
                     return
                 lead = not self.reading
                 if lead:
-                    self.reading = True
+                    self.reading = call.leading = True  # the role is the caller's until _lead's (see request)
                 elif call.signal is None:
                     call.signal = self.world.signal()
             if lead:
@@ -305,6 +306,7 @@ class ClientConnection:
         fails the call after we complete it, and the caller gets the MaybeExecuted it gets when the
         close comes first (the outcome of a legal order, never a reply lost silently).
         """
+        call.leading = False  # the role is this frame's now: its ``finally`` hands it on (no check before the try)
         in_io = False
         try:
             io = self.io
@@ -340,7 +342,7 @@ class ClientConnection:
             self._fail(f"read failed: {exc}")
         except BaseException:
             # Cancelled while waiting in recv: no byte was taken from the stream. But a signal's
-            # exception right after a read returned (ThreadsIO ``taking``) carries the bytes away.
+            # exception right after a read returned (the I/O's ``taking``) carries the bytes away.
             if in_io and not getattr(self.io, "taking", False):
                 self._abandon(call)
             else:
@@ -436,12 +438,16 @@ class ClientConnection:
 
     def poll(self) -> None:
         """Read and dispatch whatever replies are already buffered, without blocking (if nobody reads)."""
-        with self.state:
-            if self.reading or self.closed:
-                return
-            self.reading = True
+        took = False  # the reader role is ours
+        taking = False  # bytes may be out of the socket and not yet fed
         try:
+            # Taken inside the ``try``: the signal check at the end of the ``with`` may raise (Ctrl-C).
+            with self.state:
+                if self.reading or self.closed:
+                    return
+                self.reading = took = True
             while not self.closed:
+                taking = True
                 data = self.io.recv_nowait()
                 if data is None:
                     break
@@ -450,10 +456,18 @@ class ClientConnection:
                     break
                 for line in self.buffer.feed(data):
                     self._on_line(line)
+                taking = False
         except OSError as exc:
             self._fail(f"read failed: {exc}")
+        except BaseException:
+            # A signal's exception (Ctrl-C) after a read returned carries its bytes away: the stream
+            # cannot be trusted (it may also have come before any byte was taken: failing is safe).
+            if taking:
+                self._fail("interrupted while reading")
+            raise
         finally:
-            self._release_reader()
+            if took:
+                self._release_reader()
 
     # -- health and closing ----------------------------------------------------------------------
 

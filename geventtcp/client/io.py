@@ -183,7 +183,7 @@ class ThreadsTLSIO:
     """A non-blocking TLS socket driven with ``poll``. OpenSSL must not run a read and a write on one
     connection at once, so each (never blocking) SSL call holds a lock; waits happen outside it."""
 
-    __slots__ = ("sock", "_lock", "_poller")
+    __slots__ = ("sock", "_lock", "_poller", "taking")
 
     def __init__(self, sock: Any) -> None:
         sock.setblocking(False)
@@ -191,6 +191,7 @@ class ThreadsTLSIO:
         self._lock = _allocate_lock()
         self._poller = _original_poll()
         self._poller.register(sock.fileno(), select.POLLIN)
+        self.taking = False  # as ThreadsIO's: an exception while true may carry decrypted bytes away
 
     def _wait(self, events: int, deadline: float, what: str) -> None:
         remaining = deadline - time.monotonic()
@@ -219,14 +220,22 @@ class ThreadsTLSIO:
     def recv(self, deadline: float) -> bytes:
         while True:
             want = select.POLLIN
+            data: bytes | None = None
             with self._lock:
+                # ``taking`` from before OpenSSL's read (the signal check after it runs in ssl.py) to
+                # the return, past the signal check that ends the ``with``: a Ctrl-C there carries the
+                # bytes away, and the reader must fail the connection (ClientConnection._lead).
+                self.taking = True
                 try:
-                    data: bytes = self.sock.recv(RECV_SIZE)
-                    return data
+                    data = self.sock.recv(RECV_SIZE)
                 except ssl.SSLWantWriteError:
+                    self.taking = False
                     want = select.POLLOUT
                 except (ssl.SSLWantReadError, BlockingIOError):
-                    pass
+                    self.taking = False
+            if data is not None:
+                self.taking = False
+                return data
             self._wait(want, deadline, "waiting for the reply")
 
     def readable(self) -> bool:
@@ -250,7 +259,7 @@ class GeventIO:
     by its own :class:`gevent.Timeout` instead, which belongs to the greenlet that started it.
     """
 
-    __slots__ = ("sock", "_poller", "_raw_recv", "_raw_send")
+    __slots__ = ("sock", "_poller", "_raw_recv", "_raw_send", "taking", "_pid")
 
     def __init__(self, sock: Any) -> None:
         sock.settimeout(None)
@@ -261,6 +270,11 @@ class GeventIO:
         raw = None if hasattr(sock, "pending") else getattr(sock, "_sock", None)
         self._raw_recv: Any = None if raw is None else raw.recv
         self._raw_send: Any = None if raw is None else raw.send
+        # As ThreadsIO's: true from a read to its return. A Ctrl-C runs its handler in
+        # the main greenlet wherever it is, so also right after ``recv(2)`` returned, carrying bytes
+        # of the stream away (ClientConnection._lead then fails the connection).
+        self.taking = False
+        self._pid = _os.getpid()  # a reader waiting across gevent.fork() wakes in the child too
 
     def readable(self) -> bool:
         # poll(0) never blocks, so the real poll is fine in a greenlet; TLS may hold decrypted bytes.
@@ -295,24 +309,46 @@ class GeventIO:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError("timed out waiting for the reply")
+        # Read here, not in gevent's read loop: bytes already there need no timer, and ``taking`` spans
+        # the read to its return. TLS: OpenSSL's own read (as recv_nowait), which never waits.
         raw_recv = self._raw_recv
-        if raw_recv is not None:  # plain socket: bytes already there need no timer
+        sock = self.sock
+        while True:
+            event = sock._read_event
+            self.taking = True
             try:
-                ready: bytes = raw_recv(RECV_SIZE)
+                ready: bytes = raw_recv(RECV_SIZE) if raw_recv is not None else sock._sslobj.read(RECV_SIZE)
+            except (BlockingIOError, ssl.SSLWantReadError):
+                self.taking = False
+            except ssl.SSLWantWriteError:
+                self.taking = False
+                event = sock._write_event
+            except ssl.SSLEOFError:  # closed without close_notify: EOF, as gevent's read has it (ragged EOFs)
+                self.taking = False
+                return b""
+            else:
+                self.taking = False
                 return ready
-            except BlockingIOError:
-                pass
+            self._wait_for(event, deadline)
+            if _os.getpid() != self._pid:  # woken in a forked child: the bytes are the parent's
+                raise OSError("the connection was inherited across fork: the child does not read it")
+
+    def _wait_for(self, event: Any, deadline: float) -> None:
+        """Wait (this greenlet) for the socket's read or write ``event``; TimeoutError at ``deadline``.
+        Whatever interrupts the wait (a timeout, a kill, a Ctrl-C) took no byte."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("timed out waiting for the reply")
         timer = _Timeout(remaining)
         timer.start()
         try:
-            data: bytes = self.sock.recv(RECV_SIZE)
+            self.sock._wait(event)
         except _Timeout as exc:
             if exc is not timer:
                 raise
             raise TimeoutError("timed out waiting for the reply") from None
         finally:
             timer.close()
-        return data
 
     def recv_nowait(self) -> bytes | None:
         raw_recv = self._raw_recv

@@ -1,6 +1,7 @@
 """The Client API over real loopback servers: errors, sharing, send/call_async, retries, restart, kill, failover."""
 
 import errno
+import functools
 import json
 import os
 import random
@@ -583,12 +584,6 @@ os.waitpid(pid, 0)
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "not fixed: a greenlet blocked in a read when gevent.fork() runs wakes in the child inside gevent's "
-    "recv, which reads before any of our code runs; a fix needs a fork hook closing every live "
-    "connection's descriptor in the child (a WeakSet of connections, forget_after_fork) so that the "
-    "blocked read is cancelled, and closing gevent sockets in an at-fork hook before gevent's reinit "
-    "needs care"))
 @pytest.mark.subprocess
 def test_a_read_in_flight_at_fork_is_not_taken_by_the_child(app_process: ServerProcess) -> None:
     """Review (rv-client): the Client promises that after fork() the child never uses the parent's
@@ -676,16 +671,19 @@ def test_ctrl_c_right_after_the_state_lock_is_taken_never_leaves_it_held(app_pro
 
 class _CtrlCAtCheck:
     """Raise KeyboardInterrupt in a function's frame where CPython would run a pending SIGINT's handler:
-    the signal checks at the end of each call the frame makes and at each backward jump (3.11's eval
-    breaker), here the ``k``-th of them (counted from 1), once. An opcode trace models it exactly:
-    the exception comes before the instruction that follows the check, as a real Ctrl-C's does."""
+    the signal checks at the frame's entry (``RESUME``), at the end of each call the frame makes and
+    at each backward jump (3.11's eval breaker), here the ``k``-th of them (counted from 1), once;
+    with ``when``, only the checks at which ``when(frame)`` holds are counted. An opcode trace models
+    it exactly: the exception comes before the instruction that follows the check, as a real
+    Ctrl-C's does."""
 
-    CHECKS = {"CALL", "CALL_FUNCTION_EX", "JUMP_BACKWARD"}
+    CHECKS = {"RESUME", "CALL", "CALL_FUNCTION_EX", "JUMP_BACKWARD"}
 
-    def __init__(self, code: Any, k: int) -> None:
+    def __init__(self, code: Any, k: int, when: Any = None) -> None:
         import dis
 
         self.code, self.k, self.seen, self.fired = code, k, 0, False
+        self.when = when
         self.opname = dis.opname
 
     def __enter__(self) -> "_CtrlCAtCheck":
@@ -703,11 +701,11 @@ class _CtrlCAtCheck:
         if frame.f_code is not self.code or self.fired:
             return None
         frame.f_trace_opcodes = True
-        last: list[str] = [""]
+        last: list[str] = ["RESUME"]  # the trace sees no opcode event for the frame's RESUME
 
         def local(frame: Any, event: str, arg: Any) -> Any:
             if event == "opcode":
-                if last[0] in self.CHECKS and not self.fired:
+                if last[0] in self.CHECKS and not self.fired and (self.when is None or self.when(frame)):
                     self.seen += 1
                     if self.seen == self.k:
                         self.fired = True
@@ -753,3 +751,188 @@ def test_ctrl_c_at_any_signal_check_of_a_call_leaves_the_connection_usable(app_p
             if not ctrl_c.fired:
                 break
         assert k > 3  # each function has more checks than that: the trace did reach them
+
+
+def test_ctrl_c_right_after_a_waiting_caller_takes_the_reader_role_hands_it_on(app_process: ServerProcess) -> None:
+    """Review (rv-final): a caller waiting on its signal that is handed the free reader role takes it
+    (``reading = True``) under the state lock in ``_wait``; a Ctrl-C at the signal check that ends
+    the ``with`` (or at ``_lead``'s entry) left the role held by nobody, and every later call on the
+    connection waited its whole timeout for a reader that never came (CallTimeout)."""
+    from geventtcp.client.connection import ClientConnection
+
+    with Client(app_process.address, timeout=5, retries=0, mode="threads", pool_size=1) as client:
+        assert client.call(client_app.ECHO, {"warm": 1}) == {"warm": 1}
+        (conn,) = [c for b in client._balancers.values() for p in b.pools for c in p.conns]
+        first: list[Any] = []
+        leader = threading.Thread(target=lambda: first.append(client.call(client_app.SLEEP, {"seconds": 0.2})))
+        leader.start()
+        wait_until(lambda: conn.reading and len(conn.calls) == 1)
+        # This caller waits behind the leader, is handed the role when the leader's reply comes
+        # (its own, longer, is still due), and is interrupted right after taking it.
+        with _CtrlCAtCheck(ClientConnection._wait.__code__, 1, when=lambda f: f.f_locals.get("lead") is True) as ctrl_c:
+            try:
+                client.call(client_app.SLEEP, {"seconds": 0.6})
+            except KeyboardInterrupt:
+                pass
+        leader.join(5)
+        assert ctrl_c.fired
+        assert first == [{"seconds": 0.2}]
+        assert _later_call_finishes(client) == [{"later": 1}]
+
+
+def test_ctrl_c_at_any_signal_check_of_a_poll_leaves_the_reader_role_free(app_process: ServerProcess) -> None:
+    """Review (rv-final): ``poll`` (a checkout's read of replies nobody waits on, a ``send()``'s) takes
+    the reader role under the state lock and enters its ``try`` after the ``with``; a Ctrl-C at the
+    signal check that ends the ``with`` left the role held by nobody: every later call on the
+    connection waited its whole timeout for a reader (CallTimeout)."""
+    from geventtcp.client.connection import ClientConnection
+
+    with Client(app_process.address, timeout=5, retries=0, mode="threads", pool_size=1) as client:
+        assert client.call(client_app.ECHO, {"warm": 1}) == {"warm": 1}
+        (conn,) = [c for b in client._balancers.values() for p in b.pools for c in p.conns]
+        k = 0
+        while True:
+            k += 1
+            with _CtrlCAtCheck(ClientConnection.poll.__code__, k) as ctrl_c:
+                try:
+                    conn.poll()
+                except KeyboardInterrupt:
+                    pass
+            assert not conn.reading, f"reader role held by nobody after a Ctrl-C at check {k}"
+            if not ctrl_c.fired:
+                break
+        assert k > 2
+        assert _later_call_finishes(client) == [{"later": 1}]
+
+
+def _reply_waits(conn: Any) -> bool:
+    return not conn.calls or bool(conn.io.readable())
+
+
+@pytest.mark.parametrize("where", ["ClientConnection.poll", "ThreadsIO.recv_nowait"])
+def test_ctrl_c_while_a_poll_reads_never_loses_a_reply_silently(app_process: ServerProcess, where: str) -> None:
+    """Review (rv-final): a Ctrl-C at the signal check after ``recv(2)`` returned in ``recv_nowait``
+    (or at one of ``poll`` before the bytes were fed) carried a detached request's reply away: the
+    request stayed in ``calls`` for good (so a later checkout failed the connection as 'presumed
+    dead', with other threads' calls in flight), or the stream went out of step. Either the reply
+    is read, or the connection is failed at once."""
+    from geventtcp.client.connection import ClientConnection
+    from geventtcp.client.io import ThreadsIO
+
+    owner, name = where.split(".")
+    code = getattr({"ClientConnection": ClientConnection, "ThreadsIO": ThreadsIO}[owner], name).__code__
+
+    with Client(app_process.address, timeout=5, retries=0, mode="threads", pool_size=1) as client:
+        k = 0
+        while True:
+            k += 1
+            assert client.call(client_app.ECHO, {"before": k}) == {"before": k}  # a new connection if failed
+            (conn,) = [c for b in client._balancers.values() for p in b.pools for c in p.conns]
+            conn.request(client_app.ECHO, {"detached": k}, time.monotonic() + 5, detached=True)
+            wait_until(functools.partial(_reply_waits, conn))
+            with _CtrlCAtCheck(code, k) as ctrl_c:
+                try:
+                    conn.poll()
+                except KeyboardInterrupt:
+                    pass
+            conn.poll()
+            assert conn.closed or not conn.calls, f"a reply lost after a Ctrl-C at check {k}"
+            if not ctrl_c.fired:
+                break
+        assert k > 2
+
+
+@pytest.mark.subprocess
+def test_ctrl_c_right_after_a_tls_read_in_threads_never_loses_a_reply_silently(tmp_path: Any) -> None:
+    """Review (rv-final): in the threads world over TLS (``ThreadsTLSIO``), a Ctrl-C at the signal check
+    after OpenSSL's read returned (in ``ssl.SSLSocket.read``) carried the decrypted reply away, and
+    ``_lead`` took it for a cancel while waiting (no byte taken): it abandoned the call and left the
+    connection open, its reply gone for good. The abandoned call stayed in ``calls`` (a later
+    checkout failed the connection as 'presumed dead', with other threads' calls in flight). Either
+    the reply is read later, or the connection is failed at once."""
+    import ssl
+    import sys
+
+    from geventtcp.tls import client_context
+    from tests.support.certs import make_pki
+    from tests.support.servers import CliServer
+
+    pki = make_pki(str(tmp_path))
+    server = CliServer([sys.executable, "-m", "geventtcp", "serve", "tests.support.client_app", "--bind",
+                        "127.0.0.1:0", "--certfile", pki.server_cert, "--keyfile", pki.server_key])
+    try:
+        with Client(server.address, timeout=5, retries=0, mode="threads", pool_size=1,
+                    ssl_context=client_context(ca_certs=pki.ca)) as client:
+            k = 0
+            while True:
+                k += 1
+                assert client.call(client_app.ECHO, {"before": k}) == {"before": k}  # a new connection if failed
+                (conn,) = [c for b in client._balancers.values() for p in b.pools for c in p.conns]
+                with _CtrlCAtCheck(ssl.SSLSocket.read.__code__, k) as ctrl_c:
+                    try:
+                        client.call(client_app.ECHO, {"k": k})
+                    except KeyboardInterrupt:
+                        pass
+                assert client.call(client_app.ECHO, {"after": k}) == {"after": k}
+                assert conn.closed or not conn.calls, f"a reply lost after a Ctrl-C at check {k}"
+                if not ctrl_c.fired:
+                    break
+            assert k > 2
+    finally:
+        server.stop()
+
+
+def test_ctrl_c_right_after_a_read_in_the_gevent_world_never_loses_a_reply_silently(app_process: ServerProcess) -> None:
+    """Review (rv-final): in the gevent world the main greenlet reads itself (a script's lone caller),
+    and a Ctrl-C runs its handler wherever that greenlet is: at the signal check after the socket's
+    ``recv`` returned in ``GeventIO.recv``, the reply was carried away and ``_lead`` took it for a
+    cancel while waiting (no byte taken): it abandoned the call and kept the connection, the reply
+    gone for good. Either the reply is read later, or the connection is failed at once."""
+    from geventtcp.client.io import GeventIO
+
+    with Client(app_process.address, timeout=5, retries=0, mode="gevent", pool_size=1) as client:
+        k = 0
+        while True:
+            k += 1
+            assert client.call(client_app.ECHO, {"before": k}) == {"before": k}  # a new connection if failed
+            (conn,) = [c for b in client._balancers.values() for p in b.pools for c in p.conns]
+            with _CtrlCAtCheck(GeventIO.recv.__code__, k) as ctrl_c:
+                try:
+                    client.call(client_app.ECHO, {"k": k})
+                except KeyboardInterrupt:
+                    pass
+            assert client.call(client_app.ECHO, {"after": k}) == {"after": k}
+            assert conn.closed or not conn.calls, f"a reply lost after a Ctrl-C at check {k}"
+            if not ctrl_c.fired:
+                break
+        assert k > 2
+
+
+def test_ctrl_c_right_after_a_tls_read_in_the_gevent_world_never_loses_a_reply_silently(tmp_path: Any) -> None:
+    """Review (rv-final): the same over TLS in the gevent world: a Ctrl-C at the signal check after
+    OpenSSL's read returned (in gevent's ``SSLSocket.read``, which ``GeventIO.recv`` called) carried
+    the decrypted reply away, and ``_lead`` abandoned the call, its reply gone for good, the
+    connection kept. Here at each check of ``GeventIO.recv`` (which now reads with OpenSSL itself)."""
+    from geventtcp.client.io import GeventIO
+    from geventtcp.tls import client_context
+    from tests.support.certs import make_pki
+
+    pki = make_pki(str(tmp_path))
+    with serve(client_app.registry, certfile=pki.server_cert, keyfile=pki.server_key) as server:
+        with Client(addr(server), timeout=5, retries=0, mode="gevent", pool_size=1,
+                    ssl_context=client_context(ca_certs=pki.ca)) as client:
+            k = 0
+            while True:
+                k += 1
+                assert client.call(client_app.ECHO, {"before": k}) == {"before": k}  # a new connection if failed
+                (conn,) = [c for b in client._balancers.values() for p in b.pools for c in p.conns]
+                with _CtrlCAtCheck(GeventIO.recv.__code__, k) as ctrl_c:
+                    try:
+                        client.call(client_app.ECHO, {"k": k})
+                    except KeyboardInterrupt:
+                        pass
+                assert client.call(client_app.ECHO, {"after": k}) == {"after": k}
+                assert conn.closed or not conn.calls, f"a reply lost after a Ctrl-C at check {k}"
+                if not ctrl_c.fired:
+                    break
+            assert k > 2
