@@ -689,13 +689,14 @@ class _CtrlCAtCheck:
     def __enter__(self) -> "_CtrlCAtCheck":
         import sys
 
+        self.previous = sys.gettrace()  # coverage's tracer under pytest --cov: put back on exit
         sys.settrace(self._global)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         import sys
 
-        sys.settrace(None)
+        sys.settrace(self.previous)
 
     def _global(self, frame: Any, event: str, arg: Any) -> Any:
         if frame.f_code is not self.code or self.fired:
