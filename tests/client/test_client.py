@@ -843,6 +843,27 @@ def test_ctrl_c_while_a_poll_reads_never_loses_a_reply_silently(app_process: Ser
         assert k > 2
 
 
+def _ctrl_c_at_each_check_loses_no_reply(client: Client, code: Any) -> None:
+    """A call interrupted by Ctrl-C at each signal check of ``code`` in turn (the client's read): the
+    next call is answered, and the interrupted call's reply is either read or its connection failed
+    (never left in ``calls`` with its bytes gone)."""
+    k = 0
+    while True:
+        k += 1
+        assert client.call(client_app.ECHO, {"before": k}) == {"before": k}  # a new connection if failed
+        (conn,) = [c for b in client._balancers.values() for p in b.pools for c in p.conns]
+        with _CtrlCAtCheck(code, k) as ctrl_c:
+            try:
+                client.call(client_app.ECHO, {"k": k})
+            except KeyboardInterrupt:
+                pass
+        assert client.call(client_app.ECHO, {"after": k}) == {"after": k}
+        assert conn.closed or not conn.calls, f"a reply lost after a Ctrl-C at check {k}"
+        if not ctrl_c.fired:
+            break
+    assert k > 2
+
+
 @pytest.mark.subprocess
 def test_ctrl_c_right_after_a_tls_read_in_threads_never_loses_a_reply_silently(tmp_path: Any) -> None:
     """Review (rv-final): in the threads world over TLS (``ThreadsTLSIO``), a Ctrl-C at the signal check
@@ -864,21 +885,7 @@ def test_ctrl_c_right_after_a_tls_read_in_threads_never_loses_a_reply_silently(t
     try:
         with Client(server.address, timeout=5, retries=0, mode="threads", pool_size=1,
                     ssl_context=client_context(ca_certs=pki.ca)) as client:
-            k = 0
-            while True:
-                k += 1
-                assert client.call(client_app.ECHO, {"before": k}) == {"before": k}  # a new connection if failed
-                (conn,) = [c for b in client._balancers.values() for p in b.pools for c in p.conns]
-                with _CtrlCAtCheck(ssl.SSLSocket.read.__code__, k) as ctrl_c:
-                    try:
-                        client.call(client_app.ECHO, {"k": k})
-                    except KeyboardInterrupt:
-                        pass
-                assert client.call(client_app.ECHO, {"after": k}) == {"after": k}
-                assert conn.closed or not conn.calls, f"a reply lost after a Ctrl-C at check {k}"
-                if not ctrl_c.fired:
-                    break
-            assert k > 2
+            _ctrl_c_at_each_check_loses_no_reply(client, ssl.SSLSocket.read.__code__)
     finally:
         server.stop()
 
@@ -892,21 +899,7 @@ def test_ctrl_c_right_after_a_read_in_the_gevent_world_never_loses_a_reply_silen
     from geventtcp.client.io import GeventIO
 
     with Client(app_process.address, timeout=5, retries=0, mode="gevent", pool_size=1) as client:
-        k = 0
-        while True:
-            k += 1
-            assert client.call(client_app.ECHO, {"before": k}) == {"before": k}  # a new connection if failed
-            (conn,) = [c for b in client._balancers.values() for p in b.pools for c in p.conns]
-            with _CtrlCAtCheck(GeventIO.recv.__code__, k) as ctrl_c:
-                try:
-                    client.call(client_app.ECHO, {"k": k})
-                except KeyboardInterrupt:
-                    pass
-            assert client.call(client_app.ECHO, {"after": k}) == {"after": k}
-            assert conn.closed or not conn.calls, f"a reply lost after a Ctrl-C at check {k}"
-            if not ctrl_c.fired:
-                break
-        assert k > 2
+        _ctrl_c_at_each_check_loses_no_reply(client, GeventIO.recv.__code__)
 
 
 def test_ctrl_c_right_after_a_tls_read_in_the_gevent_world_never_loses_a_reply_silently(tmp_path: Any) -> None:
@@ -922,18 +915,4 @@ def test_ctrl_c_right_after_a_tls_read_in_the_gevent_world_never_loses_a_reply_s
     with serve(client_app.registry, certfile=pki.server_cert, keyfile=pki.server_key) as server:
         with Client(addr(server), timeout=5, retries=0, mode="gevent", pool_size=1,
                     ssl_context=client_context(ca_certs=pki.ca)) as client:
-            k = 0
-            while True:
-                k += 1
-                assert client.call(client_app.ECHO, {"before": k}) == {"before": k}  # a new connection if failed
-                (conn,) = [c for b in client._balancers.values() for p in b.pools for c in p.conns]
-                with _CtrlCAtCheck(GeventIO.recv.__code__, k) as ctrl_c:
-                    try:
-                        client.call(client_app.ECHO, {"k": k})
-                    except KeyboardInterrupt:
-                        pass
-                assert client.call(client_app.ECHO, {"after": k}) == {"after": k}
-                assert conn.closed or not conn.calls, f"a reply lost after a Ctrl-C at check {k}"
-                if not ctrl_c.fired:
-                    break
-            assert k > 2
+            _ctrl_c_at_each_check_loses_no_reply(client, GeventIO.recv.__code__)
