@@ -315,19 +315,18 @@ class GeventIO:
         sock = self.sock
         while True:
             event = sock._read_event
+            ready: bytes | None = None
             self.taking = True
             try:
-                ready: bytes = raw_recv(RECV_SIZE) if raw_recv is not None else sock._sslobj.read(RECV_SIZE)
+                ready = raw_recv(RECV_SIZE) if raw_recv is not None else sock._sslobj.read(RECV_SIZE)
             except (BlockingIOError, ssl.SSLWantReadError):
-                self.taking = False
+                pass
             except ssl.SSLWantWriteError:
-                self.taking = False
                 event = sock._write_event
             except ssl.SSLEOFError:  # closed without close_notify: EOF, as gevent's read has it (ragged EOFs)
-                self.taking = False
-                return b""
-            else:
-                self.taking = False
+                ready = b""
+            self.taking = False
+            if ready is not None:
                 return ready
             self._wait_for(event, deadline)
             if _os.getpid() != self._pid:  # woken in a forked child: the bytes are the parent's
